@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Install everything microagent needs on a Debian or Ubuntu host, then run the main job
+# end to end on an image built offline from busybox-static.
+#   ./install.sh             install, then the demo
+#   ./install.sh --no-demo   install only (what the test command uses)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+demo=1
+[ "${1:-}" = "--no-demo" ] && demo=0
+
+packages=(
+  python3 python3-venv python3-dev gcc make
+  e2fsprogs zstd
+  qemu-system-x86 qemu-utils
+  docker-registry apache2-utils openssl
+  busybox-static debootstrap tmux util-linux
+)
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing system packages: ${missing[*]}" >&2
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  # The registry package starts a system service; the tests start their own on loopback.
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
+fi
+
+# The venv uses the distribution's python3 so that other users (the non-root tests) can run it.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv .venv
+fi
+stamp=.venv/.microagent-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+if [ "$demo" = 1 ]; then
+  state=$(mktemp -d "${TMPDIR:-/tmp}/microagent-demo.XXXXXX")
+  trap 'rm -rf "$state"' EXIT
+  .venv/bin/python tools/build_oci_image.py busybox "$state/busybox-oci"
+  export MICROAGENT_HOME="$state/home"
+  .venv/bin/microagent image pull "oci:$state/busybox-oci:latest"
+  .venv/bin/microagent image list
+  .venv/bin/microagent create demo --image "oci:$state/busybox-oci:latest" --profile tiny
+  .venv/bin/microagent list
+  .venv/bin/microagent delete demo --yes
+  echo "microagent is installed: .venv/bin/microagent"
+fi

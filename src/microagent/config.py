@@ -1,0 +1,92 @@
+"""Specs and validation: profiles, resources, workspace names.
+
+Profiles are the named resource sizes of CLI.md; ``--memory``, ``--cpus`` and
+``--size-mib`` override one value and keep the profile's name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from microagent.errors import UsageError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named resource size."""
+
+    name: str
+    memory_mib: int
+    cpus: int
+    disk_mib: int
+    description: str
+
+
+PROFILES: tuple[Profile, ...] = (
+    Profile("tiny", 256, 1, 512, "smoke tests, small shells"),
+    Profile("small", 512, 2, 1024, "light work"),
+    Profile("medium", 2048, 2, 8192, "package installs, normal agent work"),
+    Profile("large", 4096, 4, 16384, "builds"),
+)
+DEFAULT_PROFILE = "small"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one workspace gets: the profile's values with any overrides applied."""
+
+    profile: str
+    memory_mib: int
+    cpus: int
+    disk_mib: int
+
+    def describe(self) -> str:
+        """The ``memory=2048MiB cpus=2 disk=8192MiB`` form of the seed page."""
+        return f"memory={self.memory_mib}MiB cpus={self.cpus} disk={self.disk_mib}MiB"
+
+
+def get_profile(name: str) -> Profile:
+    """Return the profile called ``name`` or raise a usage error listing the choices."""
+    for profile in PROFILES:
+        if profile.name == name:
+            return profile
+    choices = ", ".join(p.name for p in PROFILES)
+    raise UsageError(f"unknown profile {name!r}", hint=f"choose one of: {choices}")
+
+
+def resolve_resources(
+    profile: str | None = None,
+    *,
+    memory_mib: int | None = None,
+    cpus: int | None = None,
+    disk_mib: int | None = None,
+) -> Resources:
+    """Apply single-value overrides to a profile, validating each."""
+    base = get_profile(profile or DEFAULT_PROFILE)
+    resources = Resources(
+        profile=base.name,
+        memory_mib=base.memory_mib if memory_mib is None else memory_mib,
+        cpus=base.cpus if cpus is None else cpus,
+        disk_mib=base.disk_mib if disk_mib is None else disk_mib,
+    )
+    if not 64 <= resources.memory_mib <= 1024 * 1024:
+        raise UsageError(f"--memory {resources.memory_mib} is out of range (64..1048576 MiB)")
+    if not 1 <= resources.cpus <= 256:
+        raise UsageError(f"--cpus {resources.cpus} is out of range (1..256)")
+    if not 16 <= resources.disk_mib <= 16 * 1024 * 1024:
+        raise UsageError(f"--size-mib {resources.disk_mib} is out of range (16..16777216 MiB)")
+    return resources
+
+
+def validate_name(name: str, what: str = "workspace") -> str:
+    """Return ``name`` if it is a valid workspace or volume name, else raise UsageError."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(
+            f"invalid {what} name {name!r}",
+            hint="names are 1 to 63 characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit",
+        )
+    return name

@@ -1,0 +1,118 @@
+"""The one exception tree of microagent, and the exit codes it maps to.
+
+Every error a user can see is a :class:`MicroagentError`: it carries a message, a hint
+(what to do about it, may be empty) and the exit code the CLI returns. Foreign errors
+(``OSError``, ``subprocess``, HTTP) are translated at the boundary with ``raise ... from``.
+The CLI turns these into text or ``--json`` in one place::
+
+    MicroagentError                 exit 1   "error"
+    ├── UsageError                  exit 2   "usage"        bad names, references, flags
+    ├── NotFoundError               exit 1   "not-found"    unknown image, workspace, blob
+    ├── ConflictError               exit 1   "conflict"     exists already, wrong state
+    ├── RetryableError              exit 75  "retryable"
+    │   ├── BusyError               exit 75  "busy"         a lock is held by another command
+    │   └── UnreachableError        exit 75  "unreachable"  registry down, network failure
+    ├── RegistryError               exit 1   "registry"     the registry answered wrongly
+    │   └── AuthError               exit 1   "auth"         credentials refused
+    ├── IntegrityError              exit 1   "integrity"    digest mismatch, corrupt layer
+    ├── UnsafeImageError            exit 1   "unsafe-image" a layer entry escapes the tree
+    ├── DiskTooSmallError           exit 1   "disk-too-small"
+    └── HostError                   exit 1   "host"         a host tool or file system failed
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_RETRYABLE = 75
+
+
+class MicroagentError(Exception):
+    """Base of every error microagent reports to a user."""
+
+    exit_code = EXIT_FAILURE
+    kind = "error"
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def to_json(self) -> dict[str, str]:
+        """The ``{"kind", "message", "hint"}`` shape used by ``--json``."""
+        return {"kind": self.kind, "message": self.message, "hint": self.hint}
+
+
+class UsageError(MicroagentError):
+    """The command line or an argument is malformed; nothing was done."""
+
+    exit_code = EXIT_USAGE
+    kind = "usage"
+
+
+class NotFoundError(MicroagentError):
+    """A named thing (image, workspace, blob, kernel) does not exist."""
+
+    kind = "not-found"
+
+
+class ConflictError(MicroagentError):
+    """The thing exists already, or is in a state that refuses the verb."""
+
+    kind = "conflict"
+
+
+class RetryableError(MicroagentError):
+    """The same command may succeed later."""
+
+    exit_code = EXIT_RETRYABLE
+    kind = "retryable"
+
+
+class BusyError(RetryableError):
+    """Another command holds the lock this one needs."""
+
+    kind = "busy"
+
+
+class UnreachableError(RetryableError):
+    """A server could not be reached (connection refused, DNS, timeouts)."""
+
+    kind = "unreachable"
+
+
+class RegistryError(MicroagentError):
+    """A registry answered, but not with what the distribution API promises."""
+
+    kind = "registry"
+
+
+class AuthError(RegistryError):
+    """A registry refused the credentials (or the lack of them)."""
+
+    kind = "auth"
+
+
+class IntegrityError(MicroagentError):
+    """Content does not match its digest, or a layer is truncated or corrupt."""
+
+    kind = "integrity"
+
+
+class UnsafeImageError(MicroagentError):
+    """A layer entry would write outside the root tree; the image is refused."""
+
+    kind = "unsafe-image"
+
+
+class DiskTooSmallError(MicroagentError):
+    """The requested disk size cannot hold the image."""
+
+    kind = "disk-too-small"
+
+
+class HostError(MicroagentError):
+    """A host tool or the host file system failed."""
+
+    kind = "host"

@@ -1,0 +1,113 @@
+"""Every on-disk name microagent uses, in one place.
+
+The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
+``--state-dir``) holds::
+
+    images/blobs/sha256/<hex>   content-addressed blobs: manifests, configs, layers
+    images/index.json           image references pulled, with their digests
+    images/disks/<key>.ext4     base root disks, by image config digest and size
+    kernels/                    kernel bundles
+    volumes/                    named volumes
+    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log, run/
+    locks/                      lock files (outlive the directories they protect)
+    tmp/                        staging; same file system, so renames are atomic
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_DIR_ENV = "MICROAGENT_HOME"
+
+
+def default_state_dir() -> Path:
+    """``$MICROAGENT_HOME`` if set, else ``~/.microagent``."""
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".microagent"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Paths inside one state directory. Pure: nothing here touches the disk."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, state_dir: Path | str | None = None) -> StateLayout:
+        """The layout for ``state_dir``, or for the default state directory."""
+        root = Path(state_dir).expanduser() if state_dir else default_state_dir()
+        return cls(root.absolute())
+
+    # images
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.images_dir / "blobs" / "sha256"
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob ``sha256:<hex>`` lives once verified."""
+        return self.blobs_dir / digest.split(":", 1)[1]
+
+    @property
+    def image_index(self) -> Path:
+        return self.images_dir / "index.json"
+
+    @property
+    def base_disks_dir(self) -> Path:
+        return self.images_dir / "disks"
+
+    def base_disk(self, config_digest: str, disk_mib: int) -> Path:
+        """The cached base root disk of an image at one size."""
+        return self.base_disks_dir / f"{config_digest.split(':', 1)[1]}-{disk_mib}m.ext4"
+
+    # kernels and volumes
+    @property
+    def kernels_dir(self) -> Path:
+        return self.root / "kernels"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.root / "volumes"
+
+    # workspaces
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.root / "workspaces"
+
+    def workspace_dir(self, name: str) -> Path:
+        return self.workspaces_dir / name
+
+    def workspace_record(self, name: str) -> Path:
+        return self.workspace_dir(name) / "workspace.json"
+
+    def workspace_rootfs(self, name: str) -> Path:
+        return self.workspace_dir(name) / "rootfs.ext4"
+
+    def workspace_events(self, name: str) -> Path:
+        return self.workspace_dir(name) / "events.jsonl"
+
+    def workspace_serial_log(self, name: str) -> Path:
+        return self.workspace_dir(name) / "serial.log"
+
+    def workspace_run_dir(self, name: str) -> Path:
+        return self.workspace_dir(name) / "run"
+
+    # locks and staging
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    def lock_file(self, kind: str, name: str) -> Path:
+        """The lock of one object, e.g. ``lock_file("workspace", "research")``."""
+        return self.locks_dir / f"{kind}-{name}.lock"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"

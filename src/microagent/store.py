@@ -1,0 +1,105 @@
+"""Records on disk: atomic JSON with a schema version, and file locks.
+
+Every record is written to a temporary file in the same directory, fsynced and renamed
+over the old one, so a reader sees the old record or the new one, never half of one.
+Locks are ``flock`` locks on files under ``locks/``: the kernel drops them when the
+holder dies, so a killed command never leaves a workspace locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from microagent.errors import BusyError, HostError, MicroagentError
+
+SCHEMA_VERSION = 1
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700 if missing; return it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise HostError(f"cannot create directory {path}: {e.strerror}") from e
+    return path
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` (plus ``schema``) to ``path`` atomically, mode 0600."""
+    ensure_dir(path.parent)
+    payload = json.dumps({"schema": SCHEMA_VERSION, **document}, indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(payload + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a record written by :func:`write_json_atomic`, checking its schema."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            document = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise MicroagentError(f"cannot read record {path}: {e}") from e
+    if not isinstance(document, dict):
+        raise MicroagentError(f"record {path} is not a JSON object")
+    schema = document.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise MicroagentError(
+            f"record {path} has schema {schema!r}, this microagent reads {SCHEMA_VERSION}",
+            hint="upgrade microagent, or remove the record",
+        )
+    return document
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, what: str, timeout: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive flock on ``path``; raise BusyError after ``timeout`` seconds.
+
+    ``what`` names the locked object in the error ("workspace research").
+    """
+    ensure_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BusyError(
+                        f"{what} is busy: another microagent command holds its lock",
+                        hint="wait for the other command to finish, then retry",
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
