@@ -1,0 +1,1 @@
+"""Distribution-tree fixtures (owned by the rootfs work)."""

@@ -1,0 +1,1 @@
+"""Registry fixtures (owned by the registry work)."""
