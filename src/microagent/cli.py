@@ -1,0 +1,317 @@
+"""The ``microagent`` command: parse, call the library, render text or ``--json``.
+
+Nothing imports this module. Every error is a :class:`~microagent.errors.MicroagentError`
+turned into a message, a hint and an exit code in :func:`main`, the one place that does.
+Heavy modules are imported inside the command functions so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from microagent import __version__
+from microagent.config import DEFAULT_PROFILE, PROFILES
+from microagent.errors import EXIT_FAILURE, EXIT_OK, MicroagentError, UsageError
+from microagent.layout import StateLayout
+
+Handler = Callable[[argparse.Namespace, "Output"], int]
+
+
+class Output:
+    """Where a command's result goes: text on stdout, or one JSON document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, document: Any, text: str | None = None) -> None:
+        """Print ``document`` as JSON, or ``text`` (when given) for people."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        elif text is not None:
+            sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+        sys.stdout.flush()
+
+    def progress(self) -> Any:
+        from microagent.progress import progress_for
+
+        return progress_for(sys.stderr, quiet=self.as_json)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so ``--json`` sees it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by three spaces, docker-style."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["   ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def layout_of(args: argparse.Namespace) -> StateLayout:
+    return StateLayout.resolve(args.state_dir)
+
+
+def ago(iso: str) -> str:
+    """``5 minutes ago`` for an ISO timestamp."""
+    try:
+        then = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    seconds = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "just now" if seconds < 5 else f"{seconds} seconds ago"
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+def cmd_version(args: argparse.Namespace, out: Output) -> int:
+    out.emit({"version": __version__, "python": sys.version.split()[0]},
+             f"microagent {__version__}")
+    return EXIT_OK
+
+
+def cmd_profiles(args: argparse.Namespace, out: Output) -> int:
+    rows = [[p.name, f"{p.memory_mib}MiB", str(p.cpus), f"{p.disk_mib}MiB",
+             p.description + (" (default)" if p.name == DEFAULT_PROFILE else "")]
+            for p in PROFILES]
+    document = {"profiles": [{"name": p.name, "memory_mib": p.memory_mib, "cpus": p.cpus,
+                              "disk_mib": p.disk_mib, "description": p.description,
+                              "default": p.name == DEFAULT_PROFILE} for p in PROFILES]}
+    out.emit(document, table(["NAME", "MEMORY", "CPUS", "DISK", "DESCRIPTION"], rows))
+    return EXIT_OK
+
+
+def cmd_image_pull(args: argparse.Namespace, out: Output) -> int:
+    from microagent.images import pull_image
+
+    image = pull_image(layout_of(args), args.reference, progress=out.progress())
+    out.emit(image.to_json(), f"{image.reference} {image.digest}")
+    return EXIT_OK
+
+
+def cmd_image_list(args: argparse.Namespace, out: Output) -> int:
+    from microagent.images import list_images
+    from microagent.progress import format_size
+
+    images = list_images(layout_of(args))
+    rows = [[i.reference, i.digest[:19], format_size(i.size), ago(i.pulled)] for i in images]
+    text = table(["REF", "DIGEST", "SIZE", "PULLED"], rows) if images else "No images."
+    out.emit({"images": [i.to_json() for i in images]}, text)
+    return EXIT_OK
+
+
+def cmd_image_rm(args: argparse.Namespace, out: Output) -> int:
+    from microagent.images import remove_image
+
+    image = remove_image(layout_of(args), args.reference)
+    out.emit({"removed": image.to_json()}, f"Removed {image.reference}")
+    return EXIT_OK
+
+
+def cmd_create(args: argparse.Namespace, out: Output) -> int:
+    from microagent.config import resolve_resources
+    from microagent.workspaces import WorkspaceSpec, create_workspace
+
+    name = workspace_name(args)
+    if not args.image:
+        raise UsageError("create needs --image REF")
+    spec = WorkspaceSpec(
+        name=name,
+        image=args.image,
+        resources=resolve_resources(args.profile, memory_mib=args.memory, cpus=args.cpus,
+                                    disk_mib=args.size_mib),
+        backend=args.backend,
+        network=args.network,
+        restart=args.restart,
+        env=tuple(args.env),
+        hostname=args.hostname or "",
+    )
+    ws = create_workspace(layout_of(args), spec, progress=out.progress())
+    out.emit(ws.to_json(), "\n".join([
+        f"Workspace: {ws.name}",
+        f"State: {ws.state}",
+        f"Rootfs: {ws.rootfs}",
+        f"Profile: {ws.resources.profile}",
+        f"Resources: {ws.resources.describe()}",
+    ]))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    from microagent.workspaces import list_workspaces
+
+    workspaces = list_workspaces(layout_of(args))
+    rows = [[w.name, w.state, w.backend, w.resources.profile, w.network, w.restart]
+            for w in workspaces]
+    text = (table(["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"], rows)
+            if workspaces else "No workspaces.")
+    out.emit({"workspaces": [w.to_json() for w in workspaces]}, text)
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace, out: Output) -> int:
+    from microagent.config import validate_name
+    from microagent.workspaces import delete_workspace
+
+    name = validate_name(workspace_name(args))
+    if not args.yes:
+        confirm(f"Delete workspace {name} and its disk? [y/N] ")
+    existed = delete_workspace(layout_of(args), name)
+    text = f"Deleted {name}" if existed else f"No workspace named {name}; nothing to delete."
+    out.emit({"name": name, "deleted": existed}, text)
+    return EXIT_OK
+
+
+def workspace_name(args: argparse.Namespace) -> str:
+    """The name given positionally or with --name (not both, not neither)."""
+    if args.name and args.name_flag:
+        raise UsageError("give the workspace name once: positionally or with --name")
+    name = args.name or args.name_flag
+    if not name:
+        raise UsageError("a workspace name is required")
+    return str(name)
+
+
+def confirm(question: str) -> None:
+    """Ask on stderr; refuse without a TTY, naming --yes."""
+    if not sys.stdin.isatty():
+        raise UsageError("confirmation needed but standard input is not a terminal",
+                         hint="pass --yes to confirm")
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise MicroagentError("not confirmed; nothing was deleted")
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def add_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="workspace name")
+    parser.add_argument("--name", dest="name_flag", metavar="NAME", help="workspace name")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="microagent",
+                    description="Persistent AI-agent workspaces in microVMs.")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="state directory (default ~/.microagent, env MICROAGENT_HOME)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
+
+    def verb(name: str, handler: Handler, help_text: str,
+             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help_text, aliases=list(aliases),
+                             description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    verb("version", cmd_version, "print the version")
+    verb("profiles", cmd_profiles, "list the resource profiles")
+
+    p = verb("create", cmd_create, "create a workspace from an image")
+    add_name(p)
+    p.add_argument("--image", metavar="REF", help="image reference, oci:DIR or docker-archive:TAR")
+    p.add_argument("--profile", metavar="P", help=f"resource profile (default {DEFAULT_PROFILE})")
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs")
+    p.add_argument("--size-mib", type=int, metavar="MIB", help="root disk size in MiB")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment for commands (repeatable)")
+    p.add_argument("--hostname", metavar="H", help="guest hostname (default: the name)")
+    p.add_argument("--network", default="user", metavar="MODE", help="user (default) or none")
+    p.add_argument("--restart", default="never", metavar="POLICY",
+                   help="never (default), on-failure or always")
+    p.add_argument("--backend", default="qemu", metavar="B", help="qemu (default)")
+
+    verb("list", cmd_list, "list saved workspaces", aliases=["ls"])
+
+    p = verb("delete", cmd_delete, "delete a workspace and its disk", aliases=["rm"])
+    add_name(p)
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    image = verbs.add_parser("image", help="manage cached images", description="images")
+    image_verbs = image.add_subparsers(dest="image_verb", metavar="COMMAND", parser_class=Parser)
+    image.set_defaults(handler=lambda a, o: usage_of(image))
+    p = image_verbs.add_parser("pull", help="pull an image into the cache")
+    p.add_argument("reference", metavar="REF")
+    p.set_defaults(handler=cmd_image_pull)
+    p = image_verbs.add_parser("list", aliases=["ls"], help="list cached images")
+    p.set_defaults(handler=cmd_image_list)
+    p = image_verbs.add_parser("rm", aliases=["remove"], help="remove a cached image")
+    p.add_argument("reference", metavar="REF")
+    p.set_defaults(handler=cmd_image_rm)
+    return parser
+
+
+def usage_of(parser: argparse.ArgumentParser) -> int:
+    raise UsageError(f"{parser.prog} needs a command", hint=f"see `{parser.prog} --help`")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one command and return its exit code."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in raw[: _verb_position(raw)]
+    debug = "--debug" in raw[: _verb_position(raw)]
+    out = Output(as_json)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(raw)
+        if not getattr(args, "handler", None):
+            parser.print_help(sys.stderr)
+            return 2
+        handler: Handler = args.handler
+        return handler(args, out)
+    except MicroagentError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        report(out, e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except Exception as e:
+        if debug:
+            raise
+        report(out, MicroagentError(f"internal error: {type(e).__name__}: {e}",
+                                    hint="rerun with --debug for a traceback"))
+        return EXIT_FAILURE
+
+
+def _verb_position(raw: Sequence[str]) -> int:
+    for i, word in enumerate(raw):
+        if not word.startswith("-"):
+            if i > 0 and raw[i - 1] == "--state-dir":
+                continue
+            return i
+    return len(raw)
+
+
+def report(out: Output, error: MicroagentError) -> None:
+    """Print an error: JSON on stdout with --json, else message and hint on stderr."""
+    if out.as_json:
+        out.emit({"error": error.to_json()})
+        return
+    sys.stderr.write(f"microagent: error: {error.message}\n")
+    if error.hint:
+        sys.stderr.write(f"hint: {error.hint}\n")

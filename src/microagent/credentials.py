@@ -1,0 +1,155 @@
+"""Registry credentials from the files docker and podman write.
+
+Sources, in order; the first file with an entry for the host wins:
+
+1. the file named by ``REGISTRY_AUTH_FILE`` (podman, skopeo, buildah);
+2. ``$DOCKER_CONFIG/config.json`` (``DOCKER_CONFIG`` defaults to ``~/.docker``).
+
+Both use ``{"auths": {KEY: {"auth": base64("user:pass")}}}``; ``"username"`` and
+``"password"`` keys are accepted too. A KEY may be ``host``, ``https://host``,
+``http://host`` or ``https://host/v1/``; Docker Hub's is ``https://index.docker.io/v1/``
+and serves ``docker.io``, ``index.docker.io`` and ``registry-1.docker.io``.
+
+Not supported yet: ``identitytoken`` entries and credential helpers (``credsStore``,
+``credHelpers``). A file that names a helper for the host, or whose entry for the host
+has no inline secret (which is what ``docker login`` writes when a ``credsStore`` holds
+the secret), ends the search with no credentials: the pull is tried anonymously.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microagent.errors import HostError, UsageError
+
+AUTH_FILE_ENV = "REGISTRY_AUTH_FILE"
+DOCKER_CONFIG_ENV = "DOCKER_CONFIG"
+DOCKER_HUB_KEY = "https://index.docker.io/v1/"
+_DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password (or token) for one registry."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def credential_files() -> list[Path]:
+    """The files searched for credentials, in order of precedence."""
+    files = []
+    auth_file = os.environ.get(AUTH_FILE_ENV)
+    if auth_file:
+        files.append(Path(auth_file).expanduser())
+    docker_config = os.environ.get(DOCKER_CONFIG_ENV)
+    base = Path(docker_config).expanduser() if docker_config else Path.home() / ".docker"
+    files.append(base / "config.json")
+    return files
+
+
+def load_credentials(host: str) -> Credentials | None:
+    """The credentials for registry ``host`` (``host[:port]``), or None for anonymous."""
+    for path in credential_files():
+        document = _read_config(path)
+        if document is None:
+            continue
+        found, credentials = credentials_from_config(document, host, source=path)
+        if found:
+            return credentials
+    return None
+
+
+def credentials_from_config(
+    document: dict[str, Any], host: str, *, source: Path
+) -> tuple[bool, Credentials | None]:
+    """Look ``host`` up in one parsed config file.
+
+    Returns ``(found, credentials)``: ``found`` is True when the file has an entry (or a
+    credential helper) for the host, which ends the search even if ``credentials`` is
+    None because the secret lives where we cannot read it yet.
+    """
+    auths = document.get("auths", {})
+    helpers = document.get("credHelpers", {})
+    if not isinstance(auths, dict) or not isinstance(helpers, dict):
+        raise _malformed(source, '"auths" and "credHelpers" must be JSON objects')
+    key = find_auth_key(auths, host)
+    if key is not None:
+        entry = auths[key]
+        if not isinstance(entry, dict):
+            raise _malformed(source, f"the entry for {host} is not a JSON object")
+        return True, _inline_credentials(entry, host, source)
+    return find_auth_key(helpers, host) is not None, None
+
+
+def find_auth_key(entries: dict[str, Any], host: str) -> str | None:
+    """The key of ``entries`` that names ``host``; an exact key beats a URL form."""
+    if host in entries:
+        return host
+    wanted = normalize_registry_host(host)
+    for key in entries:
+        if normalize_registry_host(key) == wanted:
+            return key
+    return None
+
+
+def normalize_registry_host(key: str) -> str:
+    """``https://Host:5000/v1/`` -> ``host:5000``; every Docker Hub alias -> ``docker.io``."""
+    text = key.strip()
+    for scheme in ("https://", "http://"):
+        if text.lower().startswith(scheme):
+            text = text[len(scheme) :]
+            break
+    text = text.split("/", 1)[0].lower()
+    return "docker.io" if text in _DOCKER_HUB_HOSTS else text
+
+
+def _inline_credentials(entry: dict[str, Any], host: str, source: Path) -> Credentials | None:
+    encoded = entry.get("auth")
+    if encoded:
+        if not isinstance(encoded, str):
+            raise _malformed(source, f'the "auth" of {host} is not a string')
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as e:
+            raise _malformed(source, f'the "auth" of {host} is not base64 of "user:password"') \
+                from e
+        username, sep, password = decoded.partition(":")
+        if not sep or not username:
+            raise _malformed(source, f'the "auth" of {host} is not base64 of "user:password"')
+        return Credentials(username, password)
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and isinstance(password, str) and username:
+        return Credentials(username, password)
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as e:
+        raise _malformed(path, "it is not UTF-8 text") from e
+    except OSError as e:
+        raise HostError(f"cannot read registry credentials file {path}: {e.strerror}") from e
+    try:
+        document = json.loads(text)
+    except ValueError as e:
+        raise _malformed(path, f"it is not valid JSON ({e})") from e
+    if not isinstance(document, dict):
+        raise _malformed(path, "it is not a JSON object")
+    return document
+
+
+def _malformed(path: Path, why: str) -> UsageError:
+    return UsageError(
+        f"registry credentials file {path} is malformed: {why}",
+        hint='expected {"auths": {"HOST": {"auth": "<base64 of user:password>"}}}',
+    )

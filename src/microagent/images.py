@@ -1,0 +1,270 @@
+"""Images: pull into the shared cache, list, remove, and their cached base root disks.
+
+``pull_image`` resolves a reference (registry, OCI layout or docker archive) to one
+platform's manifest, fetches the config and the layers into the
+:class:`~microagent.blobs.BlobStore` (verified, in parallel) and records the reference in
+``images/index.json``. ``ensure_base_disk`` builds the ext4 root disk of an image once per
+size; workspaces copy it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microagent.blobs import BlobStore
+from microagent.errors import IntegrityError, NotFoundError
+from microagent.layout import StateLayout
+from microagent.manifests import (
+    ImageConfig,
+    ImageManifest,
+    Platform,
+    choose_platform,
+    host_platform,
+    is_index,
+    parse_config,
+    parse_manifest,
+)
+from microagent.progress import NullProgress, Progress
+from microagent.references import ImageSource, parse_image_source
+from microagent.sources import ImageReader, RawManifest, open_reader
+from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
+
+MAX_INDEX_DEPTH = 4
+PARALLEL_LAYERS = 3
+LOCK_WAIT = 600.0  # another process may be pulling or building the same thing
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer blob of an image."""
+
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Image:
+    """A pulled image as recorded in the index."""
+
+    reference: str
+    digest: str
+    config_digest: str
+    layers: tuple[Layer, ...]
+    config: ImageConfig
+    pulled: str
+
+    @property
+    def size(self) -> int:
+        """Bytes of the layer blobs (compressed, as pulled)."""
+        return sum(layer.size for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        """The index record (also the ``--json`` shape)."""
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "config_digest": self.config_digest,
+            "layers": [{"digest": x.digest, "media_type": x.media_type, "size": x.size}
+                       for x in self.layers],
+            "config": self.config.to_json(),
+            "size": self.size,
+            "pulled": self.pulled,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Image:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            reference=data["reference"],
+            digest=data["digest"],
+            config_digest=data["config_digest"],
+            layers=tuple(Layer(x["digest"], x["media_type"], x["size"]) for x in data["layers"]),
+            config=ImageConfig.from_json(data["config"]),
+            pulled=data["pulled"],
+        )
+
+
+def normalize(source: str | ImageSource) -> ImageSource:
+    """Parse a reference given as text; pass parsed ones through."""
+    return parse_image_source(source) if isinstance(source, str) else source
+
+
+def pull_image(
+    layout: StateLayout,
+    source: str | ImageSource,
+    *,
+    progress: Progress | None = None,
+    platform: Platform | None = None,
+) -> Image:
+    """Fetch an image into the cache (skipping blobs already there) and record it."""
+    parsed = normalize(source)
+    progress = progress or NullProgress()
+    store = BlobStore(layout)
+    want = platform or host_platform()
+    reader = open_reader(parsed, store)
+    try:
+        progress.step(f"Pulling {parsed}")
+        top = _top_reference(parsed)
+        raw = reader.manifest(top)
+        digest = raw.digest
+        manifest = _resolve_platform(reader, raw, str(parsed), want)
+        config_bytes = _fetch_small(reader, store, manifest.config.digest, manifest.config.size)
+        config = parse_config(config_bytes, f"config of {parsed}")
+        if config.diff_ids and len(config.diff_ids) != len(manifest.layers):
+            raise IntegrityError(
+                f"{parsed}: the manifest lists {len(manifest.layers)} layers but the config "
+                f"has {len(config.diff_ids)} diff_ids"
+            )
+        _fetch_layers(reader, store, manifest, progress)
+    finally:
+        reader.close()
+    image = Image(
+        reference=str(parsed),
+        digest=digest,
+        config_digest=manifest.config.digest,
+        layers=tuple(Layer(x.digest, x.media_type, x.size) for x in manifest.layers),
+        config=config,
+        pulled=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    with _index(layout) as index:
+        index[image.reference] = image.to_json()
+    progress.step(f"Digest: {digest}")
+    return image
+
+
+def _top_reference(source: ImageSource) -> str:
+    from microagent.references import ImageReference
+
+    if isinstance(source, ImageReference):
+        return source.reference
+    return source.tag or "latest"
+
+
+def _resolve_platform(reader: ImageReader, raw: RawManifest, what: str,
+                      want: Platform) -> ImageManifest:
+    for _ in range(MAX_INDEX_DEPTH):
+        if not is_index(raw.media_type):
+            return parse_manifest(raw.data, raw.media_type, f"manifest of {what}")
+        chosen = choose_platform(raw.data, f"image index of {what}", want)
+        raw = reader.manifest(chosen.digest)
+        if raw.digest != chosen.digest:
+            raise IntegrityError(f"digest mismatch for manifest {chosen.digest} of {what}")
+    raise IntegrityError(f"{what}: image indexes nested deeper than {MAX_INDEX_DEPTH}")
+
+
+def _fetch_small(reader: ImageReader, store: BlobStore, digest: str, size: int) -> bytes:
+    if not store.has(digest):
+        reader.blob(digest, size, store, None)
+    return store.read_bytes(digest)
+
+
+def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest,
+                  progress: Progress) -> None:
+    def fetch(index: int) -> None:
+        layer = manifest.layers[index]
+        key = layer.digest
+        label = f"layer {index + 1}/{len(manifest.layers)} {layer.digest[7:19]}"
+        progress.item_started(key, label, layer.size)
+        if store.has(layer.digest):
+            progress.item_done(key, "already cached")
+            return
+        reader.blob(layer.digest, layer.size, store,
+                    lambda n: progress.item_advanced(key, n))
+        progress.item_done(key, "pulled")
+
+    with ThreadPoolExecutor(max_workers=PARALLEL_LAYERS) as pool:
+        for future in [pool.submit(fetch, i) for i in range(len(manifest.layers))]:
+            future.result()
+
+
+def ensure_image(layout: StateLayout, source: str | ImageSource, *,
+                 progress: Progress | None = None) -> Image:
+    """The recorded image for ``source`` if its blobs are cached, else pull it."""
+    parsed = normalize(source)
+    image = find_image(layout, parsed)
+    if image is not None:
+        store = BlobStore(layout)
+        blobs = [image.config_digest, *(x.digest for x in image.layers)]
+        if all(store.has(d) for d in blobs):
+            return image
+    return pull_image(layout, parsed, progress=progress)
+
+
+def find_image(layout: StateLayout, source: str | ImageSource) -> Image | None:
+    """The index record for ``source``, or None when it was never pulled."""
+    data = _read_index(layout).get(str(normalize(source)))
+    return Image.from_json(data) if data else None
+
+
+def list_images(layout: StateLayout) -> list[Image]:
+    """Every recorded image, by reference."""
+    return [Image.from_json(v) for _, v in sorted(_read_index(layout).items())]
+
+
+def remove_image(layout: StateLayout, source: str | ImageSource) -> Image:
+    """Forget a reference and delete the blobs and base disks nothing else uses."""
+    key = str(normalize(source))
+    with _index(layout) as index:
+        if key not in index:
+            raise NotFoundError(f"image {key} not found in the local cache",
+                                hint="`microagent image list` shows what is cached")
+        image = Image.from_json(index.pop(key))
+        remaining = [Image.from_json(v) for v in index.values()]
+        used = {d for other in remaining
+                for d in (other.digest, other.config_digest, *(x.digest for x in other.layers))}
+        store = BlobStore(layout)
+        for digest in (image.digest, image.config_digest, *(x.digest for x in image.layers)):
+            if digest not in used:
+                store.remove(digest)
+        if image.config_digest not in {o.config_digest for o in remaining}:
+            prefix = image.config_digest.split(":", 1)[1]
+            if layout.base_disks_dir.is_dir():
+                for disk in layout.base_disks_dir.glob(f"{prefix}-*.ext4"):
+                    disk.unlink(missing_ok=True)
+    return image
+
+
+def ensure_base_disk(layout: StateLayout, image: Image, size_mib: int, *,
+                     progress: Progress | None = None) -> Path:
+    """The image's base root disk at ``size_mib``, built once and cached."""
+    from microagent.layers import LayerFile
+    from microagent.rootfs import build_root_disk
+
+    progress = progress or NullProgress()
+    path = layout.base_disk(image.config_digest, size_mib)
+    lock = layout.lock_file("basedisk", path.stem)
+    with file_lock(lock, what=f"base disk of {image.reference}", timeout=LOCK_WAIT):
+        if path.is_file():
+            return path
+        store = BlobStore(layout)
+        layers = [LayerFile(store.path(x.digest), x.media_type, x.digest) for x in image.layers]
+        ensure_dir(path.parent)
+        progress.step(f"Building root disk of {image.reference} ({size_mib} MiB)")
+        build_root_disk(layers, path, size_mib=size_mib, work_dir=ensure_dir(layout.tmp_dir),
+                        on_step=progress.step)
+    return path
+
+
+def _read_index(layout: StateLayout) -> dict[str, Any]:
+    try:
+        document = read_json(layout.image_index)
+    except FileNotFoundError:
+        return {}
+    images = document.get("images", {})
+    return images if isinstance(images, dict) else {}
+
+
+@contextlib.contextmanager
+def _index(layout: StateLayout) -> Iterator[dict[str, Any]]:
+    """The index, locked for a read-modify-write; written back when the block succeeds."""
+    with file_lock(layout.lock_file("images", "index"), what="the image index", timeout=60):
+        images = _read_index(layout)
+        yield images
+        write_json_atomic(layout.image_index, {"images": images})
