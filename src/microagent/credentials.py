@@ -1,4 +1,5 @@
-"""Registry credentials from the files docker and podman write.
+"""Registry credentials from the files docker and podman write, and the challenges
+(``WWW-Authenticate``) with which a registry asks for them.
 
 Sources, in order; the first file with an entry for the host wins:
 
@@ -22,6 +23,8 @@ import base64
 import binascii
 import json
 import os
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,23 +113,67 @@ def normalize_registry_host(key: str) -> str:
     return "docker.io" if text in _DOCKER_HUB_HOSTS else text
 
 
+@dataclass(frozen=True)
+class Challenge:
+    """One challenge of a ``WWW-Authenticate`` header; scheme and names in lower case."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_SCHEME = re.compile(rf"[\s,]*({_TOKEN})(?=[\s,]|$)")
+_PARAM = re.compile(rf'[\s,]*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*(?:,|$)')
+
+
+def parse_www_authenticate(headers: str | Iterable[str]) -> list[Challenge]:
+    """Parse ``WWW-Authenticate`` values (RFC 7235) into challenges, in order.
+
+    Quoted values may hold commas and backslash escapes
+    (``scope="repository:a/b:pull,push"``); one header may carry several challenges.
+    Parts that cannot be parsed (such as a token68) are skipped.
+    """
+    found: list[tuple[str, dict[str, str]]] = []
+    for header in [headers] if isinstance(headers, str) else headers:
+        pos = 0
+        while pos < len(header):
+            if found:
+                param = _PARAM.match(header, pos)
+                if param:
+                    name, quoted, bare = param.groups()
+                    value = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+                    found[-1][1][name.lower()] = value
+                    pos = param.end()
+                    continue
+            scheme = _SCHEME.match(header, pos)
+            if scheme:
+                found.append((scheme.group(1).lower(), {}))
+                pos = scheme.end()
+                continue
+            comma = header.find(",", pos)
+            if comma < 0:
+                break
+            pos = comma + 1
+    return [Challenge(scheme, params) for scheme, params in found]
+
+
 def _inline_credentials(entry: dict[str, Any], host: str, source: Path) -> Credentials | None:
     encoded = entry.get("auth")
     if encoded:
+        why = f'the "auth" of {host} is not base64 of "user:password"'
         if not isinstance(encoded, str):
-            raise _malformed(source, f'the "auth" of {host} is not a string')
+            raise _malformed(source, why)
         try:
             decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError) as e:
-            raise _malformed(source, f'the "auth" of {host} is not base64 of "user:password"') \
-                from e
+            raise _malformed(source, why) from e
         username, sep, password = decoded.partition(":")
         if not sep or not username:
-            raise _malformed(source, f'the "auth" of {host} is not base64 of "user:password"')
+            raise _malformed(source, why)
         return Credentials(username, password)
-    username, password = entry.get("username"), entry.get("password")
-    if isinstance(username, str) and isinstance(password, str) and username:
-        return Credentials(username, password)
+    name, secret = entry.get("username"), entry.get("password")
+    if isinstance(name, str) and isinstance(secret, str) and name:
+        return Credentials(name, secret)
     return None
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.blobs import BlobStore
 from microagent.errors import IntegrityError, NotFoundError
@@ -32,8 +31,10 @@ from microagent.manifests import (
 )
 from microagent.progress import NullProgress, Progress
 from microagent.references import ImageSource, parse_image_source
-from microagent.sources import ImageReader, RawManifest, open_reader
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from microagent.sources import ImageReader, RawManifest
 
 MAX_INDEX_DEPTH = 4
 PARALLEL_LAYERS = 3
@@ -104,6 +105,8 @@ def pull_image(
     platform: Platform | None = None,
 ) -> Image:
     """Fetch an image into the cache (skipping blobs already there) and record it."""
+    from microagent.sources import open_reader
+
     parsed = normalize(source)
     progress = progress or NullProgress()
     store = BlobStore(layout)
@@ -167,6 +170,8 @@ def _fetch_small(reader: ImageReader, store: BlobStore, digest: str, size: int) 
 
 def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest,
                   progress: Progress) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     def fetch(index: int) -> None:
         layer = manifest.layers[index]
         key = layer.digest

@@ -12,7 +12,6 @@ Docker schema 1 is refused with a clear message; it has been deprecated since 20
 from __future__ import annotations
 
 import json
-import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +57,8 @@ class Platform:
 
 def host_platform() -> Platform:
     """The platform of this host, named as OCI names it."""
+    import platform as _platform
+
     machine = _platform.machine().lower()
     table = {
         "x86_64": Platform("linux", "amd64"),

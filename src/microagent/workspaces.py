@@ -16,16 +16,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.config import Resources, resolve_resources, validate_name
 from microagent.errors import ConflictError, NotFoundError, UsageError
 from microagent.events import Event, append_event, last_event, now_iso
-from microagent.images import Image, ensure_base_disk, ensure_image
 from microagent.layout import StateLayout
-from microagent.manifests import ImageConfig
 from microagent.progress import NullProgress, Progress
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from microagent.images import Image
+    from microagent.manifests import ImageConfig
 
 BACKENDS = ("qemu",)
 NETWORKS = ("user", "none")
@@ -121,11 +123,10 @@ def default_hostname(name: str) -> str:
 def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
                      progress: Progress | None = None) -> Workspace:
     """Pull the image if needed, build the root disk and record the workspace."""
+    from microagent.images import ensure_base_disk, ensure_image, normalize
     from microagent.rootfs import copy_disk
 
     validate_spec(spec)
-    from microagent.images import normalize
-
     normalize(spec.image)  # a bad reference is a usage error before anything is written
     progress = progress or NullProgress()
     with _workspace_lock(layout, spec.name):
@@ -176,6 +177,8 @@ def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
 
 def get_workspace(layout: StateLayout, name: str) -> Workspace:
     """Load one workspace, or raise NotFoundError."""
+    from microagent.manifests import ImageConfig
+
     validate_name(name)
     try:
         record = read_json(layout.workspace_record(name))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the whole test suite: lint, types, then every test (real registries, real disks).
+#   ./test.sh [PYTEST ARGS...]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+./install.sh --no-demo
+.venv/bin/ruff check src tests tools bench
+.venv/bin/mypy src
+
+set +e
+.venv/bin/pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "test.sh: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
