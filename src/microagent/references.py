@@ -6,7 +6,7 @@ is a registry host, optionally with a port; ``name@sha256:<hex>`` pins a digest.
 Registries on ``localhost`` and 127.0.0.0/8 are spoken to over plain HTTP, like docker.
 
 Two local sources serve air-gapped hosts: ``oci:PATH[:TAG]`` (an OCI image layout
-directory) and ``docker-archive:PATH`` (a ``docker save`` tar).
+directory) and ``docker-archive:PATH[:REPO:TAG]`` (a ``docker save`` tar).
 """
 
 from __future__ import annotations
@@ -137,11 +137,10 @@ def parse_image_source(text: str) -> ImageSource:
     for kind in ("oci", "docker-archive"):
         prefix = f"{kind}:"
         if text.startswith(prefix):
-            rest = text[len(prefix) :]
-            tag = None
-            head, sep, tail = rest.rpartition(":")
-            if sep and head and "/" not in tail:
-                rest, tag = head, tail
+            # Like skopeo: the path ends at the first colon; what follows names the image
+            # inside (a tag, or REPO:TAG in a docker archive).
+            rest, sep, tag_text = text[len(prefix) :].partition(":")
+            tag = tag_text if sep and tag_text else None
             if not rest:
                 raise _bad(text, f"{prefix} needs a path")
             return LocalImageSource(kind=kind, path=Path(rest).expanduser().absolute(), tag=tag)

@@ -123,11 +123,13 @@ def default_hostname(name: str) -> str:
 def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
                      progress: Progress | None = None) -> Workspace:
     """Pull the image if needed, build the root disk and record the workspace."""
-    from microagent.images import ensure_base_disk, ensure_image, normalize
-    from microagent.rootfs import copy_disk
+    from microagent.references import parse_image_source
 
     validate_spec(spec)
-    normalize(spec.image)  # a bad reference is a usage error before anything is written
+    parse_image_source(spec.image)  # a bad reference is a usage error before anything is written
+    from microagent.images import ensure_base_disk, ensure_image
+    from microagent.rootfs import copy_disk
+
     progress = progress or NullProgress()
     with _workspace_lock(layout, spec.name):
         if layout.workspace_dir(spec.name).exists():

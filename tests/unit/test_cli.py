@@ -1,0 +1,117 @@
+"""The CLI contract: columns, JSON shapes, exit codes, and nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from microagent.cli import main
+
+MICROAGENT = str(Path(sys.executable).parent / "microagent")
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed console script, as a user runs it."""
+    return subprocess.run([MICROAGENT, *args], capture_output=True, text=True, timeout=120,
+                          input=stdin, env=os.environ.copy())
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def test_version_and_module_entry_point() -> None:
+    result = run("version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("microagent ")
+    module = subprocess.run([sys.executable, "-m", "microagent", "--json", "version"],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(module.stdout)["version"] == result.stdout.split()[1]
+
+
+def test_profiles_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profiles"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "MEMORY", "CPUS", "DISK", "DESCRIPTION"]
+    assert lines[3].split()[:4] == ["medium", "2048MiB", "2", "8192MiB"]
+    assert main(["--json", "profiles"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in doc["profiles"]] == ["tiny", "small", "medium", "large"]
+
+
+def test_empty_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    assert capsys.readouterr().out == "No workspaces.\n"
+    assert main(["--json", "ls"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"workspaces": []}
+    assert main(["image", "list"]) == 0
+    assert capsys.readouterr().out == "No images.\n"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "x" * 64, "*", ""])
+def test_bad_names_exit_2_and_write_nothing(name: str, state_dir: Path) -> None:
+    result = run("create", name, "--image", "busybox")
+    assert result.returncode == 2, result.stderr
+    assert "invalid workspace name" in result.stderr or "name is required" in result.stderr
+    assert files_under(state_dir) == []
+
+
+@pytest.mark.parametrize("ref", ["library/UPPER", "x@sha256:bad", "a:b:c", "ubuntu:bad tag"])
+def test_bad_references_exit_2_and_write_nothing(ref: str, state_dir: Path) -> None:
+    for args in (["image", "pull", ref], ["create", "w", "--image", ref]):
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        assert "invalid image reference" in result.stderr
+    assert files_under(state_dir) == []
+
+
+def test_json_errors_have_the_contract_shape(state_dir: Path) -> None:
+    result = run("--json", "create", "bad/name", "--image", "busybox")
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "usage"
+    assert "invalid workspace name" in error["message"]
+    assert "hint" in error
+    result = run("--json", "frobnicate")
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"]["kind"] == "usage"
+
+
+def test_name_positional_and_flag_is_a_usage_error() -> None:
+    result = run("create", "a", "--name", "b", "--image", "busybox")
+    assert result.returncode == 2
+    assert "positionally or with --name" in result.stderr
+
+
+def test_delete_unknown_is_ok_and_prompt_needs_yes(state_dir: Path) -> None:
+    result = run("delete", "ghost", "--yes")
+    assert result.returncode == 0
+    assert "No workspace named ghost" in result.stdout
+    result = run("delete", "ghost", stdin="")
+    assert result.returncode == 2
+    assert "--yes" in result.stderr
+
+
+def test_unknown_profile_and_backend_are_usage_errors(state_dir: Path) -> None:
+    result = run("create", "w", "--image", "busybox", "--profile", "huge")
+    assert result.returncode == 2 and "unknown profile" in result.stderr
+    result = run("create", "w", "--image", "busybox", "--network", "bridge")
+    assert result.returncode == 2 and "network" in result.stderr
+    assert files_under(state_dir) == []
+
+
+def test_registry_unreachable_is_retryable(state_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run("image", "pull", f"127.0.0.1:{port}/nobody/here:1")
+    assert result.returncode == 75, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert [p for p in files_under(state_dir) if "blobs/sha256/" in p] == []
