@@ -1,0 +1,120 @@
+"""Bad images through `create`: refused with a clear error, nothing half-written."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from ocilayout import ImageSpec, Layer, build_layout
+
+from tests.e2e.conftest import microagent
+from tests.support.push import push_layout
+from tests.support.registry import RunningRegistry
+
+
+def leftovers(state_dir: Path) -> list[str]:
+    """Anything a failed create might leave: workspace dirs, base disks, staging, temp."""
+    found = []
+    for sub in ("workspaces", "images/disks", "tmp"):
+        directory = state_dir / sub
+        if directory.is_dir():
+            found += [str(p.relative_to(state_dir)) for p in directory.iterdir()]
+    blobs = state_dir / "images" / "blobs" / "sha256"
+    if blobs.is_dir():
+        found += [p.name for p in blobs.iterdir() if p.name.startswith(".")]
+    return found
+
+
+def tar_with(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def entry(name: str, data: bytes = b"x", **fields: object) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def push(registry: RunningRegistry, tmp_path: Path, name: str, layers: list[Layer]) -> str:
+    layout = tmp_path / name
+    build_layout(layout, [ImageSpec(layers=layers)])
+    push_layout(registry.host, f"bad/{name}", "1", layout)
+    return f"{registry.host}/bad/{name}:1"
+
+
+@pytest.mark.parametrize(
+    ("name", "members", "entry_name"),
+    [
+        ("dotdot", [entry("../../escape")], "../../escape"),
+        ("absolute", [entry("/etc/evil")], "/etc/evil"),
+        ("symlink", [entry("link", type=tarfile.SYMTYPE, linkname="/etc"),
+                     entry("link/evil")], "link/evil"),
+        ("hardlink", [entry("stolen", type=tarfile.LNKTYPE, linkname="../../etc/passwd")],
+         "stolen"),
+    ],
+)
+def test_malicious_layers_are_refused(registry: RunningRegistry, tmp_path: Path,
+                                      state_dir: Path, name: str,
+                                      members: list[tuple[tarfile.TarInfo, bytes]],
+                                      entry_name: str) -> None:
+    ref = push(registry, tmp_path, name, [Layer(tar_with(entry("ok", b"fine")), "none"),
+                                          Layer(tar_with(*members))])
+    result = microagent("create", "w", "--image", ref)
+    assert result.returncode == 1, result.stderr
+    assert entry_name in result.stderr
+    assert leftovers(state_dir) == []
+    assert not (tmp_path / "escape").exists()
+
+
+def test_disk_too_small_says_how_much_is_needed(registry: RunningRegistry, tmp_path: Path,
+                                                state_dir: Path) -> None:
+    big = os.urandom(40 * 1024 * 1024)  # 40 MiB that does not compress away
+    ref = push(registry, tmp_path, "big", [Layer(tar_with(entry("big.bin", big)), "none")])
+    result = microagent("create", "w", "--image", ref, "--size-mib", "16")
+    assert result.returncode == 1, result.stderr
+    assert "needs at least" in result.stderr and "MiB" in result.stderr
+    assert "--size-mib" in result.stderr
+    assert leftovers(state_dir) == []
+    ok = microagent("create", "w", "--image", ref, "--size-mib", "128")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_corrupt_layer_is_refused(registry: RunningRegistry, tmp_path: Path,
+                                  state_dir: Path) -> None:
+    whole = gzip.compress(tar_with(entry("file", os.urandom(200_000))))
+    truncated = whole[: len(whole) // 2]
+    # the digest is of the truncated bytes, so the registry and the cache accept the blob:
+    # it is the layer itself that is broken
+    layout = tmp_path / "corrupt"
+    build_layout(layout, [ImageSpec(layers=[Layer(b"")])])
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    manifest_path = blobs / index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    digest = "sha256:" + hashlib.sha256(truncated).hexdigest()
+    (blobs / digest.split(":")[1]).write_bytes(truncated)
+    manifest["layers"][0].update(digest=digest, size=len(truncated))
+    data = json.dumps(manifest).encode()
+    new_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (blobs / new_digest.split(":")[1]).write_bytes(data)
+    index["manifests"][0].update(digest=new_digest, size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+    push_layout(registry.host, "bad/corrupt", "1", layout)
+
+    result = microagent("create", "w", "--image", f"{registry.host}/bad/corrupt:1")
+    assert result.returncode == 1, result.stderr
+    assert digest[:19] in result.stderr or digest in result.stderr
+    assert "corrupt" in result.stderr or "truncated" in result.stderr
+    assert leftovers(state_dir) == []
