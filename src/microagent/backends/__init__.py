@@ -1,0 +1,1 @@
+"""VMM backends: a small interface (``base``) and its implementations (``qemu``)."""

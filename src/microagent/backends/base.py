@@ -1,0 +1,106 @@
+"""The backend interface: check the host, plan a launch (pure), and the plan's shape.
+
+A backend turns a :class:`LaunchSpec` (what to boot) into a :class:`LaunchPlan` (the exact
+argv and files) with a pure function, so plans are golden-tested without a VM. Launching,
+connecting and shutting down are done by the supervisor using the plan's paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+ACCEL_ENV = "MICROAGENT_ACCEL"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A block device for the guest, in attach order (the root disk first: /dev/vda)."""
+
+    path: Path
+    read_only: bool = False
+    name: str = "root"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a backend needs to boot one workspace."""
+
+    name: str
+    memory_mib: int
+    cpus: int
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+    disks: tuple[DiskSpec, ...]
+    run_dir: Path
+    network: str = "user"
+    accel: str = "tcg"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The exact process to start and the sockets it will serve, relative to ``cwd``.
+
+    Socket paths are relative so that a long state directory never exceeds the ~107-byte
+    limit of Unix socket addresses: the VMM runs with ``cwd`` as its working directory.
+    """
+
+    argv: tuple[str, ...]
+    cwd: Path
+    console_socket: str
+    agent_socket: str
+    control_socket: str
+    notices: tuple[str, ...] = field(default=())
+
+
+class Backend(Protocol):
+    """What every VMM backend provides."""
+
+    name: str
+
+    def check_host(self) -> list[str]:
+        """Problems that stop this backend from running here (empty when fine)."""
+
+    def plan(self, spec: LaunchSpec) -> LaunchPlan:
+        """The launch plan for ``spec``. Pure: no I/O, no side effects."""
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """Which accelerator to use, and why (shown as a notice when falling back)."""
+
+    accel: str
+    reason: str
+
+
+def choose_accel(environ: dict[str, str] | None = None, *, kvm_device: Path = Path("/dev/kvm"),
+                 cpuinfo: Path = Path("/proc/cpuinfo")) -> AccelChoice:
+    """KVM when /dev/kvm is usable AND the CPU advertises vmx or svm, else TCG.
+
+    A nested, paravirtual /dev/kvm without vmx/svm exists on some hosts and hangs ordinary
+    guest kernels at 100% CPU, so the device alone is not enough. ``MICROAGENT_ACCEL``
+    (``kvm`` or ``tcg``) overrides the choice.
+    """
+    env = os.environ if environ is None else environ
+    forced = env.get(ACCEL_ENV, "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return AccelChoice(forced, f"{ACCEL_ENV}={forced}")
+    if not os.access(kvm_device, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"{kvm_device} is missing or not accessible; using TCG "
+                                  "(software emulation, slower)")
+    try:
+        flags = cpuinfo.read_text(errors="replace")
+    except OSError:
+        flags = ""
+    words = set()
+    for line in flags.splitlines():
+        if line.startswith("flags"):
+            words.update(line.split(":", 1)[-1].split())
+    if not words & {"vmx", "svm"}:
+        return AccelChoice("tcg", f"{kvm_device} exists but the CPU advertises no vmx/svm "
+                                  "(nested paravirtual KVM cannot run ordinary kernels); "
+                                  "using TCG (software emulation, slower)")
+    return AccelChoice("kvm", "KVM is usable")

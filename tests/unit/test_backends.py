@@ -1,0 +1,78 @@
+"""The QEMU launch plan (golden) and the accelerator rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel
+from microagent.backends.qemu import QemuBackend
+
+SPEC = LaunchSpec(
+    name="research", memory_mib=2048, cpus=2, kernel=Path("/k/vmlinuz"),
+    initramfs=Path("/run/boot.cpio"), cmdline="console=ttyS0 quiet",
+    disks=(DiskSpec(Path("/ws/rootfs.ext4")), DiskSpec(Path("/v/a,b.ext4"), True, "data")),
+    run_dir=Path("/ws/run"), network="user", accel="tcg",
+)
+
+GOLDEN = [
+    "qemu-system-x86_64", "-name", "microagent-research",
+    "-M", "microvm,acpi=on,rtc=on,x-option-roms=off",
+    "-accel", "tcg,thread=multi", "-cpu", "max", "-m", "2048M", "-smp", "2",
+    "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+    "-kernel", "/k/vmlinuz", "-initrd", "/run/boot.cpio", "-append", "console=ttyS0 quiet",
+    "-chardev", "socket,id=console,path=console.sock,server=on,wait=off",
+    "-serial", "chardev:console",
+    "-drive", "id=disk0,file=/ws/rootfs.ext4,format=raw,if=none,cache=writeback,discard=unmap",
+    "-device", "virtio-blk-device,drive=disk0",
+    "-drive", "id=disk1,file=/v/a,,b.ext4,format=raw,if=none,cache=writeback,discard=unmap,"
+              "readonly=on",
+    "-device", "virtio-blk-device,drive=disk1",
+    "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
+    "-device", "virtio-serial-device,max_ports=2",
+    "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
+    "-device", "virtserialport,chardev=agent,name=microagent",
+    "-qmp", "unix:qmp.sock,server=on,wait=off",
+]
+
+
+def test_qemu_plan_is_golden() -> None:
+    plan = QemuBackend().plan(SPEC)
+    assert list(plan.argv) == GOLDEN
+    assert plan.cwd == Path("/ws/run")
+    assert (plan.console_socket, plan.agent_socket, plan.control_socket) == (
+        "console.sock", "agent.sock", "qmp.sock")
+
+
+def test_kvm_and_no_network_variants() -> None:
+    from dataclasses import replace
+
+    argv = QemuBackend().plan(replace(SPEC, accel="kvm", network="none")).argv
+    assert argv[argv.index("-accel") + 1] == "kvm"
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert "-netdev" not in argv
+
+
+def test_accel_rule(tmp_path: Path) -> None:
+    kvm = tmp_path / "kvm"
+    kvm.write_text("")
+    with_vmx = tmp_path / "cpuinfo-vmx"
+    with_vmx.write_text("processor: 0\nflags\t\t: fpu vme vmx sse\n")
+    without = tmp_path / "cpuinfo"
+    without.write_text("processor: 0\nflags\t\t: fpu vme sse hypervisor\n")
+    assert choose_accel({}, kvm_device=kvm, cpuinfo=with_vmx).accel == "kvm"
+    choice = choose_accel({}, kvm_device=kvm, cpuinfo=without)
+    assert choice.accel == "tcg" and "vmx/svm" in choice.reason
+    missing = choose_accel({}, kvm_device=tmp_path / "nope", cpuinfo=with_vmx)
+    assert missing.accel == "tcg" and "not accessible" in missing.reason
+    assert choose_accel({"MICROAGENT_ACCEL": "kvm"}, kvm_device=tmp_path / "nope",
+                        cpuinfo=without).accel == "kvm"
+    assert choose_accel({"MICROAGENT_ACCEL": "tcg"}, kvm_device=kvm,
+                        cpuinfo=with_vmx).accel == "tcg"
+
+
+def test_this_host_uses_tcg() -> None:
+    # this machine's /dev/kvm is nested paravirtual without vmx/svm: DESIGN.md
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    if " vmx" in cpuinfo or " svm" in cpuinfo:
+        return
+    assert choose_accel({}).accel == "tcg"
