@@ -1,5 +1,7 @@
-"""Registry credentials from the files docker and podman write, and the challenges
-(``WWW-Authenticate``) with which a registry asks for them.
+"""Registry credentials: the files docker and podman write, and registry challenges.
+
+A registry asks for credentials with ``WWW-Authenticate`` challenges, parsed here by
+:func:`parse_www_authenticate`; :func:`load_credentials` finds what to answer with.
 
 Sources, in order; the first file with an entry for the host wins:
 
@@ -124,6 +126,7 @@ class Challenge:
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _SCHEME = re.compile(rf"[\s,]*({_TOKEN})(?=[\s,]|$)")
 _PARAM = re.compile(rf'[\s,]*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*(?:,|$)')
+_TOKEN68 = re.compile(r"\s+[A-Za-z0-9._~+/-]+=*\s*(?:,|$)")
 
 
 def parse_www_authenticate(headers: str | Iterable[str]) -> list[Challenge]:
@@ -131,13 +134,13 @@ def parse_www_authenticate(headers: str | Iterable[str]) -> list[Challenge]:
 
     Quoted values may hold commas and backslash escapes
     (``scope="repository:a/b:pull,push"``); one header may carry several challenges.
-    Parts that cannot be parsed (such as a token68) are skipped.
+    A token68 (``Negotiate abc==``) and parts that cannot be parsed are skipped.
     """
     found: list[tuple[str, dict[str, str]]] = []
     for header in [headers] if isinstance(headers, str) else headers:
-        pos = 0
+        pos, open_challenge = 0, False
         while pos < len(header):
-            if found:
+            if open_challenge:
                 param = _PARAM.match(header, pos)
                 if param:
                     name, quoted, bare = param.groups()
@@ -148,7 +151,9 @@ def parse_www_authenticate(headers: str | Iterable[str]) -> list[Challenge]:
             scheme = _SCHEME.match(header, pos)
             if scheme:
                 found.append((scheme.group(1).lower(), {}))
-                pos = scheme.end()
+                open_challenge = True
+                token68 = _TOKEN68.match(header, scheme.end())
+                pos = token68.end() if token68 else scheme.end()
                 continue
             comma = header.find(",", pos)
             if comma < 0:

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
@@ -73,16 +72,8 @@ class FetchedManifest:
 class RegistryClient:
     """A synchronous client of one registry's distribution API (``/v2/``)."""
 
-    def __init__(
-        self,
-        host: str,
-        *,
-        plain_http: bool,
-        credentials: Credentials | None = None,
-        max_attempts: int = 4,
-        backoff_base: float = 0.5,
-        timeout: float = 30.0,
-    ) -> None:
+    def __init__(self, host: str, *, plain_http: bool, credentials: Credentials | None = None,
+                 max_attempts: int = 4, backoff_base: float = 0.5, timeout: float = 30.0) -> None:
         self.host = host
         self.credentials = credentials
         self.max_attempts = max(1, max_attempts)
@@ -91,24 +82,15 @@ class RegistryClient:
             self._base = httpx.URL(f"{'http' if plain_http else 'https'}://{host}")
         except httpx.InvalidURL as e:
             raise UsageError(f"invalid registry host {host!r}: {e}") from e
-        self._client = httpx.Client(
-            timeout=timeout,
-            verify=ssl.create_default_context(),
-            follow_redirects=False,
-            headers={"User-Agent": _USER_AGENT},
-        )
+        self._client = httpx.Client(timeout=timeout, verify=ssl.create_default_context(),
+                                    follow_redirects=False, headers={"User-Agent": _USER_AGENT})
         self._tokens: dict[str, str] = {}
         self._basic = False
 
     def __enter__(self) -> RegistryClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -130,28 +112,22 @@ class RegistryClient:
             {"Accept": ", ".join(ACCEPT_MANIFESTS)},
         )
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        served = headers.get("Docker-Content-Digest", "")
-        if (pinned and digest != reference) or (served.startswith("sha256:") and served != digest):
+        # a pinned reference must match; so must the registry's own claim, when it makes one
+        claims = [reference if pinned else "", headers.get("Docker-Content-Digest", "")]
+        wrong = [claim for claim in claims if claim.startswith("sha256:") and claim != digest]
+        if wrong:
             raise IntegrityError(
-                f"digest mismatch for {subject} from registry {self.host}: the content "
-                f"hashes to {digest}" + (f", the registry says {served}" if served else ""),
-                hint="the registry served corrupt or tampered content; nothing was cached",
+                f"digest mismatch for {subject} from registry {self.host}: expected "
+                f"{wrong[0]}, the content hashes to {digest}",
+                hint="the registry served corrupt or tampered content; nothing was used",
             )
         media_type = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if media_type in _GENERIC_TYPES:
             media_type = _document_media_type(data, subject)
         return FetchedManifest(data=data, media_type=media_type, digest=digest)
 
-    def fetch_blob(
-        self,
-        repository: str,
-        digest: str,
-        *,
-        size: int | None,
-        store: BlobStore,
-        on_progress: Callable[[int], None] | None = None,
-        source: str = "",
-    ) -> Path:
+    def fetch_blob(self, repository: str, digest: str, *, size: int | None, store: BlobStore,
+                   on_progress: Callable[[int], None] | None = None, source: str = "") -> Path:
         """Download a blob into ``store`` (verified by digest and size); its cached path.
 
         A cached blob returns at once. A connection that breaks mid-body is retried
@@ -182,14 +158,8 @@ class RegistryClient:
 
     # plumbing: body retries > status checks > status retries > auth > redirects
 
-    def _fetch(
-        self,
-        path: str,
-        repository: str,
-        subject: str,
-        consume: Callable[[httpx.Response], T],
-        headers: dict[str, str],
-    ) -> T:
+    def _fetch(self, path: str, repository: str, subject: str,
+               consume: Callable[[httpx.Response], T], headers: dict[str, str]) -> T:
         url = self._base.join(path)
         attempt = 1
         while True:

@@ -66,7 +66,7 @@ class Pusher:
             return
         started = self.request("POST", f"/v2/{self.repository}/blobs/uploads/")
         location = self.client.base_url.join(started.headers["Location"])
-        self.request("PUT", location, params={"digest": digest}, content=data,
+        self.request("PUT", location.copy_merge_params({"digest": digest}), content=data,
                      headers={"Content-Type": "application/octet-stream"})
 
     def push_manifest(self, reference: str, data: bytes, media_type: str) -> str:
@@ -100,12 +100,15 @@ class Pusher:
 def push_layout(host: str, repository: str, tag: str, layout: Path, *,
                 credentials: tuple[str, str] | None = None, plain_http: bool = True,
                 docker: bool = False) -> str:
-    """Push the image tagged ``tag`` in ``layout`` as ``repository:tag``; its digest.
+    """Push an image of ``layout`` as ``repository:tag``; the pushed top digest.
 
-    With ``docker=True`` the manifests are pushed as Docker schema 2 (manifest list for
-    an index); the digest returned is then the converted top manifest's.
+    The image is the layout's one tagged ``tag``, or its only one whatever its tag. With
+    ``docker=True`` the manifests are pushed as Docker schema 2 (manifest list for an
+    index); the digest returned is then the converted top manifest's.
     """
-    top, files = read_layout(layout, tag)
+    names = [m.get("annotations", {}).get("org.opencontainers.image.ref.name")
+             for m in json.loads((layout / "index.json").read_text())["manifests"]]
+    top, files = read_layout(layout, tag if tag in names or len(names) != 1 else names[0])
     blobs = {f"sha256:{path.name}": data for path, data in files.items()}
     pusher = Pusher(host, repository, credentials=credentials, plain_http=plain_http)
     try:

@@ -8,7 +8,8 @@ verifies against the issuer's certificate (the real Docker Hub flow).
 
 ``fake_registry`` serves canned answers the real registry cannot be made to give:
 content that does not match its digest, truncated or broken-off bodies, 503s, and
-redirects. ``unreachable_host`` is a loopback port nobody listens on.
+redirects, an untrusted TLS certificate. ``unreachable_host`` is a loopback port nobody
+listens on.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.x509 import Certificate
 
 USERNAME = "user"
 PASSWORD = "pass"
@@ -125,6 +130,7 @@ def run_registry(root: Path, auth: dict[str, Any] | None = None) -> Iterator[str
             "log": {"level": "info", "formatter": "text"},
             "storage": {"filesystem": {"rootdirectory": str(root / "storage")},
                         "delete": {"enabled": True}},
+            # no http.debug section, so no debug server on another port
             "http": {"addr": host, "secret": secrets.token_hex(16)},
         }
         if auth:
@@ -153,6 +159,31 @@ def run_registry(root: Path, auth: dict[str, Any] | None = None) -> Iterator[str
     raise RuntimeError(f"docker-registry could not bind a free port:\n{_log_tail(log)}")
 
 
+def self_signed_certificate(common_name: str) -> tuple[RSAPrivateKey, Certificate]:
+    """An RSA key and a self-signed CA certificate for it, valid for 127.0.0.1 too."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
 class TokenServer:
     """A token service: basic credentials in, RS256 JWTs the registry verifies out.
 
@@ -161,31 +192,19 @@ class TokenServer:
     """
 
     def __init__(self, directory: Path, username: str, password: str) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
+        from cryptography.hazmat.primitives import serialization
 
         self.username, self.password = username, password
         self.issued = 0
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TOKEN_ISSUER)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
+        self._key, cert = self_signed_certificate(TOKEN_ISSUER)
         self.cert_path = directory / "token-issuer.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self._x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/token"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -309,11 +328,13 @@ class FakeRegistry:
     """An in-process stand-in for a misbehaving registry, plain HTTP on loopback.
 
     Answers ``/v2/`` and the routes added with :meth:`route`; 404 otherwise. With
-    ``basic_auth`` every request needs those credentials. Records every request's path
-    and headers in ``requests``.
+    ``basic_auth`` every request needs those credentials; with ``tls_dir`` it speaks
+    HTTPS with a self-signed certificate written there (``cert_path``). Records every
+    request's path and headers in ``requests``.
     """
 
-    def __init__(self, basic_auth: tuple[str, str] | None = None) -> None:
+    def __init__(self, basic_auth: tuple[str, str] | None = None,
+                 tls_dir: Path | None = None) -> None:
         self.routes: dict[str, FakeRoute] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._expected = None if basic_auth is None else \
@@ -322,8 +343,29 @@ class FakeRegistry:
         self._server.daemon_threads = True
         self.host = f"127.0.0.1:{self._server.server_address[1]}"
         self.url = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.cert_path: Path | None = None
+        if tls_dir is not None:
+            self._serve_tls(tls_dir)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
+
+    def _serve_tls(self, directory: Path) -> None:
+        import ssl
+
+        from cryptography.hazmat.primitives import serialization
+
+        key, cert = self_signed_certificate("microagent fake registry")
+        self.cert_path = directory / "fake-registry.pem"
+        key_path = directory / "fake-registry.key"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_path, key_path)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"https://{self.host}"
 
     def route(self, path: str, body: bytes = b"", **options: Any) -> FakeRoute:
         """Answer GET ``path`` with ``body`` (and the :class:`FakeRoute` options)."""
