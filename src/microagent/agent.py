@@ -1,0 +1,292 @@
+"""The host side of the agent channel: a synchronous client for protocol v1.
+
+:class:`AgentClient` speaks ``docs/protocol.md`` over a connected socket: to the guest
+agent directly (the supervisor, the protocol tests) or to a supervisor that relays the
+same frames (the CLI's ``exec``). One exec per call; streams stdout and stderr to
+callbacks as they arrive, forwards stdin within the guest's credit, returns credit as
+output is consumed, and forwards signals and terminal resizes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from microagent import __version__
+from microagent.protocol import (
+    DEFAULT_WINDOW,
+    FLAG_END,
+    MAX_PAYLOAD,
+    VERSION,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ProtocolError,
+    decode_credit,
+    encode,
+    encode_credit,
+    encode_json,
+)
+
+EXIT_TIMED_OUT = 124
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+Sink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """One command to run in the guest."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    cwd: str = ""
+    user: str = ""
+    tty: tuple[int, int] | None = None  # (rows, cols)
+    stdin: bool = False
+    timeout_ms: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "op": "exec",
+            "argv": list(self.argv),
+            "env": list(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "tty": {"rows": self.tty[0], "cols": self.tty[1]} if self.tty else None,
+            "stdin": self.stdin,
+            "timeout_ms": self.timeout_ms,
+        }
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a command ended."""
+
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    error: dict[str, Any] | None = None
+    duration_ms: int = 0
+    pid: int | None = None
+
+    @property
+    def host_exit_code(self) -> int:
+        """The code ``microagent exec`` returns (CLI.md): 124, 126, 127, 128+N or the code."""
+        if self.timed_out:
+            return EXIT_TIMED_OUT
+        if self.error is not None:
+            code = self.error.get("code", "")
+            return EXIT_NOT_FOUND if code == "ENOENT" else EXIT_CANNOT_EXECUTE
+        if self.signal:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 125
+
+
+@dataclass
+class _Stream:
+    """Host-side state of one open stream."""
+
+    send_credit: int
+    started: dict[str, Any] | None = None
+    done: ExecResult | None = None
+    stdin_open: bool = True
+    pending_stdin: bytearray = field(default_factory=bytearray)
+
+
+class AgentClient:
+    """A connection to a guest agent (or a supervisor relaying one)."""
+
+    def __init__(self, sock: socket.socket, *, window: int = DEFAULT_WINDOW) -> None:
+        self.sock = sock
+        self.window = window
+        self.decoder = FrameDecoder()
+        self.peer: dict[str, Any] = {}
+        self.peer_window = DEFAULT_WINDOW
+        self.max_payload = MAX_PAYLOAD
+        self.next_stream = 1
+        self.pending: list[Frame] = []
+        self.current_stream = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # --- connection ---------------------------------------------------------------
+
+    def hello(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Exchange HELLOs; return the peer's. Raises ProtocolError on a version mismatch."""
+        self.send(encode_json(FrameType.HELLO, 0, {
+            "version": VERSION, "features": ["exec"], "software": f"microagent {__version__}",
+            "max_payload": MAX_PAYLOAD, "window": self.window}))
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.read_frame(deadline)
+            if frame.type == FrameType.HELLO and frame.stream == 0:
+                break
+            if frame.type == FrameType.ERROR and frame.stream == 0:
+                raise ProtocolError(f"guest agent refused the connection: "
+                                    f"{frame.json().get('message', '')}")
+        peer = frame.json()
+        if peer.get("version") != VERSION:
+            raise ProtocolError(f"guest agent speaks protocol version {peer.get('version')}, "
+                                f"this microagent speaks {VERSION}",
+                                hint="restart the workspace so that it boots the current agent")
+        self.peer = peer
+        self.peer_window = int(peer.get("window", DEFAULT_WINDOW))
+        self.max_payload = min(MAX_PAYLOAD, int(peer.get("max_payload", MAX_PAYLOAD)))
+        return peer
+
+    def ping(self, payload: bytes = b"{}", timeout: float = 5.0) -> float:
+        """Round trip of a PING in seconds."""
+        start = time.monotonic()
+        self.send(encode(FrameType.PING, 0, payload))
+        deadline = start + timeout
+        while True:
+            frame = self.read_frame(deadline)
+            if frame.type == FrameType.PONG:
+                return time.monotonic() - start
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise ProtocolError(f"agent channel closed while sending: {e.strerror}") from e
+
+    def read_frame(self, deadline: float | None) -> Frame:
+        """The next frame, waiting until ``deadline`` (monotonic); TimeoutError after."""
+        while not self.pending:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no answer from the guest agent")
+                self.sock.settimeout(remaining)
+            else:
+                self.sock.settimeout(None)
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                raise
+            except OSError as e:
+                raise ProtocolError(f"agent channel failed: {e.strerror}") from e
+            if not data:
+                raise ProtocolError("agent channel closed")
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    # --- exec -----------------------------------------------------------------------
+
+    def exec(self, request: ExecRequest, *, stdout: Sink, stderr: Sink,
+             stdin_fd: int | None = None,
+             poll: Callable[[], list[bytes]] | None = None) -> ExecResult:
+        """Run ``request``; stream output to the sinks; return how it ended.
+
+        ``stdin_fd`` is read (when ``request.stdin``) and forwarded within the guest's
+        credit; EOF closes the guest's stdin. ``poll`` is called between reads and may
+        return extra frames to send (signals, resizes) built with :meth:`signal_frame`.
+        """
+        stream_id = self.next_stream
+        self.next_stream += 2
+        state = _Stream(send_credit=self.peer_window, stdin_open=request.stdin)
+        start = time.monotonic()
+        self.send(encode_json(FrameType.OPEN, stream_id, request.to_json()))
+        self.current_stream = stream_id
+        selector = selectors.DefaultSelector()
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, "sock")
+        if stdin_fd is not None and request.stdin:
+            selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
+        try:
+            while state.done is None:
+                for frame in self.pending:
+                    self._handle(frame, stream_id, state, stdout, stderr)
+                self.pending.clear()
+                if state.done is not None:
+                    break
+                if poll is not None:
+                    for extra in poll():
+                        self.send(extra)
+                for key, _ in selector.select(timeout=0.2):
+                    if key.data == "sock":
+                        try:
+                            data = self.sock.recv(1 << 20)
+                        except BlockingIOError:
+                            continue
+                        except OSError as e:
+                            raise ProtocolError(f"agent channel failed: {e.strerror}") from e
+                        if not data:
+                            raise ProtocolError("agent channel closed during exec")
+                        self.pending.extend(self.decoder.feed(data))
+                    elif key.data == "stdin" and state.send_credit > 0:
+                        self._forward_stdin(stdin_fd, stream_id, state, selector)
+                if stdin_fd is not None and state.stdin_open and state.send_credit > 0 \
+                        and stdin_fd not in selector.get_map():
+                    selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
+                elif stdin_fd is not None and state.send_credit <= 0 \
+                        and stdin_fd in selector.get_map():
+                    selector.unregister(stdin_fd)
+        finally:
+            selector.close()
+            self.sock.setblocking(True)
+        done = state.done
+        pid = state.started.get("pid") if state.started else None
+        return ExecResult(done.exit_code, done.signal, done.timed_out, done.error,
+                          int((time.monotonic() - start) * 1000), pid)
+
+    def signal_frame(self, signum: int) -> bytes:
+        """A SIGNAL frame for the current exec."""
+        return encode_json(FrameType.SIGNAL, self.current_stream, {"signal": signum})
+
+    def resize_frame(self, rows: int, cols: int) -> bytes:
+        """A RESIZE frame for the current exec's pty."""
+        return encode_json(FrameType.RESIZE, self.current_stream, {"rows": rows, "cols": cols})
+
+    def _forward_stdin(self, fd: int | None, stream_id: int, state: _Stream,
+                       selector: selectors.BaseSelector) -> None:
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, min(self.max_payload, state.send_credit))
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return
+            data = b""
+        if data:
+            state.send_credit -= len(data)
+            self.send(encode(FrameType.STDIN, stream_id, data))
+            return
+        state.stdin_open = False
+        selector.unregister(fd)
+        self.send(encode(FrameType.STDIN, stream_id, b"", FLAG_END))
+
+    def _handle(self, frame: Frame, stream_id: int, state: _Stream, stdout: Sink,
+                stderr: Sink) -> None:
+        if frame.stream == 0:
+            if frame.type == FrameType.PING:
+                self.send(encode(FrameType.PONG, 0, frame.payload))
+            elif frame.type == FrameType.ERROR:
+                raise ProtocolError(f"guest agent reported: {frame.json().get('message', '')}")
+            return
+        if frame.stream != stream_id:
+            return
+        if frame.type in (FrameType.STDOUT, FrameType.STDERR):
+            if frame.payload:
+                (stdout if frame.type == FrameType.STDOUT else stderr)(frame.payload)
+                self.send(encode_credit(stream_id, frame.type, len(frame.payload)))
+        elif frame.type == FrameType.CREDIT:
+            data_type, increment = decode_credit(frame)
+            if data_type == FrameType.STDIN:
+                state.send_credit += increment
+        elif frame.type == FrameType.STARTED:
+            state.started = frame.json()
+        elif frame.type == FrameType.EXIT:
+            doc = frame.json()
+            state.done = ExecResult(doc.get("exit_code"), doc.get("signal"),
+                                    bool(doc.get("timed_out", False)))
+        elif frame.type == FrameType.ERROR:
+            state.done = ExecResult(None, error=frame.json())
