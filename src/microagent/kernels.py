@@ -1,0 +1,740 @@
+"""Kernel bundles: the guest kernel, the modules it needs, and a record of both.
+
+A bundle lives in ``kernels/<version>/``::
+
+    vmlinuz        the compressed bzImage QEMU boots
+    vmlinux        the uncompressed ELF extracted from it (for Firecracker)
+    modules.cpio   a newc archive: the needed modules, decompressed, under
+                   /lib/modules/<version>/, and /etc/microagent/modules, the load order
+    kernel.json    schema, version, source, sha256 and size of each file, module lists
+
+``kernels/default.json`` names the default bundle. Bundles are staged in a hidden
+directory and renamed into place, under the ``kernel-store`` lock.
+
+Sources, in order: an explicit path (a bzImage with its modules directory, an unpacked
+kernel package, or a ``.deb``); an installed bundle; the host's ``/boot/vmlinuz-*`` with
+its ``/lib/modules``; on Debian and Ubuntu, the distribution package fetched with
+``apt-get download`` and unpacked with ``dpkg-deb -x`` (no root needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from microagent import initramfs
+from microagent.errors import HostError, MicroagentError, NotFoundError
+from microagent.store import ensure_dir, file_lock, fsync_dir, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from microagent.layout import StateLayout
+    from microagent.progress import Progress
+
+# The drivers a guest needs, with the config symbol that builds each one in.
+REQUIRED_MODULES = {
+    "virtio_mmio": "CONFIG_VIRTIO_MMIO",
+    "virtio_blk": "CONFIG_VIRTIO_BLK",
+    "virtio_net": "CONFIG_VIRTIO_NET",
+    "virtio_console": "CONFIG_VIRTIO_CONSOLE",
+    "ext4": "CONFIG_EXT4_FS",
+}
+OPTIONAL_MODULES = {"vmw_vsock_virtio_transport": "CONFIG_VIRTIO_VSOCKETS"}
+MODULE_LIST = "etc/microagent/modules"
+DEFAULT_RECORD = "default.json"
+BUNDLE_RECORD = "kernel.json"
+INSTALL_LOCK_TIMEOUT = 900.0
+APT_TIMEOUT = 900
+HOST_ROOT = Path("/")
+
+
+@dataclass(frozen=True)
+class KernelBundle:
+    """An installed kernel bundle (``kernels/<version>/``)."""
+
+    version: str
+    path: Path
+    vmlinuz: Path
+    modules_cpio: Path
+    vmlinux: Path | None
+    modules: tuple[str, ...]
+    builtin: tuple[str, ...]
+    source: str
+    created: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    default: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` shape of one bundle."""
+        return {
+            "version": self.version,
+            "default": self.default,
+            "path": str(self.path),
+            "source": self.source,
+            "created": self.created,
+            "modules": list(self.modules),
+            "builtin": list(self.builtin),
+            "files": self.files,
+        }
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A kernel found somewhere, before it is assembled into a bundle."""
+
+    version: str
+    vmlinuz: Path
+    modules_dir: Path | None
+    config: Path | None
+    description: str
+
+
+# --- public API -------------------------------------------------------------------------
+
+
+def list_kernels(layout: StateLayout) -> list[KernelBundle]:
+    """Every installed bundle, newest version first; broken ones are skipped."""
+    default = _default_version(layout)
+    bundles = []
+    if layout.kernels_dir.is_dir():
+        for entry in layout.kernels_dir.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            with contextlib.suppress(MicroagentError, FileNotFoundError, KeyError):
+                bundles.append(_load_bundle(entry, default=entry.name == default))
+    return sorted(bundles, key=lambda b: _version_key(b.version), reverse=True)
+
+
+def default_kernel(layout: StateLayout, *, install_if_missing: bool = True) -> KernelBundle:
+    """The default bundle; else the newest installed one; else install one (see module doc).
+
+    Raises NotFoundError when none is installed and ``install_if_missing`` is false.
+    """
+    bundles = list_kernels(layout)
+    for bundle in bundles:
+        if bundle.default:
+            return bundle
+    if bundles:
+        _write_default(layout, bundles[0].version)
+        return _load_bundle(bundles[0].path, default=True)
+    if not install_if_missing:
+        raise NotFoundError("no kernel is installed",
+                            hint="run `microagent kernel install [--from PATH]`")
+    return install_kernel(layout)
+
+
+def install_kernel(
+    layout: StateLayout,
+    *,
+    from_path: Path | None = None,
+    modules_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> KernelBundle:
+    """Assemble a bundle and make it the default.
+
+    ``from_path`` is a bzImage (its modules directory given as ``modules_dir`` or found
+    alongside), an unpacked kernel package, or a ``.deb``. Without it: the host's
+    ``/boot`` kernel, else the distribution package through apt; a version already
+    installed from those is kept as it is.
+    """
+    ensure_dir(layout.kernels_dir)
+    ensure_dir(layout.tmp_dir)
+    lock = layout.lock_file("kernel", "store")
+    with file_lock(lock, what="the kernel store", timeout=INSTALL_LOCK_TIMEOUT), \
+            tempfile.TemporaryDirectory(prefix="kernel-", dir=layout.tmp_dir) as tmp:
+        work = Path(tmp)
+        if from_path is not None:
+            source = _source_from_path(Path(from_path), modules_dir, work, progress)
+        else:
+            found = _source_from_host(layout, work, progress)
+            if isinstance(found, KernelBundle):
+                _write_default(layout, found.version)
+                return _load_bundle(found.path, default=True)
+            source = found
+        bundle_dir = _assemble(layout, source, work, progress)
+        _write_default(layout, source.version)
+        return _load_bundle(bundle_dir, default=True)
+
+
+# --- the bundle on disk -----------------------------------------------------------------
+
+
+def _load_bundle(path: Path, *, default: bool = False) -> KernelBundle:
+    record = read_json(path / BUNDLE_RECORD)
+    files = record.get("files", {})
+    for name, described in files.items():
+        try:
+            intact = (path / name).stat().st_size == described["size"]
+        except OSError:
+            intact = False
+        if not intact:
+            raise MicroagentError(f"kernel bundle {path}: {name} is missing or truncated",
+                                  hint="reinstall it with `microagent kernel install`")
+    return KernelBundle(
+        version=str(record["version"]),
+        path=path,
+        vmlinuz=path / "vmlinuz",
+        modules_cpio=path / "modules.cpio",
+        vmlinux=path / "vmlinux" if "vmlinux" in files else None,
+        modules=tuple(record.get("modules", ())),
+        builtin=tuple(record.get("builtin", ())),
+        source=str(record.get("source", "")),
+        created=str(record.get("created", "")),
+        files=dict(files),
+        default=default,
+    )
+
+
+def _default_version(layout: StateLayout) -> str | None:
+    try:
+        return str(read_json(layout.kernels_dir / DEFAULT_RECORD)["version"])
+    except (FileNotFoundError, KeyError, MicroagentError):
+        return None
+
+
+def _write_default(layout: StateLayout, version: str) -> None:
+    write_json_atomic(layout.kernels_dir / DEFAULT_RECORD, {"version": version})
+
+
+def _assemble(
+    layout: StateLayout, source: KernelSource, work: Path, progress: Progress | None
+) -> Path:
+    """Write the bundle of ``source`` into a staging dir and rename it into place."""
+    _step(progress, f"assembling kernel {source.version} from {source.description}")
+    plan = resolve_modules(source.version, source.modules_dir, source.config,
+                           REQUIRED_MODULES, OPTIONAL_MODULES)
+    staging = Path(tempfile.mkdtemp(prefix=f".new-{source.version}-", dir=layout.kernels_dir))
+    try:
+        shutil.copyfile(source.vmlinuz, staging / "vmlinuz")
+        prefix = f"lib/modules/{source.version}"
+        entries = [
+            initramfs.regular_file(f"{prefix}/{rel}", data)
+            for rel, data in module_contents(plan)
+        ]
+        order = "".join(f"/{prefix}/{module.rel}\n" for module in plan.modules)
+        entries.append(initramfs.regular_file(MODULE_LIST, order.encode()))
+        with (staging / "modules.cpio").open("wb") as f:
+            initramfs.write_cpio(entries, f)
+        vmlinux = extract_vmlinux((staging / "vmlinuz").read_bytes())
+        if vmlinux is not None:
+            (staging / "vmlinux").write_bytes(vmlinux)
+        names = ["vmlinuz", "modules.cpio"] + (["vmlinux"] if vmlinux is not None else [])
+        write_json_atomic(staging / BUNDLE_RECORD, {
+            "version": source.version,
+            "source": source.description,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "files": {name: _describe(staging / name) for name in names},
+            "modules": [module.name for module in plan.modules],
+            "builtin": list(plan.builtin),
+            "missing_optional": list(plan.missing_optional),
+        })
+        final = layout.kernels_dir / source.version
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{source.version}-",
+                                        dir=layout.kernels_dir))
+            os.replace(final, old / "bundle")
+        os.replace(staging, final)
+        fsync_dir(layout.kernels_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise HostError(f"cannot write the kernel bundle: {e}") from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+
+
+# --- sources ----------------------------------------------------------------------------
+
+
+def _source_from_path(
+    path: Path, modules_dir: Path | None, work: Path, progress: Progress | None
+) -> KernelSource:
+    """An explicit ``--from``: a .deb, an unpacked package tree, or a kernel image file."""
+    path = path.expanduser().absolute()
+    if not path.exists():
+        raise NotFoundError(f"kernel source {path} does not exist")
+    if path.is_dir():
+        found = _sources_in_tree(path, f"path:{path}")
+        if not found:
+            raise NotFoundError(
+                f"no boot/vmlinuz-* with lib/modules/<version> under {path}",
+                hint="pass an unpacked kernel package, a .deb, or a bzImage file")
+        return found[0]
+    if path.suffix == ".deb":
+        _unpack_deb(path, work / "deb", progress)
+        found = _sources_in_tree(work / "deb", f"deb:{path.name}")
+        if not found:
+            raise NotFoundError(f"{path.name} holds no boot/vmlinuz-* kernel")
+        return found[0]
+    try:
+        version = bzimage_version(path.read_bytes())
+    except OSError as e:
+        raise HostError(f"cannot read {path}: {e.strerror}") from e
+    if version is None:
+        raise MicroagentError(f"{path} is not a bzImage kernel (no HdrS header)")
+    candidates = [modules_dir] if modules_dir is not None else [
+        path.parent / "lib" / "modules" / version,
+        path.parent.parent / "lib" / "modules" / version,
+        path.parent / "modules" / version,
+        path.parent / "modules",
+        HOST_ROOT / "lib" / "modules" / version,
+    ]
+    found_dir = next((c for c in candidates if c.is_dir()), None)
+    config = path.parent / f"config-{version}"
+    return KernelSource(version, path, found_dir, config if config.is_file() else None,
+                        f"path:{path}")
+
+
+def _sources_in_tree(root: Path, description: str) -> list[KernelSource]:
+    """Kernels of an unpacked package tree (or of ``/``), newest first."""
+    found = []
+    for image in (root / "boot").glob("vmlinuz-*"):
+        version = image.name.removeprefix("vmlinuz-")
+        modules = next((d for d in (root / "lib" / "modules" / version,
+                                    root / "usr" / "lib" / "modules" / version)
+                        if d.is_dir()), None)
+        config = root / "boot" / f"config-{version}"
+        found.append(KernelSource(version, image, modules,
+                                  config if config.is_file() else None, description))
+    return sorted(found, key=lambda s: _version_key(s.version), reverse=True)
+
+
+def _source_from_host(
+    layout: StateLayout, work: Path, progress: Progress | None
+) -> KernelSource | KernelBundle:
+    """The host's /boot kernel if usable, else the distribution package via apt."""
+    reasons = []
+    for source in _sources_in_tree(HOST_ROOT, ""):
+        source = KernelSource(source.version, source.vmlinuz,
+                              HOST_ROOT / "lib" / "modules" / source.version, source.config,
+                              f"host:{source.vmlinuz}")
+        if not os.access(source.vmlinuz, os.R_OK):
+            reasons.append(f"{source.vmlinuz} is not readable")
+            continue
+        try:
+            resolve_modules(source.version, source.modules_dir, source.config,
+                            REQUIRED_MODULES, {})
+        except MicroagentError as e:
+            reasons.append(e.message)
+            continue
+        return source
+    package = _apt_kernel_package(reasons)
+    if package is None:
+        raise NotFoundError(
+            "no kernel found: " + ("; ".join(reasons) or "no /boot/vmlinuz-*, no apt"),
+            hint="pass one with `microagent kernel install --from PATH` (a bzImage and its "
+                 "modules directory, an unpacked kernel package or a .deb), or on "
+                 "Debian/Ubuntu configure apt so `apt-get download linux-image-amd64` works")
+    version = package.removeprefix("linux-image-")
+    installed = layout.kernels_dir / version
+    with contextlib.suppress(MicroagentError, FileNotFoundError):
+        return _load_bundle(installed)
+    _step(progress, f"downloading {package}")
+    debs = [_apt_download(package, work)]
+    root = work / "deb"
+    _unpack_deb(debs[0], root, progress)
+    if not (root / "lib" / "modules" / version / "kernel").is_dir() and \
+            _apt_has(f"linux-modules-{version}"):
+        # Ubuntu ships the modules in a package of their own.
+        _step(progress, f"downloading linux-modules-{version}")
+        _unpack_deb(_apt_download(f"linux-modules-{version}", work), root, progress)
+    found = [s for s in _sources_in_tree(root, "") if s.version == version]
+    if not found:
+        raise HostError(f"{debs[0].name} holds no boot/vmlinuz-{version}")
+    return KernelSource(version, found[0].vmlinuz, found[0].modules_dir, found[0].config,
+                        f"apt:{debs[0].name}")
+
+
+def _apt_kernel_package(reasons: list[str]) -> str | None:
+    """The versioned linux-image package the distribution's meta package depends on."""
+    if shutil.which("apt-cache") is None or shutil.which("apt-get") is None \
+            or shutil.which("dpkg-deb") is None:
+        reasons.append("apt-get and dpkg-deb are not available")
+        return None
+    meta = _meta_package()
+    try:
+        run = subprocess.run(["apt-cache", "depends", "--important", meta],
+                             capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        reasons.append(f"apt-cache failed: {e}")
+        return None
+    found = re.findall(r"Depends:\s*(linux-image-\d\S*)", run.stdout)
+    if run.returncode != 0 or not found:
+        reasons.append(f"apt does not know {meta} (run `apt-get update`?)")
+        return None
+    return str(sorted(found, key=_version_key)[-1])
+
+
+def _meta_package() -> str:
+    """``linux-image-<arch>`` on Debian, ``linux-image-generic`` on Ubuntu."""
+    with contextlib.suppress(OSError):
+        text = Path("/etc/os-release").read_text()
+        if re.search(r"^ID=\"?ubuntu", text, re.M):
+            return "linux-image-generic"
+    arch = "amd64"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip() or arch
+    return f"linux-image-{arch}"
+
+
+def _apt_has(package: str) -> bool:
+    try:
+        return subprocess.run(["apt-cache", "show", package], capture_output=True,
+                              timeout=60, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _apt_download(package: str, work: Path) -> Path:
+    """``apt-get download`` into ``work`` (no root needed); the .deb's path."""
+    before = set(work.glob("*.deb"))
+    try:
+        run = subprocess.run(["apt-get", "download", "-q", package], cwd=work,
+                             capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise HostError(f"apt-get download {package} failed: {e}") from e
+    new = sorted(set(work.glob("*.deb")) - before)
+    if run.returncode != 0 or not new:
+        tail = "\n".join(run.stderr.strip().splitlines()[-5:])
+        raise HostError(f"apt-get download {package} failed ({run.returncode}): {tail}",
+                        hint="check the apt sources and the network, or pass "
+                             "`microagent kernel install --from PATH`")
+    return new[0]
+
+
+def _unpack_deb(deb: Path, dest: Path, progress: Progress | None) -> None:
+    _step(progress, f"unpacking {deb.name}")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        run = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True,
+                             text=True, timeout=APT_TIMEOUT, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise HostError(f"dpkg-deb -x {deb} failed: {e}",
+                        hint="install dpkg (it provides dpkg-deb)") from e
+    if run.returncode != 0:
+        raise HostError(f"dpkg-deb -x {deb} failed ({run.returncode}): {run.stderr.strip()}")
+
+
+def _version_key(version: str) -> tuple[tuple[int, str], ...]:
+    """Natural sort order: 6.1.0-56 after 6.1.0-9."""
+    return tuple((int(part), "") if part.isdigit() else (-1, part)
+                 for part in re.split(r"(\d+)", version) if part)
+
+
+def _step(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress.step(message)
+
+
+# --- modules ----------------------------------------------------------------------------
+
+COMPRESSED_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz")
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    """One module file: ``rel`` is its path under ``lib/modules/<version>/`` as it will be
+    in the initramfs (never compressed); ``source`` the file as shipped."""
+
+    name: str
+    rel: str
+    source: Path
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What goes into ``modules.cpio``: modules in load order (dependencies first)."""
+
+    modules: tuple[KernelModule, ...]
+    builtin: tuple[str, ...]
+    missing_optional: tuple[str, ...]
+
+
+def resolve_modules(
+    version: str,
+    modules_dir: Path | None,
+    config: Path | None,
+    required: dict[str, str],
+    optional: dict[str, str],
+) -> ModulePlan:
+    """The modules that load ``required`` and ``optional`` (name → config symbol) with
+    their dependencies (``modules.dep``, else each module's own ``depends=``) and their
+    ``softdep pre:`` modules. A module built into the kernel (``modules.builtin`` or
+    ``=y`` in the config) needs nothing. Raises NotFoundError for a missing required one.
+    """
+    symbols = _read_config(config)
+    builtin_names = set()
+    index: dict[str, KernelModule] = {}
+    deps: dict[str, list[str]] | None = None
+    aliases: list[tuple[str, str]] = []
+    if modules_dir is not None:
+        builtin_names = {_module_name(line) for line in _lines(modules_dir / "modules.builtin")}
+        index = _index_modules(modules_dir)
+        deps = _read_modules_dep(modules_dir)
+        aliases = [(parts[1], _norm(parts[2])) for line in _lines(modules_dir / "modules.alias")
+                   if len(parts := line.split()) == 3 and parts[0] == "alias"]
+    order: list[KernelModule] = []
+    builtin: list[str] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str, symbol: str, needed_by: str) -> None:
+        name = _norm(name)
+        if name in seen:
+            return
+        seen.add(name)
+        if name in builtin_names or symbols.get(symbol) == "y":
+            builtin.append(name)
+            return
+        module = index.get(name)
+        if module is None:
+            if needed_by:
+                where = modules_dir or "(no modules directory)"
+                raise NotFoundError(
+                    f"kernel {version} has no module {name} (needed by {needed_by}) "
+                    f"in {where}",
+                    hint="pass the kernel's modules directory, or a kernel package")
+            missing.append(name)
+            return
+        info = _modinfo(module.source)
+        hard = deps[name] if deps is not None and name in deps else [
+            d for value in info.get("depends", []) for d in value.split(",") if d]
+        for dep in hard:
+            visit(dep, "", name)
+        for value in info.get("softdep", []):
+            pre = value.split("post:")[0].removeprefix("pre:").split()
+            for alias in pre:
+                provider = _resolve_alias(alias, index, aliases)
+                if provider is not None:
+                    visit(provider, "", "")
+        order.append(module)
+
+    for name, symbol in required.items():
+        visit(name, symbol, "the guest")
+    for name, symbol in optional.items():
+        visit(name, symbol, "")
+    return ModulePlan(tuple(order), tuple(builtin), tuple(missing))
+
+
+def module_contents(plan: ModulePlan) -> list[tuple[str, bytes]]:
+    """Each module of ``plan`` as (path under lib/modules/<version>/, decompressed bytes)."""
+    return [(module.rel, _read_module(module.source)) for module in plan.modules]
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _module_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    for suffix in (*COMPRESSED_SUFFIXES, ".ko"):
+        base = base.removesuffix(suffix)
+    return _norm(base)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _read_config(config: Path | None) -> dict[str, str]:
+    if config is None:
+        return {}
+    return dict(line.split("=", 1) for line in _lines(config)
+                if line.startswith("CONFIG_") and "=" in line)
+
+
+def _index_modules(modules_dir: Path) -> dict[str, KernelModule]:
+    index: dict[str, KernelModule] = {}
+    for dirpath, _dirs, files in os.walk(modules_dir):
+        for file in files:
+            if file.endswith((".ko", *COMPRESSED_SUFFIXES)):
+                source = Path(dirpath) / file
+                rel = str(source.relative_to(modules_dir))
+                for suffix in COMPRESSED_SUFFIXES:
+                    rel = rel.removesuffix(suffix[3:])
+                index.setdefault(_module_name(file), KernelModule(_module_name(file), rel,
+                                                                  source))
+    return index
+
+
+def _read_modules_dep(modules_dir: Path) -> dict[str, list[str]] | None:
+    """``modules.dep`` as name → dependency names; None when absent (a package tree:
+    depmod writes it at installation, the package does not ship it)."""
+    path = modules_dir / "modules.dep"
+    if not path.is_file():
+        return None
+    deps = {}
+    for line in _lines(path):
+        module, _, rest = line.partition(":")
+        deps[_module_name(module)] = [_module_name(d) for d in rest.split()]
+    return deps
+
+
+def _resolve_alias(alias: str, index: dict[str, KernelModule],
+                   aliases: list[tuple[str, str]]) -> str | None:
+    """The module providing ``alias``, preferring the architecture-independent one
+    (crc32c_generic over crc32c_intel, which refuses CPUs without SSE4.2)."""
+    import fnmatch
+
+    if _norm(alias) in index:
+        return _norm(alias)
+    providers = [name for pattern, name in aliases if fnmatch.fnmatchcase(alias, pattern)]
+    if not providers and alias.startswith("crypto-"):
+        # No modules.alias in a package tree; crypto providers live in */crypto/.
+        providers = [name for name, module in index.items() if "/crypto/" in module.rel
+                     and alias in _modinfo(module.source).get("alias", [])]
+    providers = [p for p in providers if p in index]
+    providers.sort(key=lambda p: (not index[p].rel.startswith("kernel/crypto/"), p))
+    return providers[0] if providers else None
+
+
+def _read_module(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+        if path.name.endswith(".ko.xz"):
+            import lzma
+
+            return lzma.decompress(data)
+        if path.name.endswith(".ko.gz"):
+            import gzip
+
+            return gzip.decompress(data)
+        if path.name.endswith(".ko.zst"):
+            import zstandard
+
+            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
+    except OSError as e:
+        raise HostError(f"cannot read module {path}: {e.strerror}") from e
+    except Exception as e:
+        raise MicroagentError(f"cannot decompress module {path}: {e}") from e
+    return data
+
+
+def _modinfo(path: Path) -> dict[str, list[str]]:
+    """The ``.modinfo`` section of a module: key → values (``depends``, ``softdep``...)."""
+    import struct
+
+    data = _read_module(path)
+    info: dict[str, list[str]] = {}
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise MicroagentError(f"module {path} is not a 64-bit ELF file")
+    end = "<" if data[5] == 1 else ">"
+    shoff, = struct.unpack_from(end + "Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", data, 0x3A)
+    sections = [struct.unpack_from(end + "IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+    for name_off, _type, _flags, _addr, offset, size, *_rest in sections:
+        start = names_at + name_off
+        if data[start:data.index(b"\0", start)] == b".modinfo":
+            for item in data[offset:offset + size].split(b"\0"):
+                key, sep, value = item.decode(errors="replace").partition("=")
+                if sep:
+                    info.setdefault(key, []).append(value)
+    return info
+
+
+# --- kernel images ----------------------------------------------------------------------
+
+
+def bzimage_version(image: bytes) -> str | None:
+    """The version string of an x86 bzImage ("6.1.0-56-amd64"), None if not a bzImage."""
+    import struct
+
+    if len(image) < 0x300 or image[0x202:0x206] != b"HdrS":
+        return None
+    offset = struct.unpack_from("<H", image, 0x20E)[0] + 0x200
+    text = image[offset:offset + 256].split(b"\0")[0].decode(errors="replace")
+    return text.split()[0] if text.split() else None
+
+
+_PAYLOAD_MAGICS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b\x08": "gzip", b"(\xb5/\xfd": "zstd",
+                   b"BZh": "bzip2", b"\x5d\x00\x00": "lzma"}
+
+
+def extract_vmlinux(image: bytes) -> bytes | None:
+    """The uncompressed ELF inside a bzImage, as the kernel's ``extract-vmlinux`` finds it:
+    the payload named by the setup header, else each compression magic in turn. None
+    when the payload uses a compression Python lacks (lz4, lzo)."""
+    import struct
+
+    candidates = []
+    if image[0x202:0x206] == b"HdrS" and struct.unpack_from("<H", image, 0x206)[0] >= 0x208:
+        setup_sects = image[0x1F1] or 4
+        payload_offset, payload_length = struct.unpack_from("<II", image, 0x248)
+        start = (setup_sects + 1) * 512 + payload_offset
+        candidates.append(image[start:start + payload_length])
+    for magic in _PAYLOAD_MAGICS:
+        at = image.find(magic)
+        if at >= 0:
+            candidates.append(image[at:])
+    for payload in candidates:
+        elf = _decompress_payload(payload)
+        if elf is not None and elf[:4] == b"\x7fELF":
+            return _trim_elf(elf)
+    return None
+
+
+def _decompress_payload(payload: bytes) -> bytes | None:
+    import bz2
+    import lzma
+    import zlib
+
+    kind = next((k for magic, k in _PAYLOAD_MAGICS.items() if payload.startswith(magic)), None)
+    try:
+        if kind == "xz":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+        if kind == "lzma":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
+        if kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        if kind == "bzip2":
+            return bz2.BZ2Decompressor().decompress(payload)
+        if kind == "zstd":
+            import zstandard
+
+            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(payload))
+    except (lzma.LZMAError, zlib.error, OSError, ValueError, EOFError):
+        return None
+    except Exception:  # zstandard.ZstdError has no common base with the others
+        return None
+    return None
+
+
+def _trim_elf(elf: bytes) -> bytes:
+    """Drop what follows the ELF file (the relocation table x86 appends to the payload)."""
+    import struct
+
+    if elf[4] != 2:
+        return elf
+    phoff, shoff = struct.unpack_from("<QQ", elf, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", elf, 0x36)
+    end = shoff + shnum * shentsize
+    for i in range(phnum):
+        offset, _vaddr, _paddr, filesz = struct.unpack_from("<QQQQ", elf, phoff + i * phentsize + 8)
+        end = max(end, offset + filesz)
+    return elf[:end] if 0 < end <= len(elf) else elf

@@ -1,0 +1,1 @@
+"""Tests that boot real microVMs: the real kernel, the real agent, QEMU (TCG here)."""

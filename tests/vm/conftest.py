@@ -1,0 +1,85 @@
+"""Fixtures of the VM tests, staged: kernel and agent → boot initramfs → root disk.
+
+The kernel bundle is installed once into a state directory under
+``${XDG_CACHE_HOME:-~/.cache}/microagent-tests/`` (the .deb is downloaded on the first
+session only); the agent is built with make at every session (make is quick when nothing
+changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microagent.kernels import KernelBundle
+from tests.support.distro import cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_DIR = REPO / "src" / "microagent" / "guest"
+KERNEL_STATE = "kernel-state-v1"
+DISK_MIB = 64
+
+
+@pytest.fixture(scope="session")
+def guest_kernel() -> KernelBundle:
+    """The default kernel bundle, installed into the test cache on first use."""
+    from microagent.errors import NotFoundError
+    from microagent.kernels import default_kernel
+    from microagent.layout import StateLayout
+
+    layout = StateLayout(cache_dir() / KERNEL_STATE)
+    try:
+        return default_kernel(layout)
+    except NotFoundError as e:
+        pytest.skip(f"no guest kernel can be had here: {e.message}")
+
+
+@pytest.fixture(scope="session")
+def guest_agent() -> Path:
+    """The agent binary, built from the current sources."""
+    if shutil.which("make") is None or shutil.which("gcc") is None:
+        pytest.skip("building the guest agent needs make and gcc")
+    run = subprocess.run(["make", "-C", str(GUEST_DIR)], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, f"building the agent failed:\n{run.stdout}\n{run.stderr}"
+    return GUEST_DIR / "build" / "microagent-init"
+
+
+@pytest.fixture(scope="session")
+def boot_initramfs(guest_kernel: KernelBundle, guest_agent: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """modules.cpio followed by the agent as /init, as a start builds it."""
+    from microagent.initramfs import build_boot_initramfs
+
+    return build_boot_initramfs(guest_kernel, guest_agent,
+                                tmp_path_factory.mktemp("initramfs") / "boot.cpio")
+
+
+@pytest.fixture(scope="session")
+def busybox_disk(busybox_layer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pristine ext4 root disk of the busybox image (tests boot copies of it)."""
+    base = tmp_path_factory.mktemp("busybox-disk")
+    disk = base / "rootfs.ext4"
+    from microagent.layers import LayerFile
+    from microagent.rootfs import build_root_disk
+
+    digest = "sha256:" + hashlib.sha256(busybox_layer.read_bytes()).hexdigest()
+    layer = LayerFile(busybox_layer, "application/vnd.oci.image.layer.v1.tar", digest)
+    work = base / "work"
+    work.mkdir()
+    build_root_disk([layer], disk, size_mib=DISK_MIB, work_dir=work)
+    return disk
+
+
+@pytest.fixture
+def root_disk(busybox_disk: Path, tmp_path: Path) -> Iterator[Path]:
+    """A fresh copy of the busybox disk for one boot."""
+    disk = tmp_path / "rootfs.ext4"
+    shutil.copyfile(busybox_disk, disk)
+    yield disk
+    disk.unlink(missing_ok=True)
