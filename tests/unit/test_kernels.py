@@ -24,13 +24,8 @@ import zstandard
 
 from microagent import kernels
 from microagent.errors import MicroagentError, NotFoundError
-from microagent.kernels import (
-    bzimage_version,
-    default_kernel,
-    extract_vmlinux,
-    install_kernel,
-    list_kernels,
-)
+from microagent.kernels import default_kernel, install_kernel, list_kernels
+from microagent.kmodules import bzimage_version, extract_vmlinux
 from microagent.layout import StateLayout
 from tests.unit.test_initramfs import parse_newc
 
