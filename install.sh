@@ -10,8 +10,8 @@ demo=1
 [ "${1:-}" = "--no-demo" ] && demo=0
 
 packages=(
-  python3 python3-venv python3-dev gcc make
-  e2fsprogs zstd
+  python3 python3-venv python3-dev gcc make libc6-dev
+  e2fsprogs zstd cpio
   qemu-system-x86 qemu-utils
   docker-registry apache2-utils openssl
   busybox-static debootstrap tmux util-linux
@@ -46,7 +46,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The guest agent is C, built from source here (static, libc only); never committed.
+make -s -C src/microagent/guest
+
 if [ "$demo" = 1 ]; then
+  # the default guest kernel, into the user's state directory (Debian's kernel package)
+  .venv/bin/microagent kernel install
   state=$(mktemp -d "${TMPDIR:-/tmp}/microagent-demo.XXXXXX")
   trap 'rm -rf "$state"' EXIT
   .venv/bin/python tools/build_oci_image.py busybox "$state/busybox-oci"

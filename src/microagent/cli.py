@@ -122,6 +122,34 @@ def cmd_image_rm(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_kernel_install(args: argparse.Namespace, out: Output) -> int:
+    from pathlib import Path
+
+    from microagent.kernels import install_kernel
+
+    bundle = install_kernel(
+        layout_of(args),
+        from_path=Path(args.from_path).expanduser() if args.from_path else None,
+        modules_dir=Path(args.modules).expanduser() if args.modules else None,
+        progress=out.progress(),
+    )
+    out.emit(bundle.to_json(), f"Installed kernel {bundle.version} ({bundle.source}) "
+                               f"with {len(bundle.modules)} modules")
+    return EXIT_OK
+
+
+def cmd_kernel_list(args: argparse.Namespace, out: Output) -> int:
+    from microagent.kernels import list_kernels
+
+    bundles = list_kernels(layout_of(args))
+    rows = [[b.version, "yes" if b.default else "", b.source, str(len(b.modules))]
+            for b in bundles]
+    text = table(["VERSION", "DEFAULT", "SOURCE", "MODULES"], rows) if bundles \
+        else "No kernels installed."
+    out.emit({"kernels": [b.to_json() for b in bundles]}, text)
+    return EXIT_OK
+
+
 def cmd_create(args: argparse.Namespace, out: Output) -> int:
     from microagent.config import resolve_resources
     from microagent.workspaces import WorkspaceSpec, create_workspace
@@ -257,6 +285,18 @@ def build_parser() -> Parser:
     p = image_verbs.add_parser("rm", aliases=["remove"], help="remove a cached image")
     p.add_argument("reference", metavar="REF")
     p.set_defaults(handler=cmd_image_rm)
+
+    kernel = verbs.add_parser("kernel", help="manage guest kernels", description="kernels")
+    kernel_verbs = kernel.add_subparsers(dest="kernel_verb", metavar="COMMAND",
+                                         parser_class=Parser)
+    kernel.set_defaults(handler=lambda a, o: usage_of(kernel))
+    p = kernel_verbs.add_parser("install", help="install a kernel bundle")
+    p.add_argument("--from", dest="from_path", metavar="PATH",
+                   help="a bzImage, an unpacked kernel package or a .deb")
+    p.add_argument("--modules", metavar="DIR", help="the modules directory for a bzImage")
+    p.set_defaults(handler=cmd_kernel_install)
+    p = kernel_verbs.add_parser("list", aliases=["ls"], help="list installed kernels")
+    p.set_defaults(handler=cmd_kernel_list)
     return parser
 
 
