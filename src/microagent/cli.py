@@ -16,7 +16,13 @@ from typing import Any, NoReturn
 
 from microagent import __version__
 from microagent.config import DEFAULT_PROFILE, PROFILES
-from microagent.errors import EXIT_FAILURE, EXIT_OK, MicroagentError, UsageError
+from microagent.errors import (
+    EXIT_EXEC_FAILED,
+    EXIT_FAILURE,
+    EXIT_OK,
+    MicroagentError,
+    UsageError,
+)
 from microagent.layout import StateLayout
 
 Handler = Callable[[argparse.Namespace, "Output"], int]
@@ -179,10 +185,140 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_start(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import start_workspace
+
+    name = workspace_name(args)
+    state = start_workspace(layout_of(args), name, timeout=args.timeout,
+                            progress=out.progress())
+    out.emit({"name": name, "state": state.state, "pid": state.vmm_pid})
+    return EXIT_OK
+
+
+def cmd_halt(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import halt_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": halt_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import stop_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": stop_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
+def cmd_kill(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import kill_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": kill_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace, out: Output) -> int:
+    from microagent.execution import ExecOptions, run_exec
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("exec needs a command after the workspace name",
+                         hint="microagent exec NAME -- COMMAND [ARGS...]")
+    options = ExecOptions(argv=tuple(argv), env=tuple(args.env), workdir=args.workdir or "",
+                          user=args.user or "", interactive=args.interactive, tty=args.tty,
+                          timeout=args.timeout or 0.0)
+    if out.as_json:
+        captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        result = run_exec(layout_of(args), args.name, options,
+                          stdout=captured["stdout"].extend, stderr=captured["stderr"].extend)
+        document: dict[str, Any] = {
+            "exit_code": result.host_exit_code, "signal": result.signal,
+            "timed_out": result.timed_out, "duration_ms": result.duration_ms}
+        for key, data in captured.items():
+            document.update(_text_field(key, bytes(data)))
+        if result.error:
+            document["error"] = result.error
+        out.emit(document)
+        return result.host_exit_code
+
+    def write(stream: Any) -> Any:
+        def sink(data: bytes) -> None:
+            stream.buffer.write(data)
+            stream.buffer.flush()
+        return sink
+
+    result = run_exec(layout_of(args), args.name, options, stdout=write(sys.stdout),
+                      stderr=write(sys.stderr))
+    if result.error:
+        sys.stderr.write(f"microagent: {result.error.get('message', result.error)}\n")
+    elif result.timed_out:
+        sys.stderr.write(f"microagent: command timed out after {args.timeout}s\n")
+    return result.host_exit_code
+
+
+def _text_field(key: str, data: bytes) -> dict[str, Any]:
+    """Output as text, or base64 with a flag when it is not valid UTF-8."""
+    try:
+        return {key: data.decode("utf-8"), f"{key}_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        import base64
+
+        return {key: base64.b64encode(data).decode(), f"{key}_encoding": "base64"}
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import workspace_status
+
+    name = workspace_name(args)
+    doc = workspace_status(layout_of(args), name, probe=out.as_json)
+    lines = [
+        f"Workspace: {doc['name']}",
+        f"State: {doc['state']}" + (f" ({doc['detail']})" if doc["detail"] else ""),
+        f"Image: {doc['image']}",
+        f"Profile: {doc['profile']}",
+        f"Resources: memory={doc['resources']['memory_mib']}MiB cpus={doc['resources']['cpus']}"
+        f" disk={doc['resources']['disk_mib']}MiB",
+        f"Backend: {doc['backend']}" + (f" ({doc['accel']})" if doc.get("accel") else ""),
+        f"Network: {doc['network']}",
+        f"Restart: {doc['restart']}",
+        f"Rootfs: {doc['rootfs']}",
+    ]
+    if doc["pid"]:
+        lines.append(f"PID: {doc['pid']}")
+    if doc["uptime_seconds"] is not None:
+        lines.append(f"Uptime: {doc['uptime_seconds']:.0f}s")
+    for key in ("guestReady", "execReady", "consoleReady", "networkReady"):
+        signal_doc = doc[key]
+        lines.append(f"{key}: {'yes' if signal_doc['ok'] else 'no'} ({signal_doc['detail']})")
+    out.emit(doc, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_ps(args: argparse.Namespace, out: Output) -> int:
+    return render_workspaces(args, out, running_only=True)
+
+
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    return render_workspaces(args, out, running_only=False)
+
+
+def cmd_supervise(args: argparse.Namespace, out: Output) -> int:
+    from microagent.supervisor import run_supervisor
+
+    return run_supervisor(layout_of(args), args.name, args.timeout)
+
+
+def render_workspaces(args: argparse.Namespace, out: Output, *, running_only: bool) -> int:
     from microagent.workspaces import list_workspaces
 
     workspaces = list_workspaces(layout_of(args))
+    if running_only:
+        workspaces = [w for w in workspaces
+                      if w.state in ("starting", "running", "halting", "quarantined")]
     rows = [[w.name, w.state, w.backend, w.resources.profile, w.network, w.restart]
             for w in workspaces]
     text = (table(["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"], rows)
@@ -269,6 +405,34 @@ def build_parser() -> Parser:
     p.add_argument("--backend", default="qemu", metavar="B", help="qemu (default)")
 
     verb("list", cmd_list, "list saved workspaces", aliases=["ls"])
+    verb("ps", cmd_ps, "list running workspaces")
+
+    p = verb("start", cmd_start, "boot a workspace and wait until it is ready")
+    add_name(p)
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for the guest (default 120)")
+    for name, handler, text in (
+        ("halt", cmd_halt, "clean, disk-preserving shutdown"),
+        ("stop", cmd_stop, "ask the guest to shut down; failed if it has not within 5s"),
+        ("kill", cmd_kill, "end the VM process at once"),
+        ("status", cmd_status, "one workspace in words (--json adds readiness signals)"),
+    ):
+        add_name(verb(name, handler, text))
+
+    p = verb("exec", cmd_exec, "run a command in a running workspace")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    p.add_argument("-w", "--workdir", metavar="DIR")
+    p.add_argument("-u", "--user", metavar="USER")
+    p.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+
+    p = verbs.add_parser("_supervise")  # hidden: the per-workspace supervisor
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(handler=cmd_supervise)
 
     p = verb("delete", cmd_delete, "delete a workspace and its disk", aliases=["rm"])
     add_name(p)
@@ -324,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         report(out, e)
+        if _is_exec(raw) and not isinstance(e, UsageError):
+            return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -336,6 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(out, MicroagentError(f"internal error: {type(e).__name__}: {e}",
                                     hint="rerun with --debug for a traceback"))
         return EXIT_FAILURE
+
+
+def _is_exec(raw: Sequence[str]) -> bool:
+    position = _verb_position(raw)
+    return position < len(raw) and raw[position] in ("exec", "run")
 
 
 def _verb_position(raw: Sequence[str]) -> int:

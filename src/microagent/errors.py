@@ -26,6 +26,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_RETRYABLE = 75
+EXIT_EXEC_FAILED = 125  # exec and run: microagent itself failed, not the command
 
 
 class MicroagentError(Exception):

@@ -6,9 +6,11 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
     images/blobs/sha256/<hex>   content-addressed blobs: manifests, configs, layers
     images/index.json           image references pulled, with their digests
     images/disks/<key>.ext4     base root disks, by image config digest and size
-    kernels/                    kernel bundles
+    kernels/<version>/          kernel bundles (vmlinuz, vmlinux, modules.cpio, kernel.json)
+    kernels/default.json        which bundle is the default
     volumes/                    named volumes
-    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log, run/
+    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log,
+                                supervisor.log, run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
     tmp/                        staging; same file system, so renames are atomic
 """
@@ -97,7 +99,14 @@ class StateLayout:
         return self.workspace_dir(name) / "serial.log"
 
     def workspace_run_dir(self, name: str) -> Path:
+        """Runtime files of a running workspace; see :class:`RunFiles`."""
         return self.workspace_dir(name) / "run"
+
+    def workspace_supervisor_log(self, name: str) -> Path:
+        return self.workspace_dir(name) / "supervisor.log"
+
+    def run_files(self, name: str) -> RunFiles:
+        return RunFiles(self.workspace_run_dir(name))
 
     # locks and staging
     @property
@@ -111,3 +120,35 @@ class StateLayout:
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one running workspace, in ``workspaces/<name>/run/``.
+
+    The supervisor works with this directory as its current directory and names its
+    sockets relative to it, so a long state directory never exceeds the ~107-byte limit
+    of Unix socket addresses (clients connect through ``/proc/self/fd``).
+    """
+
+    dir: Path
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the supervisor for its whole life: the liveness signal."""
+        return self.dir / "supervisor.lock"
+
+    @property
+    def status(self) -> Path:
+        """The supervisor's runtime record: pids, readiness, boot times."""
+        return self.dir / "status.json"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.dir / "boot.cpio"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.dir / "vmm.log"
+
+    control_socket = "control.sock"

@@ -111,18 +111,24 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Frame]:
         """Add ``data``; return every frame now complete. Raises ProtocolError."""
         self.buffer += data
+        buffer = self.buffer
         frames = []
-        while len(self.buffer) >= HEADER.size:
-            length, type_, flags, reserved, stream = HEADER.unpack_from(self.buffer)
+        offset = 0
+        # Walk with an offset and trim once: deleting each frame from the front of a
+        # large buffer would move the rest every time.
+        while len(buffer) - offset >= HEADER.size:
+            length, type_, flags, reserved, stream = HEADER.unpack_from(buffer, offset)
             if length > self.max_payload:
                 raise ProtocolError(f"frame of {length} bytes exceeds the maximum "
                                     f"of {self.max_payload}")
             if reserved or flags & ~FLAG_END:
                 raise ProtocolError(f"frame header has reserved bits set "
                                     f"(flags={flags:#x}, reserved={reserved:#x})")
-            end = HEADER.size + length
-            if len(self.buffer) < end:
+            end = offset + HEADER.size + length
+            if len(buffer) < end:
                 break
-            frames.append(Frame(type_, stream, bytes(self.buffer[HEADER.size:end]), flags))
-            del self.buffer[:end]
+            frames.append(Frame(type_, stream, bytes(buffer[offset + HEADER.size:end]), flags))
+            offset = end
+        if offset:
+            del buffer[:offset]
         return frames

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from microagent.config import Resources, resolve_resources, validate_name
 from microagent.errors import ConflictError, NotFoundError, UsageError
-from microagent.events import Event, append_event, last_event, now_iso
+from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
 from microagent.progress import NullProgress, Progress
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
@@ -187,11 +187,13 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
     except FileNotFoundError:
         raise NotFoundError(f"no workspace named {name}",
                             hint="`microagent list` shows the saved workspaces") from None
-    event = last_event(layout.workspace_events(name))
+    from microagent.runtime import runtime_state
+
+    runtime = runtime_state(layout, name)
     res = record["resources"]
     return Workspace(
         name=record["name"],
-        state=event.state if event else "prepared",
+        state=runtime.state,
         image=record["image"]["reference"],
         image_digest=record["image"]["digest"],
         image_config=ImageConfig.from_json(record["image"]["config"]),
@@ -203,7 +205,7 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
         hostname=record.get("hostname", ""),
         created=record["created"],
         rootfs=layout.workspace_rootfs(name),
-        last_event=event,
+        last_event=runtime.event,
     )
 
 
@@ -227,6 +229,16 @@ def delete_workspace(layout: StateLayout, name: str) -> bool:
         directory = layout.workspace_dir(name)
         if not directory.exists():
             return False
+        from microagent.runtime import runtime_state
+
+        runtime = runtime_state(layout, name)
+        if runtime.has_live_process or runtime.state in ("starting", "running", "halting",
+                                                         "quarantined"):
+            pid = runtime.vmm_pid or runtime.supervisor_pid
+            raise ConflictError(
+                f"workspace {name} is {runtime.state}"
+                + (f" (VM process {pid})" if pid else "")
+                + ": halt, stop, or kill it first")
         # Rename first so that the workspace disappears at once, whole.
         doomed = directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}")
         os.rename(directory, doomed)

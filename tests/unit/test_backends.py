@@ -39,7 +39,7 @@ def test_qemu_plan_is_golden() -> None:
     plan = QemuBackend().plan(SPEC)
     assert list(plan.argv) == GOLDEN
     assert plan.cwd == Path("/ws/run")
-    assert (plan.console_socket, plan.agent_socket, plan.control_socket) == (
+    assert (plan.console_socket, plan.agent_socket, plan.monitor_socket) == (
         "console.sock", "agent.sock", "qmp.sock")
 
 

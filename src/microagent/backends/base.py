@@ -52,7 +52,7 @@ class LaunchPlan:
     cwd: Path
     console_socket: str
     agent_socket: str
-    control_socket: str
+    monitor_socket: str
     notices: tuple[str, ...] = field(default=())
 
 
@@ -104,3 +104,57 @@ def choose_accel(environ: dict[str, str] | None = None, *, kvm_device: Path = Pa
                                   "(nested paravirtual KVM cannot run ordinary kernels); "
                                   "using TCG (software emulation, slower)")
     return AccelChoice("kvm", "KVM is usable")
+
+
+# QEMU's user-mode network: the guest's address, the gateway (the host) and its DNS.
+USER_NET_IP = "10.0.2.15/24"
+USER_NET_GATEWAY = "10.0.2.2"
+USER_NET_DNS = "10.0.2.3"
+
+
+def guest_cmdline(*, hostname: str, network: str, accel: str, tsc_khz: int | None) -> str:
+    """The kernel command line: console, agent parameters, and TCG clock hints.
+
+    Under TCG the kernel calibrates the TSC against the PIT, which fails when the host is
+    busy: the TSC is marked unstable and the boot hangs before /init (measured: 4 boots in
+    5 hung with two CPU hogs on a 2-core host). Giving the frequency (``tsc_early_khz``)
+    and ``tsc=reliable`` made 6 of 6 boot under the same load. ``panic=-1`` with QEMU's
+    ``-no-reboot`` turns a guest panic into a VMM exit instead of a hang.
+    """
+    params = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4",
+              f"microagent.hostname={hostname}"]
+    if network == "user":
+        params += [f"microagent.ip={USER_NET_IP}", f"microagent.gw={USER_NET_GATEWAY}",
+                   f"microagent.dns={USER_NET_DNS}"]
+    if accel == "tcg" and tsc_khz:
+        params += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
+    return " ".join(params)
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz, measured against the monotonic clock (x86-64).
+
+    A guest under TCG reads the host's TSC, so this is the frequency it should assume.
+    """
+    import ctypes
+    import mmap
+    import platform
+    import statistics
+    import time
+
+    if platform.machine() != "x86_64":
+        return None
+    try:
+        code = mmap.mmap(-1, mmap.PAGESIZE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:
+        return None
+    code.write(bytes.fromhex("0f31" "48c1e220" "4809d0" "c3"))  # rdtsc; rax |= rdx << 32
+    rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(code)))
+    rates = []
+    for _ in range(3):
+        t0, c0 = time.perf_counter_ns(), rdtsc()
+        time.sleep(0.02)
+        t1, c1 = time.perf_counter_ns(), rdtsc()
+        rates.append((c1 - c0) * 1_000_000 / (t1 - t0))
+    return round(float(statistics.median(rates)))

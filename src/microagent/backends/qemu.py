@@ -35,7 +35,7 @@ class QemuBackend:
             cwd=spec.run_dir,
             console_socket=CONSOLE_SOCKET,
             agent_socket=AGENT_SOCKET,
-            control_socket=QMP_SOCKET,
+            monitor_socket=QMP_SOCKET,
         )
 
 

@@ -1,0 +1,92 @@
+"""The CLI's side of a supervisor's control socket.
+
+A request is one JSON line, the answer one JSON line. ``open_channel`` turns the
+connection into a relayed agent channel that :class:`~microagent.agent.AgentClient`
+speaks to as if it were the guest. Unix socket addresses are limited to ~107 bytes, so
+sockets are reached through ``/proc/self/fd/<dir fd>/<name>``, whatever the length of
+the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from microagent.errors import ConflictError, MicroagentError
+from microagent.layout import RunFiles
+
+
+def connect_unix(directory: Path, name: str, timeout: float | None = 30.0) -> socket.socket:
+    """Connect to the Unix socket ``directory/name`` however long the path is."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(f"/proc/self/fd/{dir_fd}/{name}")
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(dir_fd)
+    return sock
+
+
+class SupervisorClient:
+    """Requests to one workspace's supervisor."""
+
+    def __init__(self, files: RunFiles, workspace: str) -> None:
+        self.files = files
+        self.workspace = workspace
+
+    def _connect(self, timeout: float | None) -> socket.socket:
+        try:
+            return connect_unix(self.files.dir, self.files.control_socket, timeout)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ConflictError(f"workspace {self.workspace} is not running",
+                                hint=f"start it: microagent start {self.workspace}") from e
+        except OSError as e:
+            raise MicroagentError(f"cannot reach the supervisor of {self.workspace}: "
+                                  f"{e.strerror or e}") from e
+
+    def request(self, verb: str, timeout: float | None = 60.0, **fields: Any) -> dict[str, Any]:
+        """Send one request; return the answer (raises on ``ok: false``)."""
+        with self._connect(timeout) as sock:
+            answer = _exchange(sock, {"request": verb, **fields}, self.workspace)
+        return answer
+
+    def open_channel(self, timeout: float = 30.0) -> socket.socket:
+        """A connection relayed to the guest agent (after the supervisor's ``ok``)."""
+        sock = self._connect(timeout)
+        try:
+            _exchange(sock, {"request": "channel"}, self.workspace)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+
+def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str) -> dict[str, Any]:
+    try:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = sock.recv(1)  # byte by byte: what follows the line belongs to the relay
+            if not chunk:
+                break
+            line += chunk
+    except TimeoutError as e:
+        raise MicroagentError(f"the supervisor of {workspace} did not answer in time") from e
+    except OSError as e:
+        raise MicroagentError(f"the supervisor of {workspace} went away: {e.strerror}") from e
+    if not line:
+        raise MicroagentError(f"the supervisor of {workspace} closed the connection")
+    answer = json.loads(line)
+    if not answer.get("ok"):
+        error = answer.get("error", {})
+        raise ConflictError(f"workspace {workspace}: {error.get('message', 'request refused')}",
+                            hint=error.get("hint", ""))
+    return dict(answer)

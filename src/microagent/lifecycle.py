@@ -1,0 +1,259 @@
+"""The verbs of a booted workspace: start, exec, status, halt, stop, kill.
+
+``start`` checks the host, installs the default kernel if missing, records ``starting``
+and spawns the supervisor (``python -m microagent _supervise NAME``) detached, then waits
+for the supervisor to report ``running`` or a failure. The other verbs talk to the
+supervisor over its control socket (:mod:`microagent.control`). State is always derived
+(:func:`microagent.runtime.runtime_state`), so a dead supervisor never leaves a workspace
+looking alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from microagent.config import validate_name
+from microagent.console import capture_tail
+from microagent.control import SupervisorClient
+from microagent.errors import ConflictError, HostError, MicroagentError
+from microagent.events import append_event, read_events
+from microagent.layout import StateLayout
+from microagent.progress import NullProgress, Progress
+from microagent.runtime import RuntimeState, runtime_state, supervisor_alive
+from microagent.store import ensure_dir, file_lock
+from microagent.workspaces import get_workspace
+
+DEFAULT_START_TIMEOUT = 120.0
+RUNNING = frozenset({"starting", "running", "halting"})
+SETTLED = frozenset({"running", "failed", "stopped", "halted"})
+
+
+class StartError(MicroagentError):
+    """A boot that failed; the message carries the console's last lines."""
+
+    kind = "start-failed"
+
+
+def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,
+                    progress: Progress | None = None) -> RuntimeState:
+    """Boot ``name`` and return once the guest is ready for exec."""
+    from microagent.backends.base import choose_accel
+    from microagent.backends.qemu import QemuBackend
+    from microagent.guest import agent_binary
+    from microagent.kernels import default_kernel
+
+    progress = progress or NullProgress()
+    validate_name(name)
+    with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
+        get_workspace(layout, name)
+        current = runtime_state(layout, name)
+        if current.state in RUNNING:
+            raise ConflictError(f"workspace {name} is already running")
+        if current.state == "quarantined":
+            raise ConflictError(f"workspace {name} is quarantined",
+                                hint="halt, stop or kill it first")
+        if current.has_live_process:
+            raise ConflictError(f"workspace {name} still has a VM process "
+                                f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
+        problems = QemuBackend().check_host()
+        if problems:
+            raise HostError("; ".join(problems))
+        default_kernel(layout, install_if_missing=True)  # installs on first use
+        agent_binary()
+        accel = choose_accel()
+        if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):
+            progress.step(f"notice: {accel.reason}")
+        files = layout.run_files(name)
+        shutil.rmtree(files.dir, ignore_errors=True)
+        ensure_dir(files.dir)
+        events_before = len(read_events(layout.workspace_events(name)))
+        append_event(layout.workspace_events(name), "starting", f"boot ({accel.accel})")
+        supervisor = _spawn_supervisor(layout, name, timeout)
+        deadline = time.monotonic() + 10
+        while not supervisor_alive(files) and supervisor.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _wait_started(layout, name, supervisor, events_before + 1, timeout)
+
+
+def _spawn_supervisor(layout: StateLayout, name: str, timeout: float) -> subprocess.Popen[bytes]:
+    log = layout.workspace_supervisor_log(name)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "microagent", "--state-dir", str(layout.root), "_supervise",
+             name, "--timeout", str(timeout)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            close_fds=True, cwd="/",
+        )
+
+
+def _wait_started(layout: StateLayout, name: str, supervisor: subprocess.Popen[bytes],
+                  skip: int, timeout: float) -> RuntimeState:
+    deadline = time.monotonic() + timeout + 30
+    while time.monotonic() < deadline:
+        events = read_events(layout.workspace_events(name))[skip:]
+        settled = [e for e in events if e.state in SETTLED]
+        if settled and settled[0].state == "running":
+            return runtime_state(layout, name)
+        if settled:
+            raise _boot_failure(layout, name, settled[0].detail)
+        if supervisor.poll() is not None and not supervisor_alive(layout.run_files(name)):
+            state = runtime_state(layout, name)
+            if state.state == "running":
+                return state
+            raise _boot_failure(layout, name, "the supervisor exited: " +
+                                _tail(layout.workspace_supervisor_log(name), 5))
+        time.sleep(0.05)
+    raise _boot_failure(layout, name, "timed out waiting for the supervisor")
+
+
+def _tail(path: Any, lines: int) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _boot_failure(layout: StateLayout, name: str, detail: str) -> StartError:
+    tail = capture_tail(layout.workspace_serial_log(name), 25)
+    message = f"workspace {name} failed to start: {detail}"
+    if tail:
+        message += "\nlast console lines:\n" + "\n".join(f"  {x}" for x in tail.splitlines())
+    return StartError(message, hint=f"the full console is in `microagent logs {name}`")
+
+
+def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
+    """The runtime state of ``name`` if it is running, else a clear refusal."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state == "quarantined" and verb in ("exec", "cp", "connect"):
+        raise ConflictError(f"workspace {name} is quarantined: {verb} is refused",
+                            hint="halt, stop or kill it to end the quarantine")
+    if state.state != "running":
+        raise ConflictError(f"workspace {name} is not running (state {state.state})",
+                            hint=f"start it first: microagent start {name}")
+    return state
+
+
+def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) -> str:
+    """The clean, disk-preserving shutdown; returns the final state."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state not in ("running", "quarantined"):
+        raise ConflictError(f"workspace {name} is not running (state {state.state})")
+    answer = SupervisorClient(layout.run_files(name), name).request(
+        "halt", timeout=grace_ms / 1000 + 60, grace_ms=grace_ms)
+    _wait_supervisor_gone(layout, name, 30)
+    final = str(answer.get("state", "halted"))
+    if final != "halted":
+        raise MicroagentError(f"workspace {name} did not halt cleanly: "
+                              f"{answer.get('detail', final)}")
+    return final
+
+
+def stop_workspace(layout: StateLayout, name: str) -> str:
+    """Ask the guest to shut down; ``stopped`` within five seconds, else ``failed``."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state != "running":
+        raise ConflictError(f"workspace {name} is not running (state {state.state})")
+    answer = SupervisorClient(layout.run_files(name), name).request("stop", timeout=30)
+    if answer.get("state") != "stopped":
+        raise MicroagentError(f"workspace {name} did not stop within 5 seconds; "
+                              "it is marked failed and its VM is left running",
+                              hint=f"end it with: microagent kill {name}")
+    _wait_supervisor_gone(layout, name, 30)
+    return "stopped"
+
+
+def kill_workspace(layout: StateLayout, name: str) -> str:
+    """End the VM process at once; state ``stopped``."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.supervisor_alive:
+        with contextlib.suppress(MicroagentError):
+            SupervisorClient(layout.run_files(name), name).request("kill", timeout=30)
+        if _wait_supervisor_gone(layout, name, 30):
+            return "stopped"
+        if state.supervisor_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.supervisor_pid, signal.SIGKILL)
+    if state.vmm_alive and state.vmm_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.vmm_pid, signal.SIGKILL)
+        append_event(layout.workspace_events(name), "stopped",
+                     f"killed VM process {state.vmm_pid} (its supervisor was gone)")
+        return "stopped"
+    if state.supervisor_alive:
+        append_event(layout.workspace_events(name), "stopped", "killed")
+        return "stopped"
+    raise ConflictError(f"workspace {name} has no live VM process to kill "
+                        f"(state {state.state})")
+
+
+def _wait_supervisor_gone(layout: StateLayout, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while supervisor_alive(layout.run_files(name)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> dict[str, Any]:
+    """One workspace in full: record, derived state, pids, readiness, last events."""
+    ws = get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    status = state.status
+    if state.supervisor_alive and state.state == "running":
+        with contextlib.suppress(MicroagentError, OSError):
+            status = SupervisorClient(layout.run_files(name), name).request(
+                "status", timeout=30, probe=probe)["status"]
+    live = state.state in RUNNING | {"quarantined"}
+    readiness = status.get("readiness", {}) if live else {}
+
+    def signal_of(key: str) -> dict[str, Any]:
+        value = readiness.get(key)
+        if isinstance(value, dict):
+            return value
+        return {"ok": False, "detail": "not yet" if live else f"workspace is {state.state}"}
+
+    document = ws.to_json()
+    document.update(
+        state=state.state,
+        detail=state.detail,
+        pid=state.vmm_pid if state.vmm_alive else None,
+        supervisor_pid=state.supervisor_pid if state.supervisor_alive else None,
+        uptime_seconds=_uptime(status) if state.vmm_alive else None,
+        accel=status.get("accel"),
+        kernel=status.get("kernel"),
+        guestReady=signal_of("guestReady"),
+        execReady=signal_of("execReady"),
+        consoleReady=signal_of("consoleReady"),
+        networkReady=signal_of("networkReady"),
+        network_info=status.get("network", {}),
+        last_events=[e.to_json() for e in read_events(layout.workspace_events(name))[-5:]],
+    )
+    return document
+
+
+def _uptime(status: dict[str, Any]) -> float | None:
+    import datetime as dt
+
+    started = status.get("boot_started")
+    if not started:
+        return None
+    with contextlib.suppress(ValueError):
+        begun = dt.datetime.fromisoformat(started)
+        return round((dt.datetime.now(dt.UTC) - begun).total_seconds(), 1)
+    return None

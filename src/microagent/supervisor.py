@@ -1,0 +1,385 @@
+"""The supervisor: one detached process per running workspace (``start`` spawns it).
+
+It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
+serial console into ``serial.log``, holds the agent channel, serves the control socket
+(status, halt, stop, kill, and relayed exec streams), computes readiness, appends the
+lifecycle events, applies the restart policy and records the final state. Only the
+supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
+only when the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel, guest_cmdline, host_tsc_khz
+from microagent.backends.qemu import QemuBackend
+from microagent.backends.qmp import QmpClient
+from microagent.channel import AgentChannel
+from microagent.console import ConsoleCapture
+from microagent.events import append_event, now_iso
+from microagent.layout import StateLayout
+from microagent.protocol import FrameType
+from microagent.runtime import process_start_time
+from microagent.store import ensure_dir, write_json_atomic
+from microagent.workspaces import Workspace, get_workspace
+
+PR_SET_PDEATHSIG = 1
+HALT_GRACE_MS = 10_000
+STOP_WAIT = 5.0
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one boot ended."""
+
+    state: str  # halted, stopped or failed
+    detail: str
+
+
+class Supervisor:
+    """Boots one workspace and watches it until it is halted, stopped or killed."""
+
+    def __init__(self, layout: StateLayout, name: str, boot_timeout: float) -> None:
+        self.layout = layout
+        self.name = name
+        self.files = layout.run_files(name)
+        self.boot_timeout = boot_timeout
+        self.workspace: Workspace = get_workspace(layout, name)
+        self.backend = QemuBackend()
+        self.accel = choose_accel()
+        self.intent: str | None = None
+        self.vmm: asyncio.subprocess.Process | None = None
+        self.channel: AgentChannel | None = None
+        self.channel_task: asyncio.Task[None] | None = None
+        self.tsc_khz: int | None = None
+        self.qmp: QmpClient | None = None
+        self.console: ConsoleCapture | None = None
+        self.exited = asyncio.Event()
+        self.outcome: Outcome | None = None
+        self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
+
+    # --- status -----------------------------------------------------------------------
+
+    def _event(self, state: str, detail: str = "") -> None:
+        append_event(self.layout.workspace_events(self.name), state, detail)
+
+    def _save_status(self) -> None:
+        write_json_atomic(self.files.status, self.status)
+
+    def _ready(self, signal_name: str, ok: bool, detail: str) -> None:
+        self.status.setdefault("readiness", {})[signal_name] = {"ok": ok, "detail": detail}
+        self._save_status()
+
+    # --- one boot ---------------------------------------------------------------------
+
+    def _launch_spec(self, kernel: Any, initramfs: str) -> LaunchSpec:
+        ws = self.workspace
+        image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz
+        return LaunchSpec(
+            name=ws.name, memory_mib=ws.resources.memory_mib, cpus=ws.resources.cpus,
+            kernel=image, initramfs=self.files.dir / initramfs,
+            cmdline=guest_cmdline(hostname=ws.hostname, network=ws.network,
+                                  accel=self.accel.accel, tsc_khz=self.tsc_khz),
+            disks=(DiskSpec(ws.rootfs),), run_dir=self.files.dir, network=ws.network,
+            accel=self.accel.accel,
+        )
+
+    async def boot_once(self) -> Outcome:
+        """Start the VMM, wait for readiness, then for its exit; say how it ended."""
+        from microagent.guest import agent_binary
+        from microagent.initramfs import build_boot_initramfs
+        from microagent.kernels import default_kernel
+
+        kernel = default_kernel(self.layout, install_if_missing=False)
+        build_boot_initramfs(kernel, agent_binary(), self.files.initramfs)
+        plan = self.backend.plan(self._launch_spec(kernel, self.files.initramfs.name))
+        self.intent, self.outcome = None, None
+        self.exited.clear()
+        self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
+                           accel=self.accel.accel, accel_reason=self.accel.reason)
+        for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_name)
+        self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
+        started = time.monotonic()
+        parent = os.getpid()
+        with open(self.files.vmm_log, "ab") as vmm_log:
+            self.vmm = await asyncio.create_subprocess_exec(
+                *plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
+                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
+                start_new_session=True)
+        self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid))
+        self._save_status()
+        waiter = asyncio.create_task(self._wait_vmm())
+        helpers = [asyncio.create_task(self.console.capture(plan.console_socket,
+                                                            time.monotonic() + 10,
+                                                            self._console_line))]
+        ready = asyncio.create_task(self._become_ready(plan.agent_socket, plan.monitor_socket))
+        done, _ = await asyncio.wait({waiter, ready}, timeout=self.boot_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if ready in done and ready.exception() is None:
+                self.status["ready_seconds"] = round(time.monotonic() - started, 3)
+                self._save_status()
+                self._event("running", f"ready in {self.status['ready_seconds']:.1f}s "
+                                       f"({self.accel.accel})")
+                await waiter
+                return self._classify()
+            if waiter in done:
+                return Outcome("failed", f"the VM exited during boot "
+                                         f"(status {self.vmm.returncode})")
+            reason = (f"the guest agent failed: {ready.exception()}" if ready in done
+                      else f"the guest did not become ready within {self.boot_timeout:.0f}s")
+            await self._kill_vmm()
+            await waiter
+            return Outcome("failed", reason)
+        finally:
+            for task in (ready, *helpers, self.channel_task):
+                if task is not None:
+                    task.cancel()
+            self.channel_task = None
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
+
+    async def _wait_vmm(self) -> None:
+        if self.vmm is not None:
+            await self.vmm.wait()
+        self.exited.set()
+
+    async def _become_ready(self, agent_socket: str, qmp_socket: str) -> None:
+        deadline = time.monotonic() + self.boot_timeout
+        self.channel = AgentChannel()
+        await self.channel.connect(agent_socket, deadline)
+        with contextlib.suppress(Exception):
+            self.qmp = await QmpClient.connect(qmp_socket)
+        self.channel_task = asyncio.create_task(self.channel.serve())
+        hello = await self.channel.handshake()
+        self.status["agent"] = hello.get("software", "")
+        self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
+        await self.probe_exec()
+        await self._probe_network()
+
+    async def probe_exec(self) -> bool:
+        """A no-op exec round trip; sets execReady."""
+        if self.channel is None or self.channel.closed.is_set():
+            self._ready("execReady", False, "no agent channel")
+            return False
+        start = time.monotonic()
+        try:
+            frame, _ = await self.channel.request(
+                {"op": "exec", "argv": ["true"], "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                 "cwd": "/", "user": "", "tty": None, "stdin": False, "timeout_ms": 10_000},
+                timeout=15)
+        except (TimeoutError, Exception) as e:
+            self._ready("execReady", False, f"exec round trip failed: {e}")
+            return False
+        ms = (time.monotonic() - start) * 1000
+        # a missing `true` still proves the exec path: the agent forked and answered
+        self._ready("execReady", frame.type in (FrameType.EXIT, FrameType.ERROR),
+                    f"no-op exec round trip in {ms:.0f} ms")
+        return True
+
+    async def _probe_network(self) -> None:
+        if self.workspace.network == "none":
+            self._ready("networkReady", True, "network none: loopback only")
+            return
+        if self.channel is None:
+            return
+        try:
+            frame, _ = await self.channel.request({"op": "info"}, timeout=10)
+            info = frame.json().get("info", {}) if frame.type == FrameType.EXIT else {}
+        except Exception as e:
+            self._ready("networkReady", False, f"agent info failed: {e}")
+            return
+        net = info.get("network", {}) if isinstance(info, dict) else {}
+        self.status["network"] = net
+        self._ready("networkReady", bool(net.get("configured")),
+                    str(net.get("detail") or net.get("address") or "not configured"))
+
+    def _console_line(self, line: str) -> None:
+        if "microagent-init: console shell" in line:
+            self._ready("consoleReady", True, line.split("microagent-init: ", 1)[1].strip())
+        elif "microagent-init: no shell" in line:
+            self._ready("consoleReady", False, "the image has no shell for the console")
+
+    def _classify(self) -> Outcome:
+        code = self.vmm.returncode if self.vmm is not None else None
+        reason = self.qmp.shutdown_reason if self.qmp is not None else None
+        if self.intent == "halt":
+            return Outcome("halted", "halted cleanly")
+        if self.intent == "kill":
+            return Outcome("stopped", "killed")
+        if self.intent == "stop":
+            return Outcome("stopped", "stopped by request")
+        if code == 0 and reason in (None, "guest-shutdown"):
+            return Outcome("stopped", "the guest powered off")
+        if reason in ("guest-reset", "guest-panic"):
+            return Outcome("failed", f"the guest rebooted or panicked ({reason})")
+        return Outcome("failed", f"the VM process ended unexpectedly (status {code})")
+
+    async def _kill_vmm(self) -> None:
+        if self.vmm is not None and self.vmm.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.vmm.kill()
+
+    # --- control socket ---------------------------------------------------------------
+
+    async def serve_client(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """One control connection: a JSON line request, a JSON line answer (or a relay)."""
+        try:
+            request = json.loads(await reader.readline() or b"{}")
+            verb = request.get("request")
+            if verb == "channel":
+                if self.channel is None or self.channel.hello is None:
+                    await _answer(writer, error="the guest agent is not ready yet")
+                    return
+                await _answer(writer)
+                await self.channel.relay(reader, writer)
+                return
+            handlers = {"status": self._status, "halt": self._halt, "stop": self._stop,
+                        "kill": self._kill}
+            handler = handlers.get(verb)
+            if handler is None:
+                await _answer(writer, error=f"unknown request {verb!r}")
+                return
+            await _answer(writer, **await handler(request))
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("probe") and self.outcome is None and self.channel is not None:
+            await self.probe_exec()
+        return {"status": self.status}
+
+    async def _halt(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.intent = "halt"
+        self._event("halting", "halt requested")
+        grace = int(request.get("grace_ms", HALT_GRACE_MS))
+        if self.channel is not None and not self.channel.closed.is_set():
+            self.channel.send_only({"op": "shutdown", "grace_ms": grace, "mode": "poweroff"})
+        try:
+            await asyncio.wait_for(self.exited.wait(), grace / 1000 + 20)
+        except TimeoutError:
+            self.intent = "halt-timeout"
+            await self._kill_vmm()
+            await self.exited.wait()
+            return {"state": "failed", "detail": "the guest did not halt in time; VM ended"}
+        return {"state": "halted"}
+
+    async def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.intent = "stop"
+        if self.channel is not None and not self.channel.closed.is_set():
+            self.channel.send_only({"op": "shutdown", "grace_ms": int(STOP_WAIT * 800),
+                                    "mode": "poweroff"})
+        elif self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.execute("system_powerdown")
+        try:
+            await asyncio.wait_for(self.exited.wait(), STOP_WAIT)
+        except TimeoutError:
+            self.intent = "stop-failed"
+            self._event("failed", "stop: the guest did not exit within 5s; the VM is left "
+                                  "running for `kill`")
+            return {"state": "failed", "detail": "the guest did not exit within 5s"}
+        return {"state": "stopped"}
+
+    async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.intent = "kill"
+        await self._kill_vmm()
+        await self.exited.wait()
+        return {"state": "stopped"}
+
+    # --- the whole life ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Boot, apply the restart policy, record the final state."""
+        self.tsc_khz = host_tsc_khz() if self.accel.accel == "tcg" else None
+        server = await asyncio.start_unix_server(self.serve_client,
+                                                 path=self.files.control_socket)
+        failures = 0
+        try:
+            while True:
+                began = time.monotonic()
+                try:
+                    outcome = await self.boot_once()
+                except Exception as e:
+                    await self._kill_vmm()
+                    outcome = Outcome("failed", f"could not boot: {e}")
+                if self.intent == "stop-failed":
+                    outcome = Outcome("stopped", "the guest exited after a failed stop")
+                self.outcome = outcome
+                self._event(outcome.state, outcome.detail)
+                if self.intent is not None or not self._should_restart(outcome):
+                    return 0 if outcome.state != "failed" else 1
+                failures = 0 if time.monotonic() - began > STABLE_AFTER else failures + 1
+                delay = min(BACKOFF_MAX, 2.0 ** max(0, failures - 1))
+                self.status["restarts"] += 1
+                self._event("starting", f"restart {self.status['restarts']} "
+                                        f"(policy {self.workspace.restart}) after {delay:.0f}s")
+                await asyncio.sleep(delay)
+        finally:
+            server.close()
+            await self._kill_vmm()
+
+    def _should_restart(self, outcome: Outcome) -> bool:
+        policy = self.workspace.restart
+        return policy == "always" or (policy == "on-failure" and outcome.state == "failed")
+
+
+async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
+                  **fields: Any) -> None:
+    document = {"ok": error is None, **fields}
+    if error is not None:
+        document["error"] = {"kind": "supervisor", "message": error, "hint": ""}
+    writer.write(json.dumps(document).encode() + b"\n")
+    await writer.drain()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the VMM child before exec: die with the supervisor (SIGKILL on its death)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def run_supervisor(layout: StateLayout, name: str, boot_timeout: float) -> int:
+    """Entry point of the hidden ``_supervise`` command. Never returns while running."""
+    files = layout.run_files(name)
+    ensure_dir(files.dir)
+    lock = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 75  # another supervisor runs this workspace
+    os.chdir(files.dir)
+    supervisor = Supervisor(layout, name, boot_timeout)
+    try:
+        return asyncio.run(supervisor.run())
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            append_event(layout.workspace_events(name), "failed", f"supervisor error: {e!r}")
+        raise
+    finally:
+        for leftover in (files.status, files.initramfs, files.dir / "agent.sock",
+                         files.dir / "console.sock", files.dir / "qmp.sock",
+                         files.dir / files.control_socket):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
