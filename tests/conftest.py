@@ -12,6 +12,7 @@ from microagent.layout import StateLayout
 pytest_plugins = [
     "tests.support.registry",
     "tests.support.distro",
+    "tests.support.fixtures",
 ]
 
 

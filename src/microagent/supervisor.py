@@ -39,6 +39,8 @@ HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
+EXT4_SUPERBLOCK = 1024
+EXT4_INCOMPAT_RECOVER = 0x4
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Supervisor:
         from microagent.kernels import default_kernel
 
         kernel = default_kernel(self.layout, install_if_missing=False)
+        recovery = root_needs_recovery(self.workspace.rootfs)
         build_boot_initramfs(kernel, agent_binary(), self.files.initramfs)
         plan = self.backend.plan(self._launch_spec(kernel, self.files.initramfs.name))
         self.intent, self.outcome = None, None
@@ -134,8 +137,10 @@ class Supervisor:
             if ready in done and ready.exception() is None:
                 self.status["ready_seconds"] = round(time.monotonic() - started, 3)
                 self._save_status()
+                note = ("; the root file system's journal was recovered (the last shutdown "
+                        "was not clean)" if recovery else "")
                 self._event("running", f"ready in {self.status['ready_seconds']:.1f}s "
-                                       f"({self.accel.accel})")
+                                       f"({self.accel.accel}){note}")
                 await waiter
                 return self._classify()
             if waiter in done:
@@ -350,6 +355,24 @@ async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
         document["error"] = {"kind": "supervisor", "message": error, "hint": ""}
     writer.write(json.dumps(document).encode() + b"\n")
     await writer.drain()
+
+
+def root_needs_recovery(disk: os.PathLike[str] | str) -> bool:
+    """True when the ext4 image's journal must be replayed (needs_recovery is set).
+
+    That flag stays set while the file system is mounted and is cleared by a clean
+    unmount, so it is set on a disk whose VM was killed or crashed.
+    """
+    try:
+        with open(disk, "rb") as f:
+            f.seek(EXT4_SUPERBLOCK)
+            block = f.read(0x64)
+    except OSError:
+        return False
+    if len(block) < 0x64 or block[0x38:0x3A] != b"\x53\xef":  # s_magic
+        return False
+    incompat = int.from_bytes(block[0x60:0x64], "little")
+    return bool(incompat & EXT4_INCOMPAT_RECOVER)
 
 
 def _die_with_parent(parent: int) -> None:

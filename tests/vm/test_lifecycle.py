@@ -1,0 +1,305 @@
+"""The seed page's transcript and the lifecycle verbs, on real microVMs.
+
+QEMU boots the real Debian kernel with the real agent (TCG on this host). The workspaces
+live in one state directory for the module, which gets the kernel bundle the VM tests
+cache; images come from the session's registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microagent.kernels import KernelBundle
+from microagent.store import write_json_atomic
+from tests.support.fixtures import MICROAGENT, PushedImage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
+         guest_agent: Path) -> Iterator[Path]:
+    """A state directory with the cached kernel bundle installed as the default."""
+    home = tmp_path_factory.mktemp("vm-home")
+    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
+    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
+    yield home
+    for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
+        ma(home, "kill", ws.name)
+
+
+def ma(home: Path, *args: str, timeout: float = 240, **kwargs: object
+       ) -> subprocess.CompletedProcess[str]:
+    """The installed CLI against ``home``."""
+    return subprocess.run([MICROAGENT, "--state-dir", str(home), *args], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"{result.args}\nstdout: {result.stdout}\n{result.stderr}"
+    return result
+
+
+def events(home: Path, name: str) -> list[dict[str, str]]:
+    lines = (home / "workspaces" / name / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def qemu_pids(name: str) -> list[int]:
+    """QEMU processes of workspace ``name`` (by their -name argument)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-name" in argv and f"microagent-{name}".encode() in argv:
+                pids.append(int(proc.name))
+    return pids
+
+
+def seed_transcript(home: Path, name: str, image: str) -> None:
+    """The seed page, step by step, checking what it shows."""
+    created = ok(ma(home, "create", name, "--image", image, "--profile", "medium"))
+    assert created.stdout.splitlines() == [
+        f"Workspace: {name}", "State: prepared",
+        f"Rootfs: {home / 'workspaces' / name / 'rootfs.ext4'}", "Profile: medium",
+        "Resources: memory=2048MiB cpus=2 disk=8192MiB"]
+    ok(ma(home, "start", name))
+    ok(ma(home, "exec", name, "--", "sh", "-c", "echo 'notes from run 1' > /root/notes.txt"))
+    assert ok(ma(home, "exec", name, "--", "/bin/cat", "/root/notes.txt")).stdout == \
+        "notes from run 1\n"
+    row = [line.split() for line in ok(ma(home, "list")).stdout.splitlines()
+           if line.startswith(name + " ")]
+    assert row == [[name, "running", "qemu", "medium", "user", "never"]]
+    assert name in ok(ma(home, "ps")).stdout
+    words = ok(ma(home, "status", name)).stdout
+    assert "State: running" in words and "PID: " in words
+    status = json.loads(ok(ma(home, "--json", "status", name)).stdout)
+    for key in ("guestReady", "execReady", "consoleReady", "networkReady"):
+        assert status[key]["ok"] is True, (key, status[key])
+    assert status["pid"] and status["image_digest"].startswith("sha256:")
+    ok(ma(home, "halt", name))
+    assert ok(ma(home, "list")).stdout.count("halted") >= 1
+    assert qemu_pids(name) == []
+    ok(ma(home, "start", name))
+    assert ok(ma(home, "exec", name, "--", "/bin/cat", "/root/notes.txt")).stdout == \
+        "notes from run 1\n"
+    refused = ma(home, "delete", name, "--yes")
+    assert refused.returncode == 1 and "halt, stop, or kill it first" in refused.stderr
+    ok(ma(home, "halt", name))
+    ok(ma(home, "delete", name, "--yes"))
+    assert not (home / "workspaces" / name).exists()
+
+
+def test_seed_transcript_on_debian(home: Path, debian_image: PushedImage) -> None:
+    seed_transcript(home, "research", debian_image.ref)
+
+
+def test_seed_transcript_on_busybox(home: Path, busybox_image: PushedImage) -> None:
+    seed_transcript(home, "bb", busybox_image.ref)
+
+
+@pytest.fixture(scope="module")
+def running(home: Path, busybox_image: PushedImage) -> Iterator[str]:
+    """One running busybox workspace shared by the tests that do not stop it."""
+    ok(ma(home, "create", "shared", "--image", busybox_image.ref, "--profile", "tiny"))
+    ok(ma(home, "start", "shared"))
+    yield "shared"
+    ma(home, "kill", "shared")
+
+
+def test_exit_codes(home: Path, running: str) -> None:
+    assert ma(home, "exec", running, "--", "sh", "-c", "exit 3").returncode == 3
+    missing = ma(home, "exec", running, "--", "no-such-command")
+    assert missing.returncode == 127 and "no-such-command" in missing.stderr
+    assert ma(home, "exec", running, "--", "sh", "-c", "kill -9 $$").returncode == 137
+    assert ma(home, "exec", running, "--", "/etc/passwd").returncode == 126
+    timed = ma(home, "exec", running, "--timeout", "1", "--", "sleep", "30")
+    assert timed.returncode == 124
+    captured = ma(home, "--json", "exec", running, "--", "sh", "-c",
+                  "echo out; echo err >&2; exit 5")
+    assert captured.returncode == 5
+    result = json.loads(captured.stdout)
+    assert (result["exit_code"], result["stdout"], result["stderr"]) == (5, "out\n", "err\n")
+
+
+def test_image_env_and_workdir_apply(home: Path, running: str) -> None:
+    out = ok(ma(home, "exec", running, "--", "sh", "-c", 'echo "$HOME $PWD"')).stdout
+    assert out == "/root /root\n"
+    out = ok(ma(home, "exec", "-e", "HOME=/tmp", "-w", "/tmp", running, "--", "sh", "-c",
+                'echo "$HOME $PWD"')).stdout
+    assert out == "/tmp /tmp\n"
+
+
+def test_eight_simultaneous_execs(home: Path, running: str) -> None:
+    results: dict[int, subprocess.CompletedProcess[str]] = {}
+
+    def one(i: int) -> None:
+        results[i] = ma(home, "exec", running, "--", "sh", "-c",
+                        f"sleep 1; echo out-{i}; echo err-{i} >&2; exit {i}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(8):
+        assert (results[i].returncode, results[i].stdout, results[i].stderr) == \
+            (i, f"out-{i}\n", f"err-{i}\n")
+
+
+def test_stdin_and_binary_output(home: Path, running: str) -> None:
+    data = bytes(range(256)) * 1000
+    result = subprocess.run([MICROAGENT, "--state-dir", str(home), "exec", "-i", running,
+                             "--", "cat"], input=data, capture_output=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == data
+
+
+def test_guest_reaches_a_host_server(home: Path, running: str) -> None:
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hello from the host\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        result = ok(ma(home, "exec", running, "--", "wget", "-q", "-O", "-",
+                       f"http://10.0.2.2:{port}/"))
+        assert result.stdout == "hello from the host\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_verbs_refuse_a_workspace_that_is_not_running(home: Path,
+                                                      busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "idle", "--image", busybox_image.ref, "--profile", "tiny"))
+    result = ma(home, "exec", "idle", "--", "true")
+    assert result.returncode == 125 and "not running" in result.stderr
+    for verb in ("halt", "stop", "kill"):
+        result = ma(home, verb, "idle")
+        assert result.returncode == 1 and "idle" in result.stderr, (verb, result.stderr)
+    assert events(home, "idle")[-1]["state"] == "prepared"
+    ok(ma(home, "delete", "idle", "--yes"))
+
+
+def test_two_starts_at_once_boot_one_vm(home: Path, busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "race", "--image", busybox_image.ref, "--profile", "tiny"))
+    args = [MICROAGENT, "--state-dir", str(home), "start", "race"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outcomes = sorted([(first.wait(240), first.communicate()[1]),
+                       (second.wait(240), second.communicate()[1])])
+    assert outcomes[0][0] == 0
+    assert outcomes[1][0] != 0 and "already running" in outcomes[1][1]
+    assert len(qemu_pids("race")) == 1
+    ok(ma(home, "kill", "race"))
+    assert qemu_pids("race") == []
+    assert events(home, "race")[-1]["state"] == "stopped"
+
+
+def test_two_workspaces_at_once_and_kill_then_recover(home: Path,
+                                                      busybox_image: PushedImage) -> None:
+    for name in ("one", "two"):
+        ok(ma(home, "create", name, "--image", busybox_image.ref, "--profile", "tiny"))
+        ok(ma(home, "start", name))
+    ok(ma(home, "exec", "one", "--", "sh", "-c", "echo unsynced > /root/file"))
+    assert ok(ma(home, "exec", "two", "--", "hostname")).stdout == "two\n"
+    ok(ma(home, "kill", "one"))
+    assert events(home, "one")[-1]["state"] == "stopped"
+    assert qemu_pids("one") == [] and len(qemu_pids("two")) == 1
+    ok(ma(home, "start", "one"))
+    running = [e for e in events(home, "one") if e["state"] == "running"][-1]
+    assert "journal was recovered" in running["detail"]
+    ok(ma(home, "halt", "one"))
+    ok(ma(home, "halt", "two"))
+
+
+def test_supervisor_killed_takes_the_vm_with_it(home: Path,
+                                                busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "orphan", "--image", busybox_image.ref, "--profile", "tiny"))
+    ok(ma(home, "start", "orphan"))
+    status = json.loads(ok(ma(home, "--json", "status", "orphan")).stdout)
+    vm = status["pid"]
+    os.kill(status["supervisor_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{vm}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{vm}").exists(), "the VM outlived its supervisor"
+    after = json.loads(ok(ma(home, "--json", "status", "orphan")).stdout)
+    assert after["state"] == "failed" and "supervisor is gone" in after["detail"]
+    refused = ma(home, "exec", "orphan", "--", "true")
+    assert refused.returncode == 125
+    ok(ma(home, "start", "orphan"))
+    ok(ma(home, "halt", "orphan"))
+
+
+def test_vmm_killed_is_failed_and_restarted_by_policy(home: Path,
+                                                      busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "phoenix", "--image", busybox_image.ref, "--profile", "tiny",
+          "--restart", "on-failure"))
+    ok(ma(home, "start", "phoenix"))
+    (vm,) = qemu_pids("phoenix")
+    os.kill(vm, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = [e["state"] for e in events(home, "phoenix")]
+        if states[-1] == "running" and "failed" in states:
+            break
+        time.sleep(0.2)
+    states = [e["state"] for e in events(home, "phoenix")]
+    assert states[-3:] == ["failed", "starting", "running"], states
+    restart = [e for e in events(home, "phoenix") if e["state"] == "starting"][-1]
+    assert "restart 1" in restart["detail"]
+    ok(ma(home, "halt", "phoenix"))
+    assert events(home, "phoenix")[-1]["state"] == "halted"
+
+
+def test_guest_that_is_not_ready_in_time(home: Path, busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "slow", "--image", busybox_image.ref, "--profile", "tiny"))
+    result = ma(home, "start", "slow", "--timeout", "1")
+    assert result.returncode == 1
+    assert "did not become ready within 1s" in result.stderr
+    assert "last console lines" in result.stderr
+    assert qemu_pids("slow") == []
+    assert events(home, "slow")[-1]["state"] == "failed"
+    ok(ma(home, "delete", "slow", "--yes"))
+
+
+def test_start_without_an_obtainable_kernel(tmp_path: Path, busybox_image: PushedImage,
+                                            guest_agent: Path) -> None:
+    home = tmp_path / "no-kernel"
+    ok(ma(home, "create", "k", "--image", busybox_image.ref, "--profile", "tiny"))
+    bin_dir = tmp_path / "bin"  # a PATH with QEMU but no apt-get: no kernel source works
+    bin_dir.mkdir()
+    for tool in ("qemu-system-x86_64", "dpkg-deb"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    result = ma(home, "start", "k", env={**os.environ, "PATH": str(bin_dir)})
+    assert result.returncode == 1, result.stderr
+    assert "kernel" in result.stderr and ("install" in result.stderr or "--from" in
+                                          result.stderr)
+    assert events(home, "k")[-1]["state"] == "prepared"
+    assert qemu_pids("k") == []
