@@ -223,8 +223,13 @@ def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     from microagent.execution import ExecOptions, run_exec
 
     argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    if "--" in argv:
+        # CLI.md's form: exec NAME [OPTIONS] -- ARGV; options may also precede NAME
+        split = argv.index("--")
+        leading = Parser(prog="microagent exec", add_help=False)
+        add_exec_options(leading)
+        leading.parse_args(argv[:split], namespace=args)
+        argv = argv[split + 1 :]
     if not argv:
         raise UsageError("exec needs a command after the workspace name",
                          hint="microagent exec NAME -- COMMAND [ARGS...]")
@@ -365,6 +370,16 @@ def confirm(question: str) -> None:
 # --- parser --------------------------------------------------------------------------
 
 
+def add_exec_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                        help="set an environment variable (repeatable)")
+    parser.add_argument("-w", "--workdir", metavar="DIR", help="working directory")
+    parser.add_argument("-u", "--user", metavar="USER", help="user name or UID[:GID]")
+    parser.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
+    parser.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    parser.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
+
+
 def add_name(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="workspace name")
     parser.add_argument("--name", dest="name_flag", metavar="NAME", help="workspace name")
@@ -420,13 +435,8 @@ def build_parser() -> Parser:
         add_name(verb(name, handler, text))
 
     p = verb("exec", cmd_exec, "run a command in a running workspace")
+    add_exec_options(p)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
-    p.add_argument("-w", "--workdir", metavar="DIR")
-    p.add_argument("-u", "--user", metavar="USER")
-    p.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
-    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    p.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND")
 
     p = verbs.add_parser("_supervise")  # hidden: the per-workspace supervisor

@@ -90,7 +90,8 @@ def test_create_from_registry(busybox_image: PushedImage, state_dir: Path) -> No
 
     record = json.loads((state_dir / "workspaces" / "research" / "workspace.json").read_text())
     assert record["image"]["digest"] == busybox_image.digest
-    assert record["image"]["config"]["env"] == ["PATH=/bin:/sbin", "HOME=/root"]
+    assert record["image"]["config"]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                                               "HOME=/root"]
 
     listed = microagent("list").stdout.splitlines()
     assert listed[0].split() == ["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"]

@@ -45,7 +45,7 @@ def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = busybox_tree(root / "tree")
     layout = root / "layout"
     build_layout(layout, [ImageSpec(layers=[Layer(tar_directory(tree))], cmd=["/bin/sh"],
-                                    working_dir="/root", env=["PATH=/bin:/sbin", "HOME=/root"],
+                                    working_dir="/root", env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
                                     exposed_ports={"8080/tcp": {}})])
     return layout
 

@@ -115,3 +115,26 @@ def test_registry_unreachable_is_retryable(state_dir: Path) -> None:
     assert result.returncode == 75, result.stderr
     assert f"127.0.0.1:{port}" in result.stderr
     assert [p for p in files_under(state_dir) if "blobs/sha256/" in p] == []
+
+
+def test_exec_options_before_and_after_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_run_exec(layout: object, name: str, options: object, **_: object) -> object:
+        seen["name"], seen["options"] = name, options
+        from microagent.agent import ExecResult
+
+        return ExecResult(exit_code=0)
+
+    monkeypatch.setattr("microagent.execution.run_exec", fake_run_exec)
+    assert main(["exec", "ws", "--timeout", "1", "-e", "A=b", "-w", "/tmp", "--", "sleep",
+                 "30"]) == 0
+    options = seen["options"]
+    assert seen["name"] == "ws"
+    assert (options.argv, options.timeout, options.env, options.workdir) == (  # type: ignore[attr-defined]
+        ("sleep", "30"), 1.0, ("A=b",), "/tmp")
+    assert main(["exec", "-i", "ws", "cat", "-n"]) == 0  # docker's form
+    assert seen["options"].argv == ("cat", "-n")  # type: ignore[attr-defined]
+    assert seen["options"].interactive  # type: ignore[attr-defined]
+    assert main(["exec", "ws", "--", "sh", "-c", "--timeout"]) == 0
+    assert seen["options"].argv == ("sh", "-c", "--timeout")  # type: ignore[attr-defined]
