@@ -153,10 +153,19 @@ class AgentClient:
                 return time.monotonic() - start
 
     def send(self, data: bytes) -> None:
+        """Send whole frames, blocking if need be even while exec() polls the socket
+        without blocking: the agent keeps reading while its own output waits
+        (docs/protocol.md, flow control), so this cannot deadlock."""
+        nonblocking = self.sock.gettimeout() == 0.0
         try:
+            if nonblocking:
+                self.sock.settimeout(None)
             self.sock.sendall(data)
         except OSError as e:
             raise ProtocolError(f"agent channel closed while sending: {e.strerror}") from e
+        finally:
+            if nonblocking:
+                self.sock.settimeout(0.0)
 
     def read_frame(self, deadline: float | None) -> Frame:
         """The next frame, waiting until ``deadline`` (monotonic); TimeoutError after."""

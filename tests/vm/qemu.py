@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def host_tsc_khz() -> int | None:
         time.sleep(0.05)
         t1, c1 = time.perf_counter_ns(), rdtsc()
         rates.append((c1 - c0) * 1_000_000 / (t1 - t0))
-    return round(statistics.median(rates))
+    khz: float = statistics.median(rates)
+    return round(khz)
 
 
 def guest_clock_append() -> str:
@@ -126,3 +128,135 @@ def boot(kernel: Path, initrd: Path, disk: Path, append: str, *, log: Path,
                 proc.wait(timeout=30)
     console = log.read_bytes().decode(errors="replace").replace("\r\n", "\n")
     return Boot(returncode, console, time.monotonic() - start)
+
+
+# --- a running VM with the agent channel, the console socket and user networking --------
+
+AGENT_PORT = "microagent"
+RAW_PORT = "raw"
+
+
+def vm_argv(kernel: Path, initrd: Path, disk: Path, append: str, run_dir: Path, *,
+            memory_mib: int = 256, network: bool = True, raw_port: bool = False) -> list[str]:
+    """QEMU for a VM the test talks to: the console on ``console.sock`` (also logged to
+    ``console.log``), the agent's virtio-serial port on ``agent.sock``, optionally a second
+    port named ``raw`` on ``raw.sock`` (the throughput floor), QMP on ``qmp.sock``, and
+    QEMU's user networking (the guest is 10.0.2.15, the host 10.0.2.2)."""
+    argv = [
+        "qemu-system-x86_64", "-M", "microvm,acpi=on,rtc=on", *accel_args(),
+        "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+        "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", f"{append} {guest_clock_append()}".strip(),
+        "-chardev", f"socket,id=console,path={run_dir}/console.sock,server=on,wait=off,"
+                    f"logfile={run_dir}/console.log",
+        "-serial", "chardev:console",
+        "-drive", f"id=root,file={disk},format=raw,if=none",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device,max_ports=4",
+        "-chardev", f"socket,id=agent,path={run_dir}/agent.sock,server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        "-qmp", f"unix:{run_dir}/qmp.sock,server=on,wait=off",
+    ]
+    if raw_port:
+        argv += ["-chardev", f"socket,id=raw,path={run_dir}/raw.sock,server=on,wait=off",
+                 "-device", f"virtserialport,chardev=raw,name={RAW_PORT}"]
+    if network:
+        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+    return argv
+
+
+NETWORK_APPEND = "microagent.ip=10.0.2.15/24 microagent.gw=10.0.2.2 microagent.dns=10.0.2.3"
+
+
+class RunningVM:
+    """A VM started in the background; every wait is bounded and :meth:`kill` ends QEMU by
+    pid. Sockets live in a short directory under /tmp (a Unix socket path is limited to
+    about 107 bytes, pytest's tmp_path can be longer)."""
+
+    def __init__(self, kernel: Path, initrd: Path, disk: Path, append: str, *,
+                 raw_port: bool = False, memory_mib: int = 256) -> None:
+        import tempfile
+
+        self.run_dir = Path(tempfile.mkdtemp(prefix="ma-vm-", dir="/tmp"))
+        self.disk = disk
+        self.argv = vm_argv(kernel, initrd, disk, append, self.run_dir, raw_port=raw_port,
+                            memory_mib=memory_mib)
+        self.qemu_log = self.run_dir / "qemu.log"
+        with self.qemu_log.open("wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    def console(self) -> str:
+        try:
+            text = self.console_log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        return text.replace("\r\n", "\n")
+
+    def tail(self, n: int = 40) -> str:
+        qemu = self.qemu_log.read_text(errors="replace") if self.qemu_log.exists() else ""
+        return "\n".join(self.console().splitlines()[-n:]) + \
+            (f"\n[qemu output]\n{qemu}" if qemu.strip() else "")
+
+    def wait_for_console(self, text: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Wait until ``text`` is on the console; AssertionError with the tail if not."""
+        deadline = time.monotonic() + timeout
+        while text not in self.console():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited ({self.proc.returncode}) before "
+                                     f"{text!r}; console tail:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} on the console within {timeout} s; "
+                                     f"console tail:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def connect(self, name: str = "agent", timeout: float = 10.0) -> socket.socket:
+        """A connection to one of the VM's sockets (``agent``, ``console``, ``raw``)."""
+        path = self.run_dir / f"{name}.sock"
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"cannot connect to {path}; console tail:\n"
+                                         f"{self.tail()}") from None
+                time.sleep(0.05)
+
+    def qmp(self, command: str, timeout: float = 10.0) -> dict[str, object]:
+        """Run one QMP command; return its answer."""
+        import json
+
+        with self.connect("qmp", timeout) as sock:
+            sock.settimeout(timeout)
+            reader = sock.makefile("rb")
+            json.loads(reader.readline())  # greeting
+            for cmd in ("qmp_capabilities", command):
+                sock.sendall(json.dumps({"execute": cmd}).encode() + b"\n")
+                while True:
+                    answer: dict[str, object] = json.loads(reader.readline())
+                    if "return" in answer or "error" in answer:
+                        break
+            return answer
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """QEMU's exit status, or None if it is still running after ``timeout``."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """End QEMU by pid (if still running) and remove the socket directory."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -5,6 +5,7 @@
 #include "clock.h"
 #include "log.h"
 #include "mounts.h"
+#include "net.h"
 #include "reap.h"
 
 #include <errno.h>
@@ -40,15 +41,21 @@ static void signal_all(int sig, const char *name)
 
 void power_off(const char *reason)
 {
+    power_off_after(reason, TERM_GRACE_MS);
+}
+
+void power_off_after(const char *reason, int grace_ms)
+{
     log_info("powering off (%s)", reason);
     signal_all(SIGTERM, "TERM");
-    if (!wait_for_no_children(TERM_GRACE_MS)) {
-        log_info("processes left after %d ms, sending SIGKILL", TERM_GRACE_MS);
+    if (!wait_for_no_children(grace_ms)) {
+        log_info("processes left after %d ms, sending SIGKILL", grace_ms);
         signal_all(SIGKILL, "KILL");
         if (!wait_for_no_children(KILL_GRACE_MS))
             log_info("processes left after SIGKILL");
     }
     sync();
+    net_release();
     int failures = unmount_all();
     sync();
     log_info("power off%s", failures > 0 ? " (some file systems were not unmounted)" : "");

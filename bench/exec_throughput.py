@@ -1,0 +1,167 @@
+"""Guest-to-host stdout throughput through exec, against the raw virtio-serial floor.
+
+One VM (busybox root disk, the real kernel and agent, TCG here) with two virtio-serial
+ports: ``microagent`` (the agent channel) and ``raw`` (nothing in the guest uses it).
+
+- **Figure**: ``head -c N /dev/zero`` run with exec; the host reads STDOUT frames with
+  :class:`microagent.agent.AgentClient` straight from the agent's socket, returning credit
+  as it goes. Timed from sending OPEN to EXIT.
+- **Floor**: the same ``head -c N /dev/zero``, started with exec too, but writing straight
+  to the raw port (``> /dev/vportXpY``); the host reads that port's socket. Timed from
+  sending OPEN to the last byte arriving. Same VM, same producer, same QEMU chardev path:
+  the difference is the agent (a pipe hop, framing, credit).
+- Also shown: the floor with ``dd bs=64k`` (the largest writes the port takes at once are
+  32 KiB; head writes smaller blocks).
+- **Target**: ratio >= 0.5. Best of ``--runs`` each, interleaved.
+
+Run: ``.venv/bin/python bench/exec_throughput.py [--mib 256] [--runs 3]``. The kernel
+bundle is taken from (or installed into) the VM tests' cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
+
+from tests.vm.qemu import RunningVM  # noqa: E402
+
+from microagent.agent import AgentClient, ExecRequest  # noqa: E402
+from microagent.initramfs import build_boot_initramfs  # noqa: E402
+from microagent.kernels import default_kernel  # noqa: E402
+from microagent.layout import StateLayout  # noqa: E402
+
+PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "microagent-tests" / "kernel-state-v1"
+
+
+def build_agent() -> Path:
+    subprocess.run(["make", "-s", "-C", str(REPO / "src/microagent/guest")], check=True,
+                   timeout=300)
+    return REPO / "src/microagent/guest/build/microagent-init"
+
+
+def build_disk(work: Path) -> Path:
+    from ocilayout import busybox_tree
+
+    tree = busybox_tree(work / "root")
+    disk = work / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk), "64M"], check=True,
+                   capture_output=True, timeout=120)
+    return disk
+
+
+def run(client: AgentClient, command: str) -> str:
+    out = bytearray()
+    result = client.exec(ExecRequest(argv=("sh", "-c", command), env=(PATH,)),
+                         stdout=out.extend, stderr=out.extend)
+    if result.exit_code != 0:
+        raise RuntimeError(f"{command!r} failed: {result} {out.decode(errors='replace')}")
+    return out.decode()
+
+
+def exec_rate(client: AgentClient, size: int) -> float:
+    """MB/s of ``head -c size /dev/zero`` through exec's STDOUT."""
+    received = 0
+
+    def sink(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+
+    start = time.perf_counter()
+    result = client.exec(ExecRequest(argv=("head", "-c", str(size), "/dev/zero"), env=(PATH,)),
+                         stdout=sink, stderr=sink)
+    elapsed = time.perf_counter() - start
+    if result.exit_code != 0 or received != size:
+        raise RuntimeError(f"exec: {result}, {received} of {size} bytes")
+    return size / elapsed / 1e6
+
+
+def raw_rate(client: AgentClient, raw: socket.socket, port: str, size: int,
+             command: str) -> float:
+    """MB/s of ``command`` writing ``size`` bytes to the raw port, read from its socket."""
+    done = threading.Event()
+    received = 0
+    finished = 0.0
+
+    def reader() -> None:
+        nonlocal received, finished
+        raw.settimeout(120)
+        while received < size:
+            data = raw.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        finished = time.perf_counter()
+        done.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    run(client, command.format(size=size, port=port))
+    if not done.wait(120) or received != size:
+        raise RuntimeError(f"raw port: {received} of {size} bytes")
+    return size / (finished - start) / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir())
+    args = parser.parse_args()
+    size = args.mib << 20
+
+    bundle = default_kernel(StateLayout(args.state_dir.absolute()))
+    with tempfile.TemporaryDirectory(prefix="exec-throughput-") as tmp:
+        work = Path(tmp)
+        initrd = build_boot_initramfs(bundle, build_agent(), work / "boot.cpio")
+        disk = build_disk(work)
+        vm = RunningVM(bundle.vmlinuz, initrd, disk, "console=ttyS0 panic=-1 quiet",
+                       raw_port=True, memory_mib=512)
+        try:
+            vm.wait_for_console("microagent-init: ready", 120)
+            client = AgentClient(vm.connect("agent"))
+            client.hello(timeout=30)
+            port = run(client, "for d in /sys/class/virtio-ports/*; do "
+                       "[ \"$(cat $d/name)\" = raw ] && echo ${d##*/}; done").strip()
+            raw = vm.connect("raw")
+            results: dict[str, list[float]] = {"exec": [], "head": [], "dd": []}
+            for _ in range(args.runs):
+                results["exec"].append(exec_rate(client, size))
+                results["head"].append(raw_rate(client, raw, port, size,
+                                                "head -c {size} /dev/zero > /dev/{port}"))
+                results["dd"].append(raw_rate(
+                    client, raw, port, size,
+                    "dd if=/dev/zero of=/dev/{port} bs=65536 count=%d 2>/dev/null"
+                    % (size // 65536)))
+            raw.close()
+            client.close()
+        finally:
+            vm.kill()
+    best = {name: max(rates) for name, rates in results.items()}
+    print(f"guest -> host, {args.mib} MiB, best of {args.runs} (TCG: "
+          f"{'no' if 'kvm' in ' '.join(vm.argv) else 'yes'})")
+    print(f"  exec stdout (agent, AgentClient)     {best['exec']:7.1f} MB/s")
+    print(f"  floor: head > raw virtio-serial port {best['head']:7.1f} MB/s")
+    print(f"  floor: dd bs=64k > raw port          {best['dd']:7.1f} MB/s")
+    floor = max(best["head"], best["dd"])
+    print(f"  ratio exec / best floor              {best['exec'] / floor:7.2f}   (target >= 0.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,641 @@
+/* The agent channel: framing, the connection's state, the bounded input and output
+ * buffers (docs/protocol.md).
+ *
+ * Bounds: the input buffer holds two maximal frames; input is parsed only while less
+ * than INPUT_LIMIT bytes wait to be sent, and every frame's answer is smaller than the
+ * slack above that, so host requests never make the output grow without bound. Data
+ * (STDOUT, STDERR, FILE) is produced only below DATA_LIMIT: when the host reads slowly,
+ * the producers stop reading their pipes and the processes block.
+ *
+ * A virtio-serial port reads 0 and polls POLLHUP for as long as no host is connected, so
+ * the fd is not polled then: the agent waits for SIGIO (the driver signals a change of
+ * the host's connection) or a slow timer, and then looks again. */
+#include "channel.h"
+
+#include "clock.h"
+#include "json.h"
+#include "log.h"
+#include "poller.h"
+#include "serve.h"
+#include "streams.h"
+#include "version.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MIN_PEER_PAYLOAD 1024
+#define DATA_LIMIT (512 * 1024)
+#define INPUT_LIMIT (1024 * 1024)
+#define OUT_CAP (2 * 1024 * 1024 + FRAME_HEADER + MAX_PAYLOAD)
+#define RECHECK_MS 1000
+
+enum state {
+    CONN_CLOSED, /* no fd */
+    CONN_HUNG,   /* virtio-serial: no host connected */
+    CONN_NEW,    /* connected; the first frame must be HELLO */
+    CONN_READY,  /* HELLO exchanged */
+    CONN_RESYNC, /* after a malformed header or a refused HELLO: drop all but HELLO */
+};
+
+static int fd = -1;
+static enum channel_kind kind;
+static enum state state = CONN_CLOSED;
+static uint8_t in[2 * (FRAME_HEADER + MAX_PAYLOAD)];
+static size_t in_len;
+static uint8_t out[OUT_CAP];
+static size_t out_head, out_tail;
+static size_t out_boundary; /* the start of the first frame not yet begun on the wire */
+static uint32_t peer_window = AGENT_WINDOW;
+static size_t peer_max = MAX_PAYLOAD;
+static long long recheck_at;
+static struct json_token hello_tokens[256];
+
+/* A data frame whose header is on the wire and whose payload is being spliced from a
+ * pipe: it goes before everything in the queue (which was empty when it began). */
+static struct {
+    int active;
+    int pipe;
+    size_t left;
+} spliced;
+static int splice_works = 1; /* cleared when the channel's fd refuses splice */
+
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void put_header(uint8_t *p, uint8_t type, uint32_t stream, uint8_t flags, size_t len)
+{
+    put32(p, (uint32_t)len);
+    p[4] = type;
+    p[5] = flags;
+    p[6] = 0;
+    p[7] = 0;
+    put32(p + 8, stream);
+}
+
+static size_t queued(void)
+{
+    return out_tail - out_head;
+}
+
+/* Make n contiguous bytes free at out_tail. Returns 0, or -1 when the queue is full. */
+static int reserve(size_t n)
+{
+    if (queued() + n > OUT_CAP)
+        return -1;
+    if (out_tail + n > OUT_CAP) {
+        memmove(out, out + out_head, queued());
+        out_boundary -= out_head;
+        out_tail -= out_head;
+        out_head = 0;
+    }
+    return 0;
+}
+
+/* Drop queued frames that have not begun on the wire (a partly written one stays, so
+ * the byte stream keeps its framing). */
+static void drop_unsent(void)
+{
+    if (out_boundary < out_tail)
+        out_tail = out_boundary > out_head ? out_boundary : out_head;
+}
+
+static void clear_buffers(void)
+{
+    in_len = 0;
+    out_head = out_tail = out_boundary = 0;
+    spliced.active = 0;
+}
+
+/* The host went away: forget the connection. */
+static void hang_up(const char *why)
+{
+    streams_reset();
+    clear_buffers();
+    if (kind == CHANNEL_SOCKET) {
+        if (why != NULL)
+            log_info("agent channel: %s; exiting", why);
+        serve_exit(0);
+    }
+    if (state == CONN_READY || state == CONN_NEW)
+        log_info("agent channel: host disconnected%s%s", why != NULL ? ": " : "",
+                 why != NULL ? why : "");
+    state = CONN_HUNG;
+    recheck_at = monotonic_ms() + RECHECK_MS;
+}
+
+/* Put len payload bytes at the front of the queue, before every queued frame. */
+static uint8_t *reserve_front(size_t len)
+{
+    if (out_head < len) {
+        if (queued() + len > OUT_CAP)
+            return NULL;
+        memmove(out + len, out + out_head, queued());
+        out_boundary = out_boundary - out_head + len;
+        out_tail = out_tail - out_head + len;
+        out_head = len;
+    }
+    out_head -= len;
+    return out + out_head;
+}
+
+/* Finish the spliced frame with read() into the queue's front (the pipe is about to be
+ * closed, or the fd refused splice). The bytes are in the pipe: FIONREAD said so and
+ * only the agent reads it. */
+static void finish_splice_by_copy(void)
+{
+    size_t len = spliced.left;
+    spliced.active = 0;
+    uint8_t *p = reserve_front(len);
+    if (p == NULL) {
+        log_info("agent channel: no room to finish a frame; resetting the connection");
+        hang_up("output queue overflow");
+        return;
+    }
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(spliced.pipe, p + got, len - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            log_error(n < 0 ? errno : 0, "agent channel: %zu bytes missing in a pipe",
+                      len - got);
+            memset(p + got, 0, len - got); /* keeps the framing; cannot happen */
+            break;
+        }
+        got += (size_t)n;
+    }
+    out_boundary = out_head + len; /* the queued frames start after the remainder */
+}
+
+/* Continue the spliced frame. Returns 0 when it is complete, -1 to wait for POLLOUT. */
+static int continue_splice(void)
+{
+    while (spliced.left > 0) {
+        ssize_t n = splice(spliced.pipe, NULL, fd, NULL, spliced.left,
+                           SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n > 0) {
+            spliced.left -= (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return -1;
+        if (n < 0 && (errno == EINVAL || errno == ENOSYS)) {
+            splice_works = 0;
+            log_info("agent channel: splice refused; copying output instead");
+        } else {
+            log_error(n < 0 ? errno : 0, "agent channel: splice");
+        }
+        finish_splice_by_copy();
+        return 0;
+    }
+    spliced.active = 0;
+    return 0;
+}
+
+static void flush_some(void)
+{
+    if (spliced.active && continue_splice() != 0)
+        return;
+    while (queued() > 0) {
+        ssize_t n = write(fd, out + out_head, queued());
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                break;
+            char why[96];
+            snprintf(why, sizeof(why), "write: %s", strerror(errno));
+            hang_up(why);
+            return;
+        }
+        out_head += (size_t)n;
+        while (out_boundary < out_head)
+            out_boundary += FRAME_HEADER + get32(out + out_boundary);
+    }
+    if (out_head == out_tail && !spliced.active)
+        out_head = out_tail = out_boundary = 0;
+}
+
+size_t channel_max_payload(void)
+{
+    return peer_max;
+}
+
+int channel_splice_ready(void)
+{
+    return splice_works && state == CONN_READY && queued() == 0 && !spliced.active;
+}
+
+int channel_splice_frame(uint8_t type, uint32_t stream, int pipe, size_t len)
+{
+    uint8_t header[FRAME_HEADER];
+    put_header(header, type, stream, 0, len);
+    ssize_t n;
+    do
+        n = write(fd, header, sizeof(header));
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN)
+        return -1;
+    if (n != (ssize_t)sizeof(header)) {
+        /* A 12-byte write is all or nothing on a virtio port and a Unix socket. */
+        char why[96];
+        snprintf(why, sizeof(why), "write: %s", n < 0 ? strerror(errno) : "short write");
+        hang_up(why);
+        return -1;
+    }
+    spliced.active = 1;
+    spliced.pipe = pipe;
+    spliced.left = len;
+    continue_splice();
+    return 0;
+}
+
+void channel_splice_release(int pipe)
+{
+    if (spliced.active && spliced.pipe == pipe)
+        finish_splice_by_copy();
+}
+
+int channel_send(uint8_t type, uint32_t stream, uint8_t flags, const void *payload,
+                 size_t len)
+{
+    if (state == CONN_CLOSED || state == CONN_HUNG)
+        return -1;
+    if (len > MAX_PAYLOAD)
+        len = MAX_PAYLOAD;
+    if (reserve(FRAME_HEADER + len) != 0) {
+        log_info("agent channel: output queue full; frame type 0x%02x for stream %u lost",
+                 type, stream);
+        return -1;
+    }
+    put_header(out + out_tail, type, stream, flags, len);
+    if (len > 0)
+        memcpy(out + out_tail + FRAME_HEADER, payload, len);
+    out_tail += FRAME_HEADER + len;
+    return 0;
+}
+
+void channel_send_error(uint32_t stream, const char *code, int err, const char *fmt, ...)
+{
+    char message[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    char doc[1024];
+    struct json_writer w;
+    json_writer_init(&w, doc, sizeof(doc));
+    json_object_begin(&w);
+    json_key(&w, "code");
+    json_write_string(&w, code);
+    json_key(&w, "errno");
+    json_write_int(&w, err);
+    json_key(&w, "message");
+    json_write_string(&w, message);
+    json_object_end(&w);
+    ssize_t n = json_writer_finish(&w);
+    if (n < 0)
+        n = snprintf(doc, sizeof(doc), "{\"code\":\"%s\",\"errno\":%d,\"message\":\"\"}",
+                     code, err);
+    channel_send(FRAME_ERROR, stream, 0, doc, (size_t)n);
+}
+
+void channel_send_credit(uint32_t stream, uint8_t data_type, uint32_t increment)
+{
+    uint8_t payload[5] = {data_type};
+    put32(payload + 1, increment);
+    channel_send(FRAME_CREDIT, stream, 0, payload, sizeof(payload));
+}
+
+size_t channel_data_room(void)
+{
+    if (state != CONN_READY || queued() >= DATA_LIMIT)
+        return 0;
+    if (reserve(FRAME_HEADER + peer_max) != 0)
+        return 0;
+    return peer_max;
+}
+
+uint8_t *channel_data_buffer(void)
+{
+    return out + out_tail + FRAME_HEADER;
+}
+
+void channel_data_commit(uint8_t type, uint32_t stream, uint8_t flags, size_t len)
+{
+    put_header(out + out_tail, type, stream, flags, len);
+    out_tail += FRAME_HEADER + len;
+}
+
+uint32_t channel_peer_window(void)
+{
+    return peer_window;
+}
+
+int channel_ready(void)
+{
+    return state == CONN_READY;
+}
+
+static void send_hello(void)
+{
+    char doc[512];
+    struct json_writer w;
+    json_writer_init(&w, doc, sizeof(doc));
+    json_object_begin(&w);
+    json_key(&w, "version");
+    json_write_int(&w, PROTOCOL_VERSION);
+    json_key(&w, "features");
+    json_array_begin(&w);
+    static const char *const features[] = {"exec", "tty", "signal", "put", "get", "info",
+                                           "shutdown"};
+    for (size_t i = 0; i < sizeof(features) / sizeof(features[0]); i++)
+        json_write_string(&w, features[i]);
+    json_array_end(&w);
+    json_key(&w, "software");
+    json_write_string(&w, "microagent-init " AGENT_VERSION);
+    json_key(&w, "max_payload");
+    json_write_int(&w, MAX_PAYLOAD);
+    json_key(&w, "window");
+    json_write_int(&w, AGENT_WINDOW);
+    json_object_end(&w);
+    ssize_t n = json_writer_finish(&w);
+    if (n > 0)
+        channel_send(FRAME_HELLO, 0, 0, doc, (size_t)n);
+}
+
+static void on_hello(const uint8_t *payload, size_t len)
+{
+    struct json_doc doc;
+    char error[128];
+    if (json_parse(&doc, (const char *)payload, len, hello_tokens,
+                   sizeof(hello_tokens) / sizeof(hello_tokens[0]), error, sizeof(error)) != 0
+        || doc.tokens[0].type != JSON_OBJECT) {
+        channel_send_error(0, "EPROTO", 0, "HELLO: %s", doc.ntokens ? "not an object" : error);
+        return;
+    }
+    long long version, window = AGENT_WINDOW, max_payload = MAX_PAYLOAD;
+    if (json_int(&doc, json_find(&doc, 0, "version"), 0, 1LL << 31, &version) != 0) {
+        channel_send_error(0, "EPROTO", 0, "HELLO without an integer \"version\"");
+        return;
+    }
+    /* Either way, a HELLO starts the connection over: the old streams end. */
+    streams_reset();
+    drop_unsent();
+    if (version != PROTOCOL_VERSION) {
+        state = CONN_RESYNC;
+        channel_send_error(0, "EVERSION", 0, "guest agent speaks protocol version %d, the "
+                           "host sent version %lld", PROTOCOL_VERSION, version);
+        return;
+    }
+    int t = json_find(&doc, 0, "window");
+    if (t >= 0 && json_int(&doc, t, 1, 1LL << 31, &window) != 0) {
+        state = CONN_RESYNC;
+        channel_send_error(0, "EPROTO", 0, "HELLO: \"window\" must be an integer from 1 to "
+                           "2^31");
+        return;
+    }
+    t = json_find(&doc, 0, "max_payload");
+    if (t >= 0 && json_int(&doc, t, MIN_PEER_PAYLOAD, 1LL << 31, &max_payload) != 0) {
+        state = CONN_RESYNC;
+        channel_send_error(0, "EPROTO", 0, "HELLO: \"max_payload\" must be an integer of at "
+                           "least %d", MIN_PEER_PAYLOAD);
+        return;
+    }
+    peer_window = (uint32_t)window;
+    peer_max = max_payload < MAX_PAYLOAD ? (size_t)max_payload : MAX_PAYLOAD;
+    state = CONN_READY;
+    send_hello();
+    char software[128] = "";
+    json_string(&doc, json_find(&doc, 0, "software"), software, sizeof(software));
+    log_info("agent channel: hello from %s", software[0] ? software : "the host");
+}
+
+static void on_frame(uint8_t type, uint8_t flags, uint32_t stream, const uint8_t *payload,
+                     size_t len)
+{
+    if (type == FRAME_HELLO) {
+        if (stream != 0)
+            channel_send_error(0, "EPROTO", 0, "HELLO on stream %u", stream);
+        else
+            on_hello(payload, len);
+        return;
+    }
+    if (state == CONN_RESYNC)
+        return;
+    if (state == CONN_NEW) {
+        channel_send_error(0, "EPROTO", 0, "frame type 0x%02x before HELLO", type);
+        return;
+    }
+    if (stream != 0) {
+        if (type == FRAME_OPEN)
+            streams_open(stream, payload, len);
+        else
+            streams_frame(stream, type, flags, payload, len);
+        return;
+    }
+    switch (type) {
+    case FRAME_PING:
+        channel_send(FRAME_PONG, 0, 0, payload, len < peer_max ? len : peer_max);
+        break;
+    case FRAME_PONG:
+        break;
+    case FRAME_ERROR:
+        log_info("agent channel: the host reported an error: %.*s",
+                 (int)(len < 300 ? len : 300), (const char *)payload);
+        break;
+    default:
+        channel_send_error(0, "EPROTO", 0, "frame type 0x%02x on stream 0", type);
+    }
+}
+
+/* Parse and handle the complete frames in the input buffer. */
+static void process_input(void)
+{
+    size_t pos = 0;
+    while (in_len - pos >= FRAME_HEADER && queued() < INPUT_LIMIT &&
+           (state == CONN_NEW || state == CONN_READY || state == CONN_RESYNC)) {
+        const uint8_t *h = in + pos;
+        uint32_t length = get32(h);
+        uint8_t type = h[4], flags = h[5];
+        unsigned reserved = (unsigned)h[6] << 8 | h[7];
+        if (length > MAX_PAYLOAD || reserved != 0 || (flags & ~FLAG_END) != 0) {
+            if (state != CONN_RESYNC) {
+                streams_reset();
+                drop_unsent();
+                if (length > MAX_PAYLOAD)
+                    channel_send_error(0, "EPROTO", 0, "frame of %u bytes exceeds the "
+                                       "maximum of %d; waiting for HELLO", length,
+                                       MAX_PAYLOAD);
+                else
+                    channel_send_error(0, "EPROTO", 0, "frame header has reserved bits "
+                                       "set (flags=0x%02x, reserved=0x%04x); waiting for "
+                                       "HELLO", flags, reserved);
+                state = CONN_RESYNC;
+            }
+            in_len = 0;
+            return;
+        }
+        if (in_len - pos < FRAME_HEADER + length)
+            break;
+        on_frame(type, flags, get32(h + 8), h + FRAME_HEADER, length);
+        pos += FRAME_HEADER + length;
+        if (in_len == 0) /* the connection was dropped while handling the frame */
+            return;
+    }
+    if (pos > 0) {
+        memmove(in, in + pos, in_len - pos);
+        in_len -= pos;
+    }
+}
+
+static void read_some(void)
+{
+    while (in_len < sizeof(in)) {
+        ssize_t n = read(fd, in + in_len, sizeof(in) - in_len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return;
+            char why[96];
+            snprintf(why, sizeof(why), "read: %s", strerror(errno));
+            hang_up(why);
+            return;
+        }
+        if (n == 0) {
+            hang_up(kind == CHANNEL_SOCKET ? "the host closed the connection" : NULL);
+            return;
+        }
+        in_len += (size_t)n;
+        process_input();
+        if (state == CONN_HUNG)
+            return;
+    }
+}
+
+static void on_ready(void *ctx, int tag, int ready_fd, short revents)
+{
+    (void)ctx;
+    (void)tag;
+    if (ready_fd != fd || state == CONN_CLOSED || state == CONN_HUNG)
+        return;
+    if (revents & POLLNVAL) {
+        log_info("agent channel: fd %d is not open", fd);
+        state = CONN_CLOSED;
+        return;
+    }
+    if (revents & (POLLIN | POLLHUP | POLLERR))
+        read_some();
+    if (state != CONN_HUNG && state != CONN_CLOSED && (revents & POLLOUT))
+        flush_some();
+}
+
+/* Virtio-serial: is a host connected now? */
+static void check_host(void)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN | POLLOUT};
+    int n = poll(&p, 1, 0);
+    if (n < 0) {
+        log_error(errno, "poll the agent channel");
+    } else if (!(p.revents & POLLHUP)) {
+        state = CONN_NEW;
+        clear_buffers();
+        return;
+    }
+    recheck_at = monotonic_ms() + RECHECK_MS;
+}
+
+void channel_host_event(void)
+{
+    if (state == CONN_HUNG)
+        check_host();
+}
+
+void channel_open(int channel_fd, enum channel_kind channel_kind)
+{
+    fd = channel_fd;
+    kind = channel_kind;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0)
+        log_error(errno, "agent channel: set O_NONBLOCK");
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
+        log_error(errno, "agent channel: set FD_CLOEXEC");
+    clear_buffers();
+    if (kind == CHANNEL_VPORT) {
+        /* SIGIO when the host connects or disconnects (virtio_console's fasync). */
+        if (fcntl(fd, F_SETOWN, getpid()) != 0 || fcntl(fd, F_SETFL,
+                                                         fcntl(fd, F_GETFL) | O_ASYNC) != 0)
+            log_error(errno, "agent channel: set O_ASYNC");
+        state = CONN_HUNG;
+        check_host();
+    } else {
+        state = CONN_NEW;
+    }
+}
+
+void channel_watch(void)
+{
+    if (state == CONN_CLOSED)
+        return;
+    if (state == CONN_HUNG) {
+        if (monotonic_ms() >= recheck_at)
+            check_host();
+        if (state == CONN_HUNG) {
+            poller_wake_at(recheck_at);
+            return;
+        }
+    }
+    /* Input left unparsed while the output queue was full. */
+    if (in_len >= FRAME_HEADER && queued() < INPUT_LIMIT)
+        process_input();
+    if (state == CONN_HUNG || state == CONN_CLOSED)
+        return;
+    short events = 0;
+    if (in_len < sizeof(in))
+        events |= POLLIN;
+    if (queued() > 0 || spliced.active)
+        events |= POLLOUT;
+    if (events != 0)
+        poller_add(fd, events, on_ready, NULL, 0);
+}
+
+void channel_write_pending(void)
+{
+    if ((queued() > 0 || spliced.active) && state != CONN_CLOSED && state != CONN_HUNG)
+        flush_some();
+}
+
+void channel_flush(int timeout_ms)
+{
+    const long long deadline = monotonic_ms() + timeout_ms;
+    while ((queued() > 0 || spliced.active) && state != CONN_CLOSED && state != CONN_HUNG) {
+        long long left = deadline - monotonic_ms();
+        if (left <= 0)
+            return;
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        if (poll(&p, 1, (int)left) < 0 && errno != EINTR)
+            return;
+        if (p.revents & POLLHUP)
+            return;
+        if (p.revents & POLLOUT)
+            flush_some();
+    }
+}

@@ -1,0 +1,102 @@
+/* The agent channel: protocol version 1 of docs/protocol.md over one file descriptor.
+ *
+ * One connection at a time. The channel parses frames from a bounded input buffer,
+ * answers HELLO and PING itself, hands stream frames to streams.c, and queues outgoing
+ * frames in a bounded output buffer that is written without blocking. */
+#ifndef MICROAGENT_CHANNEL_H
+#define MICROAGENT_CHANNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PROTOCOL_VERSION 1
+#define MAX_PAYLOAD 65536
+#define FRAME_HEADER 12
+#define AGENT_WINDOW (256 * 1024) /* the credit the agent grants per data channel */
+#define FLAG_END 0x01
+
+enum frame_type {
+    FRAME_HELLO = 0x01,
+    FRAME_PING = 0x02,
+    FRAME_PONG = 0x03,
+    FRAME_OPEN = 0x10,
+    FRAME_STARTED = 0x11,
+    FRAME_EXIT = 0x12,
+    FRAME_ERROR = 0x13,
+    FRAME_STDIN = 0x20,
+    FRAME_STDOUT = 0x21,
+    FRAME_STDERR = 0x22,
+    FRAME_FILE = 0x23,
+    FRAME_CREDIT = 0x30,
+    FRAME_SIGNAL = 0x31,
+    FRAME_RESIZE = 0x32,
+    FRAME_CANCEL = 0x33,
+};
+
+/* How the fd behaves when the host goes away. */
+enum channel_kind {
+    CHANNEL_VPORT,  /* virtio-serial: reads 0 / POLLHUP while no host is connected */
+    CHANNEL_SOCKET, /* --serve-fd: EOF ends the agent */
+};
+
+/* Start serving fd (made non-blocking and close-on-exec). */
+void channel_open(int fd, enum channel_kind kind);
+
+/* Register the channel's fd with the poller for this loop iteration (and handle input
+ * that waited for the output queue to drain). */
+void channel_watch(void);
+
+/* SIGIO: the host may have connected to the virtio-serial port. */
+void channel_host_event(void);
+
+/* Whether the host has said HELLO and the connection is usable. */
+int channel_ready(void);
+
+/* --- sending (for the operations) -------------------------------------------------- */
+
+/* Queue a control frame. Returns 0, or -1 when the connection is not usable (dropped). */
+int channel_send(uint8_t type, uint32_t stream, uint8_t flags, const void *payload,
+                 size_t len);
+
+/* Queue ERROR {"code", "errno", "message"} on stream. err may be 0. */
+void channel_send_error(uint32_t stream, const char *code, int err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Queue CREDIT for one data channel of stream. */
+void channel_send_credit(uint32_t stream, uint8_t data_type, uint32_t increment);
+
+/* Room for a data frame's payload right now: 0 when the output queue is too full (the
+ * producer must wait: that is the back-pressure), else at most the negotiated maximum. */
+size_t channel_data_room(void);
+
+/* Where the next data frame's payload goes (channel_data_room() bytes are writable). */
+uint8_t *channel_data_buffer(void);
+
+/* Queue the data frame whose len payload bytes were put at channel_data_buffer(). */
+void channel_data_commit(uint8_t type, uint32_t stream, uint8_t flags, size_t len);
+
+/* The negotiated maximum payload of the frames the agent sends. */
+size_t channel_max_payload(void);
+
+/* Zero-copy data frames: when nothing is queued, a frame's payload can go from a pipe to
+ * the channel with splice(2) (virtio_console moves the pipe's pages into the virtqueue).
+ * channel_splice_ready says whether now is such a time; channel_splice_frame writes the
+ * header and splices len bytes, which must be in the pipe already (FIONREAD); the rest
+ * of a partial splice goes before anything queued later. Returns 0, or -1 when nothing
+ * was sent (the fd is full: use the copying path or wait). */
+int channel_splice_ready(void);
+int channel_splice_frame(uint8_t type, uint32_t stream, int pipe, size_t len);
+
+/* The pipe is about to be closed: finish its spliced frame, if any, by copying. */
+void channel_splice_release(int pipe);
+
+/* The host's window: the initial credit of every agent-to-host data channel. */
+uint32_t channel_peer_window(void);
+
+/* Write what is queued now, as far as the fd takes it without blocking. */
+void channel_write_pending(void);
+
+/* Write what is queued, waiting up to timeout_ms (before a power-off). */
+void channel_flush(int timeout_ms);
+
+#endif

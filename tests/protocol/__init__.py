@@ -1,0 +1,1 @@
+"""Protocol tests: the real agent binary in its host test mode (``--serve-fd``), no VM."""
