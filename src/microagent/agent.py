@@ -217,10 +217,13 @@ class AgentClient:
                 self.pending.clear()
                 if state.done is not None:
                     break
+                ready = selector.select(timeout=0.2)
                 if poll is not None:
+                    # signals and resizes that arrived while waiting go out before the
+                    # input read after them, as a terminal would order them
                     for extra in poll():
                         self.send(extra)
-                for key, _ in selector.select(timeout=0.2):
+                for key, _ in ready:
                     if key.data == "sock":
                         try:
                             data = self.sock.recv(1 << 20)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 
 from microagent.agent import AgentClient, ExecRequest, ExecResult
@@ -73,8 +72,11 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
              stdout: Callable[[bytes], None], stderr: Callable[[bytes], None]) -> ExecResult:
     """Run one command in ``name``; stream its output; return how it ended."""
     require_running(layout, name, "exec")
-    size = shutil.get_terminal_size((80, 24)) if options.tty else None
-    request = build_request(layout, name, options, (size.lines, size.columns) if size else None)
+    if options.tty and not any(item.startswith("TERM=") for item in options.env):
+        # like docker: a pty session gets the local terminal's type
+        options = replace(options, env=(f"TERM={os.environ.get('TERM') or 'xterm'}",
+                                        *options.env))
+    request = build_request(layout, name, options, terminal_size() if options.tty else None)
     sock = SupervisorClient(layout.run_files(name), name).open_channel()
     client = AgentClient(sock)
     try:
@@ -87,6 +89,19 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
                                poll=lambda: _drain(pending))
     finally:
         client.close()
+
+
+def terminal_size() -> tuple[int, int]:
+    """(rows, columns) of the local terminal, asked of the tty itself.
+
+    Not ``shutil.get_terminal_size``: it prefers $LINES and $COLUMNS, which go stale
+    when the window is resized.
+    """
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            size = os.get_terminal_size(stream.fileno())
+            return size.lines, size.columns
+    return 24, 80
 
 
 def _drain(pending: list[bytes]) -> list[bytes]:
@@ -122,8 +137,8 @@ def _forwarding(client: AgentClient, pending: list[bytes], tty: bool) -> Iterato
         pending.append(client.signal_frame(signum))
 
     def resize(_signum: int, _frame: FrameType | None) -> None:
-        size = shutil.get_terminal_size((80, 24))
-        pending.append(client.resize_frame(size.lines, size.columns))
+        rows, cols = terminal_size()
+        pending.append(client.resize_frame(rows, cols))
 
     handlers: dict[int, Callable[[int, FrameType | None], None]] = \
         {signal.SIGWINCH: resize} if tty else dict.fromkeys(FORWARDED_SIGNALS, forward)
