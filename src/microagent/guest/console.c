@@ -28,6 +28,7 @@ static pid_t shell_pid;
 static long long starts[RESPAWN_BURST]; /* the latest start times, a ring */
 static int next_start;
 static long long respawn_at; /* 0: none scheduled */
+static int stopping;          /* set at shutdown: no more shells */
 
 /* The device /dev/console stands for: the last name in /sys/class/tty/console/active. */
 static int find_console_device(void)
@@ -120,9 +121,17 @@ void console_start(void)
     start_shell();
 }
 
+void console_stop(void)
+{
+    stopping = 1;
+    respawn_at = 0;
+    if (shell_pid > 0 && kill(-shell_pid, SIGKILL) != 0 && errno != ESRCH)
+        log_error(errno, "console shell: kill session %d", (int)shell_pid);
+}
+
 void console_watch(void)
 {
-    if (respawn_at == 0)
+    if (respawn_at == 0 || stopping)
         return;
     if (monotonic_ms() >= respawn_at) {
         respawn_at = 0;
@@ -138,6 +147,8 @@ void console_child_exited(pid_t pid, int status)
     if (pid != shell_pid || shell_pid == 0)
         return;
     shell_pid = 0;
+    if (stopping)
+        return;
     long long now = monotonic_ms();
     /* The oldest of the last RESPAWN_BURST starts is next_start's slot. */
     long long oldest = starts[next_start];

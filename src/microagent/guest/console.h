@@ -15,4 +15,8 @@ void console_watch(void);
  * (at most RESPAWN_BURST starts in RESPAWN_WINDOW_MS, then a back-off). */
 void console_child_exited(pid_t pid, int status);
 
+/* Shutdown: end the console shell's session now and never respawn it. An interactive
+ * shell ignores SIGTERM, so waiting for it would cost the whole grace period. */
+void console_stop(void);
+
 #endif

@@ -3,6 +3,7 @@
 #include "power.h"
 
 #include "clock.h"
+#include "console.h"
 #include "log.h"
 #include "mounts.h"
 #include "net.h"
@@ -47,6 +48,7 @@ void power_off(const char *reason)
 void power_off_after(const char *reason, int grace_ms)
 {
     log_info("powering off (%s)", reason);
+    console_stop();
     signal_all(SIGTERM, "TERM");
     if (!wait_for_no_children(grace_ms)) {
         log_info("processes left after %d ms, sending SIGKILL", grace_ms);
