@@ -9,12 +9,15 @@ until the next boot, so a failed boot can be read afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 LOG_LIMIT = 4 * 1024 * 1024
 
@@ -67,6 +70,8 @@ class ConsoleCapture:
     async def capture(self, socket_path: str, deadline: float,
                       on_line: Callable[[str], None]) -> None:
         """Read the console socket until it closes; write and scan every byte."""
+        import asyncio
+
         while True:
             try:
                 reader, self.writer = await asyncio.open_unix_connection(socket_path)
