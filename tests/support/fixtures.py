@@ -44,8 +44,9 @@ def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("busybox")
     tree = busybox_tree(root / "tree")
     layout = root / "layout"
+    env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
     build_layout(layout, [ImageSpec(layers=[Layer(tar_directory(tree))], cmd=["/bin/sh"],
-                                    working_dir="/root", env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
+                                    working_dir="/root", env=env,
                                     exposed_ports={"8080/tcp": {}})])
     return layout
 
