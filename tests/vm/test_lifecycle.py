@@ -303,3 +303,20 @@ def test_start_without_an_obtainable_kernel(tmp_path: Path, busybox_image: Pushe
                                           result.stderr)
     assert events(home, "k")[-1]["state"] == "prepared"
     assert qemu_pids("k") == []
+
+
+def test_stop_records_stopped(home: Path, busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "stopme", "--image", busybox_image.ref, "--profile", "tiny"))
+    ok(ma(home, "start", "stopme"))
+    ok(ma(home, "exec", "stopme", "--", "sh", "-c", "echo kept > /root/kept"))
+    started = time.monotonic()
+    ok(ma(home, "stop", "stopme"))
+    assert time.monotonic() - started < 10
+    last = events(home, "stopme")[-1]
+    assert (last["state"], last["detail"]) == ("stopped", "stopped by request")
+    assert qemu_pids("stopme") == []
+    refused = ma(home, "stop", "stopme")
+    assert refused.returncode == 1 and "not running" in refused.stderr
+    ok(ma(home, "start", "stopme"))
+    assert ok(ma(home, "exec", "stopme", "--", "cat", "/root/kept")).stdout == "kept\n"
+    ok(ma(home, "halt", "stopme"))
