@@ -146,8 +146,8 @@ def main() -> int:
                                                 "head -c {size} /dev/zero > /dev/{port}"))
                 results["dd"].append(raw_rate(
                     client, raw, port, size,
-                    "dd if=/dev/zero of=/dev/{port} bs=65536 count=%d 2>/dev/null"
-                    % (size // 65536)))
+                    f"dd if=/dev/zero of=/dev/{{port}} bs=65536 count={size // 65536} "
+                    "2>/dev/null"))
             raw.close()
             client.close()
         finally:

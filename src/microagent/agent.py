@@ -98,6 +98,7 @@ class _Stream:
     done: ExecResult | None = None
     stdin_open: bool = True
     pending_stdin: bytearray = field(default_factory=bytearray)
+    owed: dict[int, int] = field(default_factory=dict)  # credit to return, per data type
 
 
 class AgentClient:
@@ -217,6 +218,7 @@ class AgentClient:
                 self.pending.clear()
                 if state.done is not None:
                     break
+                self._return_credit(stream_id, state)
                 ready = selector.select(timeout=0.2)
                 if poll is not None:
                     # signals and resizes that arrived while waiting go out before the
@@ -276,6 +278,15 @@ class AgentClient:
         selector.unregister(fd)
         self.send(encode(FrameType.STDIN, stream_id, b"", FLAG_END))
 
+    def _return_credit(self, stream_id: int, state: _Stream) -> None:
+        """Credit for the output consumed since the last call, one CREDIT per channel:
+        every frame the guest receives wakes its agent, so one per batch of output read,
+        not one per frame."""
+        if state.owed:
+            self.send(b"".join(encode_credit(stream_id, data_type, amount)
+                               for data_type, amount in state.owed.items()))
+            state.owed.clear()
+
     def _handle(self, frame: Frame, stream_id: int, state: _Stream, stdout: Sink,
                 stderr: Sink) -> None:
         if frame.stream == 0:
@@ -289,7 +300,7 @@ class AgentClient:
         if frame.type in (FrameType.STDOUT, FrameType.STDERR):
             if frame.payload:
                 (stdout if frame.type == FrameType.STDOUT else stderr)(frame.payload)
-                self.send(encode_credit(stream_id, frame.type, len(frame.payload)))
+                state.owed[frame.type] = state.owed.get(frame.type, 0) + len(frame.payload)
         elif frame.type == FrameType.CREDIT:
             data_type, increment = decode_credit(frame)
             if data_type == FrameType.STDIN:

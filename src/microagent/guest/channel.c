@@ -47,6 +47,7 @@ static enum channel_kind kind;
 static enum state state = CONN_CLOSED;
 static uint8_t in[2 * (FRAME_HEADER + MAX_PAYLOAD)];
 static size_t in_len;
+static size_t skip_input; /* bytes of a refused frame still to be discarded */
 static uint8_t out[OUT_CAP];
 static size_t out_head, out_tail;
 static size_t out_boundary; /* the start of the first frame not yet begun on the wire */
@@ -55,14 +56,6 @@ static size_t peer_max = MAX_PAYLOAD;
 static long long recheck_at;
 static struct json_token hello_tokens[256];
 
-/* A data frame whose header is on the wire and whose payload is being spliced from a
- * pipe: it goes before everything in the queue (which was empty when it began). */
-static struct {
-    int active;
-    int pipe;
-    size_t left;
-} spliced;
-static int splice_works = 1; /* cleared when the channel's fd refuses splice */
 
 static uint32_t get32(const uint8_t *p)
 {
@@ -117,8 +110,8 @@ static void drop_unsent(void)
 static void clear_buffers(void)
 {
     in_len = 0;
+    skip_input = 0;
     out_head = out_tail = out_boundary = 0;
-    spliced.active = 0;
 }
 
 /* The host went away: forget the connection. */
@@ -138,81 +131,8 @@ static void hang_up(const char *why)
     recheck_at = monotonic_ms() + RECHECK_MS;
 }
 
-/* Put len payload bytes at the front of the queue, before every queued frame. */
-static uint8_t *reserve_front(size_t len)
-{
-    if (out_head < len) {
-        if (queued() + len > OUT_CAP)
-            return NULL;
-        memmove(out + len, out + out_head, queued());
-        out_boundary = out_boundary - out_head + len;
-        out_tail = out_tail - out_head + len;
-        out_head = len;
-    }
-    out_head -= len;
-    return out + out_head;
-}
-
-/* Finish the spliced frame with read() into the queue's front (the pipe is about to be
- * closed, or the fd refused splice). The bytes are in the pipe: FIONREAD said so and
- * only the agent reads it. */
-static void finish_splice_by_copy(void)
-{
-    size_t len = spliced.left;
-    spliced.active = 0;
-    uint8_t *p = reserve_front(len);
-    if (p == NULL) {
-        log_info("agent channel: no room to finish a frame; resetting the connection");
-        hang_up("output queue overflow");
-        return;
-    }
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = read(spliced.pipe, p + got, len - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            log_error(n < 0 ? errno : 0, "agent channel: %zu bytes missing in a pipe",
-                      len - got);
-            memset(p + got, 0, len - got); /* keeps the framing; cannot happen */
-            break;
-        }
-        got += (size_t)n;
-    }
-    out_boundary = out_head + len; /* the queued frames start after the remainder */
-}
-
-/* Continue the spliced frame. Returns 0 when it is complete, -1 to wait for POLLOUT. */
-static int continue_splice(void)
-{
-    while (spliced.left > 0) {
-        ssize_t n = splice(spliced.pipe, NULL, fd, NULL, spliced.left,
-                           SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-        if (n > 0) {
-            spliced.left -= (size_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN)
-            return -1;
-        if (n < 0 && (errno == EINVAL || errno == ENOSYS)) {
-            splice_works = 0;
-            log_info("agent channel: splice refused; copying output instead");
-        } else {
-            log_error(n < 0 ? errno : 0, "agent channel: splice");
-        }
-        finish_splice_by_copy();
-        return 0;
-    }
-    spliced.active = 0;
-    return 0;
-}
-
 static void flush_some(void)
 {
-    if (spliced.active && continue_splice() != 0)
-        return;
     while (queued() > 0) {
         ssize_t n = write(fd, out + out_head, queued());
         if (n < 0) {
@@ -229,48 +149,8 @@ static void flush_some(void)
         while (out_boundary < out_head)
             out_boundary += FRAME_HEADER + get32(out + out_boundary);
     }
-    if (out_head == out_tail && !spliced.active)
+    if (out_head == out_tail)
         out_head = out_tail = out_boundary = 0;
-}
-
-size_t channel_max_payload(void)
-{
-    return peer_max;
-}
-
-int channel_splice_ready(void)
-{
-    return splice_works && state == CONN_READY && queued() == 0 && !spliced.active;
-}
-
-int channel_splice_frame(uint8_t type, uint32_t stream, int pipe, size_t len)
-{
-    uint8_t header[FRAME_HEADER];
-    put_header(header, type, stream, 0, len);
-    ssize_t n;
-    do
-        n = write(fd, header, sizeof(header));
-    while (n < 0 && errno == EINTR);
-    if (n < 0 && errno == EAGAIN)
-        return -1;
-    if (n != (ssize_t)sizeof(header)) {
-        /* A 12-byte write is all or nothing on a virtio port and a Unix socket. */
-        char why[96];
-        snprintf(why, sizeof(why), "write: %s", n < 0 ? strerror(errno) : "short write");
-        hang_up(why);
-        return -1;
-    }
-    spliced.active = 1;
-    spliced.pipe = pipe;
-    spliced.left = len;
-    continue_splice();
-    return 0;
-}
-
-void channel_splice_release(int pipe)
-{
-    if (spliced.active && spliced.pipe == pipe)
-        finish_splice_by_copy();
 }
 
 int channel_send(uint8_t type, uint32_t stream, uint8_t flags, const void *payload,
@@ -466,32 +346,52 @@ static void on_frame(uint8_t type, uint8_t flags, uint32_t stream, const uint8_t
     }
 }
 
+/* A malformed header: answer EPROTO (once per resync) and wait for HELLO. */
+static void protocol_error(uint32_t length, uint8_t flags, unsigned reserved)
+{
+    if (state == CONN_RESYNC)
+        return;
+    streams_reset();
+    drop_unsent();
+    if (length > MAX_PAYLOAD)
+        channel_send_error(0, "EPROTO", 0, "frame of %u bytes exceeds the maximum of %d; "
+                           "waiting for HELLO", length, MAX_PAYLOAD);
+    else
+        channel_send_error(0, "EPROTO", 0, "frame header has reserved bits set "
+                           "(flags=0x%02x, reserved=0x%04x); waiting for HELLO", flags,
+                           reserved);
+    state = CONN_RESYNC;
+}
+
 /* Parse and handle the complete frames in the input buffer. */
 static void process_input(void)
 {
     size_t pos = 0;
+    if (skip_input > 0) { /* the rest of a frame refused for its reserved bits */
+        size_t n = skip_input < in_len ? skip_input : in_len;
+        skip_input -= n;
+        pos = n;
+    }
     while (in_len - pos >= FRAME_HEADER && queued() < INPUT_LIMIT &&
            (state == CONN_NEW || state == CONN_READY || state == CONN_RESYNC)) {
         const uint8_t *h = in + pos;
         uint32_t length = get32(h);
         uint8_t type = h[4], flags = h[5];
         unsigned reserved = (unsigned)h[6] << 8 | h[7];
-        if (length > MAX_PAYLOAD || reserved != 0 || (flags & ~FLAG_END) != 0) {
-            if (state != CONN_RESYNC) {
-                streams_reset();
-                drop_unsent();
-                if (length > MAX_PAYLOAD)
-                    channel_send_error(0, "EPROTO", 0, "frame of %u bytes exceeds the "
-                                       "maximum of %d; waiting for HELLO", length,
-                                       MAX_PAYLOAD);
-                else
-                    channel_send_error(0, "EPROTO", 0, "frame header has reserved bits "
-                                       "set (flags=0x%02x, reserved=0x%04x); waiting for "
-                                       "HELLO", flags, reserved);
-                state = CONN_RESYNC;
-            }
+        if (length > MAX_PAYLOAD) {
+            /* Where the next frame starts is unknown: drop everything buffered. */
+            protocol_error(length, flags, reserved);
             in_len = 0;
             return;
+        }
+        if (reserved != 0 || (flags & ~FLAG_END) != 0) {
+            /* The length is still plausible: skip exactly this frame, stay aligned. */
+            protocol_error(length, flags, reserved);
+            size_t whole = FRAME_HEADER + (size_t)length;
+            size_t n = whole < in_len - pos ? whole : in_len - pos;
+            skip_input = whole - n;
+            pos += n;
+            continue;
         }
         if (in_len - pos < FRAME_HEADER + length)
             break;
@@ -611,7 +511,7 @@ void channel_watch(void)
     short events = 0;
     if (in_len < sizeof(in))
         events |= POLLIN;
-    if (queued() > 0 || spliced.active)
+    if (queued() > 0)
         events |= POLLOUT;
     if (events != 0)
         poller_add(fd, events, on_ready, NULL, 0);
@@ -619,14 +519,14 @@ void channel_watch(void)
 
 void channel_write_pending(void)
 {
-    if ((queued() > 0 || spliced.active) && state != CONN_CLOSED && state != CONN_HUNG)
+    if (queued() > 0 && state != CONN_CLOSED && state != CONN_HUNG)
         flush_some();
 }
 
 void channel_flush(int timeout_ms)
 {
     const long long deadline = monotonic_ms() + timeout_ms;
-    while ((queued() > 0 || spliced.active) && state != CONN_CLOSED && state != CONN_HUNG) {
+    while (queued() > 0 && state != CONN_CLOSED && state != CONN_HUNG) {
         long long left = deadline - monotonic_ms();
         if (left <= 0)
             return;

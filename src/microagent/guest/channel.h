@@ -75,21 +75,6 @@ uint8_t *channel_data_buffer(void);
 /* Queue the data frame whose len payload bytes were put at channel_data_buffer(). */
 void channel_data_commit(uint8_t type, uint32_t stream, uint8_t flags, size_t len);
 
-/* The negotiated maximum payload of the frames the agent sends. */
-size_t channel_max_payload(void);
-
-/* Zero-copy data frames: when nothing is queued, a frame's payload can go from a pipe to
- * the channel with splice(2) (virtio_console moves the pipe's pages into the virtqueue).
- * channel_splice_ready says whether now is such a time; channel_splice_frame writes the
- * header and splices len bytes, which must be in the pipe already (FIONREAD); the rest
- * of a partial splice goes before anything queued later. Returns 0, or -1 when nothing
- * was sent (the fd is full: use the copying path or wait). */
-int channel_splice_ready(void);
-int channel_splice_frame(uint8_t type, uint32_t stream, int pipe, size_t len);
-
-/* The pipe is about to be closed: finish its spliced frame, if any, by copying. */
-void channel_splice_release(int pipe);
-
 /* The host's window: the initial credit of every agent-to-host data channel. */
 uint32_t channel_peer_window(void);
 

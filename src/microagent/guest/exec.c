@@ -34,7 +34,9 @@
  * the same whatever its size (a VM exit; ~0.2 ms under TCG), so a little patience turns
  * 4 KiB frames into 64 KiB ones. It only delays output that follows output within the
  * same millisecond. */
+#ifndef COALESCE_MS
 #define COALESCE_MS 1
+#endif
 
 enum { TAG_STATUS, TAG_OUT, TAG_ERR, TAG_IN };
 
@@ -67,10 +69,8 @@ static const struct stream_ops exec_ops;
 
 static void close_role(struct exec *e, int *fd)
 {
-    if (*fd >= 0 && *fd != e->master) {
-        channel_splice_release(*fd);
+    if (*fd >= 0 && *fd != e->master)
         close(*fd);
-    }
     *fd = -1;
 }
 
@@ -182,26 +182,6 @@ static void pump(struct stream *s, int tag)
     uint8_t type = tag == TAG_OUT ? FRAME_STDOUT : FRAME_STDERR;
     long long *read_at = tag == TAG_OUT ? &e->out_read_at : &e->err_read_at;
     while (*fd >= 0) {
-        /* Zero copy when the channel is idle: from the pipe straight to the port. */
-        int avail = 0;
-        if (*fd != e->master && channel_splice_ready() &&
-            ioctl(*fd, FIONREAD, &avail) == 0 && avail > 0) {
-            size_t want = channel_max_payload();
-            if ((long long)want > *credit)
-                want = (size_t)*credit;
-            if ((size_t)avail < want)
-                want = (size_t)avail;
-            if (channel_splice_frame(type, s->id, *fd, want) == 0) {
-                *credit -= (long long)want;
-                if (want == (size_t)avail) {
-                    *read_at = monotonic_ms() + COALESCE_MS;
-                    return;
-                }
-                if (*credit == 0)
-                    return;
-                continue;
-            }
-        }
         size_t want = channel_data_room();
         if ((long long)want > *credit)
             want = (size_t)*credit;
