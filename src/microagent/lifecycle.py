@@ -122,9 +122,9 @@ def _tail(path: Any, lines: int) -> str:
 
 def _boot_failure(layout: StateLayout, name: str, detail: str) -> StartError:
     tail = capture_tail(layout.workspace_serial_log(name), 25)
-    message = f"workspace {name} failed to start: {detail}"
-    if tail:
-        message += "\nlast console lines:\n" + "\n".join(f"  {x}" for x in tail.splitlines())
+    message = f"workspace {name} failed to start: {detail}\nlast console lines:\n"
+    message += ("\n".join(f"  {x}" for x in tail.splitlines()) if tail.strip()
+                else "  (none: the guest printed nothing on its console yet)")
     return StartError(message, hint=f"the full console is in `microagent logs {name}`")
 
 
