@@ -16,13 +16,15 @@ delayed jiffies) made 6 of 6 boot under the same load.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from microagent.backends.base import choose_accel
+from microagent.backends.base import host_tsc_khz as measure_host_tsc_khz
 
 BOOT_TIMEOUT = 60.0
 
@@ -33,46 +35,19 @@ TCG_CPU = "max,-erms,-fsrm"
 
 
 def use_kvm() -> bool:
-    """KVM only when usable and the CPU has vmx/svm (a nested paravirtual /dev/kvm hangs
-    normal kernels); else TCG. ``MICROAGENT_ACCEL=kvm|tcg`` overrides."""
-    accel = os.environ.get("MICROAGENT_ACCEL")
-    if accel is not None:
-        return accel == "kvm"
-    flags = Path("/proc/cpuinfo").read_text()
-    return os.access("/dev/kvm", os.R_OK | os.W_OK) and (" vmx" in flags or " svm" in flags)
+    """The backend's rule (``choose_accel``): KVM only when usable with vmx/svm."""
+    return choose_accel().accel == "kvm"
 
 
 def accel_args() -> list[str]:
     """``-accel`` and ``-cpu`` for :func:`use_kvm`'s choice."""
-    return ["-accel", "kvm", "-cpu", "host"] if use_kvm() else ["-accel", "tcg", "-cpu", TCG_CPU]
+    return ["-accel", "kvm", "-cpu", "host"] if use_kvm() else ["-accel", "tcg", "-cpu", "max"]
 
 
 @functools.cache
 def host_tsc_khz() -> int | None:
-    """The host's TSC frequency, measured against CLOCK_MONOTONIC (x86-64 only)."""
-    import ctypes
-    import mmap
-    import platform
-    import statistics
-
-    if platform.machine() != "x86_64":
-        return None
-    try:
-        code = mmap.mmap(-1, mmap.PAGESIZE,
-                         prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except OSError:
-        return None
-    code.write(bytes.fromhex("0f31" "48c1e220" "4809d0" "c3"))  # rdtsc; rax |= rdx << 32
-    rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(
-        ctypes.addressof(ctypes.c_char.from_buffer(code)))
-    rates = []
-    for _ in range(5):
-        t0, c0 = time.perf_counter_ns(), rdtsc()
-        time.sleep(0.05)
-        t1, c1 = time.perf_counter_ns(), rdtsc()
-        rates.append((c1 - c0) * 1_000_000 / (t1 - t0))
-    khz: float = statistics.median(rates)
-    return round(khz)
+    """The backend's host TSC measurement, once per session."""
+    return measure_host_tsc_khz()
 
 
 def guest_clock_append() -> str:
