@@ -138,6 +138,10 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
                                 "or pick another name")
         image = ensure_image(layout, spec.image, progress=progress)
         base = ensure_base_disk(layout, image, spec.resources.disk_mib, progress=progress)
+        # the seed page: create installs the default kernel if it is missing
+        from microagent.kernels import default_kernel
+
+        default_kernel(layout, install_if_missing=True)
         ensure_dir(layout.workspaces_dir)
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{spec.name}-",
                                         dir=layout.workspaces_dir))

@@ -291,6 +291,8 @@ def test_start_without_an_obtainable_kernel(tmp_path: Path, busybox_image: Pushe
                                             guest_agent: Path) -> None:
     home = tmp_path / "no-kernel"
     ok(ma(home, "create", "k", "--image", busybox_image.ref, "--profile", "tiny"))
+    assert list((home / "kernels").iterdir()), "create installs the default kernel"
+    shutil.rmtree(home / "kernels")  # and now none can be had
     bin_dir = tmp_path / "bin"  # a PATH with QEMU but no apt-get: no kernel source works
     bin_dir.mkdir()
     for tool in ("qemu-system-x86_64", "dpkg-deb"):
@@ -320,3 +322,15 @@ def test_stop_records_stopped(home: Path, busybox_image: PushedImage) -> None:
     ok(ma(home, "start", "stopme"))
     assert ok(ma(home, "exec", "stopme", "--", "cat", "/root/kept")).stdout == "kept\n"
     ok(ma(home, "halt", "stopme"))
+
+
+def test_network_none_has_only_loopback(home: Path, busybox_image: PushedImage) -> None:
+    ok(ma(home, "create", "offline", "--image", busybox_image.ref, "--profile", "tiny",
+          "--network", "none"))
+    ok(ma(home, "start", "offline"))
+    assert ok(ma(home, "exec", "offline", "--", "ls", "/sys/class/net")).stdout.split() == ["lo"]
+    status = json.loads(ok(ma(home, "--json", "status", "offline")).stdout)
+    assert status["network"] == "none" and status["networkReady"]["ok"] is True
+    listed = [line.split() for line in ok(ma(home, "list")).stdout.splitlines()]
+    assert ["offline", "running", "qemu", "tiny", "none", "never"] in listed
+    ok(ma(home, "halt", "offline"))
