@@ -177,3 +177,12 @@ def test_argv_bytes_survive_json_escapes(session: Session) -> None:
     state = session.run(["printf", "%s", odd])
     assert state.exit is not None and state.exit["exit_code"] == 0
     assert bytes(state.stdout) == odd.encode("utf-8", "surrogateescape")
+
+
+def test_background_holder_is_waited_for_and_killed_at_the_timeout(session: Session) -> None:
+    # The shell exits at once; its background child keeps stdout open: EXIT waits for EOF,
+    # which the timeout brings by killing the group, and the shell's own status is kept.
+    state = session.run(["sh", "-c", "echo first; (sleep 0.5; echo late; sleep 60) & exit 3"],
+                        timeout_ms=1500)
+    assert state.exit == {"exit_code": 3, "signal": None, "timed_out": False}
+    assert bytes(state.stdout) == b"first\nlate\n"

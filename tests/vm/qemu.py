@@ -41,7 +41,7 @@ def use_kvm() -> bool:
 
 def accel_args() -> list[str]:
     """``-accel`` and ``-cpu`` for :func:`use_kvm`'s choice."""
-    return ["-accel", "kvm", "-cpu", "host"] if use_kvm() else ["-accel", "tcg", "-cpu", "max"]
+    return ["-accel", "kvm", "-cpu", "host"] if use_kvm() else ["-accel", "tcg", "-cpu", TCG_CPU]
 
 
 @functools.cache

@@ -6,8 +6,8 @@
  * without bound; STDIN is buffered up to the window the agent granted and credit goes
  * back as bytes reach the process. EXIT goes out once both outputs are at EOF and PID 1's
  * reaper has handed over the exit status (or, after a timeout or CANCEL killed the
- * process group, once the process is reaped: an escaped grandchild holding a pipe must
- * not keep the stream open). */
+ * process group, once the process is reaped: a process that left the group and holds a
+ * pipe must not keep the stream open). */
 #include "channel.h"
 #include "clock.h"
 #include "errnames.h"
@@ -30,13 +30,11 @@
 #define MAX_CREDIT (1LL << 40)
 #define MAX_TIMEOUT_MS (1LL << 40)
 /* After a read that emptied a pipe, the next read waits this long: programs write in
- * small blocks (busybox: 4 KiB), and every write to the virtio-serial port costs about
- * the same whatever its size (a VM exit; ~0.2 ms under TCG), so a little patience turns
- * 4 KiB frames into 64 KiB ones. It only delays output that follows output within the
- * same millisecond. */
-#ifndef COALESCE_MS
-#define COALESCE_MS 1
-#endif
+ * small blocks (busybox: 4 KiB), and every write to the virtio-serial port is a VM exit
+ * whatever its size, so a little patience turns 4 KiB frames into 64 KiB ones (measured
+ * under TCG: busybox head 7 -> 14 MB/s, dd with 64 KiB blocks 131 -> 148 MB/s). It only
+ * delays output that follows other output within 2 ms. */
+#define COALESCE_MS 2
 
 enum { TAG_STATUS, TAG_OUT, TAG_ERR, TAG_IN };
 
@@ -410,10 +408,12 @@ static void exec_tick(struct stream *s, long long now)
     if (e->deadline == 0 || now < e->deadline)
         return;
     e->deadline = 0;
-    /* After the process itself exited, the timeout still ends a wait for EOF that a
-     * background process holding the pipes would drag on. */
-    e->timed_out = !e->reaped;
-    e->killed = 1;
+    if (!e->reaped) {
+        e->timed_out = 1;
+        e->killed = 1;
+    }
+    /* After the process itself exited, the timeout still kills the background processes
+     * of its group that hold the pipes open; the output left is still read to EOF. */
     kill_group(e, SIGKILL);
     check_done(s);
 }

@@ -21,9 +21,7 @@
 #include <unistd.h>
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#ifndef PIPE_SIZE
 #define PIPE_SIZE (256 * 1024)
-#endif
 #define AGENT_NOFILE 16384
 
 static struct rlimit original_nofile;
