@@ -17,7 +17,7 @@ SPEC = LaunchSpec(
 GOLDEN = [
     "qemu-system-x86_64", "-name", "microagent-research",
     "-M", "microvm,acpi=on,rtc=on,x-option-roms=off",
-    "-accel", "tcg,thread=multi", "-cpu", "max", "-m", "2048M", "-smp", "2",
+    "-accel", "tcg,thread=multi", "-cpu", "max,-erms,-fsrm", "-m", "2048M", "-smp", "2",
     "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
     "-kernel", "/k/vmlinuz", "-initrd", "/run/boot.cpio", "-append", "console=ttyS0 quiet",
     "-chardev", "socket,id=console,path=console.sock,server=on,wait=off",
