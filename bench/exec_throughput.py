@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tools")]
+sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
+from boot_floor import build_agent, build_disk  # noqa: E402
 from tests.vm.qemu import RunningVM, accel_args  # noqa: E402
 
 from microagent.agent import AgentClient, ExecRequest  # noqa: E402
@@ -52,22 +52,6 @@ PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "microagent-tests" / "kernel-state-v1"
-
-
-def build_agent() -> Path:
-    subprocess.run(["make", "-s", "-C", str(REPO / "src/microagent/guest")], check=True,
-                   timeout=300)
-    return REPO / "src/microagent/guest/build/microagent-init"
-
-
-def build_disk(work: Path) -> Path:
-    from ocilayout import busybox_tree  # type: ignore[import-not-found]  # tools/
-
-    tree = busybox_tree(work / "root")
-    disk = work / "rootfs.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk), "64M"], check=True,
-                   capture_output=True, timeout=120)
-    return disk
 
 
 def run(client: AgentClient, command: str) -> str:
