@@ -178,16 +178,23 @@ class AgentClient:
                 self.sock.settimeout(remaining)
             else:
                 self.sock.settimeout(None)
-            try:
-                data = self.sock.recv(1 << 20)
-            except TimeoutError:
-                raise
-            except OSError as e:
-                raise ProtocolError(f"agent channel failed: {e.strerror}") from e
-            if not data:
-                raise ProtocolError("agent channel closed")
-            self.pending.extend(self.decoder.feed(data))
+            self._receive("")
         return self.pending.pop(0)
+
+    def _receive(self, during: str) -> bool:
+        """Read what the socket has into ``pending``; False if nothing was ready."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except (TimeoutError, BlockingIOError):
+            if self.sock.gettimeout() != 0.0:
+                raise  # a blocking read that timed out: the caller's deadline passed
+            return False
+        except OSError as e:
+            raise ProtocolError(f"agent channel failed: {e.strerror}") from e
+        if not data:
+            raise ProtocolError(f"agent channel closed{during}")
+        self.pending.extend(self.decoder.feed(data))
+        return True
 
     # --- exec -----------------------------------------------------------------------
 
@@ -227,15 +234,7 @@ class AgentClient:
                         self.send(extra)
                 for key, _ in ready:
                     if key.data == "sock":
-                        try:
-                            data = self.sock.recv(1 << 20)
-                        except BlockingIOError:
-                            continue
-                        except OSError as e:
-                            raise ProtocolError(f"agent channel failed: {e.strerror}") from e
-                        if not data:
-                            raise ProtocolError("agent channel closed during exec")
-                        self.pending.extend(self.decoder.feed(data))
+                        self._receive(" during exec")
                     elif key.data == "stdin" and state.send_credit > 0:
                         self._forward_stdin(stdin_fd, stream_id, state, selector)
                 if stdin_fd is not None and state.stdin_open and state.send_credit > 0 \
