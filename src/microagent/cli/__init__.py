@@ -1,0 +1,122 @@
+"""The ``microagent`` command: parse, call the library, render text or ``--json``.
+
+A leaf: nothing in the library imports it. One module per group of verbs, each with a
+``register(verbs)`` that adds its sub-commands and the handlers that run them
+(``workspaces``, ``lifecycle``, ``exec``, ``images``); ``output`` holds what they share.
+Every error is a :class:`~microagent.errors.MicroagentError` turned into a message, a hint
+and an exit code in :func:`main`, the one place that does. Heavy modules are imported
+inside the handlers so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from microagent import __version__
+from microagent.cli import exec as exec_verbs
+from microagent.cli import images, lifecycle, workspaces
+from microagent.cli.output import Handler, Output, Parser, add_verb, table
+from microagent.config import DEFAULT_PROFILE, PROFILES
+from microagent.errors import (
+    EXIT_EXEC_FAILED,
+    EXIT_FAILURE,
+    EXIT_OK,
+    MicroagentError,
+    UsageError,
+)
+
+__all__ = ["build_parser", "main"]
+
+
+def cmd_version(args: argparse.Namespace, out: Output) -> int:
+    out.emit({"version": __version__, "python": sys.version.split()[0]},
+             f"microagent {__version__}")
+    return EXIT_OK
+
+
+def cmd_profiles(args: argparse.Namespace, out: Output) -> int:
+    rows = [[p.name, f"{p.memory_mib}MiB", str(p.cpus), f"{p.disk_mib}MiB",
+             p.description + (" (default)" if p.name == DEFAULT_PROFILE else "")]
+            for p in PROFILES]
+    document = {"profiles": [{"name": p.name, "memory_mib": p.memory_mib, "cpus": p.cpus,
+                              "disk_mib": p.disk_mib, "description": p.description,
+                              "default": p.name == DEFAULT_PROFILE} for p in PROFILES]}
+    out.emit(document, table(["NAME", "MEMORY", "CPUS", "DISK", "DESCRIPTION"], rows))
+    return EXIT_OK
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="microagent",
+                    description="Persistent AI-agent workspaces in microVMs.")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="state directory (default ~/.microagent, env MICROAGENT_HOME)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
+    add_verb(verbs, "version", cmd_version, "print the version")
+    add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
+    for group in (workspaces, lifecycle, exec_verbs, images):
+        group.register(verbs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one command and return its exit code."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in raw[: _verb_position(raw)]
+    debug = "--debug" in raw[: _verb_position(raw)]
+    out = Output(as_json)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(raw)
+        if not getattr(args, "handler", None):
+            parser.print_help(sys.stderr)
+            return 2
+        handler: Handler = args.handler
+        return handler(args, out)
+    except MicroagentError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        report(out, e)
+        if _is_exec(raw) and not isinstance(e, UsageError):
+            return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except Exception as e:
+        if debug:
+            raise
+        report(out, MicroagentError(f"internal error: {type(e).__name__}: {e}",
+                                    hint="rerun with --debug for a traceback"))
+        return EXIT_FAILURE
+
+
+def _is_exec(raw: Sequence[str]) -> bool:
+    position = _verb_position(raw)
+    return position < len(raw) and raw[position] in ("exec", "run")
+
+
+def _verb_position(raw: Sequence[str]) -> int:
+    for i, word in enumerate(raw):
+        if not word.startswith("-"):
+            if i > 0 and raw[i - 1] == "--state-dir":
+                continue
+            return i
+    return len(raw)
+
+
+def report(out: Output, error: MicroagentError) -> None:
+    """Print an error: JSON on stdout with --json, else message and hint on stderr."""
+    if out.as_json:
+        out.emit({"error": error.to_json()})
+        return
+    sys.stderr.write(f"microagent: error: {error.message}\n")
+    if error.hint:
+        sys.stderr.write(f"hint: {error.hint}\n")

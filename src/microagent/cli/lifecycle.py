@@ -1,0 +1,66 @@
+"""``start``, ``halt``, ``stop``, ``kill`` and the hidden ``_supervise``: a VM's life."""
+
+from __future__ import annotations
+
+import argparse
+
+from microagent.cli.output import Output, Verbs, add_name, add_verb, layout_of, workspace_name
+from microagent.errors import EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import start_workspace
+
+    name = workspace_name(args)
+    state = start_workspace(layout_of(args), name, timeout=args.timeout,
+                            progress=out.progress())
+    out.emit({"name": name, "state": state.state, "pid": state.vmm_pid})
+    return EXIT_OK
+
+
+def cmd_halt(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import halt_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": halt_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import stop_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": stop_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
+def cmd_kill(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import kill_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": kill_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
+def cmd_supervise(args: argparse.Namespace, out: Output) -> int:
+    from microagent.supervisor import run_supervisor
+
+    return run_supervisor(layout_of(args), args.name, args.timeout)
+
+
+def register(verbs: Verbs) -> None:
+    p = add_verb(verbs, "start", cmd_start, "boot a workspace and wait until it is ready")
+    add_name(p)
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for the guest (default 120)")
+    for name, handler, text in (
+        ("halt", cmd_halt, "clean, disk-preserving shutdown"),
+        ("stop", cmd_stop, "ask the guest to shut down; failed if it has not within 5s"),
+        ("kill", cmd_kill, "end the VM process at once"),
+    ):
+        add_name(add_verb(verbs, name, handler, text))
+
+    p = verbs.add_parser("_supervise")  # hidden: the per-workspace supervisor
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(handler=cmd_supervise)

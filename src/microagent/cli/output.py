@@ -1,0 +1,118 @@
+"""What every command shares: the output sink, the parser class, names and tables."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from microagent.errors import MicroagentError, UsageError
+from microagent.layout import StateLayout
+
+Handler = Callable[[argparse.Namespace, "Output"], int]
+
+
+class Output:
+    """Where a command's result goes: text on stdout, or one JSON document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, document: Any, text: str | None = None) -> None:
+        """Print ``document`` as JSON, or ``text`` (when given) for people."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        elif text is not None:
+            sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+        sys.stdout.flush()
+
+    def progress(self) -> Any:
+        from microagent.progress import progress_for
+
+        return progress_for(sys.stderr, quiet=self.as_json)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so ``--json`` sees it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
+
+
+Verbs = Any  # argparse's _SubParsersAction, which has no public name
+
+
+def add_verb(verbs: Verbs, name: str, handler: Handler, help_text: str,
+             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A sub-command whose ``handler`` runs it."""
+    parser: argparse.ArgumentParser = verbs.add_parser(
+        name, help=help_text, aliases=list(aliases), description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_name(parser: argparse.ArgumentParser) -> None:
+    """The workspace name, positionally or with ``--name``."""
+    parser.add_argument("name", nargs="?", help="workspace name")
+    parser.add_argument("--name", dest="name_flag", metavar="NAME", help="workspace name")
+
+
+def workspace_name(args: argparse.Namespace) -> str:
+    """The name given positionally or with --name (not both, not neither)."""
+    if args.name and args.name_flag:
+        raise UsageError("give the workspace name once: positionally or with --name")
+    name = args.name or args.name_flag
+    if not name:
+        raise UsageError("a workspace name is required")
+    return str(name)
+
+
+def layout_of(args: argparse.Namespace) -> StateLayout:
+    return StateLayout.resolve(args.state_dir)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by three spaces, docker-style."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["   ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def ago(iso: str) -> str:
+    """``5 minutes ago`` for an ISO timestamp."""
+    try:
+        then = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    seconds = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "just now" if seconds < 5 else f"{seconds} seconds ago"
+
+
+def text_field(key: str, data: bytes) -> dict[str, Any]:
+    """Output as text, or base64 with a flag when it is not valid UTF-8."""
+    try:
+        return {key: data.decode("utf-8"), f"{key}_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        import base64
+
+        return {key: base64.b64encode(data).decode(), f"{key}_encoding": "base64"}
+
+
+def confirm(question: str) -> None:
+    """Ask on stderr; refuse without a TTY, naming --yes."""
+    if not sys.stdin.isatty():
+        raise UsageError("confirmation needed but standard input is not a terminal",
+                         hint="pass --yes to confirm")
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise MicroagentError("not confirmed; nothing was deleted")

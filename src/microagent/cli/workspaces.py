@@ -1,0 +1,136 @@
+"""``create``, ``list``/``ps``, ``status`` and ``delete``: workspaces as records."""
+
+from __future__ import annotations
+
+import argparse
+
+from microagent.cli.output import (
+    Output,
+    Verbs,
+    add_name,
+    add_verb,
+    confirm,
+    layout_of,
+    table,
+    workspace_name,
+)
+from microagent.config import DEFAULT_PROFILE
+from microagent.errors import EXIT_OK, UsageError
+
+
+def cmd_create(args: argparse.Namespace, out: Output) -> int:
+    from microagent.config import resolve_resources
+    from microagent.workspaces import WorkspaceSpec, create_workspace
+
+    name = workspace_name(args)
+    if not args.image:
+        raise UsageError("create needs --image REF")
+    spec = WorkspaceSpec(
+        name=name,
+        image=args.image,
+        resources=resolve_resources(args.profile, memory_mib=args.memory, cpus=args.cpus,
+                                    disk_mib=args.size_mib),
+        backend=args.backend,
+        network=args.network,
+        restart=args.restart,
+        env=tuple(args.env),
+        hostname=args.hostname or "",
+    )
+    ws = create_workspace(layout_of(args), spec, progress=out.progress())
+    out.emit(ws.to_json(), "\n".join([
+        f"Workspace: {ws.name}",
+        f"State: {ws.state}",
+        f"Rootfs: {ws.rootfs}",
+        f"Profile: {ws.resources.profile}",
+        f"Resources: {ws.resources.describe()}",
+    ]))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import workspace_status
+
+    name = workspace_name(args)
+    doc = workspace_status(layout_of(args), name, probe=out.as_json)
+    lines = [
+        f"Workspace: {doc['name']}",
+        f"State: {doc['state']}" + (f" ({doc['detail']})" if doc["detail"] else ""),
+        f"Image: {doc['image']}",
+        f"Profile: {doc['profile']}",
+        f"Resources: memory={doc['resources']['memory_mib']}MiB cpus={doc['resources']['cpus']}"
+        f" disk={doc['resources']['disk_mib']}MiB",
+        f"Backend: {doc['backend']}" + (f" ({doc['accel']})" if doc.get("accel") else ""),
+        f"Network: {doc['network']}",
+        f"Restart: {doc['restart']}",
+        f"Rootfs: {doc['rootfs']}",
+    ]
+    if doc["pid"]:
+        lines.append(f"PID: {doc['pid']}")
+    if doc["uptime_seconds"] is not None:
+        lines.append(f"Uptime: {doc['uptime_seconds']:.0f}s")
+    for key in ("guestReady", "execReady", "consoleReady", "networkReady"):
+        signal_doc = doc[key]
+        lines.append(f"{key}: {'yes' if signal_doc['ok'] else 'no'} ({signal_doc['detail']})")
+    out.emit(doc, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_ps(args: argparse.Namespace, out: Output) -> int:
+    return render_workspaces(args, out, running_only=True)
+
+
+def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    return render_workspaces(args, out, running_only=False)
+
+
+def render_workspaces(args: argparse.Namespace, out: Output, *, running_only: bool) -> int:
+    from microagent.workspaces import list_workspaces
+
+    workspaces = list_workspaces(layout_of(args))
+    if running_only:
+        workspaces = [w for w in workspaces
+                      if w.state in ("starting", "running", "halting", "quarantined")]
+    rows = [[w.name, w.state, w.backend, w.resources.profile, w.network, w.restart]
+            for w in workspaces]
+    text = (table(["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"], rows)
+            if workspaces else "No workspaces.")
+    out.emit({"workspaces": [w.to_json() for w in workspaces]}, text)
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace, out: Output) -> int:
+    from microagent.config import validate_name
+    from microagent.workspaces import delete_workspace
+
+    name = validate_name(workspace_name(args))
+    if not args.yes:
+        confirm(f"Delete workspace {name} and its disk? [y/N] ")
+    existed = delete_workspace(layout_of(args), name)
+    text = f"Deleted {name}" if existed else f"No workspace named {name}; nothing to delete."
+    out.emit({"name": name, "deleted": existed}, text)
+    return EXIT_OK
+
+
+def register(verbs: Verbs) -> None:
+    p = add_verb(verbs, "create", cmd_create, "create a workspace from an image")
+    add_name(p)
+    p.add_argument("--image", metavar="REF", help="image reference, oci:DIR or docker-archive:TAR")
+    p.add_argument("--profile", metavar="P", help=f"resource profile (default {DEFAULT_PROFILE})")
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs")
+    p.add_argument("--size-mib", type=int, metavar="MIB", help="root disk size in MiB")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment for commands (repeatable)")
+    p.add_argument("--hostname", metavar="H", help="guest hostname (default: the name)")
+    p.add_argument("--network", default="user", metavar="MODE", help="user (default) or none")
+    p.add_argument("--restart", default="never", metavar="POLICY",
+                   help="never (default), on-failure or always")
+    p.add_argument("--backend", default="qemu", metavar="B", help="qemu (default)")
+
+    add_verb(verbs, "list", cmd_list, "list saved workspaces", aliases=["ls"])
+    add_verb(verbs, "ps", cmd_ps, "list running workspaces")
+    add_name(add_verb(verbs, "status", cmd_status,
+                      "one workspace in words (--json adds readiness signals)"))
+    p = add_verb(verbs, "delete", cmd_delete, "delete a workspace and its disk", aliases=["rm"])
+    add_name(p)
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
