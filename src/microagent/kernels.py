@@ -48,7 +48,11 @@ REQUIRED_MODULES = {
     "virtio_console": "CONFIG_VIRTIO_CONSOLE",
     "ext4": "CONFIG_EXT4_FS",
 }
-OPTIONAL_MODULES = {"vmw_vsock_virtio_transport": "CONFIG_VIRTIO_VSOCKETS"}
+# button: the ACPI power button, so QMP system_powerdown (stop's fallback) reaches the agent
+OPTIONAL_MODULES = {
+    "vmw_vsock_virtio_transport": "CONFIG_VIRTIO_VSOCKETS",
+    "button": "CONFIG_ACPI_BUTTON",
+}
 MODULE_LIST = "etc/microagent/modules"
 DEFAULT_RECORD = "default.json"
 BUNDLE_RECORD = "kernel.json"

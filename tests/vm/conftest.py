@@ -21,7 +21,7 @@ from tests.support.distro import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = REPO / "src" / "microagent" / "guest"
-KERNEL_STATE = "kernel-state-v1"
+KERNEL_STATE = "kernel-state-v2"
 DISK_MIB = 64
 
 

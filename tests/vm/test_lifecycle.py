@@ -334,3 +334,64 @@ def test_network_none_has_only_loopback(home: Path, busybox_image: PushedImage) 
     listed = [line.split() for line in ok(ma(home, "list")).stdout.splitlines()]
     assert ["offline", "running", "qemu", "tiny", "none", "never"] in listed
     ok(ma(home, "halt", "offline"))
+
+
+def test_stop_of_a_guest_that_does_not_exit_is_failed(home: Path,
+                                                      busybox_image: PushedImage) -> None:
+    """A frozen VM (QEMU stopped with SIGSTOP) cannot act on stop: after five seconds the
+    workspace is failed, its VM is left running (stop never falls back to kill), and kill
+    ends it."""
+    ok(ma(home, "create", "stuck", "--image", busybox_image.ref, "--profile", "tiny"))
+    ok(ma(home, "start", "stuck"))
+    (vm,) = qemu_pids("stuck")
+    os.kill(vm, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        result = ma(home, "stop", "stuck")
+        assert result.returncode == 1, result
+        assert "did not stop within 5 seconds" in result.stderr
+        assert "microagent kill stuck" in result.stderr
+        assert 5 <= time.monotonic() - started < 20
+        assert qemu_pids("stuck") == [vm], "stop must not kill the VM"
+        status = json.loads(ok(ma(home, "--json", "status", "stuck")).stdout)
+        assert status["state"] == "failed" and status["pid"] == vm, status
+        assert events(home, "stuck")[-1]["state"] == "failed"
+        refused = ma(home, "start", "stuck")
+        assert refused.returncode != 0
+        assert qemu_pids("stuck") == [vm]
+    finally:
+        if qemu_pids("stuck"):
+            os.kill(vm, signal.SIGCONT)
+    ok(ma(home, "kill", "stuck"))
+    assert qemu_pids("stuck") == []
+    assert events(home, "stuck")[-1]["state"] == "stopped"
+    ok(ma(home, "delete", "stuck", "--yes"))
+
+
+def test_restart_always_reboots_a_guest_that_powered_off(home: Path,
+                                                         busybox_image: PushedImage) -> None:
+    """`--restart always` also restarts after the guest powers off by itself (init gets
+    busybox's poweroff signal), but not after halt."""
+    ok(ma(home, "create", "again", "--image", busybox_image.ref, "--profile", "tiny",
+          "--restart", "always"))
+    ok(ma(home, "start", "again"))
+    ok(ma(home, "exec", "again", "--", "sh", "-c", "echo kept > /root/kept"))
+    (first,) = qemu_pids("again")
+    ma(home, "exec", "again", "--", "sh", "-c", "kill -USR2 1")  # may end with the VM
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = [e["state"] for e in events(home, "again")]
+        if "stopped" in states and states[-1] == "running":
+            break
+        time.sleep(0.2)
+    log = events(home, "again")
+    assert [e["state"] for e in log][-3:] == ["stopped", "starting", "running"], log
+    assert "powered off" in log[-3]["detail"]
+    assert "restart 1 (policy always)" in log[-2]["detail"]
+    assert qemu_pids("again") not in ([], [first])
+    assert ok(ma(home, "exec", "again", "--", "cat", "/root/kept")).stdout == "kept\n"
+    ok(ma(home, "halt", "again"))
+    time.sleep(3)
+    assert events(home, "again")[-1]["state"] == "halted"
+    assert qemu_pids("again") == []
+    ok(ma(home, "delete", "again", "--yes"))
