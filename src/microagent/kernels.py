@@ -150,6 +150,9 @@ def install_kernel(
     ``/boot`` kernel, else the distribution package through apt; a version already
     installed from those is kept as it is.
     """
+    if from_path is not None and not from_path.exists():
+        raise NotFoundError(f"{from_path} does not exist",
+                            hint="pass an unpacked kernel package, a .deb, or a bzImage file")
     ensure_dir(layout.kernels_dir)
     ensure_dir(layout.tmp_dir)
     lock = layout.lock_file("kernel", "store")

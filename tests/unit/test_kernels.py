@@ -157,7 +157,7 @@ def check_bundle(bundle: kernels.KernelBundle, source_prefix: str) -> None:
     assert len(members) == len(order) + 1
     record = json.loads((bundle.path / "kernel.json").read_text())
     assert record["schema"] == 1
-    assert record["missing_optional"] == ["vmw_vsock_virtio_transport"]
+    assert record["missing_optional"] == ["vmw_vsock_virtio_transport", "button"]
     for name in ("vmlinuz", "modules.cpio", "vmlinux"):
         data = (bundle.path / name).read_bytes()
         assert record["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(),
@@ -329,3 +329,9 @@ def test_bundle_json_shape(layout: StateLayout, tmp_path: Path) -> None:
                           "builtin", "files"}
     json.dumps(shape)
     assert io.BytesIO(bundle.vmlinuz.read_bytes()).read(0x206)[0x202:] == b"HdrS"
+
+
+def test_install_from_a_path_that_does_not_exist(layout: StateLayout, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match=r"missing does not exist"):
+        install_kernel(layout, from_path=tmp_path / "missing")
+    assert not layout.kernels_dir.exists() or not list(layout.kernels_dir.iterdir())
