@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from microagent.errors import ConflictError, MicroagentError
+from microagent.errors import BusyError, ConflictError, MicroagentError
 from microagent.layout import RunFiles
 
 
@@ -69,6 +69,19 @@ class SupervisorClient:
         return sock
 
 
+    def open_console(self, rows: int, cols: int, timeout: float = 30.0) -> socket.socket:
+        """An interactive console session: raw bytes both ways after the ``ok``."""
+        sock = self._connect(timeout)
+        try:
+            _exchange(sock, {"request": "console", "pid": os.getpid(), "rows": rows,
+                             "cols": cols}, self.workspace)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+
 def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str) -> dict[str, Any]:
     try:
         sock.sendall(json.dumps(request).encode() + b"\n")
@@ -87,6 +100,7 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str) -> d
     answer = json.loads(line)
     if not answer.get("ok"):
         error = answer.get("error", {})
-        raise ConflictError(f"workspace {workspace}: {error.get('message', 'request refused')}",
-                            hint=error.get("hint", ""))
+        kind = BusyError if error.get("kind") == "busy" else ConflictError
+        raise kind(f"workspace {workspace}: {error.get('message', 'request refused')}",
+                   hint=error.get("hint", ""))
     return dict(answer)

@@ -83,7 +83,7 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
         client.hello()
         pending: list[bytes] = []
         stdin_fd = sys.stdin.fileno() if options.interactive else None
-        with _local_terminal(options.tty and stdin_fd is not None and os.isatty(stdin_fd)), \
+        with local_terminal(options.tty and stdin_fd is not None and os.isatty(stdin_fd)), \
                 _forwarding(client, pending, options.tty):
             return client.exec(request, stdout=stdout, stderr=stderr, stdin_fd=stdin_fd,
                                poll=lambda: _drain(pending))
@@ -111,8 +111,8 @@ def _drain(pending: list[bytes]) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def _local_terminal(raw: bool) -> Iterator[None]:
-    """Put the local terminal in raw mode for a pty session; always restore it."""
+def local_terminal(raw: bool) -> Iterator[None]:
+    """Put the local terminal (standard input) in raw mode when ``raw``; always restore it."""
     if not raw:
         yield
         return

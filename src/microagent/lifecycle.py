@@ -20,11 +20,11 @@ import time
 from typing import Any
 
 from microagent.config import validate_name
-from microagent.console import capture_tail
 from microagent.control import SupervisorClient
 from microagent.errors import ConflictError, HostError, MicroagentError
 from microagent.events import append_event, read_events
 from microagent.layout import StateLayout
+from microagent.logs import capture_tail
 from microagent.progress import NullProgress, Progress
 from microagent.runtime import RuntimeState, runtime_state, supervisor_alive
 from microagent.store import ensure_dir, file_lock

@@ -2,7 +2,8 @@
 
 It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
 serial console into ``serial.log``, holds the agent channel, serves the control socket
-(status, halt, stop, kill, and relayed exec streams), computes readiness, appends the
+(status, halt, stop, kill, relayed exec streams, console sessions through
+:class:`~microagent.console.ConsoleBroker`), computes readiness, appends the
 lifecycle events, applies the restart policy and records the final state. Only the
 supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
 only when the supervisor is gone.
@@ -11,6 +12,7 @@ only when the supervisor is gone.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -26,7 +28,8 @@ from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel, guest_c
 from microagent.backends.qemu import QemuBackend
 from microagent.backends.qmp import QmpClient
 from microagent.channel import AgentChannel
-from microagent.console import ConsoleCapture
+from microagent.console import ConsoleBroker, ConsoleCapture, Holder
+from microagent.errors import BusyError, ConflictError, MicroagentError
 from microagent.events import append_event, now_iso
 from microagent.layout import StateLayout
 from microagent.protocol import FrameType
@@ -41,6 +44,8 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 EXT4_SUPERBLOCK = 1024
 EXT4_INCOMPAT_RECOVER = 0x4
+CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
+CONSOLE_RECHECK_AFTER = 30.0  # status --json asks the shell again when older than this
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ class Supervisor:
         self.tsc_khz: int | None = None
         self.qmp: QmpClient | None = None
         self.console: ConsoleCapture | None = None
+        self.broker = ConsoleBroker()
+        self.console_shell: bool | None = None  # None: not known yet
+        self.console_checked = 0.0  # monotonic time of the last answer
+        self.console_probe: asyncio.Task[None] | None = None
         self.exited = asyncio.Event()
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
@@ -117,6 +126,8 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_name)
         self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
+        self.broker.capture = self.console
+        self.console_shell, self.console_checked = None, 0.0
         started = time.monotonic()
         parent = os.getpid()
         with open(self.files.vmm_log, "ab") as vmm_log:
@@ -152,7 +163,7 @@ class Supervisor:
             await waiter
             return Outcome("failed", reason)
         finally:
-            for task in (ready, *helpers, self.channel_task):
+            for task in (ready, *helpers, self.channel_task, self.console_probe):
                 if task is not None:
                     task.cancel()
             self.channel_task = None
@@ -216,10 +227,25 @@ class Supervisor:
                     str(net.get("detail") or net.get("address") or "not configured"))
 
     def _console_line(self, line: str) -> None:
-        if "microagent-init: console shell" in line:
-            self._ready("consoleReady", True, line.split("microagent-init: ", 1)[1].strip())
-        elif "microagent-init: no shell" in line:
+        if "microagent-init: console shell" in line:  # started or respawned
+            self.console_shell = True
+            self._ready("consoleReady", False, "the console shell is starting")
+            if self.console_probe is None or self.console_probe.done():
+                self.console_probe = asyncio.create_task(
+                    self._probe_console(CONSOLE_PROBE_TIMEOUT))
+        elif "console has no shell" in line:
+            self.console_shell = False
             self._ready("consoleReady", False, "the image has no shell for the console")
+
+    async def _probe_console(self, timeout: float) -> None:
+        """consoleReady: a line typed into the console shell is answered."""
+        answer = await self.broker.probe(timeout)
+        if answer is None:  # a session holds the console: keep what is known
+            return
+        ok, detail = answer
+        if ok:
+            self.console_checked = time.monotonic()
+        self._ready("consoleReady", ok, detail)
 
     def _classify(self) -> Outcome:
         code = self.vmm.returncode if self.vmm is not None else None
@@ -256,13 +282,22 @@ class Supervisor:
                 await _answer(writer)
                 await self.channel.relay(reader, writer)
                 return
+            if verb == "console":
+                await self._attach_console(request, reader, writer)
+                return
             handlers = {"status": self._status, "halt": self._halt, "stop": self._stop,
-                        "kill": self._kill}
+                        "kill": self._kill, "console-send": self._console_send,
+                        "console-size": self._console_size}
             handler = handlers.get(verb)
             if handler is None:
                 await _answer(writer, error=f"unknown request {verb!r}")
                 return
-            await _answer(writer, **await handler(request))
+            try:
+                fields = await handler(request)
+            except MicroagentError as e:
+                await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
+                return
+            await _answer(writer, **fields)
         except (ConnectionError, ValueError):
             pass
         finally:
@@ -271,7 +306,64 @@ class Supervisor:
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("probe") and self.outcome is None and self.channel is not None:
             await self.probe_exec()
+            stale = time.monotonic() - self.console_checked > CONSOLE_RECHECK_AFTER
+            if self.console_shell and stale and (self.console_probe is None
+                                                 or self.console_probe.done()):
+                await self._probe_console(5.0)
         return {"status": self.status}
+
+    # --- the console ------------------------------------------------------------------
+
+    def _console_refusal(self) -> str | None:
+        if self.console is None or self.console.closed.is_set():
+            return "the VM is not running"
+        if self.console_shell is False:
+            return "the console has no shell (the image has none)"
+        return None
+
+    async def _attach_console(self, request: dict[str, Any], reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        """An interactive session: after the ``ok`` line, raw bytes both ways."""
+        refusal = self._console_refusal()
+        if refusal is not None:
+            await _answer(writer, error=refusal)
+            return
+        holder = Holder("interactive", int(request.get("pid") or 0), now_iso())
+
+        async def ready() -> None:
+            await _answer(writer)
+            if request.get("rows") and request.get("cols"):
+                await self._console_size(request)
+
+        try:
+            await self.broker.attach(reader, writer, holder, ready)
+        except BusyError as e:
+            await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
+
+    async def _console_send(self, request: dict[str, Any]) -> dict[str, Any]:
+        refusal = self._console_refusal()
+        if refusal is not None:
+            raise ConflictError(refusal)
+        holder = Holder("send", int(request.get("pid") or 0), now_iso())
+        result = await self.broker.send_line(str(request["line"]),
+                                             float(request.get("wait") or 10), holder)
+        if not result.timed_out:
+            self.console_checked = time.monotonic()
+        return {"output": base64.b64encode(result.output).decode(),
+                "exit_code": result.exit_code, "timed_out": result.timed_out,
+                "incomplete": result.incomplete}
+
+    async def _console_size(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Tell the agent the console's size (the shell gets SIGWINCH)."""
+        if self.channel is None or self.channel.closed.is_set():
+            return {"applied": False}
+        operation = {"op": "console_size", "rows": int(request["rows"]),
+                     "cols": int(request["cols"])}
+        try:
+            frame, _ = await self.channel.request(operation, timeout=5)
+        except Exception:
+            return {"applied": False}
+        return {"applied": frame.type == FrameType.EXIT}
 
     async def _halt(self, request: dict[str, Any]) -> dict[str, Any]:
         self.intent = "halt"
@@ -349,10 +441,10 @@ class Supervisor:
 
 
 async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
-                  **fields: Any) -> None:
+                  kind: str = "supervisor", hint: str = "", **fields: Any) -> None:
     document = {"ok": error is None, **fields}
     if error is not None:
-        document["error"] = {"kind": "supervisor", "message": error, "hint": ""}
+        document["error"] = {"kind": kind, "message": error, "hint": hint}
     writer.write(json.dumps(document).encode() + b"\n")
     await writer.drain()
 

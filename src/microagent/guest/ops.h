@@ -14,6 +14,7 @@ int get_open(struct stream *s, const struct json_doc *doc, int request);    /* f
 /* Operations that answer at once and need no stream state. */
 void info_run(uint32_t id);                                                  /* info.c */
 void shutdown_run(uint32_t id, const struct json_doc *doc, int request);     /* serve.c */
+void console_size_run(uint32_t id, const struct json_doc *doc, int request); /* console.c */
 
 /* End s with ERROR after killing what it runs (a bad frame for an open stream). */
 void stream_fail(struct stream *s, const char *code, int err, const char *fmt, ...)
