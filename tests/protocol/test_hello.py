@@ -16,7 +16,7 @@ def test_hello_answers_with_the_agents_hello(agent: AgentProcess) -> None:
     peer = AgentClient(agent.sock).hello()
     assert peer["version"] == 1
     assert peer["max_payload"] == 65536 and peer["window"] == 262144
-    assert {"exec", "put", "get", "info", "shutdown"} <= set(peer["features"])
+    assert {"exec", "put", "get", "info", "shutdown", "console_size"} <= set(peer["features"])
     assert peer["software"].startswith("microagent-init ")
 
 

@@ -106,3 +106,14 @@ def test_shutdown_bad_arguments(session: Session) -> None:
     assert state.error is not None and state.error["code"] == "EINVAL"
     state = session.wait(session.open({"op": "shutdown", "grace_ms": -1}))
     assert state.error is not None and state.error["code"] == "EINVAL"
+
+
+def test_console_size_arguments_and_no_console(session: Session) -> None:
+    """In the host test mode the agent has no console device: ENODEV, after the
+    arguments are checked (the VM side is tests/vm/test_console.py)."""
+    for bad in ({}, {"rows": 0, "cols": 80}, {"rows": 24, "cols": 70000},
+                {"rows": "24", "cols": 80}):
+        state = session.wait(session.open({"op": "console_size", **bad}))
+        assert state.error is not None and state.error["code"] == "EINVAL", bad
+    state = session.wait(session.open({"op": "console_size", "rows": 24, "cols": 80}))
+    assert state.error is not None and state.error["code"] == "ENODEV"
