@@ -226,11 +226,12 @@ class ConsoleBroker:
 
         A first line turns the tty's echo off and empties PS1 (saving it), then prints a
         begin marker. Once that is seen, three more: a calibration marker, the line itself
-        (a long one is assembled in a variable and run with ``eval``: the tty's line buffer
-        holds 4095 bytes), and a line printing an end marker with ``$?`` that restores
-        echo and PS1. The output is what lies between the calibration and end markers,
-        less what the shell writes for every line it reads (readline's bracketed-paste
-        switches and a line feed even with echo off), which the calibration line shows.
+        (a long one is run with ``eval`` after being assembled in a variable before the
+        first line: the tty's line buffer holds 4095 bytes), and a line printing an end
+        marker with ``$?`` that restores echo and PS1. The output is what lies between
+        the calibration and end markers, less what the shell writes for every line it
+        reads (readline's bracketed-paste switches and a line feed even with echo off),
+        which the calibration line shows.
         On timeout the command is interrupted (Ctrl-C) and the shell restored.
         """
         capture = self._require_capture()
@@ -243,12 +244,13 @@ class ConsoleBroker:
             words = {label: _marker(label, nonce) for label in ("b", "c", "e", "p")}
             # PS2 becomes a marker too: an incomplete line (an open quote, `if`) makes the
             # shell ask for more, and that is seen at once instead of at the timeout
-            capture.send(f" stty -echo 2>/dev/null; __ma_ps1=$PS1; __ma_ps2=$PS2; PS1=; "
+            prelude, typed = _body(line)
+            capture.send(prelude + f" stty -echo 2>/dev/null; __ma_ps1=$PS1; __ma_ps2=$PS2; PS1=; "
                          f"PS2={words['p'][0]}; printf '%s\\n' {words['b'][0]}\n".encode())
             begun = await transcript.wait_for(_line_of(words["b"][1]), 0, deadline)
             if begun is None:
                 return await self._give_up(capture, transcript, 0)
-            capture.send(f" printf '%s\\n' {words['c'][0]}\n".encode() + _body(line) +
+            capture.send(f" printf '%s\\n' {words['c'][0]}\n".encode() + typed +
                          f" printf '\\n%s %s\\n' {words['e'][0]} \"$?\"; {RESTORE}\n".encode())
             calibrated = await transcript.wait_for(_line_of(words["c"][1]), begun.end(),
                                                    deadline)
@@ -257,10 +259,10 @@ class ConsoleBroker:
             ended = await transcript.wait_for(
                 re.compile(words["e"][1].pattern + rb" (\d+)\r?\n|" + words["p"][1].pattern),
                 calibrated.end(), deadline)
-            if ended is None or ended.group(1) is None:
-                result = await self._give_up(capture, transcript, calibrated.end())
-                return result if ended is None else SendResult(b"", None, False, True)
             per_line = _plain(bytes(transcript.data[begun.end():calibrated.start()]))
+            if ended is None or ended.group(1) is None:
+                result = await self._give_up(capture, transcript, calibrated.end(), per_line)
+                return result if ended is None else SendResult(b"", None, False, True)
             output = _plain(bytes(transcript.data[calibrated.end():ended.start()]))
             return SendResult(_unframe(output, per_line), int(ended.group(1)), False)
         finally:
@@ -268,9 +270,12 @@ class ConsoleBroker:
             self._release()
 
     async def _give_up(self, capture: ConsoleCapture, transcript: _Transcript,
-                       start: int) -> SendResult:
+                       start: int, per_line: bytes = b"") -> SendResult:
         """Interrupt whatever runs and put the shell's echo and prompt back."""
-        captured = _plain(bytes(transcript.data[start:])).replace(b"\r\n", b"\n")
+        captured = _plain(bytes(transcript.data[start:]))
+        if per_line and captured.startswith(per_line):
+            captured = captured[len(per_line):]
+        captured = captured.replace(b"\r\n", b"\n")
         capture.send(b"\x03")
         await asyncio.sleep(0.2)
         capture.send(f" {RESTORE}\n".encode())
@@ -305,18 +310,23 @@ class ConsoleBroker:
             self._release()
 
 
-def _body(line: str) -> bytes:
-    """The typed form of ``line``: itself, or chunks assembled into ``$__ma_l``."""
+def _body(line: str) -> tuple[bytes, bytes]:
+    """The typed form of ``line``: lines to type before the begin marker, and the line.
+
+    A long line is assembled into ``$__ma_l`` in chunks (typed before the begin marker,
+    so neither their echo nor what the shell writes per line read is in the output) and
+    run with ``eval``.
+    """
     data = line.encode()
     if len(data) <= LONG_LINE:
-        return data + b"\n"
+        return b"", data + b"\n"
     parts = [f" __ma_l={shlex.quote(line[:CHUNK])}\n"]
     rest = line[CHUNK:]
     while rest:
         parts.append(f" __ma_l=\"$__ma_l\"{shlex.quote(rest[:CHUNK])}\n")
         rest = rest[CHUNK:]
-    parts.append(' eval "$__ma_l"\n')
-    return "".join(parts).encode()
+    return "".join(parts).encode(), b' eval "$__ma_l"\n'
+
 
 
 def _line_of(marker: re.Pattern[bytes]) -> re.Pattern[bytes]:

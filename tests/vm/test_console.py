@@ -66,6 +66,7 @@ def test_send_prints_only_the_output(home: Path, shell: str,  # noqa: F811
     # longer than the tty's 4095-byte line buffer: assembled in the shell, still exact
     long_word = "x" * 9000
     assert ok(send(home, name, f"echo {long_word} | wc -c")).stdout.strip() == "9001"
+    assert ok(send(home, name, f"echo {long_word}")).stdout == long_word + "\n"
     quoted = "it's \"quoted\" $HOME `tick` \\ done"
     assert ok(send(home, name, "echo '" + quoted.replace("'", "'\\''") + "'")).stdout == \
         quoted + "\n"
