@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from microagent.cli.output import (
     Output,
@@ -17,17 +18,18 @@ from microagent.cli.output import (
 from microagent.config import DEFAULT_PROFILE
 from microagent.errors import EXIT_OK, UsageError
 
+if TYPE_CHECKING:
+    from microagent.workspaces import WorkspaceSpec
 
-def cmd_create(args: argparse.Namespace, out: Output) -> int:
+
+def spec_from_args(args: argparse.Namespace, name: str, image: str) -> WorkspaceSpec:
+    """The workspace spec that create's options (shared with ``run``) describe."""
     from microagent.config import resolve_resources
-    from microagent.workspaces import WorkspaceSpec, create_workspace
+    from microagent.workspaces import WorkspaceSpec
 
-    name = workspace_name(args)
-    if not args.image:
-        raise UsageError("create needs --image REF")
-    spec = WorkspaceSpec(
+    return WorkspaceSpec(
         name=name,
-        image=args.image,
+        image=image,
         resources=resolve_resources(args.profile, memory_mib=args.memory, cpus=args.cpus,
                                     disk_mib=args.size_mib),
         backend=args.backend,
@@ -36,6 +38,15 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
         env=tuple(args.env),
         hostname=args.hostname or "",
     )
+
+
+def cmd_create(args: argparse.Namespace, out: Output) -> int:
+    from microagent.workspaces import create_workspace
+
+    name = workspace_name(args)
+    if not args.image:
+        raise UsageError("create needs --image REF")
+    spec = spec_from_args(args, name, args.image)
     ws = create_workspace(layout_of(args), spec, progress=out.progress())
     out.emit(ws.to_json(), "\n".join([
         f"Workspace: {ws.name}",
@@ -111,10 +122,8 @@ def cmd_delete(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def register(verbs: Verbs) -> None:
-    p = add_verb(verbs, "create", cmd_create, "create a workspace from an image")
-    add_name(p)
-    p.add_argument("--image", metavar="REF", help="image reference, oci:DIR or docker-archive:TAR")
+def add_create_options(p: argparse.ArgumentParser) -> None:
+    """The options that describe a workspace, for ``create`` and ``run``."""
     p.add_argument("--profile", metavar="P", help=f"resource profile (default {DEFAULT_PROFILE})")
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
     p.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs")
@@ -126,6 +135,13 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--restart", default="never", metavar="POLICY",
                    help="never (default), on-failure or always")
     p.add_argument("--backend", default="qemu", metavar="B", help="qemu (default)")
+
+
+def register(verbs: Verbs) -> None:
+    p = add_verb(verbs, "create", cmd_create, "create a workspace from an image")
+    add_name(p)
+    p.add_argument("--image", metavar="REF", help="image reference, oci:DIR or docker-archive:TAR")
+    add_create_options(p)
 
     add_verb(verbs, "list", cmd_list, "list saved workspaces", aliases=["ls"])
     add_verb(verbs, "ps", cmd_ps, "list running workspaces")
