@@ -8,7 +8,7 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
     images/disks/<key>.ext4     base root disks, by image config digest and size
     kernels/<version>/          kernel bundles (vmlinuz, vmlinux, modules.cpio, kernel.json)
     kernels/default.json        which bundle is the default
-    volumes/                    named volumes
+    volumes/<name>.ext4         named volumes, with their records volumes/<name>.json
     workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log,
                                 supervisor.log, run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
@@ -78,6 +78,18 @@ class StateLayout:
     def volumes_dir(self) -> Path:
         return self.root / "volumes"
 
+    def volume_disk(self, name: str) -> Path:
+        """The ext4 image of the named volume ``name``."""
+        return self.volumes_dir / f"{name}.ext4"
+
+    def volume_record(self, name: str) -> Path:
+        return self.volumes_dir / f"{name}.json"
+
+    def volume_hold(self, name: str) -> Path:
+        """Held (flock) by the supervisor of the one running workspace using the volume;
+        it holds that workspace's name."""
+        return self.lock_file("volume-hold", name)
+
     # workspaces
     @property
     def workspaces_dir(self) -> Path:
@@ -94,6 +106,10 @@ class StateLayout:
 
     def workspace_events(self, name: str) -> Path:
         return self.workspace_dir(name) / "events.jsonl"
+
+    def workspace_setup(self, name: str) -> Path:
+        """``--setup`` commands and whether they still have to run (``provision.py``)."""
+        return self.workspace_dir(name) / "setup.json"
 
     def workspace_serial_log(self, name: str) -> Path:
         return self.workspace_dir(name) / "serial.log"
@@ -150,5 +166,9 @@ class RunFiles:
     @property
     def vmm_log(self) -> Path:
         return self.dir / "vmm.log"
+
+    def bundle_disk(self, name: str) -> Path:
+        """The disk built from the bundle ``name`` for this boot (rebuilt at each boot)."""
+        return self.dir / f"bundle-{name}.ext4"
 
     control_socket = "control.sock"

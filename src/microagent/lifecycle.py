@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from microagent.config import validate_name
@@ -42,8 +43,37 @@ class StartError(MicroagentError):
 
 
 def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,
-                    progress: Progress | None = None) -> RuntimeState:
-    """Boot ``name`` and return once the guest is ready for exec."""
+                    progress: Progress | None = None, run_setup: bool = True,
+                    setup_output: Callable[[bytes], None] | None = None) -> RuntimeState:
+    """Boot ``name`` and return once the guest is ready for exec.
+
+    A setup left pending by a failed ``create --setup`` runs first (output to
+    ``setup_output``, default stderr); if it fails again the workspace is halted and the
+    error raised.
+    """
+    state = _boot(layout, name, timeout=timeout, progress=progress)
+    if run_setup:
+        from microagent.provision import run_pending_setup, setup_pending
+
+        if setup_pending(layout, name):
+            try:
+                run_pending_setup(layout, name, setup_output or _stderr)
+            except BaseException:
+                with contextlib.suppress(MicroagentError):
+                    halt_workspace(layout, name)
+                raise
+            state = runtime_state(layout, name)
+    return state
+
+
+def _stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def _boot(layout: StateLayout, name: str, *, timeout: float,
+          progress: Progress | None) -> RuntimeState:
+    from microagent.attachments import check_before_start
     from microagent.backends.base import choose_accel
     from microagent.backends.qemu import QemuBackend
     from microagent.guest import agent_binary
@@ -52,7 +82,7 @@ def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_
     progress = progress or NullProgress()
     validate_name(name)
     with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
-        get_workspace(layout, name)
+        workspace = get_workspace(layout, name)
         current = runtime_state(layout, name)
         if current.state in RUNNING:
             raise ConflictError(f"workspace {name} is already running")
@@ -62,6 +92,8 @@ def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_
         if current.has_live_process:
             raise ConflictError(f"workspace {name} still has a VM process "
                                 f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
+        # volumes created on first use, not held elsewhere; --disk and bundle files there
+        check_before_start(layout, workspace.disks)
         problems = QemuBackend().check_host()
         if problems:
             raise HostError("; ".join(problems))
@@ -244,6 +276,10 @@ def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> d
         network_info=status.get("network", {}),
         last_events=[e.to_json() for e in read_events(layout.workspace_events(name))[-5:]],
     )
+    from microagent.provision import read_setup
+
+    setup = read_setup(layout, name)
+    document["setup"] = setup.to_json() if setup is not None else None
     return document
 
 

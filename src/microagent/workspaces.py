@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from microagent.attachments import Attachment, validate_attachments
 from microagent.config import Resources, resolve_resources, validate_name
 from microagent.errors import ConflictError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
@@ -50,6 +51,8 @@ class WorkspaceSpec:
     restart: str = "never"
     env: tuple[str, ...] = ()
     hostname: str = ""
+    setup: tuple[str, ...] = ()  # commands run once before the first start
+    disks: tuple[Attachment, ...] = ()  # --volume, --disk, --bundle
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Workspace:
     created: str
     rootfs: Path
     last_event: Event | None
+    disks: tuple[Attachment, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape of one workspace."""
@@ -91,6 +95,7 @@ class Workspace:
             "env": list(self.env),
             "created": self.created,
             "rootfs": str(self.rootfs),
+            "disks": [disk.to_json() for disk in self.disks],
         }
 
 
@@ -112,6 +117,10 @@ def validate_spec(spec: WorkspaceSpec) -> None:
             raise UsageError(f"invalid --env {item!r}", hint="use KEY=VALUE")
     if spec.hostname and not _HOSTNAME.fullmatch(spec.hostname):
         raise UsageError(f"invalid hostname {spec.hostname!r}")
+    validate_attachments(spec.disks)
+    for command in spec.setup:
+        if not command.strip():
+            raise UsageError("--setup needs a command; it was empty")
 
 
 def default_hostname(name: str) -> str:
@@ -131,6 +140,9 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
     from microagent.rootfs import copy_disk
 
     progress = progress or NullProgress()
+    from microagent.attachments import check_sources, new_volumes
+
+    check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
     with _workspace_lock(layout, spec.name):
         if layout.workspace_dir(spec.name).exists():
             raise ConflictError(f"workspace {spec.name} already exists",
@@ -149,8 +161,14 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
             progress.step("Copying root disk")
             copy_disk(base, staging / layout.workspace_rootfs(spec.name).name)
             write_json_atomic(staging / "workspace.json", _record(spec, image))
+            if spec.setup:
+                from microagent.provision import SetupState, write_setup
+
+                write_setup(staging / layout.workspace_setup(spec.name).name,
+                            SetupState(spec.setup, pending=True))
             append_event(staging / "events.jsonl", "prepared", f"created from {image.reference}")
-            os.rename(staging, layout.workspace_dir(spec.name))
+            with new_volumes(layout, spec.disks, progress):  # deleted again on failure
+                os.rename(staging, layout.workspace_dir(spec.name))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -178,6 +196,7 @@ def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
         "restart": spec.restart,
         "env": list(spec.env),
         "hostname": spec.hostname or default_hostname(spec.name),
+        "disks": [disk.to_json() for disk in spec.disks],
     }
 
 
@@ -210,6 +229,7 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
         created=record["created"],
         rootfs=layout.workspace_rootfs(name),
         last_event=runtime.event,
+        disks=tuple(Attachment.from_json(d) for d in record.get("disks", ())),
     )
 
 

@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from microagent import __version__
-from microagent.cli import console, images, lifecycle, observe, workspaces
+from microagent.cli import console, images, lifecycle, observe, run, volumes, workspaces
+from microagent.cli import copy as copy_verbs
 from microagent.cli import exec as exec_verbs
 from microagent.cli.output import Handler, Output, Parser, add_verb, table
 from microagent.config import DEFAULT_PROFILE, PROFILES
@@ -57,7 +58,8 @@ def build_parser() -> Parser:
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     add_verb(verbs, "version", cmd_version, "print the version")
     add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
-    for group in (workspaces, lifecycle, exec_verbs, console, images, observe):
+    for group in (workspaces, lifecycle, exec_verbs, copy_verbs, run, console, images, observe,
+                  volumes):
         group.register(verbs)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from microagent.cli.output import (
@@ -17,6 +18,7 @@ from microagent.cli.output import (
 )
 from microagent.config import DEFAULT_PROFILE
 from microagent.errors import EXIT_OK, UsageError
+from microagent.volumes import DEFAULT_SIZE_MIB as DEFAULT_VOLUME_MIB
 
 if TYPE_CHECKING:
     from microagent.workspaces import WorkspaceSpec
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 def spec_from_args(args: argparse.Namespace, name: str, image: str) -> WorkspaceSpec:
     """The workspace spec that create's options (shared with ``run``) describe."""
+    from microagent.attachments import parse_bundle, parse_disk, parse_volume
     from microagent.config import resolve_resources
     from microagent.workspaces import WorkspaceSpec
 
@@ -37,6 +40,9 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
         restart=args.restart,
         env=tuple(args.env),
         hostname=args.hostname or "",
+        setup=tuple(args.setup),
+        disks=(*map(parse_volume, args.volume), *map(parse_disk, args.disk),
+               *map(parse_bundle, args.bundle)),
     )
 
 
@@ -48,6 +54,13 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("create needs --image REF")
     spec = spec_from_args(args, name, args.image)
     ws = create_workspace(layout_of(args), spec, progress=out.progress())
+    if spec.setup:
+        from microagent.provision import provision_at_create
+
+        provision_at_create(layout_of(args), name, _stderr, progress=out.progress())
+        from microagent.workspaces import get_workspace
+
+        ws = get_workspace(layout_of(args), name)
     out.emit(ws.to_json(), "\n".join([
         f"Workspace: {ws.name}",
         f"State: {ws.state}",
@@ -56,6 +69,11 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
         f"Resources: {ws.resources.describe()}",
     ]))
     return EXIT_OK
+
+
+def _stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
@@ -82,6 +100,16 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     for key in ("guestReady", "execReady", "consoleReady", "networkReady"):
         signal_doc = doc[key]
         lines.append(f"{key}: {'yes' if signal_doc['ok'] else 'no'} ({signal_doc['detail']})")
+    setup = doc.get("setup")
+    if setup:
+        count = len(setup["commands"])
+        lines.append(f"Setup: {'pending' if setup['pending'] else 'done'} ({count} command"
+                     f"{'s' if count != 1 else ''})")
+        failure = setup.get("failure")
+        if failure:
+            lines.append(f"Setup failed: command {failure['index']} of {count} exited "
+                         f"{failure['exit_code']}: {failure['command']}")
+            lines += [f"  {line}" for line in failure["output"].splitlines()[-15:]]
     out.emit(doc, "\n".join(lines))
     return EXIT_OK
 
@@ -135,6 +163,18 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart", default="never", metavar="POLICY",
                    help="never (default), on-failure or always")
     p.add_argument("--backend", default="qemu", metavar="B", help="qemu (default)")
+    p.add_argument("--volume", "-v", action="append", default=[], metavar="NAME:/DST[:ro|rw]",
+                   help="attach the named volume at DST (repeatable); a missing volume is "
+                        f"created, {DEFAULT_VOLUME_MIB} MiB sparse")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH:/DST[:ro|rw]",
+                   help="attach an existing ext4 image at DST (repeatable)")
+    p.add_argument("--bundle", action="append", default=[],
+                   metavar="NAME=TAR:/DST[:ro|rw]",
+                   help="attach a disk built from a .tar/.tar.gz/.tgz at each start "
+                        "(repeatable; writes do not persist)")
+    p.add_argument("--setup", action="append", default=[], metavar="CMD",
+                   help="a command run with /bin/sh -c once before the first start "
+                        "(repeatable, in order)")
 
 
 def register(verbs: Verbs) -> None:

@@ -1,0 +1,78 @@
+"""``run``: the one-shot form, a scratch workspace for one command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from microagent.cli.output import Output, Verbs, add_verb, layout_of, text_field
+from microagent.cli.workspaces import add_create_options, spec_from_args
+
+
+def cmd_run(args: argparse.Namespace, out: Output) -> int:
+    from microagent.config import validate_name
+    from microagent.execution import ExecOptions
+    from microagent.oneshot import run_once, scratch_name
+
+    layout = layout_of(args)
+    name = validate_name(args.name) if args.name else scratch_name(layout)
+    spec = spec_from_args(args, name, args.image)
+    options = ExecOptions(argv=(), workdir=args.workdir or "", user=args.user or "",
+                          interactive=args.interactive, tty=args.tty,
+                          timeout=args.timeout or 0.0)
+    argv = tuple(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
+    if out.as_json:
+        captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        outcome = run_once(layout, spec, argv, options, stdout=captured["stdout"].extend,
+                           stderr=captured["stderr"].extend, keep=args.keep,
+                           progress=out.progress(), timeout=args.start_timeout)
+        result = outcome.result
+        document: dict[str, Any] = {
+            "name": outcome.name, "kept": outcome.kept, "exit_code": result.host_exit_code,
+            "signal": result.signal, "timed_out": result.timed_out,
+            "duration_ms": result.duration_ms}
+        for key, data in captured.items():
+            document.update(text_field(key, bytes(data)))
+        if result.error:
+            document["error"] = result.error
+        out.emit(document)
+        return result.host_exit_code
+
+    def write(stream: Any) -> Any:
+        def sink(data: bytes) -> None:
+            stream.buffer.write(data)
+            stream.buffer.flush()
+        return sink
+
+    outcome = run_once(layout, spec, argv, options, stdout=write(sys.stdout),
+                       stderr=write(sys.stderr), keep=args.keep, progress=out.progress(),
+                       timeout=args.start_timeout)
+    result = outcome.result
+    if result.error:
+        sys.stderr.write(f"microagent: {result.error.get('message', result.error)}\n")
+    elif result.timed_out:
+        sys.stderr.write(f"microagent: command timed out after {args.timeout}s\n")
+    if outcome.kept:
+        sys.stderr.write(f"microagent: kept workspace {outcome.name} (halted)\n")
+    return result.host_exit_code
+
+
+def register(verbs: Verbs) -> None:
+    p = add_verb(verbs, "run", cmd_run,
+                 "run one command in a scratch workspace, removed afterwards")
+    add_create_options(p)
+    p.add_argument("--name", metavar="NAME",
+                   help="name of the scratch workspace (default: a generated one)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the workspace (halted) and print its name")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory of the command")
+    p.add_argument("-u", "--user", metavar="USER", help="user name or UID[:GID]")
+    p.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
+    p.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for the guest to boot (default 120)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="ARGV",
+                   help="the command (default: the image's Entrypoint and Cmd)")
