@@ -30,7 +30,8 @@ from microagent.logs import rotated
 
 LOG_LIMIT = 4 * 1024 * 1024
 CHUNK = 400  # bytes of a long --send line per shell assignment: well under N_TTY's 4095
-LONG_LINE = 1000  # longer lines are assembled in a variable and run with eval
+LONG_LINE = 1000
+RESTORE_ATTEMPTS = 5  # longer lines are assembled in a variable and run with eval
 SLOW_CLIENT = 4 * 1024 * 1024  # an attached client this far behind is dropped
 # the shell's echo and prompts as they were before a --send (kept if never saved)
 RESTORE = ("PS1=${__ma_ps1-$PS1}; PS2=${__ma_ps2-$PS2}; unset __ma_ps1 __ma_ps2 __ma_l; "
@@ -245,7 +246,9 @@ class ConsoleBroker:
             # PS2 becomes a marker too: an incomplete line (an open quote, `if`) makes the
             # shell ask for more, and that is seen at once instead of at the timeout
             prelude, typed = _body(line)
-            capture.send(prelude + f" stty -echo 2>/dev/null; __ma_ps1=$PS1; __ma_ps2=$PS2; PS1=; "
+            # saved only if not saved already: a restore that never ran keeps the originals
+            capture.send(prelude + f" stty -echo 2>/dev/null; __ma_ps1=${{__ma_ps1-$PS1}}; "
+                         f"__ma_ps2=${{__ma_ps2-$PS2}}; PS1=; "
                          f"PS2={words['p'][0]}; printf '%s\\n' {words['b'][0]}\n".encode())
             begun = await transcript.wait_for(_line_of(words["b"][1]), 0, deadline)
             if begun is None:
@@ -277,9 +280,15 @@ class ConsoleBroker:
             captured = captured[len(per_line):]
         captured = captured.replace(b"\r\n", b"\n")
         capture.send(b"\x03")
-        await asyncio.sleep(0.2)
-        capture.send(f" {RESTORE}\n".encode())
-        await asyncio.sleep(0.2)
+        # The shell may still be handling the interrupt (readline drops what it has read
+        # by then), so the restore is repeated until its marker shows it ran.
+        word, pattern = _marker("r", secrets.token_hex(6))
+        for _ in range(RESTORE_ATTEMPTS):
+            await asyncio.sleep(0.2)
+            mark = len(transcript.data)
+            capture.send(f" {RESTORE}; printf '%s\\n' {word}\n".encode())
+            if await transcript.wait_for(pattern, mark, time.monotonic() + 2) is not None:
+                break
         return SendResult(captured, None, True)
 
     async def probe(self, timeout: float) -> tuple[bool, str] | None:
