@@ -34,11 +34,14 @@ def build_root_disk(
     layers: Sequence[LayerFile],
     dest: Path,
     *,
-    size_mib: int,
+    size_mib: int | None,
     work_dir: Path,
     on_step: Callable[[str], None] | None = None,
+    label: str = "rootfs",
 ) -> None:
     """Build the ext4 root disk of ``layers`` at ``dest``, ``size_mib`` MiB, sparse.
+
+    ``size_mib=None`` sizes the disk to fit the tree with a margin (bundle disks).
 
     ``work_dir`` holds the staging tree meanwhile (same file system as ``dest`` is best).
     ``on_step`` is told about each step. Raises DiskTooSmallError (before running mkfs
@@ -62,6 +65,8 @@ def build_root_disk(
         tree = apply_layers(layers, tree_dir)
         needed = ext4.measure_tree(tree)
         minimum = ext4.minimum_size_mib(needed)
+        if size_mib is None:
+            size_mib = minimum + max(16, minimum // 10)
         if size_mib < minimum:
             raise _too_small(minimum, size_mib)
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -72,7 +77,7 @@ def build_root_disk(
             os.close(fd)
         step(f"creating the ext4 file system ({size_mib} MiB)")
         try:
-            ext4.make_filesystem(tools, tree_dir, image, label="rootfs",
+            ext4.make_filesystem(tools, tree_dir, image, label=label,
                                  inodes=ext4.inode_count(size_mib, needed))
         except DiskTooSmallError as e:  # the estimate was short: ask for a safe margin more
             raise _too_small(max(minimum, size_mib) + max(16, size_mib // 10), size_mib,

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from microagent.attachments import BootDisks, prepare_boot_disks, remove_bundle_disks
 from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel, guest_cmdline, host_tsc_khz
 from microagent.backends.qemu import QemuBackend
 from microagent.backends.qmp import QmpClient
@@ -35,6 +36,7 @@ from microagent.layout import StateLayout
 from microagent.protocol import FrameType
 from microagent.runtime import process_start_time
 from microagent.store import ensure_dir, write_json_atomic
+from microagent.volumes import hold_volumes
 from microagent.workspaces import Workspace, get_workspace
 
 PR_SET_PDEATHSIG = 1
@@ -78,6 +80,7 @@ class Supervisor:
         self.console_shell: bool | None = None  # None: not known yet
         self.console_checked = 0.0  # monotonic time of the last answer
         self.console_probe: asyncio.Task[None] | None = None
+        self.guest_fatal: str | None = None  # the agent's "fatal:" line of this boot
         self.exited = asyncio.Event()
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
@@ -96,15 +99,17 @@ class Supervisor:
 
     # --- one boot ---------------------------------------------------------------------
 
-    def _launch_spec(self, kernel: Any, initramfs: str) -> LaunchSpec:
+    def _launch_spec(self, kernel: Any, initramfs: str, attached: BootDisks) -> LaunchSpec:
         ws = self.workspace
         image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz
         return LaunchSpec(
             name=ws.name, memory_mib=ws.resources.memory_mib, cpus=ws.resources.cpus,
             kernel=image, initramfs=self.files.dir / initramfs,
             cmdline=guest_cmdline(hostname=ws.hostname, network=ws.network,
-                                  accel=self.accel.accel, tsc_khz=self.tsc_khz),
-            disks=(DiskSpec(ws.rootfs),), run_dir=self.files.dir, network=ws.network,
+                                  accel=self.accel.accel, tsc_khz=self.tsc_khz,
+                                  disks=attached.params),
+            disks=(DiskSpec(ws.rootfs), *attached.disks), run_dir=self.files.dir,
+            network=ws.network,
             accel=self.accel.accel,
         )
 
@@ -117,7 +122,11 @@ class Supervisor:
         kernel = default_kernel(self.layout, install_if_missing=False)
         recovery = root_needs_recovery(self.workspace.rootfs)
         build_boot_initramfs(kernel, agent_binary(), self.files.initramfs)
-        plan = self.backend.plan(self._launch_spec(kernel, self.files.initramfs.name))
+        # bundles are rebuilt at every boot: writes in a rw bundle do not persist
+        attached = prepare_boot_disks(self.layout, self.files, self.workspace.disks)
+        plan = self.backend.plan(self._launch_spec(kernel, self.files.initramfs.name,
+                                                   attached))
+        self.guest_fatal = None
         self.intent, self.outcome = None, None
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
@@ -131,6 +140,7 @@ class Supervisor:
         started = time.monotonic()
         parent = os.getpid()
         with open(self.files.vmm_log, "ab") as vmm_log:
+            vmm_log_start = vmm_log.tell()
             self.vmm = await asyncio.create_subprocess_exec(
                 *plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
                 stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
@@ -155,13 +165,15 @@ class Supervisor:
                 await waiter
                 return self._classify()
             if waiter in done:
-                return Outcome("failed", f"the VM exited during boot "
-                                         f"(status {self.vmm.returncode})")
+                fatal = await self._guest_fatal()  # e.g. a disk that cannot be mounted
+                return Outcome("failed", fatal or f"the VM exited during boot "
+                                                  f"(status {self.vmm.returncode})"
+                                                  + self._vmm_said(vmm_log_start))
             reason = (f"the guest agent failed: {ready.exception()}" if ready in done
                       else f"the guest did not become ready within {self.boot_timeout:.0f}s")
             await self._kill_vmm()
             await waiter
-            return Outcome("failed", reason)
+            return Outcome("failed", await self._guest_fatal() or reason)
         finally:
             for task in (ready, *helpers, self.channel_task, self.console_probe):
                 if task is not None:
@@ -170,6 +182,23 @@ class Supervisor:
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
+
+    def _vmm_said(self, offset: int) -> str:
+        """The VMM's own last words of this boot (e.g. QEMU refusing a locked image)."""
+        try:
+            with open(self.files.vmm_log, "rb") as f:
+                f.seek(offset)
+                lines = f.read(65536).decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return (": " + " ".join(line.strip() for line in lines[-2:])) if lines else ""
+
+    async def _guest_fatal(self) -> str | None:
+        """The agent's ``fatal:`` console line of this boot, once the console is drained."""
+        if self.guest_fatal is None and self.console is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.console.closed.wait(), 2.0)
+        return self.guest_fatal
 
     async def _wait_vmm(self) -> None:
         if self.vmm is not None:
@@ -227,6 +256,8 @@ class Supervisor:
                     str(net.get("detail") or net.get("address") or "not configured"))
 
     def _console_line(self, line: str) -> None:
+        if "microagent-init: fatal: " in line and self.guest_fatal is None:
+            self.guest_fatal = line.split("microagent-init: fatal: ", 1)[1].strip()
         if "microagent-init: console shell" in line:  # started or respawned
             self.console_shell = True
             self._ready("consoleReady", False, "the console shell is starting")
@@ -411,7 +442,16 @@ class Supervisor:
         server = await asyncio.start_unix_server(self.serve_client,
                                                  path=self.files.control_socket)
         failures = 0
+        holds = contextlib.ExitStack()
         try:
+            # attached volumes are held for the supervisor's life (see volumes.py)
+            volumes = [d.name for d in self.workspace.disks if d.kind == "volume"]
+            try:
+                holds.enter_context(hold_volumes(self.layout, self.name, volumes))
+            except MicroagentError as e:
+                self.outcome = Outcome("failed", e.message)
+                self._event("failed", e.message)
+                return 1
             while True:
                 began = time.monotonic()
                 try:
@@ -434,6 +474,8 @@ class Supervisor:
         finally:
             server.close()
             await self._kill_vmm()
+            holds.close()
+            remove_bundle_disks(self.files, self.workspace.disks)
 
     def _should_restart(self, outcome: Outcome) -> bool:
         policy = self.workspace.restart

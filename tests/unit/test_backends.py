@@ -10,7 +10,8 @@ from microagent.backends.qemu import QemuBackend
 SPEC = LaunchSpec(
     name="research", memory_mib=2048, cpus=2, kernel=Path("/k/vmlinuz"),
     initramfs=Path("/run/boot.cpio"), cmdline="console=ttyS0 quiet",
-    disks=(DiskSpec(Path("/ws/rootfs.ext4")), DiskSpec(Path("/v/a,b.ext4"), True, "data")),
+    disks=(DiskSpec(Path("/ws/rootfs.ext4")),
+           DiskSpec(Path("/v/a,b.ext4"), True, "data", "ma-disk1")),
     run_dir=Path("/ws/run"), network="user", accel="tcg",
 )
 
@@ -26,7 +27,7 @@ GOLDEN = [
     "-device", "virtio-blk-device,drive=disk0",
     "-drive", "id=disk1,file=/v/a,,b.ext4,format=raw,if=none,cache=writeback,discard=unmap,"
               "readonly=on",
-    "-device", "virtio-blk-device,drive=disk1",
+    "-device", "virtio-blk-device,drive=disk1,serial=ma-disk1",
     "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
     "-device", "virtio-serial-device,max_ports=2",
     "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",

@@ -8,20 +8,29 @@ connecting and shutting down are done by the supervisor using the plan's paths.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from microagent.errors import UsageError
+
 ACCEL_ENV = "MICROAGENT_ACCEL"
+MAX_CMDLINE = 2048  # COMMAND_LINE_SIZE on x86, the terminating NUL included
 
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """A block device for the guest, in attach order (the root disk first: /dev/vda)."""
+    """A block device for the guest, in attach order (the root disk first: /dev/vda).
+
+    ``serial`` is the virtio serial the guest finds an attached disk by
+    (``/sys/block/vdX/serial``); ``read_only`` makes the device itself read-only.
+    """
 
     path: Path
     read_only: bool = False
     name: str = "root"
+    serial: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,8 +121,12 @@ USER_NET_GATEWAY = "10.0.2.2"
 USER_NET_DNS = "10.0.2.3"
 
 
-def guest_cmdline(*, hostname: str, network: str, accel: str, tsc_khz: int | None) -> str:
+def guest_cmdline(*, hostname: str, network: str, accel: str, tsc_khz: int | None,
+                  disks: Sequence[str] = ()) -> str:
     """The kernel command line: console, agent parameters, and TCG clock hints.
+
+    ``disks`` are the ``microagent.disk=`` values of the attached disks
+    (:func:`microagent.attachments.boot_disks`), mounted by the agent in this order.
 
     Under TCG the kernel calibrates the TSC against the PIT, which fails when the host is
     busy: the TSC is marked unstable and the boot hangs before /init (measured: 4 boots in
@@ -128,7 +141,13 @@ def guest_cmdline(*, hostname: str, network: str, accel: str, tsc_khz: int | Non
                    f"microagent.dns={USER_NET_DNS}"]
     if accel == "tcg" and tsc_khz:
         params += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
-    return " ".join(params)
+    params += [f"microagent.disk={disk}" for disk in disks]
+    cmdline = " ".join(params)
+    if len(cmdline) >= MAX_CMDLINE:
+        raise UsageError(f"the kernel command line would be {len(cmdline)} bytes, more than "
+                         f"the {MAX_CMDLINE} x86 allows", hint="attach fewer disks, or use "
+                         "shorter destinations")
+    return cmdline
 
 
 def host_tsc_khz() -> int | None:

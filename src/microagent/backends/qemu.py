@@ -66,7 +66,10 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
                 f"cache=writeback,discard=unmap"
         if disk.read_only:
             drive += ",readonly=on"
-        argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=disk{index}"]
+        device = f"virtio-blk-device,drive=disk{index}"
+        if disk.serial:  # how the guest finds an attached disk: probe order is not fixed
+            device += f",serial={_escape(disk.serial)}"
+        argv += ["-drive", drive, "-device", device]
     if spec.network == "user":
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
     argv += [

@@ -93,6 +93,9 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
         f"Restart: {doc['restart']}",
         f"Rootfs: {doc['rootfs']}",
     ]
+    for disk in doc.get("disks", []):
+        lines.append(f"Disk: {disk['dest']} {disk['kind']} {disk['name']} "
+                     f"({'ro' if disk['read_only'] else 'rw'})")
     if doc["pid"]:
         lines.append(f"PID: {doc['pid']}")
     if doc["uptime_seconds"] is not None:

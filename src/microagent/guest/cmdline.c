@@ -90,3 +90,11 @@ const char *cmdline_get(const char *key)
             found = values[i]; /* the last one wins, as in the kernel */
     return found;
 }
+
+const char *cmdline_get_nth(const char *key, int n)
+{
+    for (int i = 0; i < count; i++)
+        if (strcmp(keys[i], key) == 0 && n-- == 0)
+            return values[i];
+    return NULL;
+}

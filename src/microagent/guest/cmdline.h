@@ -9,4 +9,8 @@ int cmdline_load(void);
  * Double quotes around a value are removed. Valid for the life of the process. */
 const char *cmdline_get(const char *key);
 
+/* The value of the n-th (from 0) "key=value" with this key, in command-line order, or NULL
+ * when there are fewer: for parameters that repeat (microagent.disk). */
+const char *cmdline_get_nth(const char *key, int n);
+
 #endif

@@ -11,6 +11,7 @@
 #include "channel.h"
 #include "cmdline.h"
 #include "console.h"
+#include "disks.h"
 #include "log.h"
 #include "mounts.h"
 #include "net.h"
@@ -69,6 +70,8 @@ static void boot_stage2(void)
         log_error(errno, "reboot(RB_DISABLE_CAD)");
     if (failures > 0)
         log_info("%d mounts failed; going on", failures);
+    /* before the channel opens: every attached disk is in place once exec is ready */
+    disks_attach();
 }
 
 /* PID 1 after boot: network, console shell, agent channel, then the event loop. */

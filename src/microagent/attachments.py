@@ -1,0 +1,362 @@
+"""Attached storage: named volumes, existing ext4 images and tar bundles.
+
+``--volume NAME:/dst[:ro|rw]``, ``--disk NAME=PATH:/dst[:ro|rw]`` and
+``--bundle NAME=TAR:/dst[:ro|rw]`` each become an :class:`Attachment`, recorded with the
+workspace. At each boot the supervisor turns them into block devices
+(:func:`prepare_boot_disks`): the volume's image (:mod:`microagent.volumes`), the
+``--disk`` image as it is, or an ext4 disk built from the bundle in the run directory
+(the layer path of :mod:`microagent.layers` and :mod:`microagent.rootfs`: the same safety
+checks, ``mkfs.ext4 -d``). Each disk gets a virtio serial (``ma-disk1``, ...) and one
+``microagent.disk=SERIAL:NAME:DEST:MODE`` kernel parameter; the guest agent finds the
+device by that serial and mounts it before its channel opens (``guest/disks.c``). ``ro``
+is QEMU's ``readonly=on``: the guest's block device itself refuses writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microagent.backends.base import DiskSpec
+from microagent.config import validate_name
+from microagent.errors import (
+    IntegrityError,
+    MicroagentError,
+    NotFoundError,
+    UnsafeImageError,
+    UsageError,
+)
+from microagent.layout import RunFiles, StateLayout
+from microagent.progress import NullProgress, Progress
+
+KINDS = ("volume", "disk", "bundle")
+MAX_DEST_BYTES = 255
+MAX_DISKS = 16  # virtio-mmio slots of QEMU's microvm are shared with net and serial
+EXT4_MAGIC_OFFSET = 1024 + 0x38
+_SAFE_DEST = re.compile(rb"[A-Za-z0-9._/+@-]")
+_RESERVED = ("/proc", "/sys", "/dev")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One disk to attach: what it is, where it goes in the guest, read-only or not."""
+
+    kind: str  # volume, disk or bundle
+    name: str
+    dest: str
+    read_only: bool = False
+    source: str = ""  # the --disk image or the bundle's archive (absolute); "" for volumes
+
+    @property
+    def flag(self) -> str:
+        """The flag as a user would write it, for messages."""
+        mode = ":ro" if self.read_only else ""
+        if self.kind == "volume":
+            return f"--volume {self.name}:{self.dest}{mode}"
+        return f"--{self.kind} {self.name}={self.source}:{self.dest}{mode}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The record's shape (also ``--json``)."""
+        return {"kind": self.kind, "name": self.name, "dest": self.dest,
+                "read_only": self.read_only, "source": self.source}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Attachment:
+        """Inverse of :meth:`to_json`."""
+        return cls(kind=str(doc["kind"]), name=str(doc["name"]), dest=str(doc["dest"]),
+                   read_only=bool(doc.get("read_only")), source=str(doc.get("source", "")))
+
+
+# --- parsing and validation (pure) -----------------------------------------------------
+
+
+def parse_volume(value: str) -> Attachment:
+    """``NAME:/dst[:ro|rw]``."""
+    rest, read_only = _split_mode(value)
+    name, sep, dest = rest.partition(":")
+    if not sep:
+        raise UsageError(f"invalid --volume {value!r}", hint="use --volume NAME:/dst[:ro|rw]")
+    if name.startswith(("/", ".", "~")):
+        raise UsageError(f"invalid --volume {value!r}: {name!r} is a path, and only named "
+                         "volumes can be attached this way",
+                         hint="use a volume name (created on first use), or attach an ext4 "
+                         "image with --disk NAME=PATH:/dst")
+    validate_name(name, what="volume")
+    return Attachment("volume", name, check_dest(dest, f"--volume {value}"), read_only)
+
+
+def parse_disk(value: str) -> Attachment:
+    """``NAME=PATH:/dst[:ro|rw]``."""
+    return _parse_sourced("disk", value, "--disk NAME=/path/image.ext4:/dst[:ro|rw]")
+
+
+def parse_bundle(value: str) -> Attachment:
+    """``NAME=TAR:/dst[:ro|rw]``."""
+    return _parse_sourced("bundle", value, "--bundle NAME=/path/x.tar[.gz]:/dst[:ro|rw]")
+
+
+def _parse_sourced(kind: str, value: str, form: str) -> Attachment:
+    name, sep, rest = value.partition("=")
+    rest, read_only = _split_mode(rest)
+    source, colon, dest = rest.rpartition(":")
+    if not sep or not colon or not source:
+        raise UsageError(f"invalid --{kind} {value!r}", hint=f"use {form}")
+    validate_name(name, what=kind)
+    dest = check_dest(dest, f"--{kind} {value}")
+    path = Path(source).expanduser().absolute()
+    return Attachment(kind, name, dest, read_only, str(path))
+
+
+def _split_mode(value: str) -> tuple[str, bool]:
+    head, sep, mode = value.rpartition(":")
+    if sep and mode in ("ro", "rw"):
+        return head, mode == "ro"
+    return value, False
+
+
+def check_dest(dest: str, flag: str) -> str:
+    """A guest mount point: absolute, no ``.`` or ``..``, not /, /proc, /sys or /dev."""
+    if not dest.startswith("/"):
+        raise UsageError(f"{flag}: the destination {dest!r} must be an absolute path "
+                         "in the guest", hint="for example /work")
+    parts = [p for p in dest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise UsageError(f"{flag}: the destination {dest!r} must not contain '.' or '..'")
+    clean = "/" + "/".join(parts)
+    if clean == "/":
+        raise UsageError(f"{flag}: cannot mount over the root file system /")
+    if any(clean == r or clean.startswith(r + "/") for r in _RESERVED):
+        raise UsageError(f"{flag}: {clean} is reserved for the guest's own file systems")
+    if "\0" in clean or len(clean.encode()) > MAX_DEST_BYTES:
+        raise UsageError(f"{flag}: the destination is longer than {MAX_DEST_BYTES} bytes")
+    return clean
+
+
+def validate_attachments(attachments: Sequence[Attachment]) -> None:
+    """Refuse two disks at one destination, a volume or name twice, too many disks."""
+    if len(attachments) > MAX_DISKS:
+        raise UsageError(f"{len(attachments)} disks are attached; at most {MAX_DISKS} can be")
+    dests: dict[str, Attachment] = {}
+    names: set[tuple[str, str]] = set()
+    for item in attachments:
+        if item.kind not in KINDS:
+            raise UsageError(f"unknown attachment kind {item.kind!r}")
+        other = dests.get(item.dest)
+        if other is not None:
+            raise UsageError(f"the destination {item.dest} is used twice "
+                             f"({other.flag} and {item.flag})")
+        dests[item.dest] = item
+        if (item.kind, item.name) in names:
+            raise UsageError(f"{item.kind} {item.name} is attached twice",
+                             hint="attach each volume, disk or bundle once")
+        names.add((item.kind, item.name))
+
+
+# --- the host files ------------------------------------------------------------------
+
+
+def is_ext4(path: Path) -> bool:
+    """Whether ``path`` holds an ext2/3/4 superblock (the magic 0xEF53)."""
+    with path.open("rb") as f:
+        f.seek(EXT4_MAGIC_OFFSET)
+        return f.read(2) == b"\x53\xef"
+
+
+def check_sources(attachments: Sequence[Attachment], *, work_dir: Path,
+                  progress: Progress | None = None, build_bundles: bool = True) -> None:
+    """Check every ``--disk`` image is ext4 and every bundle can be built (in ``work_dir``,
+    then thrown away). Raises NotFoundError, UsageError or UnsafeImageError."""
+    progress = progress or NullProgress()
+    for item in attachments:
+        if item.kind == "disk":
+            check_disk(item)
+        elif item.kind == "bundle":
+            _check_readable(item)
+            if build_bundles:
+                progress.step(f"Checking bundle {item.name}")
+                scratch = Path(tempfile.mkdtemp(prefix="bundle-", dir=work_dir))
+                try:
+                    build_bundle(item, scratch / "check.ext4", work_dir=scratch)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_disk(item: Attachment) -> None:
+    """The ``--disk`` image exists and is ext4."""
+    path = _check_readable(item)
+    try:
+        ext4 = is_ext4(path)
+    except OSError as e:
+        raise UsageError(f"{item.flag}: cannot read {path}: {e.strerror}") from e
+    if not ext4:
+        raise UsageError(f"{item.flag}: {path} is not an ext4 file system",
+                         hint="attach an ext4 image (mkfs.ext4 FILE), or use --bundle for "
+                         "a tar archive")
+
+
+def _check_readable(item: Attachment) -> Path:
+    path = Path(item.source)
+    if not path.exists():
+        raise NotFoundError(f"{item.flag}: {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{item.flag}: {path} is not a regular file")
+    return path
+
+
+def build_bundle(item: Attachment, dest: Path, *, work_dir: Path) -> None:
+    """Build the ext4 disk of the bundle ``item`` at ``dest``, sized to fit."""
+    from microagent.layers import LayerFile
+    from microagent.rootfs import build_root_disk
+
+    source = Path(item.source)
+    if not source.is_file():
+        raise NotFoundError(f"bundle {item.name}: {source} does not exist")
+    layer = LayerFile(source, "application/vnd.oci.image.layer.v1.tar", str(source))
+    try:
+        build_root_disk([layer], dest, size_mib=None, work_dir=work_dir,
+                        label=item.name[:16])
+    except UnsafeImageError as e:
+        reason = e.message.removeprefix(f"layer {source}: ")
+        reason = reason.removesuffix("; the image is refused")
+        raise UnsafeImageError(f"bundle {item.name} ({source}): {reason}; the bundle is "
+                               "refused", hint="nothing from the archive was used") from None
+    except IntegrityError as e:
+        raise UsageError(f"bundle {item.name}: {source} is not a readable tar archive "
+                         f"(.tar, .tar.gz or .tgz): {e.message}") from None
+
+
+# --- what one boot gets --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootDisks:
+    """The extra block devices of one boot and the kernel parameters that describe them."""
+
+    disks: tuple[DiskSpec, ...]
+    params: tuple[str, ...]
+
+
+def mount_order(attachments: Sequence[Attachment]) -> list[Attachment]:
+    """Parents before children (``/work`` before ``/work/cache``), else as given."""
+    return sorted(attachments, key=lambda a: a.dest.count("/"))
+
+
+def boot_disks(layout: StateLayout, files: RunFiles,
+               attachments: Sequence[Attachment]) -> BootDisks:
+    """The disks and ``microagent.disk=`` parameters of ``attachments``. Pure."""
+    disks: list[DiskSpec] = []
+    params: list[str] = []
+    for index, item in enumerate(mount_order(attachments), start=1):
+        serial = f"ma-disk{index}"
+        if item.kind == "volume":
+            path = layout.volume_disk(item.name)
+        elif item.kind == "bundle":
+            path = files.bundle_disk(item.name)
+        else:
+            path = Path(item.source)
+        disks.append(DiskSpec(path, item.read_only, item.name, serial))
+        mode = "ro" if item.read_only else "rw"
+        params.append(f"{serial}:{item.name}:{encode_dest(item.dest)}:{mode}")
+    return BootDisks(tuple(disks), tuple(params))
+
+
+def encode_dest(dest: str) -> str:
+    """Percent-encode every byte outside ``[A-Za-z0-9._/+@-]`` (the guest decodes it), so
+    a destination never holds a space, quote or colon on the kernel command line."""
+    return "".join(chr(b) if _SAFE_DEST.fullmatch(bytes([b])) else f"%{b:02X}"
+                   for b in dest.encode())
+
+
+def prepare_boot_disks(layout: StateLayout, files: RunFiles,
+                       attachments: Sequence[Attachment]) -> BootDisks:
+    """Check the sources and build this boot's bundle disks; see :func:`boot_disks`."""
+    for item in attachments:
+        if item.kind == "volume" and not layout.volume_disk(item.name).exists():
+            raise NotFoundError(f"volume {item.name} does not exist (it was deleted)")
+        if item.kind == "volume" and item.read_only:
+            replay_journal(layout.volume_disk(item.name))
+        if item.kind == "disk":
+            check_disk(item)
+        if item.kind == "bundle":
+            disk = files.bundle_disk(item.name)
+            with contextlib.suppress(FileNotFoundError):
+                disk.unlink()
+            build_bundle(item, disk, work_dir=files.dir)
+    return boot_disks(layout, files, attachments)
+
+
+def replay_journal(disk: Path) -> None:
+    """Replay the journal a killed VM left in ``disk`` (e2fsck -E journal_only).
+
+    A read-only device cannot replay it, so the guest could only mount it without
+    (``noload``) and miss the last writes. Only for volumes, which microagent owns and the
+    caller holds.
+    """
+    import os
+    import subprocess
+
+    from microagent.errors import HostError
+    from microagent.supervisor import root_needs_recovery
+
+    if not root_needs_recovery(disk):
+        return
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    e2fsck = shutil.which("e2fsck", path=path)
+    if e2fsck is None:
+        return  # the guest mounts it without the journal (noload) and says so
+    result = subprocess.run([e2fsck, "-p", "-E", "journal_only", str(disk)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode >= 4:
+        raise HostError(f"cannot replay the journal of {disk}: e2fsck exited "
+                        f"{result.returncode}: {(result.stderr or result.stdout).strip()}")
+
+
+def remove_bundle_disks(files: RunFiles, attachments: Sequence[Attachment]) -> None:
+    """Remove the bundle disks built for the last boot."""
+    for item in attachments:
+        if item.kind == "bundle":
+            with contextlib.suppress(FileNotFoundError):
+                files.bundle_disk(item.name).unlink()
+
+
+def check_before_start(layout: StateLayout, attachments: Sequence[Attachment]) -> None:
+    """What ``start`` checks before spawning the supervisor, for clear errors at once:
+    volumes exist (created on first use) and are not attached elsewhere, ``--disk``
+    images are ext4, bundle archives exist."""
+    from microagent.volumes import ensure_volume, held_error, volume_holder
+
+    for item in attachments:
+        if item.kind == "volume":
+            holder = volume_holder(layout, item.name)
+            if holder is not None:
+                raise held_error(item.name, holder)
+            ensure_volume(layout, item.name)
+    check_sources(attachments, work_dir=layout.tmp_dir, build_bundles=False)
+
+
+@contextlib.contextmanager
+def new_volumes(layout: StateLayout, attachments: Sequence[Attachment],
+                progress: Progress | None = None) -> Iterator[list[str]]:
+    """Create the missing volumes of ``attachments``; delete them again if the block fails
+    (a failed ``create`` leaves nothing behind)."""
+    from microagent.volumes import delete_volume, ensure_volume
+
+    created: list[str] = []
+    try:
+        for item in attachments:
+            if item.kind == "volume" and not layout.volume_disk(item.name).exists():
+                (progress or NullProgress()).step(f"Creating volume {item.name}")
+                if ensure_volume(layout, item.name):
+                    created.append(item.name)
+        yield created
+    except BaseException:
+        for name in created:
+            with contextlib.suppress(MicroagentError, OSError):
+                delete_volume(layout, name)
+        raise
