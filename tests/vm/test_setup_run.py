@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory
 
-from tests.support.fixtures import MICROAGENT, PushedImage
+from tests.support.fixtures import MICROAGENT, PushedImage, RunningRegistry
+from tests.support.push import push_layout
 from tests.vm.test_lifecycle import events, home, ma, ok, qemu_pids  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -96,8 +98,20 @@ def test_run_streams_returns_the_code_and_cleans_up(home: Path,  # noqa: F811
     assert scratch(home) == before
 
 
-def test_run_keep_and_the_image_command(home: Path, registry: object,  # noqa: F811
-                                        busybox_image: PushedImage) -> None:
+def test_run_uses_the_image_entrypoint_and_cmd(home: Path, registry: RunningRegistry,  # noqa: F811
+                                               tmp_path: Path) -> None:
+    """Like docker: Entrypoint + Cmd by default; given arguments replace Cmd only."""
+    layout = tmp_path / "echo-image"
+    build_layout(layout, [ImageSpec(layers=[Layer(tar_directory(busybox_tree(tmp_path / "t")))],
+                                    entrypoint=["/bin/echo", "says:"], cmd=["default"],
+                                    env=["PATH=/bin"])])
+    push_layout(registry.host, "test/echo", "1", layout)
+    ref = f"{registry.host}/test/echo:1"
+    assert ok(ma(home, "run", "--profile", "tiny", ref)).stdout == "says: default\n"
+    assert ok(ma(home, "run", "--profile", "tiny", ref, "hello")).stdout == "says: hello\n"
+
+
+def test_run_keep(home: Path, busybox_image: PushedImage) -> None:  # noqa: F811
     kept = ma(home, "run", "--keep", "--name", "kept", "--profile", "tiny",
               busybox_image.ref, "sh", "-c", "echo data > /root/kept")
     assert kept.returncode == 0, kept
