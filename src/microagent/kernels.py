@@ -331,21 +331,10 @@ def _source_from_host(
     layout: StateLayout, work: Path, progress: Progress | None
 ) -> KernelSource | KernelBundle:
     """The host's /boot kernel if usable, else the distribution package via apt."""
-    reasons = []
-    for source in _sources_in_tree(HOST_ROOT, ""):
-        source = KernelSource(source.version, source.vmlinuz,
-                              HOST_ROOT / "lib" / "modules" / source.version, source.config,
-                              f"host:{source.vmlinuz}")
-        if not os.access(source.vmlinuz, os.R_OK):
-            reasons.append(f"{source.vmlinuz} is not readable")
-            continue
-        try:
-            resolve_modules(source.version, source.modules_dir, source.config,
-                            REQUIRED_MODULES, {})
-        except MicroagentError as e:
-            reasons.append(e.message)
-            continue
-        return source
+    reasons: list[str] = []
+    usable = _usable_host_source(reasons)
+    if usable is not None:
+        return usable
     package = _apt_kernel_package(reasons)
     if package is None:
         raise NotFoundError(
@@ -371,6 +360,41 @@ def _source_from_host(
         raise HostError(f"{debs[0].name} holds no boot/vmlinuz-{version}")
     return KernelSource(version, found[0].vmlinuz, found[0].modules_dir, found[0].config,
                         f"apt:{debs[0].name}")
+
+
+def _usable_host_source(reasons: list[str]) -> KernelSource | None:
+    """The newest /boot kernel whose modules have what a bundle needs; why not in reasons."""
+    for source in _sources_in_tree(HOST_ROOT, ""):
+        source = KernelSource(source.version, source.vmlinuz,
+                              HOST_ROOT / "lib" / "modules" / source.version, source.config,
+                              f"host:{source.vmlinuz}")
+        if not os.access(source.vmlinuz, os.R_OK):
+            reasons.append(f"{source.vmlinuz} is not readable")
+            continue
+        try:
+            resolve_modules(source.version, source.modules_dir, source.config,
+                            REQUIRED_MODULES, {})
+        except MicroagentError as e:
+            reasons.append(e.message)
+            continue
+        return source
+    return None
+
+
+def kernel_availability(layout: StateLayout) -> tuple[str, str]:
+    """Whether a default kernel is ``installed``, ``obtainable`` or ``missing``, and a
+    detail; nothing is downloaded or installed (for ``doctor``)."""
+    with contextlib.suppress(MicroagentError, FileNotFoundError):
+        bundle = default_kernel(layout, install_if_missing=False)
+        return "installed", f"{bundle.version} ({bundle.source})"
+    reasons: list[str] = []
+    source = _usable_host_source(reasons)
+    if source is not None:
+        return "obtainable", f"{source.version} from the host's {source.vmlinuz}"
+    package = _apt_kernel_package(reasons)
+    if package is not None:
+        return "obtainable", f"{package} through apt-get download"
+    return "missing", "; ".join(reasons) or "no /boot kernel and no apt"
 
 
 def _apt_kernel_package(reasons: list[str]) -> str | None:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from microagent import __version__
-from microagent.cli import console, images, lifecycle, observe, run, volumes, workspaces
+from microagent.cli import console, doctor, images, lifecycle, observe, run, volumes, workspaces
 from microagent.cli import copy as copy_verbs
 from microagent.cli import exec as exec_verbs
 from microagent.cli.output import Handler, Output, Parser, add_verb, table
@@ -59,7 +59,7 @@ def build_parser() -> Parser:
     add_verb(verbs, "version", cmd_version, "print the version")
     add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
     for group in (workspaces, lifecycle, exec_verbs, copy_verbs, run, console, images, observe,
-                  volumes):
+                  volumes, doctor):
         group.register(verbs)
     return parser
 
