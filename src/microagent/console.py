@@ -30,8 +30,7 @@ from microagent.logs import rotated
 
 LOG_LIMIT = 4 * 1024 * 1024
 CHUNK = 400  # bytes of a long --send line per shell assignment: well under N_TTY's 4095
-LONG_LINE = 1000
-RESTORE_ATTEMPTS = 5  # longer lines are assembled in a variable and run with eval
+RESTORE_ATTEMPTS = 5
 SLOW_CLIENT = 4 * 1024 * 1024  # an attached client this far behind is dropped
 # the shell's echo and prompts as they were before a --send (kept if never saved)
 RESTORE = ("PS1=${__ma_ps1-$PS1}; PS2=${__ma_ps2-$PS2}; unset __ma_ps1 __ma_ps2 __ma_l; "
@@ -225,14 +224,13 @@ class ConsoleBroker:
     async def send_line(self, line: str, timeout: float, holder: Holder) -> SendResult:
         """Type ``line`` into the console shell; return only what it printed.
 
-        A first line turns the tty's echo off and empties PS1 (saving it), then prints a
-        begin marker. Once that is seen, three more: a calibration marker, the line itself
-        (a long one is run with ``eval`` after being assembled in a variable before the
-        first line: the tty's line buffer holds 4095 bytes), and a line printing an end
-        marker with ``$?`` that restores echo and PS1. The output is what lies between
-        the calibration and end markers, less what the shell writes for every line it
-        reads (readline's bracketed-paste switches and a line feed even with echo off),
-        which the calibration line shows.
+        The line is first assembled in a variable (see :func:`_body`). A first line turns
+        the tty's echo off and empties PS1 (saving it), then prints a begin marker. Once
+        that is seen, three more: a calibration marker, ``eval`` of the line, and a line
+        printing an end marker with ``$?`` that restores echo and PS1. The output is what
+        lies between the calibration and end markers, less what the shell writes for
+        every line it reads (readline's bracketed-paste switches and a line feed even with
+        echo off), which the calibration line shows.
         On timeout the command is interrupted (Ctrl-C) and the shell restored.
         """
         capture = self._require_capture()
@@ -322,20 +320,18 @@ class ConsoleBroker:
 def _body(line: str) -> tuple[bytes, bytes]:
     """The typed form of ``line``: lines to type before the begin marker, and the line.
 
-    A long line is assembled into ``$__ma_l`` in chunks (typed before the begin marker,
-    so neither their echo nor what the shell writes per line read is in the output) and
-    run with ``eval``.
+    The line is assembled into ``$__ma_l`` in chunks (typed before the begin marker, so
+    neither their echo nor what the shell writes per line read is in the output; the
+    tty's line buffer holds 4095 bytes) and run with ``eval``: an incomplete line (an
+    open quote, ``if`` without ``fi``) is then a syntax error with status 2, not a shell
+    waiting for more.
     """
-    data = line.encode()
-    if len(data) <= LONG_LINE:
-        return b"", data + b"\n"
     parts = [f" __ma_l={shlex.quote(line[:CHUNK])}\n"]
     rest = line[CHUNK:]
     while rest:
         parts.append(f" __ma_l=\"$__ma_l\"{shlex.quote(rest[:CHUNK])}\n")
         rest = rest[CHUNK:]
     return "".join(parts).encode(), b' eval "$__ma_l"\n'
-
 
 
 def _line_of(marker: re.Pattern[bytes]) -> re.Pattern[bytes]:

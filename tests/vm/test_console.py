@@ -79,9 +79,9 @@ def test_send_refuses_what_is_not_one_line(home: Path, debian_ws: str) -> None: 
         result = send(home, debian_ws, line)
         assert result.returncode == 2, (line, result)
         assert words in result.stderr and result.stdout == ""
-    # an incomplete line is seen at once (the shell asks for more), and undone
-    result = send(home, debian_ws, "if true")
-    assert result.returncode == 2 and "incomplete" in result.stderr
+    # an incomplete line is a syntax error (the line runs through eval), at once
+    result = json.loads(ok(ma(home, "--json", "connect", debian_ws, "--send", "if true")).stdout)
+    assert result["exit_code"] == 2 and "syntax error" in result["output"]
     assert ok(send(home, debian_ws, "echo still-fine")).stdout == "still-fine\n"
 
 
