@@ -78,6 +78,7 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
     from microagent.backends.qemu import QemuBackend
     from microagent.guest import agent_binary
     from microagent.kernels import default_kernel
+    from microagent.network import check_ports_free
 
     progress = progress or NullProgress()
     validate_name(name)
@@ -94,6 +95,7 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
                                 f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
         # volumes created on first use, not held elsewhere; --disk and bundle files there
         check_before_start(layout, workspace.disks)
+        check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
         problems = QemuBackend().check_host()
         if problems:
             raise HostError("; ".join(problems))
@@ -196,7 +198,7 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
     validate_name(name)
     get_workspace(layout, name)
     state = runtime_state(layout, name)
-    if state.state != "running":
+    if state.state not in ("running", "quarantined"):
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
     answer = SupervisorClient(layout.run_files(name), name).request("stop", timeout=30)
     if answer.get("state") != "stopped":
@@ -274,6 +276,7 @@ def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> d
         consoleReady=signal_of("consoleReady"),
         networkReady=signal_of("networkReady"),
         network_info=status.get("network", {}),
+        guest_address=_guest_address(status) if live else None,
         last_events=[e.to_json() for e in read_events(layout.workspace_events(name))[-5:]],
     )
     from microagent.provision import read_setup
@@ -281,6 +284,14 @@ def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> d
     setup = read_setup(layout, name)
     document["setup"] = setup.to_json() if setup is not None else None
     return document
+
+
+def _guest_address(status: dict[str, Any]) -> str | None:
+    """The guest's IPv4 address as its agent reported it (without the prefix length)."""
+    net = status.get("network")
+    if not isinstance(net, dict) or not net.get("configured") or not net.get("address"):
+        return None
+    return str(net["address"]).split("/")[0]
 
 
 def _uptime(status: dict[str, Any]) -> float | None:

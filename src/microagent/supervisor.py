@@ -2,7 +2,7 @@
 
 It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
 serial console into ``serial.log``, holds the agent channel, serves the control socket
-(status, halt, stop, kill, relayed exec streams, console sessions through
+(status, halt, stop, kill, quarantine, relayed exec streams, console sessions through
 :class:`~microagent.console.ConsoleBroker`), computes readiness, appends the
 lifecycle events, applies the restart policy and records the final state. Only the
 supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from microagent.attachments import BootDisks, prepare_boot_disks, remove_bundle_disks
-from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel, guest_cmdline, host_tsc_khz
+from microagent.backends.base import (
+    DiskSpec,
+    LaunchSpec,
+    PortSpec,
+    choose_accel,
+    guest_cmdline,
+    host_tsc_khz,
+)
 from microagent.backends.qemu import QemuBackend
 from microagent.backends.qmp import QmpClient
 from microagent.channel import AgentChannel
@@ -33,13 +40,16 @@ from microagent.console import ConsoleBroker, ConsoleCapture, Holder
 from microagent.errors import BusyError, ConflictError, MicroagentError
 from microagent.events import append_event, now_iso
 from microagent.layout import StateLayout
+from microagent.network import check_ports_free, port_failure
 from microagent.protocol import FrameType
+from microagent.quarantine import sever_network
 from microagent.runtime import process_start_time
 from microagent.store import ensure_dir, write_json_atomic
 from microagent.volumes import hold_volumes
 from microagent.workspaces import Workspace, get_workspace
 
 PR_SET_PDEATHSIG = 1
+QUARANTINE_HINT = "halt, stop or kill it to end the quarantine"
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
 BACKOFF_MAX = 30.0
@@ -84,6 +94,8 @@ class Supervisor:
         self.exited = asyncio.Event()
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
+        self.quarantined = False  # see microagent.quarantine; ends with the VM
+        self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
 
     # --- status -----------------------------------------------------------------------
 
@@ -111,6 +123,7 @@ class Supervisor:
             disks=(DiskSpec(ws.rootfs), *attached.disks), run_dir=self.files.dir,
             network=ws.network,
             accel=self.accel.accel,
+            ports=tuple(PortSpec(p.host_ip, p.host_port, p.guest_port) for p in ws.ports),
         )
 
     async def boot_once(self) -> Outcome:
@@ -121,6 +134,10 @@ class Supervisor:
 
         kernel = default_kernel(self.layout, install_if_missing=False)
         recovery = root_needs_recovery(self.workspace.rootfs)
+        try:  # at every boot: a restart finds a port taken while the guest was down
+            check_ports_free(self.workspace.ports)
+        except ConflictError as e:
+            return Outcome("failed", e.message)
         build_boot_initramfs(kernel, agent_binary(), self.files.initramfs)
         # bundles are rebuilt at every boot: writes in a rw bundle do not persist
         attached = prepare_boot_disks(self.layout, self.files, self.workspace.disks)
@@ -166,9 +183,12 @@ class Supervisor:
                 return self._classify()
             if waiter in done:
                 fatal = await self._guest_fatal()  # e.g. a disk that cannot be mounted
+                said = self._vmm_said(vmm_log_start)
+                taken = port_failure(said)  # a --publish port taken since the check
+                if taken is not None:
+                    return Outcome("failed", taken.message)
                 return Outcome("failed", fatal or f"the VM exited during boot "
-                                                  f"(status {self.vmm.returncode})"
-                                                  + self._vmm_said(vmm_log_start))
+                                                  f"(status {self.vmm.returncode})" + said)
             reason = (f"the guest agent failed: {ready.exception()}" if ready in done
                       else f"the guest did not become ready within {self.boot_timeout:.0f}s")
             await self._kill_vmm()
@@ -258,7 +278,7 @@ class Supervisor:
     def _console_line(self, line: str) -> None:
         if "microagent-init: fatal: " in line and self.guest_fatal is None:
             self.guest_fatal = line.split("microagent-init: fatal: ", 1)[1].strip()
-        if "microagent-init: console shell" in line:  # started or respawned
+        if "microagent-init: console shell" in line and not self.quarantined:
             self.console_shell = True
             self._ready("consoleReady", False, "the console shell is starting")
             if self.console_probe is None or self.console_probe.done():
@@ -307,18 +327,27 @@ class Supervisor:
             request = json.loads(await reader.readline() or b"{}")
             verb = request.get("request")
             if verb == "channel":
+                if self.quarantined:
+                    await _answer(writer, error="quarantined: exec and cp are refused",
+                                  kind="conflict", hint=QUARANTINE_HINT)
+                    return
                 if self.channel is None or self.channel.hello is None:
                     await _answer(writer, error="the guest agent is not ready yet")
                     return
                 await _answer(writer)
-                await self.channel.relay(reader, writer)
+                self.sessions.add(writer)
+                try:
+                    await self.channel.relay(reader, writer)
+                finally:
+                    self.sessions.discard(writer)
                 return
             if verb == "console":
                 await self._attach_console(request, reader, writer)
                 return
             handlers = {"status": self._status, "halt": self._halt, "stop": self._stop,
                         "kill": self._kill, "console-send": self._console_send,
-                        "console-size": self._console_size}
+                        "console-size": self._console_size,
+                        "quarantine": self._quarantine}
             handler = handlers.get(verb)
             if handler is None:
                 await _answer(writer, error=f"unknown request {verb!r}")
@@ -335,7 +364,8 @@ class Supervisor:
             writer.close()
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request.get("probe") and self.outcome is None and self.channel is not None:
+        if request.get("probe") and self.outcome is None and self.channel is not None \
+                and not self.quarantined:  # its readiness says "refused"; keep it
             await self.probe_exec()
             stale = time.monotonic() - self.console_checked > CONSOLE_RECHECK_AFTER
             if self.console_shell and stale and (self.console_probe is None
@@ -346,6 +376,8 @@ class Supervisor:
     # --- the console ------------------------------------------------------------------
 
     def _console_refusal(self) -> str | None:
+        if self.quarantined:
+            return "quarantined: console input is refused"
         if self.console is None or self.console.closed.is_set():
             return "the VM is not running"
         if self.console_shell is False:
@@ -366,10 +398,13 @@ class Supervisor:
             if request.get("rows") and request.get("cols"):
                 await self._console_size(request)
 
+        self.sessions.add(writer)
         try:
             await self.broker.attach(reader, writer, holder, ready)
         except BusyError as e:
             await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
+        finally:
+            self.sessions.discard(writer)
 
     async def _console_send(self, request: dict[str, Any]) -> dict[str, Any]:
         refusal = self._console_refusal()
@@ -428,6 +463,31 @@ class Supervisor:
             return {"state": "failed", "detail": "the guest did not exit within 5s"}
         return {"state": "stopped"}
 
+    async def _quarantine(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Sever the network, then refuse exec, cp and console input (see quarantine.py)."""
+        if self.quarantined:
+            raise ConflictError("the workspace is already quarantined", hint=QUARANTINE_HINT)
+        if self.intent is not None or self.vmm is None or self.vmm.returncode is not None \
+                or self.channel is None or self.channel.hello is None:
+            raise ConflictError("the workspace is not running")
+        self.quarantined = True  # refuse new sessions while QMP is being asked
+        try:
+            detail = await sever_network(self.qmp, self.workspace.network)
+        except (MicroagentError, TimeoutError, ConnectionError) as e:
+            self.quarantined = False
+            raise MicroagentError(f"could not sever the network: {e}; not quarantined",
+                                  hint=f"microagent kill {self.name}") from e
+        for writer in list(self.sessions):  # exec, cp and console sessions in flight
+            writer.transport.abort()
+        refused = "quarantined: refused"
+        self._ready("execReady", False, refused)
+        self._ready("consoleReady", False, refused)
+        self._ready("networkReady", False, f"quarantined: {detail}")
+        self.status["quarantined"] = {"time": now_iso(), "detail": detail}
+        self._save_status()
+        self._event("quarantined", f"{detail}; exec, cp and console input refused")
+        return {"state": "quarantined", "detail": detail}
+
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
         self.intent = "kill"
         await self._kill_vmm()
@@ -463,7 +523,8 @@ class Supervisor:
                     outcome = Outcome("stopped", "the guest exited after a failed stop")
                 self.outcome = outcome
                 self._event(outcome.state, outcome.detail)
-                if self.intent is not None or not self._should_restart(outcome):
+                if self.intent is not None or self.quarantined \
+                        or not self._should_restart(outcome):
                     return 0 if outcome.state != "failed" else 1
                 failures = 0 if time.monotonic() - began > STABLE_AFTER else failures + 1
                 delay = min(BACKOFF_MAX, 2.0 ** max(0, failures - 1))

@@ -23,6 +23,7 @@ from microagent.config import Resources, resolve_resources, validate_name
 from microagent.errors import ConflictError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
+from microagent.network import PublishedPort, validate_ports
 from microagent.progress import NullProgress, Progress
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
 
@@ -53,6 +54,7 @@ class WorkspaceSpec:
     hostname: str = ""
     setup: tuple[str, ...] = ()  # commands run once before the first start
     disks: tuple[Attachment, ...] = ()  # --volume, --disk, --bundle
+    ports: tuple[PublishedPort, ...] = ()  # --publish
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Workspace:
     rootfs: Path
     last_event: Event | None
     disks: tuple[Attachment, ...] = ()
+    ports: tuple[PublishedPort, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape of one workspace."""
@@ -96,6 +99,7 @@ class Workspace:
             "created": self.created,
             "rootfs": str(self.rootfs),
             "disks": [disk.to_json() for disk in self.disks],
+            "ports": [port.to_json() for port in self.ports],
         }
 
 
@@ -118,6 +122,7 @@ def validate_spec(spec: WorkspaceSpec) -> None:
     if spec.hostname and not _HOSTNAME.fullmatch(spec.hostname):
         raise UsageError(f"invalid hostname {spec.hostname!r}")
     validate_attachments(spec.disks)
+    validate_ports(spec.ports, spec.network)
     for command in spec.setup:
         if not command.strip():
             raise UsageError("--setup needs a command; it was empty")
@@ -197,6 +202,7 @@ def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
         "env": list(spec.env),
         "hostname": spec.hostname or default_hostname(spec.name),
         "disks": [disk.to_json() for disk in spec.disks],
+        "ports": [port.to_json() for port in spec.ports],
     }
 
 
@@ -230,6 +236,7 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
         rootfs=layout.workspace_rootfs(name),
         last_event=runtime.event,
         disks=tuple(Attachment.from_json(d) for d in record.get("disks", ())),
+        ports=tuple(PublishedPort.from_json(p) for p in record.get("ports", ())),
     )
 
 

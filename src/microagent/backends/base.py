@@ -34,6 +34,15 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class PortSpec:
+    """A host TCP port forwarded to a guest port (``--publish``)."""
+
+    host_ip: str
+    host_port: int
+    guest_port: int
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """Everything a backend needs to boot one workspace."""
 
@@ -47,6 +56,7 @@ class LaunchSpec:
     run_dir: Path
     network: str = "user"
     accel: str = "tcg"
+    ports: tuple[PortSpec, ...] = ()
 
 
 @dataclass(frozen=True)

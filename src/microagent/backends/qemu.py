@@ -71,7 +71,11 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
             device += f",serial={_escape(disk.serial)}"
         argv += ["-drive", drive, "-device", device]
     if spec.network == "user":
-        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+        netdev = "user,id=net0"
+        for port in spec.ports:  # published ports; the empty guest address is 10.0.2.15
+            rule = f"tcp:{port.host_ip}:{port.host_port}-:{port.guest_port}"
+            netdev += f",hostfwd={_escape(rule)}"
+        argv += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     argv += [
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={AGENT_SOCKET},server=on,wait=off",

@@ -1,4 +1,5 @@
-"""``start``, ``halt``, ``stop``, ``kill`` and the hidden ``_supervise``: a VM's life."""
+"""``start``, ``halt``, ``stop``, ``kill``, ``quarantine`` and the hidden ``_supervise``:
+a VM's life."""
 
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ def cmd_kill(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
+    from microagent.quarantine import quarantine_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": quarantine_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
 def cmd_supervise(args: argparse.Namespace, out: Output) -> int:
     from microagent.supervisor import run_supervisor
 
@@ -57,6 +66,8 @@ def register(verbs: Verbs) -> None:
         ("halt", cmd_halt, "clean, disk-preserving shutdown"),
         ("stop", cmd_stop, "ask the guest to shut down; failed if it has not within 5s"),
         ("kill", cmd_kill, "end the VM process at once"),
+        ("quarantine", cmd_quarantine,
+         "sever network, exec, cp and console input; keep the VM running"),
     ):
         add_name(add_verb(verbs, name, handler, text))
 

@@ -28,6 +28,7 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
     """The workspace spec that create's options (shared with ``run``) describe."""
     from microagent.attachments import parse_bundle, parse_disk, parse_volume
     from microagent.config import resolve_resources
+    from microagent.network import parse_publish
     from microagent.workspaces import WorkspaceSpec
 
     return WorkspaceSpec(
@@ -43,6 +44,7 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
         setup=tuple(args.setup),
         disks=(*map(parse_volume, args.volume), *map(parse_disk, args.disk),
                *map(parse_bundle, args.bundle)),
+        ports=tuple(map(parse_publish, args.publish)),
     )
 
 
@@ -89,13 +91,17 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
         f"Resources: memory={doc['resources']['memory_mib']}MiB cpus={doc['resources']['cpus']}"
         f" disk={doc['resources']['disk_mib']}MiB",
         f"Backend: {doc['backend']}" + (f" ({doc['accel']})" if doc.get("accel") else ""),
-        f"Network: {doc['network']}",
+        f"Network: {doc['network']}"
+        + (f" (guest {doc['guest_address']})" if doc.get("guest_address") else ""),
         f"Restart: {doc['restart']}",
         f"Rootfs: {doc['rootfs']}",
     ]
     for disk in doc.get("disks", []):
         lines.append(f"Disk: {disk['dest']} {disk['kind']} {disk['name']} "
                      f"({'ro' if disk['read_only'] else 'rw'})")
+    for port in doc.get("ports", []):
+        lines.append(f"Port: {port['host_ip']}:{port['host_port']} -> "
+                     f"{port['guest_port']}/{port['protocol']}")
     if doc["pid"]:
         lines.append(f"PID: {doc['pid']}")
     if doc["uptime_seconds"] is not None:
@@ -163,6 +169,10 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="environment for commands (repeatable)")
     p.add_argument("--hostname", metavar="H", help="guest hostname (default: the name)")
     p.add_argument("--network", default="user", metavar="MODE", help="user (default) or none")
+    p.add_argument("--publish", "-p", action="append", default=[],
+                   metavar="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]",
+                   help="forward a host TCP port to a guest port (repeatable); the host "
+                        "side binds 127.0.0.1 unless HOST_IP is given")
     p.add_argument("--restart", default="never", metavar="POLICY",
                    help="never (default), on-failure or always")
     p.add_argument("--backend", default="qemu", metavar="B", help="qemu (default)")
