@@ -359,10 +359,12 @@ def test_stop_of_a_guest_that_does_not_exit_is_failed(home: Path,
         refused = ma(home, "start", "stuck")
         assert refused.returncode != 0
         assert qemu_pids("stuck") == [vm]
+        # still frozen: kill must end it (SIGKILL works on a stopped process); resuming
+        # it first would let the guest finish the earlier shutdown request on its own
+        ok(ma(home, "kill", "stuck"))
     finally:
         if qemu_pids("stuck"):
-            os.kill(vm, signal.SIGCONT)
-    ok(ma(home, "kill", "stuck"))
+            os.kill(vm, signal.SIGKILL)
     assert qemu_pids("stuck") == []
     assert events(home, "stuck")[-1]["state"] == "stopped"
     ok(ma(home, "delete", "stuck", "--yes"))
