@@ -108,6 +108,9 @@ def discard_workspace(layout: StateLayout, name: str,
             if state.has_live_process or state.state in ("starting", "halting"):
                 with contextlib.suppress(MicroagentError):
                     kill_workspace(layout, name)
+                state = runtime_state(layout, name)
+                if state.has_live_process:  # e.g. QEMU still dying: look again
+                    raise MicroagentError(f"workspace {name} still has a live process")
             delete_workspace(layout, name)
             return
         except MicroagentError:

@@ -92,6 +92,8 @@ class Supervisor:
         self.console_probe: asyncio.Task[None] | None = None
         self.guest_fatal: str | None = None  # the agent's "fatal:" line of this boot
         self.exited = asyncio.Event()
+        self.ending = False  # kill was asked: boot nothing more, end the VMM if any
+        self.finished = asyncio.Event()  # the supervisor is winding down
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
         self.quarantined = False  # see microagent.quarantine; ends with the VM
@@ -144,6 +146,8 @@ class Supervisor:
         plan = self.backend.plan(self._launch_spec(kernel, self.files.initramfs.name,
                                                    attached))
         self.guest_fatal = None
+        if self.ending:  # killed while preparing this boot (or in a restart's back-off)
+            return Outcome("stopped", "killed")
         self.intent, self.outcome = None, None
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
@@ -164,6 +168,8 @@ class Supervisor:
                 start_new_session=True)
         self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid))
         self._save_status()
+        if self.ending:  # a kill arrived while QEMU was being launched
+            await self._kill_vmm()
         waiter = asyncio.create_task(self._wait_vmm())
         helpers = [asyncio.create_task(self.console.capture(plan.console_socket,
                                                             time.monotonic() + 10,
@@ -181,6 +187,8 @@ class Supervisor:
                                        f"({self.accel.accel}){note}")
                 await waiter
                 return self._classify()
+            if waiter in done and self.intent == "kill":
+                return Outcome("stopped", "killed")
             if waiter in done:
                 fatal = await self._guest_fatal()  # e.g. a disk that cannot be mounted
                 said = self._vmm_said(vmm_log_start)
@@ -489,9 +497,12 @@ class Supervisor:
         return {"state": "quarantined", "detail": detail}
 
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
+        # answered once the supervisor winds down: whatever it was doing (preparing a
+        # boot, launching QEMU, a restart's back-off), no VMM is left behind
         self.intent = "kill"
+        self.ending = True
         await self._kill_vmm()
-        await self.exited.wait()
+        await self.finished.wait()
         return {"state": "stopped"}
 
     # --- the whole life ---------------------------------------------------------------
@@ -533,8 +544,13 @@ class Supervisor:
                                         f"(policy {self.workspace.restart}) after {delay:.0f}s")
                 await asyncio.sleep(delay)
         finally:
-            server.close()
             await self._kill_vmm()
+            if self.vmm is not None and self.vmm.returncode is None:
+                with contextlib.suppress(TimeoutError):  # gone before kill answers
+                    await asyncio.wait_for(self.vmm.wait(), 10)
+            self.finished.set()
+            await asyncio.sleep(0.05)  # let a waiting kill request answer
+            server.close()
             holds.close()
             remove_bundle_disks(self.files, self.workspace.disks)
 

@@ -122,7 +122,7 @@ def test_run_keep(home: Path, busybox_image: PushedImage) -> None:  # noqa: F811
     ok(ma(home, "delete", "kept", "--yes"))
 
 
-@pytest.mark.parametrize("delay", [0.5, 4.0])
+@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
 def test_run_interrupted_leaves_nothing(home: Path, busybox_image: PushedImage,  # noqa: F811
                                         delay: float) -> None:
     """Ctrl-C while booting and while the command runs: no workspace, no VM."""
