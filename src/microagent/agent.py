@@ -214,7 +214,9 @@ class AgentClient:
         start = time.monotonic()
         self.send(encode_json(FrameType.OPEN, stream_id, request.to_json()))
         self.current_stream = stream_id
-        selector = selectors.DefaultSelector()
+        # poll(), not epoll: epoll refuses regular files (`exec -i ws -- cat < file`),
+        # which poll reports always readable
+        selector = selectors.PollSelector()
         self.sock.setblocking(False)
         selector.register(self.sock, selectors.EVENT_READ, "sock")
         if stdin_fd is not None and request.stdin:

@@ -167,6 +167,20 @@ def test_stdin_and_binary_output(home: Path, running: str) -> None:
     assert result.returncode == 0 and result.stdout == data
 
 
+def test_stdin_from_a_regular_file(home: Path, running: str, tmp_path: Path) -> None:
+    """A file as stdin (not a pipe): epoll cannot watch it, the exec must still work."""
+    source = tmp_path / "input.bin"
+    source.write_bytes(bytes(range(256)) * 4000)
+    with source.open("rb") as stdin:
+        result = subprocess.run([MICROAGENT, "--state-dir", str(home), "exec", "-i", running,
+                                 "--", "sh", "-c", "cat > /root/in.bin && md5sum /root/in.bin"],
+                                stdin=stdin, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import hashlib
+
+    assert result.stdout.split()[0].decode() == hashlib.md5(source.read_bytes()).hexdigest()
+
+
 def test_guest_reaches_a_host_server(home: Path, running: str) -> None:
     import http.server
 
