@@ -18,6 +18,7 @@ import pytest
 
 from microagent.kernels import KernelBundle
 from tests.support.distro import cache_dir
+from tests.vm.qemu import SESSION_TMP
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = REPO / "src" / "microagent" / "guest"
@@ -83,3 +84,9 @@ def root_disk(busybox_disk: Path, tmp_path: Path) -> Iterator[Path]:
     shutil.copyfile(busybox_disk, disk)
     yield disk
     disk.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Lets vm_pids tell this session's VMs from another test run's on the same host."""
+    SESSION_TMP[:] = [tmp_path_factory.getbasetemp()]

@@ -16,10 +16,12 @@ delayed jiffies) made 6 of 6 boot under the same load.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +243,22 @@ class RunningVM:
             self.proc.kill()
             self.proc.wait(timeout=30)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+SESSION_TMP: list[Path] = []  # the test session's temporary base (set by conftest.py)
+
+
+def vm_pids(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Processes of this session whose argv ``match`` says yes to."""
+    base = str(SESSION_TMP[0]) if SESSION_TMP else "/"
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if b"-name" in argv and match(argv) and cwd.startswith(base):
+                pids.append(int(proc.name))
+    return pids

@@ -22,6 +22,7 @@ import pytest
 from microagent.kernels import KernelBundle
 from microagent.store import write_json_atomic
 from tests.support.fixtures import MICROAGENT, PushedImage
+from tests.vm.qemu import vm_pids
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +57,11 @@ def events(home: Path, name: str) -> list[dict[str, str]]:
 
 
 def qemu_pids(name: str) -> list[int]:
-    """QEMU processes of workspace ``name`` (by their -name argument)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"-name" in argv and f"microagent-{name}".encode() in argv:
-                pids.append(int(proc.name))
-    return pids
+    """QEMU processes of workspace ``name`` (by their -name argument) started by this test
+    session: their working directory (the workspace's run dir) is under the session's
+    temporary base, so a second test run on the same host does not count."""
+    return vm_pids(lambda argv: f"microagent-{name}".encode() in argv)
+
 
 
 def seed_transcript(home: Path, name: str, image: str) -> None:

@@ -13,6 +13,7 @@ from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_director
 
 from tests.support.fixtures import MICROAGENT, PushedImage, RunningRegistry
 from tests.support.push import push_layout
+from tests.vm.qemu import vm_pids
 from tests.vm.test_lifecycle import events, home, ma, ok, qemu_pids  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -139,14 +140,5 @@ def test_run_interrupted_leaves_nothing(home: Path, busybox_image: PushedImage, 
 
 
 def run_vms() -> list[int]:
-    """QEMU processes of scratch workspaces (``-name microagent-run-...``)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(arg.startswith(b"microagent-run-") for arg in argv):
-                found.append(int(proc.name))
-    return found
+    """QEMU processes of scratch workspaces (``-name microagent-run-...``) of this session."""
+    return vm_pids(lambda argv: any(arg.startswith(b"microagent-run-") for arg in argv))
