@@ -9,7 +9,25 @@
  *
  * A virtio-serial port reads 0 and polls POLLHUP for as long as no host is connected, so
  * the fd is not polled then: the agent waits for SIGIO (the driver signals a change of
- * the host's connection) or a slow timer, and then looks again. */
+ * the host's connection) or a slow timer, and then looks again.
+ *
+ * Spliced output (channel_data_splice): a batch of data frames goes from a process's pipe
+ * to the channel without a copy in the guest. One splice(2) takes the batch's bytes from
+ * the process's pipe into the agent's pipe `take` (the process is woken once per batch);
+ * the frames are assembled in the agent's pipe `block`: each header written, its payload
+ * moved from `take` (pipe to pipe: the pages move); when the queue has been written up to
+ * the block's place, splice(2) hands the block's pages to the channel (virtio_console's
+ * splice_write queues them to the device as they are). Frames queued after the block
+ * wait for it; at most one block is pending, and no data frame is produced meanwhile
+ * (channel_data_room() is 0). A channel that cannot splice (EINVAL) gets the block
+ * copied into the queue instead, and batches are read with readv from then on.
+ *
+ * Why whole blocks: virtio_console's splice_write (Linux 6.1) sizes its scatterlist by
+ * the source pipe's occupancy and marks only the list's last entry as the end, so a
+ * splice that stops before the pipe's last buffer (len reached) hands the device zeroed
+ * entries too (QEMU: "zero sized buffers are not allowed", and the port stops for good).
+ * The block pipe holds nothing but the pending block and is spliced with len = all of
+ * it, so every splice either empties it or stops at the list's end. */
 #include "channel.h"
 
 #include "clock.h"
@@ -33,6 +51,13 @@
 #define INPUT_LIMIT (1024 * 1024)
 #define OUT_CAP (2 * 1024 * 1024 + FRAME_HEADER + MAX_PAYLOAD)
 #define RECHECK_MS 1000
+#define BATCH_FRAMES 16
+/* The agent's pipes for spliced output. A batch is at most DATA_LIMIT bytes, and at most
+ * what `take`'s 128 slots hold (fewer bytes when the process's pipe buffers are partly
+ * filled). Assembled as a block, that is at most 128 buffers, BATCH_FRAMES headers and
+ * BATCH_FRAMES buffers split at a frame's end: `block`'s 256 slots always suffice. */
+#define TAKE_PIPE_SIZE (512 * 1024)
+#define BLOCK_PIPE_SIZE (1024 * 1024)
 
 enum state {
     CONN_CLOSED, /* no fd */
@@ -55,6 +80,14 @@ static uint32_t peer_window = AGENT_WINDOW;
 static size_t peer_max = MAX_PAYLOAD;
 static long long recheck_at;
 static struct json_token hello_tokens[256];
+
+/* Spliced output (see the top): the pending block goes out at splice_at in out. */
+static int take_pipe[2] = {-1, -1};
+static int block_pipe[2] = {-1, -1};
+static size_t splice_at;
+static size_t splice_left;  /* bytes of the block still to go; 0: no block pending */
+static int splice_started;  /* some of the block went out: it must be completed */
+static int splice_off;      /* the channel's fd cannot splice */
 
 
 static uint32_t get32(const uint8_t *p)
@@ -85,6 +118,33 @@ static size_t queued(void)
     return out_tail - out_head;
 }
 
+/* Something waits to be written: queued bytes or a spliced block. */
+static int pending(void)
+{
+    return queued() > 0 || splice_left > 0;
+}
+
+static void close_pipe(int p[2])
+{
+    if (p[0] >= 0)
+        close(p[0]);
+    if (p[1] >= 0)
+        close(p[1]);
+    p[0] = p[1] = -1;
+}
+
+/* Forget the pending block (what is in the pipes belongs to it: new pipes are simplest). */
+static void splice_cancel(void)
+{
+    if (splice_left > 0) {
+        close_pipe(take_pipe);
+        close_pipe(block_pipe);
+    }
+    splice_left = 0;
+    splice_at = 0;
+    splice_started = 0;
+}
+
 /* Make n contiguous bytes free at out_tail. Returns 0, or -1 when the queue is full. */
 static int reserve(size_t n)
 {
@@ -94,6 +154,8 @@ static int reserve(size_t n)
         memmove(out, out + out_head, queued());
         out_boundary -= out_head;
         out_tail -= out_head;
+        if (splice_left > 0)
+            splice_at -= out_head; /* >= out_head: nothing beyond it is written yet */
         out_head = 0;
     }
     return 0;
@@ -105,6 +167,8 @@ static void drop_unsent(void)
 {
     if (out_boundary < out_tail)
         out_tail = out_boundary > out_head ? out_boundary : out_head;
+    if (splice_left > 0 && !splice_started)
+        splice_cancel(); /* the block is behind every byte written: nothing of it went out */
 }
 
 static void clear_buffers(void)
@@ -112,6 +176,7 @@ static void clear_buffers(void)
     in_len = 0;
     skip_input = 0;
     out_head = out_tail = out_boundary = 0;
+    splice_cancel();
 }
 
 /* The host went away: forget the connection. */
@@ -131,25 +196,93 @@ static void hang_up(const char *why)
     recheck_at = monotonic_ms() + RECHECK_MS;
 }
 
+/* The channel cannot splice the block (or it went missing): copy it into the queue at its
+ * place. Returns 0, or -1 (no room). */
+static int block_to_queue(void)
+{
+    size_t n = splice_left;
+    if (reserve(n) != 0)
+        return -1;
+    memmove(out + splice_at + n, out + splice_at, out_tail - splice_at);
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(block_pipe[0], out + splice_at + got, n - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    if (got < n) { /* cannot happen; keep the framing and say so */
+        log_info("agent channel: %zu bytes of spliced output missing; zeros sent", n - got);
+        memset(out + splice_at + got, 0, n - got);
+    }
+    out_tail += n;
+    /* A block not begun: out_boundary (<= splice_at) finds its frames in the queue. One
+     * begun: where its frames start is not known, so all of it counts as begun. */
+    if (splice_started)
+        out_boundary = splice_at + n;
+    splice_left = 0;
+    splice_at = 0;
+    splice_started = 0;
+    return 0;
+}
+
 static void flush_some(void)
 {
-    while (queued() > 0) {
-        ssize_t n = write(fd, out + out_head, queued());
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN)
-                break;
+    for (;;) {
+        size_t end = splice_left > 0 ? splice_at : out_tail;
+        if (out_head < end) {
+            ssize_t n = write(fd, out + out_head, end - out_head);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN)
+                    break;
+                char why[96];
+                snprintf(why, sizeof(why), "write: %s", strerror(errno));
+                hang_up(why);
+                return;
+            }
+            out_head += (size_t)n;
+            while (out_boundary < out_head)
+                out_boundary += FRAME_HEADER + get32(out + out_boundary);
+            continue;
+        }
+        if (splice_left == 0)
+            break;
+        /* The queue is out up to the block: now the block, all of it (see the top). */
+        ssize_t n = splice(block_pipe[0], NULL, fd, NULL, splice_left, SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            splice_left -= (size_t)n;
+            splice_started = 1;
+            if (splice_left == 0)
+                splice_at = splice_started = 0;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n < 0 && errno != EINVAL) {
             char why[96];
-            snprintf(why, sizeof(why), "write: %s", strerror(errno));
+            snprintf(why, sizeof(why), "splice: %s", strerror(errno));
             hang_up(why);
             return;
         }
-        out_head += (size_t)n;
-        while (out_boundary < out_head)
-            out_boundary += FRAME_HEADER + get32(out + out_boundary);
+        if (n < 0) {
+            log_info("agent channel: the channel cannot splice; output is copied");
+            splice_off = 1;
+        } else {
+            log_info("agent channel: spliced output: the pipe is empty with %zu bytes to go",
+                     splice_left);
+        }
+        if (block_to_queue() != 0) {
+            hang_up("output queue full while copying spliced output");
+            return;
+        }
     }
-    if (out_head == out_tail)
+    if (out_head == out_tail && splice_left == 0)
         out_head = out_tail = out_boundary = 0;
 }
 
@@ -206,7 +339,7 @@ void channel_send_credit(uint32_t stream, uint8_t data_type, uint32_t increment)
 
 size_t channel_data_room(void)
 {
-    if (state != CONN_READY || queued() >= DATA_LIMIT)
+    if (state != CONN_READY || queued() >= DATA_LIMIT || splice_left > 0)
         return 0;
     if (reserve(FRAME_HEADER + peer_max) != 0)
         return 0;
@@ -222,6 +355,125 @@ void channel_data_commit(uint8_t type, uint32_t stream, uint8_t flags, size_t le
 {
     put_header(out + out_tail, type, stream, flags, len);
     out_tail += FRAME_HEADER + len;
+}
+
+int channel_data_iov(size_t total, struct iovec *iov, int max)
+{
+    if (channel_data_room() == 0 || total == 0 || max <= 0)
+        return 0;
+    /* channel_data_room() made one frame's room; a batch takes at most what keeps the
+     * queue under DATA_LIMIT (the bound of one frame at a time, give or take a frame). */
+    size_t limit = DATA_LIMIT - queued();
+    if (limit < peer_max)
+        limit = peer_max;
+    if (total > limit)
+        total = limit;
+    size_t n = (total + peer_max - 1) / peer_max;
+    if (n > (size_t)max) {
+        n = (size_t)max;
+        total = n * peer_max;
+    }
+    if (n > 1 && reserve(total + n * FRAME_HEADER) != 0) {
+        n = 1;
+        total = peer_max;
+    }
+    size_t pos = out_tail;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = total < peer_max ? total : peer_max;
+        iov[i].iov_base = out + pos + FRAME_HEADER;
+        iov[i].iov_len = len;
+        pos += FRAME_HEADER + len;
+        total -= len;
+    }
+    return (int)n;
+}
+
+void channel_data_commit_iov(uint8_t type, uint32_t stream, size_t len)
+{
+    while (len > 0) {
+        size_t n = len < peer_max ? len : peer_max;
+        put_header(out + out_tail, type, stream, 0, n);
+        out_tail += FRAME_HEADER + n;
+        len -= n;
+    }
+}
+
+static int open_pipe(int p[2], int size)
+{
+    if (p[0] >= 0)
+        return 0;
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) {
+        log_error(errno, "agent channel: pipe for spliced output");
+        p[0] = p[1] = -1;
+        return -1;
+    }
+    if (fcntl(p[0], F_SETPIPE_SZ, size) < 0) {
+        log_error(errno, "agent channel: F_SETPIPE_SZ");
+        close_pipe(p);
+        return -1;
+    }
+    return 0;
+}
+
+/* Move exactly len bytes from the take pipe to the block pipe. */
+static int move_all(size_t len)
+{
+    while (len > 0) {
+        ssize_t n = splice(take_pipe[0], NULL, block_pipe[1], NULL, len, SPLICE_F_NONBLOCK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+ssize_t channel_data_splice(uint8_t type, uint32_t stream, int src, size_t total,
+                            int *drained)
+{
+    *drained = 0;
+    if (splice_off || total == 0 || channel_data_room() == 0 ||
+        open_pipe(take_pipe, TAKE_PIPE_SIZE) != 0 ||
+        open_pipe(block_pipe, BLOCK_PIPE_SIZE) != 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    size_t cap = DATA_LIMIT - queued();
+    if (cap > BATCH_FRAMES * peer_max)
+        cap = BATCH_FRAMES * peer_max;
+    if (total > cap)
+        total = cap;
+    ssize_t taken;
+    do
+        taken = splice(src, NULL, take_pipe[1], NULL, total, SPLICE_F_NONBLOCK);
+    while (taken < 0 && errno == EINTR);
+    if (taken <= 0)
+        return taken;
+    *drained = (size_t)taken < total;
+    size_t left = (size_t)taken, block = 0;
+    while (left > 0) {
+        size_t n = left < peer_max ? left : peer_max;
+        uint8_t header[FRAME_HEADER];
+        put_header(header, type, stream, 0, n);
+        if (write(block_pipe[1], header, sizeof(header)) != (ssize_t)sizeof(header) ||
+            move_all(n) != 0) {
+            /* Cannot happen (the block pipe is empty and large enough, see
+             * BLOCK_PIPE_SIZE): the bytes taken are lost, and so is the framing. */
+            log_error(errno, "agent channel: assembling spliced output");
+            close_pipe(take_pipe);
+            close_pipe(block_pipe);
+            hang_up("spliced output failed");
+            errno = EIO;
+            return -1;
+        }
+        block += FRAME_HEADER + n;
+        left -= n;
+    }
+    splice_at = out_tail;
+    splice_left = block;
+    splice_started = 0;
+    return taken;
 }
 
 uint32_t channel_peer_window(void)
@@ -511,7 +763,7 @@ void channel_watch(void)
     short events = 0;
     if (in_len < sizeof(in))
         events |= POLLIN;
-    if (queued() > 0)
+    if (pending())
         events |= POLLOUT;
     if (events != 0)
         poller_add(fd, events, on_ready, NULL, 0);
@@ -519,14 +771,14 @@ void channel_watch(void)
 
 void channel_write_pending(void)
 {
-    if (queued() > 0 && state != CONN_CLOSED && state != CONN_HUNG)
+    if (pending() && state != CONN_CLOSED && state != CONN_HUNG)
         flush_some();
 }
 
 void channel_flush(int timeout_ms)
 {
     const long long deadline = monotonic_ms() + timeout_ms;
-    while (queued() > 0 && state != CONN_CLOSED && state != CONN_HUNG) {
+    while (pending() && state != CONN_CLOSED && state != CONN_HUNG) {
         long long left = deadline - monotonic_ms();
         if (left <= 0)
             return;

@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 #define PROTOCOL_VERSION 1
 #define MAX_PAYLOAD 65536
@@ -74,6 +76,27 @@ uint8_t *channel_data_buffer(void);
 
 /* Queue the data frame whose len payload bytes were put at channel_data_buffer(). */
 void channel_data_commit(uint8_t type, uint32_t stream, uint8_t flags, size_t len);
+
+/* Several data frames read with one readv(2), for producers that have much to send: a
+ * process writing into a pipe is woken once per batch instead of once per frame (under
+ * TCG every wake-up is a context switch, which costs more than copying 64 KiB).
+ * Fills iov with up to max payload slots whose lengths add up to at most total (each at
+ * most the negotiated maximum; together at most what the output queue takes now) and
+ * returns how many: 0 when there is no room. The slots stay valid until the next call
+ * into the channel. */
+int channel_data_iov(size_t total, struct iovec *iov, int max);
+
+/* Queue the frames of the len bytes a readv put into channel_data_iov()'s slots (the
+ * slots fill in order: all frames but the last are full). */
+void channel_data_commit_iov(uint8_t type, uint32_t stream, size_t len);
+
+/* A batch of data frames of up to total bytes taken from the pipe src and sent without
+ * a copy in the guest (splice(2); see channel.c). Returns the bytes taken, 0 at the
+ * pipe's EOF, or -1 with errno: EAGAIN (the pipe is empty), EINVAL (no splicing here or
+ * now: use channel_data_iov). *drained: the pipe had less than the batch could take.
+ * Until the batch is out, channel_data_room() is 0. */
+ssize_t channel_data_splice(uint8_t type, uint32_t stream, int src, size_t total,
+                            int *drained);
 
 /* The host's window: the initial credit of every agent-to-host data channel. */
 uint32_t channel_peer_window(void);
