@@ -118,6 +118,43 @@ def raw_rate(client: AgentClient, raw: socket.socket, port: str, size: int,
     return size / (finished - start) / 1e6
 
 
+def cli_rates(state_dir: Path, work: Path, size: int, runs: int) -> list[float]:
+    """MB/s of ``microagent exec`` of the same dd in a real workspace (supervisor relay,
+    CLI writing to /dev/null), the same memory and vCPUs as the bench VM."""
+    import shutil
+    import subprocess
+
+    from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory
+
+    from microagent.store import write_json_atomic
+
+    microagent = str(Path(sys.executable).parent / "microagent")
+    home = work / "home"
+    kernel = default_kernel(StateLayout(state_dir))
+    shutil.copytree(kernel.path, home / "kernels" / kernel.version)
+    write_json_atomic(home / "kernels" / "default.json", {"version": kernel.version})
+    build_layout(work / "cli-image", [ImageSpec(
+        layers=[Layer(tar_directory(busybox_tree(work / "cli-tree")))], env=[PATH])])
+
+    def ma(*argv: str, **kwargs: object) -> None:
+        subprocess.run([microagent, "--state-dir", str(home), *argv], check=True,
+                       timeout=600, **kwargs)  # type: ignore[call-overload]
+
+    ma("create", "bench", "--image", f"oci:{work / 'cli-image'}", "--memory", "512",
+       "--cpus", "1", stdout=subprocess.DEVNULL)
+    ma("start", "bench", stderr=subprocess.DEVNULL)
+    try:
+        rates = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            ma("exec", "bench", "--", "dd", "if=/dev/zero", "bs=65536", f"count={size >> 16}",
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rates.append(size / (time.perf_counter() - start) / 1e6)
+        return rates
+    finally:
+        ma("kill", "bench")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=256)
@@ -171,6 +208,7 @@ def main() -> int:
             client.close()
         finally:
             vm.kill()
+        results["cli"] = cli_rates(args.state_dir.absolute(), work, size, args.runs)
     best = {name: max(rates) for name, rates in results.items()}
     print(f"guest -> host stdout, {args.mib} MiB, best of {args.runs}; QEMU "
           f"{' '.join(accel_args())}")
@@ -178,6 +216,9 @@ def main() -> int:
     print(f"  floor: dd bs=64k > raw virtio-serial port   {best['raw dd']:7.1f} MB/s")
     print(f"  ratio exec / floor                          {best['exec dd'] / best['raw dd']:7.2f}"
           f"   (target >= 0.5)")
+    print(f"  exec through the CLI and supervisor       {best['cli']:7.1f} MB/s   ratio "
+          f"{best['cli'] / best['raw dd']:4.2f} to the same floor (`microagent exec ws -- dd "
+          f"... > /dev/null`, wall time including the CLI's start)")
     print(f"  (the same through a pipe hop and a second dd to the raw port, the agent's "
           f"structure without the protocol: {best['pipe dd']:.1f} MB/s)")
     print(f"  (exec with a {BIG_WINDOW >> 20} MiB host window instead of "

@@ -283,8 +283,9 @@ class AgentClient:
     def _return_credit(self, stream_id: int, state: _Stream) -> None:
         """Credit for the output consumed since the last call, one CREDIT per channel:
         every frame the guest receives wakes its agent, so one per batch of output read,
-        not one per frame."""
-        if state.owed:
+        not one per frame, and only once an eighth of the window is owed: the guest then
+        still has 7/8 of it and never waits on credit held back here."""
+        if sum(state.owed.values()) >= self.window // 8:
             self.send(b"".join(encode_credit(stream_id, data_type, amount)
                                for data_type, amount in state.owed.items()))
             state.owed.clear()

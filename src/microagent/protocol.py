@@ -17,7 +17,7 @@ from microagent.errors import MicroagentError
 
 VERSION = 1
 MAX_PAYLOAD = 65536
-DEFAULT_WINDOW = 256 * 1024
+DEFAULT_WINDOW = 4 * 1024 * 1024
 HEADER = struct.Struct(">IBBHI")
 FLAG_END = 0x01
 

@@ -208,7 +208,9 @@ class Session:
         if stream is None:
             stream = self.next_id
             self.next_id += 2
-        state = StreamState(stream)
+        # data to the guest starts with the guest's own window (its HELLO)
+        window = int(self.peer.get("window", DEFAULT_WINDOW))
+        state = StreamState(stream, stdin_credit=window, file_credit=window)
         self.streams[stream] = state
         self.send_json(FrameType.OPEN, stream, doc)
         return state

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from microagent.protocol import FrameType
+from microagent.protocol import DEFAULT_WINDOW, FrameType
 from tests.protocol.driver import AgentProcess, Session
 
 
@@ -29,7 +29,7 @@ def test_a_stuck_stream_does_not_block_others(agent: AgentProcess) -> None:
     session.hello()
     # This one fills its window and then gets no credit: its process blocks on the pipe.
     stuck = session.exec(["head", "-c", "10000000", "/dev/zero"])
-    session.pump_until(lambda: len(stuck.stdout) >= 262144, what="the stuck stream's window")
+    session.pump_until(lambda: len(stuck.stdout) >= DEFAULT_WINDOW, what="the stuck stream's window")
     # This one waits for stdin that never comes.
     waiting = session.exec(["cat"], stdin=True)
     start = time.monotonic()
@@ -39,7 +39,7 @@ def test_a_stuck_stream_does_not_block_others(agent: AgentProcess) -> None:
         assert bytes(state.stdout) == f"quick-{i}\n".encode()
         session.credit(state, FrameType.STDOUT, len(state.stdout))
     assert time.monotonic() - start < 10
-    assert len(stuck.stdout) == 262144 and not stuck.done and not waiting.done
+    assert len(stuck.stdout) == DEFAULT_WINDOW and not stuck.done and not waiting.done
     session.send_json(FrameType.CANCEL, stuck.id, {})
     session.send_json(FrameType.CANCEL, waiting.id, {})
     session.pump_until(lambda: stuck.done and waiting.done, what="the cancelled streams")
