@@ -31,7 +31,7 @@ DEFAULT_SEND_TIMEOUT = 10.0
 class ConsoleTimeoutError(RetryableError):
     """``--send`` saw no end of its command in time; the command was interrupted."""
 
-    kind = "timeout"
+    kind = "timed-out"
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,21 @@ The CLI turns these into text or ``--json`` in one place::
     ├── ConflictError               exit 1   "conflict"     exists already, wrong state
     ├── RetryableError              exit 75  "retryable"
     │   ├── BusyError               exit 75  "busy"         a lock is held by another command
-    │   └── UnreachableError        exit 75  "unreachable"  registry down, network failure
+    │   ├── UnreachableError        exit 75  "unreachable"  registry down, network failure
+    │   ├── WaitTimeoutError        exit 75  "timed-out"    wait: the state did not come (watch.py)
+    │   └── ConsoleTimeoutError     exit 75  "timed-out"    connect --send (connect.py)
     ├── RegistryError               exit 1   "registry"     the registry answered wrongly
     │   └── AuthError               exit 1   "auth"         credentials refused
     ├── IntegrityError              exit 1   "integrity"    digest mismatch, corrupt layer
     ├── UnsafeImageError            exit 1   "unsafe-image" a layer entry escapes the tree
     ├── DiskTooSmallError           exit 1   "disk-too-small"
-    └── HostError                   exit 1   "host"         a host tool or file system failed
+    ├── HostError                   exit 1   "host"         a host tool or file system failed
+    ├── StartError                  exit 1   "start-failed" a boot failed (lifecycle.py)
+    ├── SetupFailedError            exit N   "setup-failed" a --setup command's code (provision.py)
+    ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
+    ├── AgentFileError              exit 1   "guest-file"   get/put refused by the agent (agent.py)
+    ├── ProtocolError               exit 1   "protocol"     a malformed frame (protocol.py)
+    └── QmpError                    exit 1   "vmm"          QEMU's monitor failed (backends/qmp.py)
 """
 
 from __future__ import annotations
