@@ -29,7 +29,8 @@ def test_a_stuck_stream_does_not_block_others(agent: AgentProcess) -> None:
     session.hello()
     # This one fills its window and then gets no credit: its process blocks on the pipe.
     stuck = session.exec(["head", "-c", "10000000", "/dev/zero"])
-    session.pump_until(lambda: len(stuck.stdout) >= DEFAULT_WINDOW, what="the stuck stream's window")
+    session.pump_until(lambda: len(stuck.stdout) >= DEFAULT_WINDOW,
+                       what="the stuck stream's window")
     # This one waits for stdin that never comes.
     waiting = session.exec(["cat"], stdin=True)
     start = time.monotonic()
