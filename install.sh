@@ -53,13 +53,21 @@ if [ "$demo" = 1 ]; then
   # the default guest kernel, into the user's state directory (Debian's kernel package)
   .venv/bin/microagent kernel install
   state=$(mktemp -d "${TMPDIR:-/tmp}/microagent-demo.XXXXXX")
-  trap 'rm -rf "$state"' EXIT
+  trap '.venv/bin/microagent kill demo >/dev/null 2>&1 || true; rm -rf "$state"' EXIT
   .venv/bin/python tools/build_oci_image.py busybox "$state/busybox-oci"
   export MICROAGENT_HOME="$state/home"
   .venv/bin/microagent image pull "oci:$state/busybox-oci:latest"
   .venv/bin/microagent image list
   .venv/bin/microagent create demo --image "oci:$state/busybox-oci:latest" --profile tiny
+  # the seed page's loop: boot, write, halt, boot back into the same disk
+  .venv/bin/microagent start demo
+  .venv/bin/microagent exec demo -- sh -c "echo 'notes from run 1' > /root/notes.txt"
   .venv/bin/microagent list
+  .venv/bin/microagent halt demo
+  .venv/bin/microagent start demo
+  .venv/bin/microagent exec demo -- /bin/cat /root/notes.txt
+  .venv/bin/microagent connect demo --send "uname -r"
+  .venv/bin/microagent halt demo
   .venv/bin/microagent delete demo --yes
   echo "microagent is installed: .venv/bin/microagent"
 fi
