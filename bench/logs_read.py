@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from tests.unit.test_watch import make_workspace  # noqa: E402
+from tests.support.workspaces import make_workspace  # noqa: E402
 
 from microagent.console import LOG_LIMIT, rotated  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402

@@ -336,6 +336,27 @@ def _file_error(frame: Frame) -> AgentFileError:
     return AgentFileError(str(doc.get("code", "EIO")), str(doc.get("message", "failed")))
 
 
+def _open(client: AgentClient, operation: dict[str, Any]) -> int:
+    """Send OPEN for ``operation`` on a new stream; its id."""
+    stream_id = client.next_stream
+    client.next_stream += 2
+    client.send(encode_json(FrameType.OPEN, stream_id, operation))
+    return stream_id
+
+
+def _frame_of(client: AgentClient, stream_id: int) -> Frame:
+    """The next frame of ``stream_id``, answering pings and raising on a channel error."""
+    while True:
+        frame = client.read_frame(None)
+        if frame.stream == 0:
+            if frame.type == FrameType.PING:
+                client.send(encode(FrameType.PONG, 0, frame.payload))
+            elif frame.type == FrameType.ERROR:
+                raise ProtocolError(f"guest agent reported: {frame.json().get('message', '')}")
+        elif frame.stream == stream_id:
+            return frame
+
+
 def get_file(client: AgentClient, path: str, sink: Sink) -> dict[str, Any]:
     """Read the regular file ``path`` of the guest into ``sink``; return its metadata.
 
@@ -343,24 +364,14 @@ def get_file(client: AgentClient, path: str, sink: Sink) -> dict[str, Any]:
     ``mtime``). Raises AgentFileError with the guest's code (``ENOENT``, ``EISDIR``...).
     Credit for the FILE channel is returned once per batch of frames read.
     """
-    stream_id = client.next_stream
-    client.next_stream += 2
-    client.send(encode_json(FrameType.OPEN, stream_id, {"op": "get", "path": path}))
+    stream_id = _open(client, {"op": "get", "path": path})
     started: dict[str, Any] = {}
     owed = 0
     while True:
         if not client.pending and owed:
             client.send(encode_credit(stream_id, FrameType.FILE, owed))
             owed = 0
-        frame = client.read_frame(None)
-        if frame.stream == 0:
-            if frame.type == FrameType.PING:
-                client.send(encode(FrameType.PONG, 0, frame.payload))
-            elif frame.type == FrameType.ERROR:
-                raise ProtocolError(f"guest agent reported: {frame.json().get('message', '')}")
-            continue
-        if frame.stream != stream_id:
-            continue
+        frame = _frame_of(client, stream_id)
         if frame.type == FrameType.STARTED:
             started = frame.json()
         elif frame.type == FrameType.FILE:
@@ -381,14 +392,12 @@ def put_file(client: AgentClient, path: str, read: Callable[[int], bytes], *, mo
     Sends FILE frames within the guest's credit. Raises AgentFileError with the guest's
     code (``ENOENT`` for a missing parent, ``EISDIR``...).
     """
-    stream_id = client.next_stream
-    client.next_stream += 2
     request: dict[str, Any] = {"op": "put", "path": path, "mode": mode}
     if uid is not None:
         request["uid"] = uid
     if gid is not None:
         request["gid"] = gid
-    client.send(encode_json(FrameType.OPEN, stream_id, request))
+    stream_id = _open(client, request)
     credit = client.peer_window
     sent_end = False
     while True:
@@ -400,15 +409,7 @@ def put_file(client: AgentClient, path: str, read: Callable[[int], bytes], *, mo
             else:
                 client.send(encode(FrameType.FILE, stream_id, b"", FLAG_END))
                 sent_end = True
-        frame = client.read_frame(None)
-        if frame.stream == 0:
-            if frame.type == FrameType.PING:
-                client.send(encode(FrameType.PONG, 0, frame.payload))
-            elif frame.type == FrameType.ERROR:
-                raise ProtocolError(f"guest agent reported: {frame.json().get('message', '')}")
-            continue
-        if frame.stream != stream_id:
-            continue
+        frame = _frame_of(client, stream_id)
         if frame.type == FrameType.CREDIT:
             data_type, increment = decode_credit(frame)
             if data_type == FrameType.FILE:

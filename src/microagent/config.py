@@ -32,6 +32,7 @@ PROFILES: tuple[Profile, ...] = (
     Profile("large", 4096, 4, 16384, "builds"),
 )
 DEFAULT_PROFILE = "small"
+DEFAULT_VOLUME_MIB = 1024  # a named volume created on first use (sparse)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,13 @@ class RuntimeState:
 
 def supervisor_alive(files: RunFiles) -> bool:
     """True while some process holds the supervisor lock."""
+    return lock_held(files.lock)
+
+
+def lock_held(path: Path) -> bool:
+    """True while some process holds the flock on ``path`` (a probe that never waits)."""
     try:
-        fd = os.open(files.lock, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microagent.config import validate_name
+from microagent.config import DEFAULT_VOLUME_MIB, validate_name
 from microagent.errors import ConflictError, HostError, NotFoundError, UsageError
 from microagent.events import now_iso
 from microagent.layout import StateLayout
 from microagent.store import ensure_dir, file_lock, fsync_dir, read_json, write_json_atomic
 
-DEFAULT_SIZE_MIB = 1024
+DEFAULT_SIZE_MIB = DEFAULT_VOLUME_MIB
 MIN_SIZE_MIB = 16
 MAX_SIZE_MIB = 16 * 1024 * 1024
 _MIB = 1 << 20

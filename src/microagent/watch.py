@@ -13,7 +13,6 @@ in between the derived state reads ``failed`` ("the supervisor is gone").
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from microagent.errors import NotFoundError, RetryableError, UsageError
 from microagent.events import Event
 from microagent.layout import StateLayout
-from microagent.runtime import LIVE_STATES, RuntimeState, runtime_state
+from microagent.runtime import LIVE_STATES, RuntimeState, lock_held, runtime_state
 from microagent.workspaces import get_workspace
 
 STATES = ("prepared", "starting", "running", "halting", "halted", "stopped", "failed",
@@ -49,26 +48,11 @@ def deleted_error(name: str, doing: str) -> NotFoundError:
     return NotFoundError(f"workspace {name} was deleted while {doing}")
 
 
-def _lock_held(path: Path) -> bool:
-    """True while some command holds the flock on ``path`` (without waiting for it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def settled(layout: StateLayout, name: str, state: RuntimeState | None = None) -> bool:
     """Nothing more will happen to ``name`` unless a command starts it again."""
     state = state or runtime_state(layout, name)
     return (state.state not in LIVE_STATES and not state.supervisor_alive
-            and not _lock_held(layout.lock_file("workspace", name)))
+            and not lock_held(layout.lock_file("workspace", name)))
 
 
 def exists(layout: StateLayout, name: str) -> bool:
@@ -165,7 +149,7 @@ def wait_for_state(layout: StateLayout, name: str, states: Collection[str] | Non
         if not exists(layout, name):
             raise deleted_error(name, f"waiting for it to be {wanted}")
         transition = (not state.supervisor_alive
-                      and _lock_held(layout.lock_file("workspace", name)))
+                      and lock_held(layout.lock_file("workspace", name)))
         if state.state in targets and not transition:
             return _let_supervisor_finish(layout, name, state, targets)
         if deadline is not None and time.monotonic() >= deadline:

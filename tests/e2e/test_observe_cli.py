@@ -22,7 +22,7 @@ from microagent.console import ConsoleCapture
 from microagent.events import append_event
 from microagent.layout import StateLayout
 from tests.support.fixtures import MICROAGENT, microagent
-from tests.unit.test_watch import LockHolder, make_workspace
+from tests.support.workspaces import LockHolder, make_workspace
 
 CONSOLE = (b"[    0.000000] Linux version 6.1.0\r\n"
            b"microagent-init: ready\r\n"

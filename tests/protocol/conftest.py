@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +12,8 @@ import pytest
 
 from microagent.agent import AgentClient
 from tests.protocol.driver import AgentProcess, Session
+from tests.support.agent import build_guest_agent
 
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = REPO / "src" / "microagent" / "guest"
 AGENT_ENV = "MICROAGENT_PROTOCOL_AGENT"
 
 if not sys.platform.startswith("linux"):
@@ -29,12 +26,7 @@ def agent_binary() -> Path:
     override = os.environ.get(AGENT_ENV)
     if override:
         return Path(override)
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("building the guest agent needs make and gcc")
-    run = subprocess.run(["make", "-C", str(GUEST_DIR)], capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert run.returncode == 0, f"building the agent failed:\n{run.stdout}\n{run.stderr}"
-    return GUEST_DIR / "build" / "microagent-init"
+    return build_guest_agent()
 
 
 @pytest.fixture

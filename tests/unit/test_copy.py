@@ -17,27 +17,9 @@ import pytest
 from microagent.copy import Endpoint, copy, parse_endpoint
 from microagent.copytar import archive_parts, extract_tar
 from microagent.errors import MicroagentError, NotFoundError, UsageError
-from microagent.events import append_event
 from microagent.hostfiles import HostWriter, UnsafeCopyError
 from microagent.layout import StateLayout
-from microagent.manifests import ImageConfig
-from microagent.store import ensure_dir, write_json_atomic
-
-
-def make_workspace(layout: StateLayout, name: str) -> Path:
-    """A workspace record and its first event, as ``create`` leaves them."""
-    directory = layout.workspace_dir(name)
-    ensure_dir(directory)
-    write_json_atomic(layout.workspace_record(name), {
-        "name": name, "created": "2024-01-01T00:00:00.000+00:00",
-        "image": {"reference": "oci:/nowhere", "digest": "sha256:" + "0" * 64,
-                  "config_digest": "sha256:" + "1" * 64, "config": ImageConfig().to_json()},
-        "resources": {"profile": "tiny", "memory_mib": 256, "cpus": 1, "disk_mib": 512},
-        "backend": "qemu", "network": "user", "restart": "never", "env": [],
-        "hostname": name,
-    })
-    append_event(layout.workspace_events(name), "prepared", "created from oci:/nowhere")
-    return directory
+from tests.support.workspaces import make_workspace
 
 
 def tar_of(*members: tuple[str, str, bytes | str, int]) -> Iterator[bytes]:

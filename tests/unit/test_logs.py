@@ -17,7 +17,7 @@ from microagent.errors import NotFoundError, UsageError
 from microagent.events import append_event
 from microagent.layout import StateLayout
 from microagent.logs import CaptureReader, LineEnds, follow_log, last_lines, read_log
-from tests.unit.test_watch import LockHolder, later, make_workspace
+from tests.support.workspaces import LockHolder, later, make_workspace
 
 
 def test_last_lines() -> None:

@@ -18,7 +18,7 @@ from microagent.events import append_event, read_events
 from microagent.layout import StateLayout
 from microagent.quarantine import NETDEV, host_forwards, quarantine_workspace, sever_network
 from microagent.store import ensure_dir
-from tests.unit.test_copy import make_workspace
+from tests.support.workspaces import make_workspace
 
 USERNET = """Hub -1 (net0):
   Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ

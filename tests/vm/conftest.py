@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from microagent.kernels import KernelBundle
+from microagent.store import write_json_atomic
+from tests.support.agent import build_guest_agent
 from tests.support.distro import cache_dir
+from tests.vm.cli import ma
 from tests.vm.qemu import SESSION_TMP
 
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = REPO / "src" / "microagent" / "guest"
 KERNEL_STATE = "kernel-state-v2"
 DISK_MIB = 64
 
@@ -43,12 +43,7 @@ def guest_kernel() -> KernelBundle:
 @pytest.fixture(scope="session")
 def guest_agent() -> Path:
     """The agent binary, built from the current sources."""
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("building the guest agent needs make and gcc")
-    run = subprocess.run(["make", "-C", str(GUEST_DIR)], capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert run.returncode == 0, f"building the agent failed:\n{run.stdout}\n{run.stderr}"
-    return GUEST_DIR / "build" / "microagent-init"
+    return build_guest_agent()
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +85,15 @@ def root_disk(busybox_disk: Path, tmp_path: Path) -> Iterator[Path]:
 def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Lets vm_pids tell this session's VMs from another test run's on the same host."""
     SESSION_TMP[:] = [tmp_path_factory.getbasetemp()]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
+         guest_agent: Path) -> Iterator[Path]:
+    """A state directory per test module, with the cached kernel bundle as its default."""
+    home = tmp_path_factory.mktemp("vm-home")
+    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
+    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
+    yield home
+    for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
+        ma(home, "kill", ws.name)

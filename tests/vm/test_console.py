@@ -18,14 +18,14 @@ import pytest
 from tests.support.fixtures import MICROAGENT, PushedImage, RunningRegistry
 from tests.support.images import simple_layout
 from tests.support.push import push_layout
-from tests.vm.test_lifecycle import home, ma, ok  # noqa: F401  (the module's state dir)
+from tests.vm.cli import ma, ok
 from tests.vm.test_terminal import tmux, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def debian_ws(home: Path, debian_image: PushedImage) -> Iterator[str]:  # noqa: F811
+def debian_ws(home: Path, debian_image: PushedImage) -> Iterator[str]:
     ok(ma(home, "create", "cons", "--image", debian_image.ref, "--profile", "small"))
     ok(ma(home, "start", "cons"))
     yield "cons"
@@ -34,7 +34,7 @@ def debian_ws(home: Path, debian_image: PushedImage) -> Iterator[str]:  # noqa: 
 
 
 @pytest.fixture(scope="module")
-def busybox_ws(home: Path, busybox_image: PushedImage) -> Iterator[str]:  # noqa: F811
+def busybox_ws(home: Path, busybox_image: PushedImage) -> Iterator[str]:
     ok(ma(home, "create", "ash", "--image", busybox_image.ref, "--profile", "tiny"))
     ok(ma(home, "start", "ash"))
     yield "ash"
@@ -42,13 +42,13 @@ def busybox_ws(home: Path, busybox_image: PushedImage) -> Iterator[str]:  # noqa
     ma(home, "delete", "ash", "--yes")
 
 
-def send(home: Path, name: str, line: str, *args: str  # noqa: F811
+def send(home: Path, name: str, line: str, *args: str
          ) -> subprocess.CompletedProcess[str]:
     return ma(home, "connect", name, "--send", line, *args)
 
 
 @pytest.mark.parametrize("shell", ["debian_ws", "busybox_ws"])
-def test_send_prints_only_the_output(home: Path, shell: str,  # noqa: F811
+def test_send_prints_only_the_output(home: Path, shell: str,
                                      request: pytest.FixtureRequest) -> None:
     name = request.getfixturevalue(shell)
     release = ok(ma(home, "exec", name, "--", "uname", "-r")).stdout
@@ -72,7 +72,7 @@ def test_send_prints_only_the_output(home: Path, shell: str,  # noqa: F811
         quoted + "\n"
 
 
-def test_send_refuses_what_is_not_one_line(home: Path, debian_ws: str) -> None:  # noqa: F811
+def test_send_refuses_what_is_not_one_line(home: Path, debian_ws: str) -> None:
     for line, words in (("", "empty"), ("   ", "empty"), ("echo a\nb", "U+000A"),
                         ("echo \x03", "U+0003"), ("echo \x1b[2J", "U+001B"),
                         ("printf 'a\tb'", "U+0009")):
@@ -85,7 +85,7 @@ def test_send_refuses_what_is_not_one_line(home: Path, debian_ws: str) -> None: 
     assert ok(send(home, debian_ws, "echo still-fine")).stdout == "still-fine\n"
 
 
-def test_send_timeout_interrupts_and_restores(home: Path,  # noqa: F811
+def test_send_timeout_interrupts_and_restores(home: Path,
                                               busybox_ws: str) -> None:
     result = send(home, busybox_ws, "echo started; sleep 60", "--timeout", "2")
     assert result.returncode == 75, result
@@ -98,7 +98,7 @@ def test_send_timeout_interrupts_and_restores(home: Path,  # noqa: F811
              lambda: log.read_bytes()[-300:].decode(errors="replace"))
 
 
-def test_interactive_session(home: Path, debian_ws: str, tmp_path: Path) -> None:  # noqa: F811
+def test_interactive_session(home: Path, debian_ws: str, tmp_path: Path) -> None:
     if shutil.which("tmux") is None:
         pytest.fail("tmux is needed for the terminal tests (install.sh installs it)")
     session = f"mc-{tmp_path.name[-20:]}"
@@ -143,7 +143,7 @@ def test_interactive_session(home: Path, debian_ws: str, tmp_path: Path) -> None
     assert ok(send(home, debian_ws, "echo free")).stdout == "free\n"
 
 
-def test_second_interactive_session_names_the_first(home: Path,  # noqa: F811
+def test_second_interactive_session_names_the_first(home: Path,
                                                     busybox_ws: str, tmp_path: Path) -> None:
     """Two real terminals: the second connect is refused, naming the first's pid."""
     session = f"m2-{tmp_path.name[-20:]}"
@@ -169,7 +169,7 @@ def test_second_interactive_session_names_the_first(home: Path,  # noqa: F811
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
-def test_sends_from_two_processes_take_turns(home: Path, busybox_ws: str) -> None:  # noqa: F811
+def test_sends_from_two_processes_take_turns(home: Path, busybox_ws: str) -> None:
     results: dict[int, subprocess.CompletedProcess[str]] = {}
 
     def one(i: int) -> None:
@@ -184,7 +184,7 @@ def test_sends_from_two_processes_take_turns(home: Path, busybox_ws: str) -> Non
         assert ok(result).stdout == f"turn-{i}\n"
 
 
-def test_connect_refusals(home: Path, registry: RunningRegistry,  # noqa: F811
+def test_connect_refusals(home: Path, registry: RunningRegistry,
                           busybox_image: PushedImage, tmp_path: Path) -> None:
     missing = send(home, "nosuch", "true")
     assert missing.returncode == 1 and "nosuch" in missing.stderr

@@ -5,43 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
-from microagent.store import write_json_atomic
-from tests.support.fixtures import MICROAGENT, PushedImage
+from tests.support.fixtures import PushedImage
+from tests.vm.cli import ma, ok
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
-         guest_agent: Path) -> Iterator[Path]:
-    """A state directory with the cached kernel bundle installed as the default."""
-    home = tmp_path_factory.mktemp("vm-home")
-    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
-    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
-    yield home
-    for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
-        ma(home, "kill", ws.name)
-
-
-def ma(home: Path, *args: str, timeout: float = 240, **kwargs: object
-       ) -> subprocess.CompletedProcess[str]:
-    """The installed CLI against ``home``."""
-    return subprocess.run([MICROAGENT, "--state-dir", str(home), *args], capture_output=True,
-                          text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"{result.args}\nstdout: {result.stdout}\n{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -19,48 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
-from microagent.store import write_json_atomic
 from tests.support.fixtures import MICROAGENT, PushedImage
-from tests.vm.qemu import vm_pids
+from tests.vm.cli import events, ma, ok, qemu_pids
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
-         guest_agent: Path) -> Iterator[Path]:
-    """A state directory with the cached kernel bundle installed as the default."""
-    home = tmp_path_factory.mktemp("vm-home")
-    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
-    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
-    yield home
-    for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
-        ma(home, "kill", ws.name)
-
-
-def ma(home: Path, *args: str, timeout: float = 240, **kwargs: object
-       ) -> subprocess.CompletedProcess[str]:
-    """The installed CLI against ``home``."""
-    return subprocess.run([MICROAGENT, "--state-dir", str(home), *args], capture_output=True,
-                          text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"{result.args}\nstdout: {result.stdout}\n{result.stderr}"
-    return result
-
-
-def events(home: Path, name: str) -> list[dict[str, str]]:
-    lines = (home / "workspaces" / name / "events.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def qemu_pids(name: str) -> list[int]:
-    """QEMU processes of workspace ``name`` (by their -name argument) started by this test
-    session: their working directory (the workspace's run dir) is under the session's
-    temporary base, so a second test run on the same host does not count."""
-    return vm_pids(lambda argv: f"microagent-{name}".encode() in argv)
 
 
 

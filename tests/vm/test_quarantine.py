@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import socket
 import threading
 import time
@@ -18,24 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
-from microagent.store import write_json_atomic
 from tests.support.fixtures import PushedImage
-from tests.vm.test_lifecycle import events, ma, ok, qemu_pids
+from tests.vm.cli import events, ma, ok, qemu_pids
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
-         guest_agent: Path) -> Iterator[Path]:
-    """A state directory with the cached kernel bundle installed as the default."""
-    home = tmp_path_factory.mktemp("vm-quarantine")
-    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
-    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
-    yield home
-    for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
-        ma(home, "kill", ws.name)
 
 
 class CountingServer:

@@ -13,18 +13,18 @@ from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_director
 
 from tests.support.fixtures import MICROAGENT, PushedImage, RunningRegistry
 from tests.support.push import push_layout
+from tests.vm.cli import events, ma, ok, qemu_pids
 from tests.vm.qemu import vm_pids
-from tests.vm.test_lifecycle import events, home, ma, ok, qemu_pids  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-def scratch(home: Path) -> list[str]:  # noqa: F811
+def scratch(home: Path) -> list[str]:
     workspaces = home / "workspaces"
     return sorted(p.name for p in workspaces.iterdir()) if workspaces.is_dir() else []
 
 
-def test_setup_runs_once_before_the_first_start(home: Path,  # noqa: F811
+def test_setup_runs_once_before_the_first_start(home: Path,
                                                 busybox_image: PushedImage) -> None:
     created = ok(ma(home, "create", "prov", "--image", busybox_image.ref, "--profile", "tiny",
                     "--setup", "echo installing; echo v1 > /root/tool",
@@ -46,7 +46,7 @@ def test_setup_runs_once_before_the_first_start(home: Path,  # noqa: F811
     ok(ma(home, "delete", "prov", "--yes"))
 
 
-def test_failed_setup_stays_pending_and_start_reruns_it(home: Path,  # noqa: F811
+def test_failed_setup_stays_pending_and_start_reruns_it(home: Path,
                                                         busybox_image: PushedImage) -> None:
     # fails the first time, passes the second: its first run leaves a mark on the disk
     command = ("if [ -f /root/tried ]; then echo second-try; else touch /root/tried; "
@@ -69,7 +69,7 @@ def test_failed_setup_stays_pending_and_start_reruns_it(home: Path,  # noqa: F81
     assert not (home / "workspaces" / "x").exists()
 
 
-def test_the_seed_setup_installs_a_debian_package(home: Path,  # noqa: F811
+def test_the_seed_setup_installs_a_debian_package(home: Path,
                                                   debian_image: PushedImage) -> None:
     """The seed's example with Debian from the test registry: apt-get reaches Debian's
     mirrors through user networking (package registries are reachable here)."""
@@ -81,7 +81,7 @@ def test_the_seed_setup_installs_a_debian_package(home: Path,  # noqa: F811
     ok(ma(home, "delete", "rg", "--yes"))
 
 
-def test_run_streams_returns_the_code_and_cleans_up(home: Path,  # noqa: F811
+def test_run_streams_returns_the_code_and_cleans_up(home: Path,
                                                     busybox_image: PushedImage) -> None:
     before = scratch(home)
     result = ma(home, "run", "--profile", "tiny", busybox_image.ref, "sh", "-c",
@@ -99,7 +99,7 @@ def test_run_streams_returns_the_code_and_cleans_up(home: Path,  # noqa: F811
     assert scratch(home) == before
 
 
-def test_run_uses_the_image_entrypoint_and_cmd(home: Path, registry: RunningRegistry,  # noqa: F811
+def test_run_uses_the_image_entrypoint_and_cmd(home: Path, registry: RunningRegistry,
                                                tmp_path: Path) -> None:
     """Like docker: Entrypoint + Cmd by default; given arguments replace Cmd only."""
     layout = tmp_path / "echo-image"
@@ -112,7 +112,7 @@ def test_run_uses_the_image_entrypoint_and_cmd(home: Path, registry: RunningRegi
     assert ok(ma(home, "run", "--profile", "tiny", ref, "hello")).stdout == "says: hello\n"
 
 
-def test_run_keep(home: Path, busybox_image: PushedImage) -> None:  # noqa: F811
+def test_run_keep(home: Path, busybox_image: PushedImage) -> None:
     kept = ma(home, "run", "--keep", "--name", "kept", "--profile", "tiny",
               busybox_image.ref, "sh", "-c", "echo data > /root/kept")
     assert kept.returncode == 0, kept
@@ -124,7 +124,7 @@ def test_run_keep(home: Path, busybox_image: PushedImage) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
-def test_run_interrupted_leaves_nothing(home: Path, busybox_image: PushedImage,  # noqa: F811
+def test_run_interrupted_leaves_nothing(home: Path, busybox_image: PushedImage,
                                         delay: float) -> None:
     """Ctrl-C while booting and while the command runs: no workspace, no VM."""
     before = scratch(home)

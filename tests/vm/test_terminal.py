@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fixtures import MICROAGENT, PushedImage
-from tests.vm.test_lifecycle import home, ma, ok  # noqa: F401  (the module's state dir)
+from tests.vm.cli import ma, ok
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def wait_for(predicate: Callable[[], bool], what: str, screen: Callable[[], str]
 
 
 @pytest.fixture
-def debian_ws(home: Path, debian_image: PushedImage) -> Iterator[str]:  # noqa: F811
+def debian_ws(home: Path, debian_image: PushedImage) -> Iterator[str]:
     ok(ma(home, "create", "term", "--image", debian_image.ref, "--profile", "small"))
     ok(ma(home, "start", "term"))
     yield "term"
@@ -39,7 +39,7 @@ def debian_ws(home: Path, debian_image: PushedImage) -> Iterator[str]:  # noqa: 
     ma(home, "delete", "term", "--yes")
 
 
-def test_interactive_bash(home: Path, debian_ws: str, tmp_path: Path) -> None:  # noqa: F811
+def test_interactive_bash(home: Path, debian_ws: str, tmp_path: Path) -> None:
     if shutil.which("tmux") is None:
         pytest.fail("tmux is needed for the terminal tests (install.sh installs it)")
     session = f"ma-{tmp_path.name[-20:]}"

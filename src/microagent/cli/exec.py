@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from microagent.cli.output import Output, Parser, Verbs, add_verb, layout_of, text_field
 from microagent.errors import UsageError
+
+if TYPE_CHECKING:
+    from microagent.agent import ExecResult
+
+Sink = Callable[[bytes], None]
 
 
 def cmd_exec(args: argparse.Namespace, out: Output) -> int:
@@ -27,32 +33,42 @@ def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     options = ExecOptions(argv=tuple(argv), env=tuple(args.env), workdir=args.workdir or "",
                           user=args.user or "", interactive=args.interactive, tty=args.tty,
                           timeout=args.timeout or 0.0)
+    stdout, stderr, captured = output_sinks(out)
+    result = run_exec(layout_of(args), args.name, options, stdout=stdout, stderr=stderr)
+    return report_result(out, result, captured, args.timeout)
+
+
+def output_sinks(out: Output) -> tuple[Sink, Sink, dict[str, bytearray] | None]:
+    """Where a command's stdout and stderr go: straight through, or kept for ``--json``."""
     if out.as_json:
-        captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        result = run_exec(layout_of(args), args.name, options,
-                          stdout=captured["stdout"].extend, stderr=captured["stderr"].extend)
+        captured = {"stdout": bytearray(), "stderr": bytearray()}
+        return captured["stdout"].extend, captured["stderr"].extend, captured
+
+    def writer(stream: Any) -> Sink:
+        def sink(data: bytes) -> None:
+            stream.buffer.write(data)
+            stream.buffer.flush()
+        return sink
+
+    return writer(sys.stdout), writer(sys.stderr), None
+
+
+def report_result(out: Output, result: ExecResult, captured: dict[str, bytearray] | None,
+                  timeout: float | None, **fields: Any) -> int:
+    """The ``--json`` document (with ``fields``) or the error line; the exit code."""
+    if captured is not None:
         document: dict[str, Any] = {
-            "exit_code": result.host_exit_code, "signal": result.signal,
+            **fields, "exit_code": result.host_exit_code, "signal": result.signal,
             "timed_out": result.timed_out, "duration_ms": result.duration_ms}
         for key, data in captured.items():
             document.update(text_field(key, bytes(data)))
         if result.error:
             document["error"] = result.error
         out.emit(document)
-        return result.host_exit_code
-
-    def write(stream: Any) -> Any:
-        def sink(data: bytes) -> None:
-            stream.buffer.write(data)
-            stream.buffer.flush()
-        return sink
-
-    result = run_exec(layout_of(args), args.name, options, stdout=write(sys.stdout),
-                      stderr=write(sys.stderr))
-    if result.error:
+    elif result.error:
         sys.stderr.write(f"microagent: {result.error.get('message', result.error)}\n")
     elif result.timed_out:
-        sys.stderr.write(f"microagent: command timed out after {args.timeout}s\n")
+        sys.stderr.write(f"microagent: command timed out after {timeout}s\n")
     return result.host_exit_code
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
-from microagent.cli.output import Output, Verbs, add_verb, layout_of, text_field
+from microagent.cli.exec import output_sinks, report_result
+from microagent.cli.output import Output, Verbs, add_verb, layout_of
 from microagent.cli.workspaces import add_create_options, spec_from_args
 
 
@@ -22,40 +22,14 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
                           interactive=args.interactive, tty=args.tty,
                           timeout=args.timeout or 0.0)
     argv = tuple(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
-    if out.as_json:
-        captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        outcome = run_once(layout, spec, argv, options, stdout=captured["stdout"].extend,
-                           stderr=captured["stderr"].extend, keep=args.keep,
-                           progress=out.progress(), timeout=args.start_timeout)
-        result = outcome.result
-        document: dict[str, Any] = {
-            "name": outcome.name, "kept": outcome.kept, "exit_code": result.host_exit_code,
-            "signal": result.signal, "timed_out": result.timed_out,
-            "duration_ms": result.duration_ms}
-        for key, data in captured.items():
-            document.update(text_field(key, bytes(data)))
-        if result.error:
-            document["error"] = result.error
-        out.emit(document)
-        return result.host_exit_code
-
-    def write(stream: Any) -> Any:
-        def sink(data: bytes) -> None:
-            stream.buffer.write(data)
-            stream.buffer.flush()
-        return sink
-
-    outcome = run_once(layout, spec, argv, options, stdout=write(sys.stdout),
-                       stderr=write(sys.stderr), keep=args.keep, progress=out.progress(),
-                       timeout=args.start_timeout)
-    result = outcome.result
-    if result.error:
-        sys.stderr.write(f"microagent: {result.error.get('message', result.error)}\n")
-    elif result.timed_out:
-        sys.stderr.write(f"microagent: command timed out after {args.timeout}s\n")
-    if outcome.kept:
+    stdout, stderr, captured = output_sinks(out)
+    outcome = run_once(layout, spec, argv, options, stdout=stdout, stderr=stderr,
+                       keep=args.keep, progress=out.progress(), timeout=args.start_timeout)
+    code = report_result(out, outcome.result, captured, args.timeout, name=outcome.name,
+                         kept=outcome.kept)
+    if outcome.kept and captured is None:
         sys.stderr.write(f"microagent: kept workspace {outcome.name} (halted)\n")
-    return result.host_exit_code
+    return code
 
 
 def register(verbs: Verbs) -> None:

@@ -6,8 +6,8 @@ import argparse
 
 from microagent.cli.images import usage_of
 from microagent.cli.output import Output, Parser, Verbs, layout_of, table
+from microagent.config import DEFAULT_VOLUME_MIB as DEFAULT_SIZE_MIB
 from microagent.errors import EXIT_OK
-from microagent.volumes import DEFAULT_SIZE_MIB
 
 
 def cmd_volume_create(args: argparse.Namespace, out: Output) -> int:

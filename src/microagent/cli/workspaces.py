@@ -16,9 +16,8 @@ from microagent.cli.output import (
     table,
     workspace_name,
 )
-from microagent.config import DEFAULT_PROFILE
+from microagent.config import DEFAULT_PROFILE, DEFAULT_VOLUME_MIB
 from microagent.errors import EXIT_OK, UsageError
-from microagent.volumes import DEFAULT_SIZE_MIB as DEFAULT_VOLUME_MIB
 
 if TYPE_CHECKING:
     from microagent.workspaces import WorkspaceSpec
