@@ -15,7 +15,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from microagent import __version__
@@ -35,6 +35,7 @@ from microagent.protocol import (
     encode_json,
 )
 
+PORT_DRAIN_TIMEOUT = 60.0  # after EXIT, for the output port's last bytes
 EXIT_TIMED_OUT = 124
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -52,9 +53,11 @@ class ExecRequest:
     tty: tuple[int, int] | None = None  # (rows, cols)
     stdin: bool = False
     timeout_ms: int = 0
+    stdout_port: str = ""  # the output port's nonce: stdout goes there (not with a tty)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extra = {"stdout_port": self.stdout_port} if self.stdout_port else {}
+        return {**extra,
             "op": "exec",
             "argv": list(self.argv),
             "env": list(self.env),
@@ -100,6 +103,75 @@ class _Stream:
     stdin_open: bool = True
     pending_stdin: bytearray = field(default_factory=bytearray)
     owed: dict[int, int] = field(default_factory=dict)  # credit to return, per data type
+    stdout_bytes: int | None = None  # what EXIT says went to the output port
+
+
+PORT_PREAMBLE = b"microagent-out "
+PORT_READ = 1 << 20
+
+
+class _PortReader:
+    """One exec's stdout from the output port (docs/protocol.md, "The output port").
+
+    The bytes begin with ``microagent-out NONCE\\n``; anything before it is left from an
+    earlier exec that was cut off, and is dropped."""
+
+    def __init__(self, sock: socket.socket, nonce: str, sink: Sink) -> None:
+        self.sock = sock
+        self.marker = PORT_PREAMBLE + nonce.encode() + b"\n"
+        self.sink = sink
+        self.before = bytearray()  # until the marker is found
+        self.found = False
+        self.count = 0
+        self.eof = False
+        self.buffer = bytearray(PORT_READ)
+        self.view = memoryview(self.buffer)
+
+    def receive(self) -> None:
+        """Read what the port has (without waiting when the socket does not block)."""
+        try:
+            n = self.sock.recv_into(self.buffer)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise ProtocolError(f"the output port failed: {e.strerror}") from e
+        if n == 0:
+            self.eof = True
+            return
+        if self.found:
+            self.count += n
+            self.sink(bytes(self.view[:n]))
+            return
+        self.before += self.view[:n]
+        at = self.before.find(self.marker)
+        if at < 0:
+            del self.before[:max(0, len(self.before) - len(self.marker) + 1)]
+            return
+        self.found = True
+        data = bytes(self.before[at + len(self.marker):])
+        self.before.clear()
+        if data:
+            self.count += len(data)
+            self.sink(data)
+
+    def finish(self, expected: int, deadline: float) -> None:
+        """Read until ``expected`` bytes of stdout came (the EXIT frame's count)."""
+        while self.count < expected:
+            if self.eof:
+                raise ProtocolError(f"the output port closed after {self.count} of "
+                                    f"{expected} bytes of stdout")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError(f"the output port gave {self.count} of {expected} "
+                                    f"bytes of stdout")
+            self.sock.settimeout(remaining)
+            try:
+                self.receive()
+            except TimeoutError:
+                continue
+        if self.count > expected:
+            raise ProtocolError(f"the output port gave {self.count} bytes of stdout, "
+                                f"{expected} were announced")
 
 
 class AgentClient:
@@ -185,32 +257,40 @@ class AgentClient:
     def _receive(self, during: str) -> bool:
         """Read what the socket has into ``pending``; False if nothing was ready."""
         try:
-            data = self.sock.recv(1 << 20)
+            count = self.sock.recv_into(self.decoder.room())
         except (TimeoutError, BlockingIOError):
             if self.sock.gettimeout() != 0.0:
                 raise  # a blocking read that timed out: the caller's deadline passed
             return False
         except OSError as e:
             raise ProtocolError(f"agent channel failed: {e.strerror}") from e
-        if not data:
+        if not count:
             raise ProtocolError(f"agent channel closed{during}")
-        self.pending.extend(self.decoder.feed(data))
+        self.decoder.received(count)
+        self.pending.extend(self.decoder.frames())
         return True
 
     # --- exec -----------------------------------------------------------------------
 
     def exec(self, request: ExecRequest, *, stdout: Sink, stderr: Sink,
              stdin_fd: int | None = None,
-             poll: Callable[[], list[bytes]] | None = None) -> ExecResult:
+             poll: Callable[[], list[bytes]] | None = None,
+             stdout_port: socket.socket | None = None) -> ExecResult:
         """Run ``request``; stream output to the sinks; return how it ended.
 
         ``stdin_fd`` is read (when ``request.stdin``) and forwarded within the guest's
         credit; EOF closes the guest's stdin. ``poll`` is called between reads and may
         return extra frames to send (signals, resizes) built with :meth:`signal_frame`.
+        ``stdout_port``, a connection to the VM's output port, carries stdout when the
+        agent takes it (not with a tty; one exec at a time).
         """
         stream_id = self.next_stream
         self.next_stream += 2
         state = _Stream(send_credit=self.peer_window, stdin_open=request.stdin)
+        port = None
+        if stdout_port is not None and request.tty is None:
+            request = replace(request, stdout_port=os.urandom(16).hex())
+            port = _PortReader(stdout_port, request.stdout_port, stdout)
         start = time.monotonic()
         self.send(encode_json(FrameType.OPEN, stream_id, request.to_json()))
         self.current_stream = stream_id
@@ -219,6 +299,9 @@ class AgentClient:
         selector = selectors.PollSelector()
         self.sock.setblocking(False)
         selector.register(self.sock, selectors.EVENT_READ, "sock")
+        if port is not None:
+            port.sock.setblocking(False)
+            selector.register(port.sock, selectors.EVENT_READ, "port")
         if stdin_fd is not None and request.stdin:
             selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
         try:
@@ -238,6 +321,10 @@ class AgentClient:
                 for key, _ in ready:
                     if key.data == "sock":
                         self._receive(" during exec")
+                    elif key.data == "port" and port is not None:
+                        port.receive()
+                        if port.eof:
+                            selector.unregister(port.sock)
                     elif key.data == "stdin" and state.send_credit > 0:
                         self._forward_stdin(stdin_fd, stream_id, state, selector)
                 if stdin_fd is not None and state.stdin_open and state.send_credit > 0 \
@@ -250,6 +337,9 @@ class AgentClient:
             selector.close()
             self.sock.setblocking(True)
         done = state.done
+        if port is not None and state.started and state.started.get("stdout_port") \
+                and state.stdout_bytes is not None:
+            port.finish(state.stdout_bytes, time.monotonic() + PORT_DRAIN_TIMEOUT)
         pid = state.started.get("pid") if state.started else None
         return ExecResult(done.exit_code, done.signal, done.timed_out, done.error,
                           int((time.monotonic() - start) * 1000), pid)
@@ -314,6 +404,8 @@ class AgentClient:
             doc = frame.json()
             state.done = ExecResult(doc.get("exit_code"), doc.get("signal"),
                                     bool(doc.get("timed_out", False)))
+            if isinstance(doc.get("stdout_bytes"), int):
+                state.stdout_bytes = doc["stdout_bytes"]
         elif frame.type == FrameType.ERROR:
             state.done = ExecResult(None, error=frame.json())
 

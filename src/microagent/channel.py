@@ -3,10 +3,16 @@ shared by the supervisor's own requests and by relayed client streams.
 
 Clients (``microagent exec``) connect to the supervisor's control socket and speak the
 same protocol (``docs/protocol.md``) as if they spoke to the guest. The channel gives
-each client stream a connection-wide id, forwards frames both ways with the ids
-rewritten, and cancels a client's streams when it disconnects. Credit frames are
-forwarded too, so flow control runs end to end: the guest never sends a client more than
-the client has room for, and the supervisor buffers at most one window per stream.
+each client stream a connection-wide id and forwards frames both ways, and cancels a
+client's streams when it disconnects. Credit frames are forwarded too, so flow control
+runs end to end: the guest never sends a client more than the client has room for, and
+the supervisor buffers at most one window per stream.
+
+The relay is on the path of every byte of exec output, so it does not decode what it
+forwards: both connections read straight into a :class:`FrameBuffer`, the stream id is
+rewritten in the frame header where it lies, and each run of consecutive frames for one
+destination goes out in one write. A byte is copied once in the supervisor (into the
+destination transport), however many frames it spans.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +32,7 @@ from microagent.protocol import (
     MAX_PAYLOAD,
     VERSION,
     Frame,
-    FrameDecoder,
+    FrameBuffer,
     FrameType,
     ProtocolError,
     encode,
@@ -35,6 +42,9 @@ from microagent.protocol import (
 
 TERMINAL_TYPES = frozenset({FrameType.EXIT, FrameType.ERROR})
 HELLO_RETRY = 1.0
+STREAM_FIELD = struct.Struct(">I")  # the header's stream id, at offset 8
+STREAM_OFFSET = 8
+CLIENT_READ = 256 << 10  # a client sends little: input, credit, signals
 
 
 @dataclass
@@ -48,33 +58,109 @@ class LocalRequest:
 
 @dataclass
 class ClientRoute:
-    """A client's stream: where its frames go and under which id."""
+    """A client's stream: the relay it belongs to and its id there."""
 
-    writer: asyncio.StreamWriter
+    client: ClientRelay
     local_id: int
+
+
+class _Runs:
+    """Consecutive frames of one buffer bound for one destination (anything with a
+    ``write``), sent as one write."""
+
+    def __init__(self, buffer: FrameBuffer) -> None:
+        self.view = buffer.view
+        self.target: Any = None
+        self.start = self.end = 0
+
+    def add(self, target: Any, offset: int, end: int) -> None:
+        if target is self.target and offset == self.end:
+            self.end = end
+            return
+        self.flush()
+        self.target, self.start, self.end = target, offset, end
+
+    def flush(self) -> None:
+        if self.target is not None:
+            # a copy: the buffer is read into again, and a transport may keep what it
+            # is given (Python 3.12 queues the object itself when it cannot send at once)
+            self.target.write(bytes(self.view[self.start:self.end]))
+            self.target = None
+
+
+class _GuestProtocol(asyncio.BufferedProtocol):
+    def __init__(self, channel: AgentChannel) -> None:
+        self.channel = channel
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.channel.inbound.room()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.channel._from_guest(nbytes)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.channel._lost(exc)
+
+
+class ClientRelay(asyncio.BufferedProtocol):
+    """One relayed client connection (the control connection after its ``ok``)."""
+
+    def __init__(self, channel: AgentChannel, transport: asyncio.Transport) -> None:
+        self.channel = channel
+        self.transport = transport
+        self.buffer = FrameBuffer(read_size=CLIENT_READ)
+        self.mine: dict[int, int] = {}  # client id -> channel id
+        self.done = asyncio.get_running_loop().create_future()
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer.room()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.channel._from_client(self, nbytes)
+
+    def eof_received(self) -> bool:
+        return False  # close: the client is done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # the transport's flow control: ignored, the streams' credit bounds what it holds
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
 
 class AgentChannel:
     """The guest connection of one boot."""
 
     def __init__(self) -> None:
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.inbound = FrameBuffer()
         self.hello: dict[str, Any] | None = None
         self.hello_event = asyncio.Event()
         self.closed = asyncio.Event()
         self.ids = itertools.count(1, 2)
         self.routes: dict[int, LocalRequest | ClientRoute] = {}
+        self.clients: set[ClientRelay] = set()
         self.error: str | None = None
 
     # --- the guest side -------------------------------------------------------------
 
     async def connect(self, path: str, deadline: float) -> None:
         """Connect to the VMM's agent socket, retrying until it exists or ``deadline``."""
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                self.reader, self.writer = await asyncio.open_unix_connection(path)
+                transport, _ = await loop.create_unix_connection(
+                    lambda: _GuestProtocol(self), path)
+                self.transport = transport
                 return
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
@@ -87,7 +173,7 @@ class AgentChannel:
                  "software": f"microagent-supervisor {__version__}",
                  "max_payload": MAX_PAYLOAD, "window": DEFAULT_WINDOW}
         while not self.hello_event.is_set():
-            self._send(encode_json(FrameType.HELLO, 0, hello))
+            self.write(encode_json(FrameType.HELLO, 0, hello))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.hello_event.wait(), HELLO_RETRY)
             if self.closed.is_set():
@@ -99,62 +185,78 @@ class AgentChannel:
         return self.hello
 
     async def serve(self) -> None:
-        """Read guest frames until the connection ends; route each one."""
-        if self.reader is None:
+        """Until the guest connection ends (frames are routed as they arrive)."""
+        if self.transport is None:
             raise ProtocolError("agent channel not connected")
-        try:
-            while True:
-                data = await self.reader.read(1 << 20)
-                if not data:
-                    break
-                for frame in self.decoder.feed(data):
-                    self._dispatch(frame)
-        except (ConnectionError, ProtocolError) as e:
-            self.error = str(e)
-        finally:
-            self.closed.set()
-            for route in list(self.routes.values()):
-                if isinstance(route, LocalRequest) and not route.done.done():
-                    route.done.set_exception(ProtocolError("agent channel closed"))
-                elif isinstance(route, ClientRoute):
-                    route.writer.write(encode_json(FrameType.ERROR, route.local_id, {
-                        "code": "ECONNRESET", "message": "the guest agent went away"}))
-            self.routes.clear()
+        await self.closed.wait()
 
-    def _dispatch(self, frame: Frame) -> None:
-        if frame.stream == 0:
-            if frame.type == FrameType.HELLO:
-                with contextlib.suppress(ProtocolError):
-                    self.hello = frame.json()
-                self.hello_event.set()
-            elif frame.type == FrameType.PING:
-                self._send(encode(FrameType.PONG, 0, frame.payload))
-            elif frame.type == FrameType.ERROR:
-                self.error = frame.payload.decode(errors="replace")
+    def _from_guest(self, nbytes: int) -> None:
+        buffer = self.inbound
+        buffer.received(nbytes)
+        try:
+            scanned = buffer.scan()
+        except ProtocolError as e:
+            self.error = str(e)
+            if self.transport is not None:
+                self.transport.abort()
             return
-        route = self.routes.get(frame.stream)
-        if route is None:
-            return
-        if isinstance(route, ClientRoute):
-            route.writer.write(encode(frame.type, route.local_id, frame.payload, frame.flags))
-        else:
-            self._collect(route, frame)
-        if frame.type in TERMINAL_TYPES:
-            self.routes.pop(frame.stream, None)
+        runs = _Runs(buffer)
+        for offset, end, type_, flags, stream in scanned:
+            if stream == 0:
+                self._control(buffer.frame(offset, end, type_, flags, stream))
+                continue
+            route = self.routes.get(stream)
+            if route is None:
+                continue
+            if isinstance(route, ClientRoute):
+                STREAM_FIELD.pack_into(buffer.data, offset + STREAM_OFFSET, route.local_id)
+                runs.add(route.client, offset, end)
+            else:
+                self._collect(route, buffer.frame(offset, end, type_, flags, stream))
+            if type_ in TERMINAL_TYPES:
+                self.routes.pop(stream, None)
+        runs.flush()
+        if scanned:
+            buffer.consume(scanned[-1][1])
+
+    def _lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = str(exc)
+        self.closed.set()
+        for route in list(self.routes.values()):
+            if isinstance(route, LocalRequest) and not route.done.done():
+                route.done.set_exception(ProtocolError("agent channel closed"))
+            elif isinstance(route, ClientRoute):
+                route.client.write(encode_json(FrameType.ERROR, route.local_id, {
+                    "code": "ECONNRESET", "message": "the guest agent went away"}))
+        self.routes.clear()
+        for client in list(self.clients):
+            client.transport.close()  # after what it holds is written
+
+    def _control(self, frame: Frame) -> None:
+        if frame.type == FrameType.HELLO:
+            with contextlib.suppress(ProtocolError):
+                self.hello = frame.json()
+            self.hello_event.set()
+        elif frame.type == FrameType.PING:
+            self.write(encode(FrameType.PONG, 0, frame.payload))
+        elif frame.type == FrameType.ERROR:
+            self.error = frame.payload.decode(errors="replace")
 
     def _collect(self, route: LocalRequest, frame: Frame) -> None:
         if frame.type in (FrameType.STDOUT, FrameType.STDERR, FrameType.FILE):
             route.output += frame.payload
-            self._send(encode_credit(frame.stream, frame.type, len(frame.payload)))
+            self.write(encode_credit(frame.stream, frame.type, len(frame.payload)))
         elif frame.type == FrameType.STARTED:
             with contextlib.suppress(ProtocolError):
                 route.started = frame.json()
         elif frame.type in TERMINAL_TYPES and not route.done.done():
             route.done.set_result(frame)
 
-    def _send(self, data: bytes) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(data)
+    def write(self, data: bytes) -> None:
+        """Send bytes to the guest (nothing once the connection is closing)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     # --- the supervisor's own requests ------------------------------------------------
 
@@ -163,7 +265,7 @@ class AgentChannel:
         stream = next(self.ids)
         route = LocalRequest(asyncio.get_running_loop().create_future())
         self.routes[stream] = route
-        self._send(encode_json(FrameType.OPEN, stream, operation))
+        self.write(encode_json(FrameType.OPEN, stream, operation))
         try:
             frame = await asyncio.wait_for(route.done, timeout)
         finally:
@@ -172,44 +274,54 @@ class AgentChannel:
 
     def send_only(self, operation: dict[str, Any]) -> None:
         """Open a stream whose answer nobody waits for (shutdown)."""
-        self._send(encode_json(FrameType.OPEN, next(self.ids), operation))
+        self.write(encode_json(FrameType.OPEN, next(self.ids), operation))
 
     # --- relayed clients ------------------------------------------------------------
 
-    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one client connection until it closes; cancel its streams then."""
-        decoder = FrameDecoder()
-        mine: dict[int, int] = {}  # client id -> channel id
-        try:
-            while True:
-                data = await reader.read(1 << 20)
-                if not data:
-                    break
-                for frame in decoder.feed(data):
-                    self._from_client(frame, writer, mine)
-                if self.closed.is_set():
-                    break
-        except (ConnectionError, ProtocolError):
-            pass
-        finally:
-            for stream in mine.values():
-                if self.routes.pop(stream, None) is not None:
-                    self._send(encode_json(FrameType.CANCEL, stream, {}))
-            writer.close()
+    async def relay(self, transport: asyncio.Transport) -> None:
+        """Relay the client on ``transport`` until it closes; cancel its streams then.
 
-    def _from_client(self, frame: Frame, writer: asyncio.StreamWriter,
-                     mine: dict[int, int]) -> None:
-        if frame.stream == 0:
-            if frame.type == FrameType.HELLO:
-                writer.write(encode(FrameType.HELLO, 0, json.dumps(self.hello).encode()))
-            elif frame.type == FrameType.PING:
-                writer.write(encode(FrameType.PONG, 0, frame.payload))
+        Call it right after writing the ``ok`` line, with no ``await`` between: the
+        client's first frame may follow at once, and from here on it is read here."""
+        client = ClientRelay(self, transport)
+        transport.set_protocol(client)
+        self.clients.add(client)
+        try:
+            if self.closed.is_set():
+                transport.close()
+            await client.done
+        finally:
+            self.clients.discard(client)
+            for stream in client.mine.values():
+                if self.routes.pop(stream, None) is not None:
+                    self.write(encode_json(FrameType.CANCEL, stream, {}))
+            transport.close()
+
+    def _from_client(self, client: ClientRelay, nbytes: int) -> None:
+        buffer = client.buffer
+        buffer.received(nbytes)
+        try:
+            scanned = buffer.scan()
+        except ProtocolError:
+            client.transport.abort()
             return
-        if frame.type == FrameType.OPEN:
-            stream = next(self.ids)
-            mine[frame.stream] = stream
-            self.routes[stream] = ClientRoute(writer, frame.stream)
-        stream_id = mine.get(frame.stream)
-        if stream_id is None or stream_id not in self.routes:
-            return
-        self._send(encode(frame.type, stream_id, frame.payload, frame.flags))
+        runs = _Runs(buffer)
+        for offset, end, type_, flags, stream in scanned:
+            if stream == 0:  # answered here: the client's HELLO gets the guest's
+                if type_ == FrameType.HELLO:
+                    client.write(encode(FrameType.HELLO, 0, json.dumps(self.hello).encode()))
+                elif type_ == FrameType.PING:
+                    frame = buffer.frame(offset, end, type_, flags, stream)
+                    client.write(encode(FrameType.PONG, 0, frame.payload))
+                continue
+            if type_ == FrameType.OPEN:
+                client.mine[stream] = next(self.ids)
+                self.routes[client.mine[stream]] = ClientRoute(client, stream)
+            target = client.mine.get(stream)
+            if target is None or target not in self.routes:
+                continue
+            STREAM_FIELD.pack_into(buffer.data, offset + STREAM_OFFSET, target)
+            runs.add(self, offset, end)
+        runs.flush()
+        if scanned:
+            buffer.consume(scanned[-1][1])

@@ -59,14 +59,28 @@ class SupervisorClient:
 
     def open_channel(self, timeout: float = 30.0) -> socket.socket:
         """A connection relayed to the guest agent (after the supervisor's ``ok``)."""
+        sock, _ = self.open_channel_with_port(False, timeout)
+        return sock
+
+    def open_channel_with_port(self, stdout_port: bool, timeout: float = 30.0
+                               ) -> tuple[socket.socket, socket.socket | None]:
+        """A relayed channel and, when ``stdout_port`` and the supervisor has it to lend,
+        a connection to the VM's output port (passed over the control socket) for one
+        exec's stdout at a time (docs/protocol.md, "The output port")."""
         sock = self._connect(timeout)
+        fds: list[int] = []
         try:
-            _exchange(sock, {"request": "channel"}, self.workspace)
+            _exchange(sock, {"request": "channel", "stdout_port": stdout_port},
+                      self.workspace, fds)
         except BaseException:
             sock.close()
+            for fd in fds:
+                os.close(fd)
             raise
         sock.settimeout(None)
-        return sock
+        for extra in fds[1:]:
+            os.close(extra)
+        return sock, socket.socket(fileno=fds[0]) if fds else None
 
 
     def open_console(self, rows: int, cols: int, timeout: float = 30.0) -> socket.socket:
@@ -82,14 +96,21 @@ class SupervisorClient:
         return sock
 
 
-def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str) -> dict[str, Any]:
+def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
+              fds: list[int] | None = None) -> dict[str, Any]:
+    """Send ``request``, read the answer line; file descriptors that come with its first
+    byte are added to ``fds`` (closed if None)."""
     try:
         sock.sendall(json.dumps(request).encode() + b"\n")
-        line = b""
-        while not line.endswith(b"\n"):
+        chunk, received, _, _ = socket.recv_fds(sock, 1, 4)
+        if fds is None:
+            for fd in received:
+                os.close(fd)
+        else:
+            fds += received
+        line = chunk
+        while chunk and not line.endswith(b"\n"):
             chunk = sock.recv(1)  # byte by byte: what follows the line belongs to the relay
-            if not chunk:
-                break
             line += chunk
     except TimeoutError as e:
         raise MicroagentError(f"the supervisor of {workspace} did not answer in time") from e

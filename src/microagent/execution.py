@@ -77,7 +77,8 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
         options = replace(options, env=(f"TERM={os.environ.get('TERM') or 'xterm'}",
                                         *options.env))
     request = build_request(layout, name, options, terminal_size() if options.tty else None)
-    sock = SupervisorClient(layout.run_files(name), name).open_channel()
+    sock, stdout_port = SupervisorClient(layout.run_files(name), name).open_channel_with_port(
+        not options.tty)
     client = AgentClient(sock)
     try:
         client.hello()
@@ -86,9 +87,11 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
         with local_terminal(options.tty and stdin_fd is not None and os.isatty(stdin_fd)), \
                 _forwarding(client, pending, options.tty):
             return client.exec(request, stdout=stdout, stderr=stderr, stdin_fd=stdin_fd,
-                               poll=lambda: _drain(pending))
+                               poll=lambda: _drain(pending), stdout_port=stdout_port)
     finally:
         client.close()
+        if stdout_port is not None:
+            stdout_port.close()
 
 
 def terminal_size() -> tuple[int, int]:

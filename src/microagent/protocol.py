@@ -2,7 +2,9 @@
 
 A frame is a 12-byte big-endian header (length, type, flags, reserved, stream) and up to
 :data:`MAX_PAYLOAD` bytes of payload. :class:`FrameDecoder` turns arbitrary chunks of the
-byte stream into frames and reports a malformed header as :class:`ProtocolError`.
+byte stream into frames and reports a malformed header as :class:`ProtocolError`;
+:class:`FrameBuffer`, under it, lets a relay receive into one buffer and forward frames
+from it without copying them out.
 """
 
 from __future__ import annotations
@@ -101,23 +103,49 @@ def decode_credit(frame: Frame) -> tuple[int, int]:
     return int(data_type), int(increment)
 
 
-class FrameDecoder:
-    """Incremental decoder: feed bytes, collect complete frames."""
+class FrameBuffer:
+    """Bytes of the stream received but not yet consumed, in one reusable buffer that
+    the socket reads straight into (``recv_into``): no copy on the way in.
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    :meth:`room` is where the next read goes, :meth:`received` records it, :meth:`scan`
+    walks the complete frames, :meth:`consume` drops what was used and moves the partial
+    frame left over to the front. There is always room for a maximal frame and a
+    ``read_size`` read besides.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD, read_size: int = 1 << 20) -> None:
         self.max_payload = max_payload
-        self.buffer = bytearray()
+        self.data = bytearray(read_size + 2 * (HEADER.size + max_payload))
+        self.view = memoryview(self.data)
+        self.filled = 0
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add ``data``; return every frame now complete. Raises ProtocolError."""
-        self.buffer += data
-        buffer = self.buffer
+    def room(self) -> memoryview:
+        """Where the next read goes."""
+        return self.view[self.filled:]
+
+    def received(self, count: int) -> None:
+        """``count`` bytes were read into :meth:`room`."""
+        self.filled += count
+
+    def append(self, data: bytes) -> None:
+        """Add ``data`` read elsewhere, growing if need be."""
+        end = self.filled + len(data)
+        if end > len(self.data):
+            self.view.release()
+            self.data.extend(bytes(end - len(self.data)))
+            self.view = memoryview(self.data)
+        self.view[self.filled:end] = data
+        self.filled = end
+
+    def scan(self) -> list[tuple[int, int, int, int, int]]:
+        """``(offset, end, type, flags, stream)`` of each complete frame, in order; the
+        payload is ``view[offset + HEADER.size:end]``. Raises ProtocolError on a
+        malformed header (and keeps the frames before it out of the answer)."""
+        data, filled = self.data, self.filled
         frames = []
         offset = 0
-        # Walk with an offset and trim once: deleting each frame from the front of a
-        # large buffer would move the rest every time.
-        while len(buffer) - offset >= HEADER.size:
-            length, type_, flags, reserved, stream = HEADER.unpack_from(buffer, offset)
+        while filled - offset >= HEADER.size:
+            length, type_, flags, reserved, stream = HEADER.unpack_from(data, offset)
             if length > self.max_payload:
                 raise ProtocolError(f"frame of {length} bytes exceeds the maximum "
                                     f"of {self.max_payload}")
@@ -125,10 +153,38 @@ class FrameDecoder:
                 raise ProtocolError(f"frame header has reserved bits set "
                                     f"(flags={flags:#x}, reserved={reserved:#x})")
             end = offset + HEADER.size + length
-            if len(buffer) < end:
+            if filled < end:
                 break
-            frames.append(Frame(type_, stream, bytes(buffer[offset + HEADER.size:end]), flags))
+            frames.append((offset, end, type_, flags, stream))
             offset = end
+        return frames
+
+    def consume(self, offset: int) -> None:
+        """Drop the first ``offset`` bytes (whole frames); the rest moves to the front."""
         if offset:
-            del buffer[:offset]
+            left = self.filled - offset
+            if left:
+                self.view[:left] = bytes(self.view[offset:self.filled])
+            self.filled = left
+
+    def frame(self, offset: int, end: int, type_: int, flags: int, stream: int) -> Frame:
+        """One scanned frame as a :class:`Frame` (its payload copied out)."""
+        return Frame(type_, stream, bytes(self.view[offset + HEADER.size:end]), flags)
+
+
+class FrameDecoder(FrameBuffer):
+    """Incremental decoder: feed bytes (or receive into :meth:`room`), collect frames."""
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add ``data``; return every frame now complete. Raises ProtocolError."""
+        self.append(data)
+        return self.frames()
+
+    def frames(self) -> list[Frame]:
+        """Every complete frame, consumed. Raises ProtocolError."""
+        scanned = self.scan()
+        if not scanned:
+            return []
+        frames = [self.frame(*entry) for entry in scanned]
+        self.consume(scanned[-1][1])
         return frames

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class Supervisor:
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
         self.quarantined = False  # see microagent.quarantine; ends with the VM
         self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
+        self.out_socket: str | None = None  # the output port's socket, if the VMM has one
+        self.out_lease: socket.socket | None = None  # lent to one client at a time
 
     # --- status -----------------------------------------------------------------------
 
@@ -152,7 +155,9 @@ class Supervisor:
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
                            accel=self.accel.accel, accel_reason=self.accel.reason)
-        for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket):
+        self.out_socket = plan.out_socket
+        for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
+                            *([plan.out_socket] if plan.out_socket else [])):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_name)
         self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
@@ -342,12 +347,16 @@ class Supervisor:
                 if self.channel is None or self.channel.hello is None:
                     await _answer(writer, error="the guest agent is not ready yet")
                     return
-                await _answer(writer)
-                self.sessions.add(writer)
+                lease = self._lend_out_port() if request.get("stdout_port") else None
                 try:
-                    await self.channel.relay(reader, writer)
+                    # no drain: relay() reads from here on
+                    _send_answer(writer, _answer_line(), lease)
+                    self.sessions.add(writer)
+                    await self.channel.relay(writer.transport)  # type: ignore[arg-type]
                 finally:
                     self.sessions.discard(writer)
+                    if lease is not None:
+                        self._end_out_port(lease)
                 return
             if verb == "console":
                 await self._attach_console(request, reader, writer)
@@ -370,6 +379,30 @@ class Supervisor:
             pass
         finally:
             writer.close()
+
+    def _lend_out_port(self) -> socket.socket | None:
+        """A connection to the VM's output port for one client, if it is free
+        (docs/protocol.md, "The output port"); None otherwise."""
+        if self.out_lease is not None or self.out_socket is None:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(1.0)  # QEMU listens; a connection waits in its backlog at most
+            sock.connect(self.out_socket)  # relative: the supervisor runs in run/
+        except OSError:
+            sock.close()
+            return None
+        self.out_lease = sock
+        return sock
+
+    def _end_out_port(self, sock: socket.socket) -> None:
+        """Cut the lent connection (the client's copy too), so that the VMM sees the
+        port's host go and the next lease starts clean."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        if self.out_lease is sock:
+            self.out_lease = None
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("probe") and self.outcome is None and self.channel is not None \
@@ -561,11 +594,27 @@ class Supervisor:
 
 async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
                   kind: str = "supervisor", hint: str = "", **fields: Any) -> None:
+    writer.write(_answer_line(error, kind, hint, **fields))
+    await writer.drain()
+
+
+def _send_answer(writer: asyncio.StreamWriter, line: bytes, lent: socket.socket | None) -> None:
+    """Write the answer ``line``, with ``lent``'s descriptor attached when there is one."""
+    if lent is None:
+        writer.write(line)
+        return
+    transport_socket = writer.get_extra_info("socket")
+    with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+        sock.setblocking(True)  # a short line on a fresh connection: no wait in practice
+        socket.send_fds(sock, [line], [lent.fileno()])
+
+
+def _answer_line(error: str | None = None, kind: str = "supervisor", hint: str = "",
+                 **fields: Any) -> bytes:
     document = {"ok": error is None, **fields}
     if error is not None:
         document["error"] = {"kind": kind, "message": error, "hint": hint}
-    writer.write(json.dumps(document).encode() + b"\n")
-    await writer.drain()
+    return json.dumps(document).encode() + b"\n"
 
 
 def root_needs_recovery(disk: os.PathLike[str] | str) -> bool:

@@ -31,15 +31,25 @@ READ_TIMEOUT = 20.0
 class AgentProcess:
     """``microagent-init --serve-fd N`` with the other end of the socketpair in ``sock``."""
 
-    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, binary: Path, env: dict[str, str] | None = None, *,
+                 out_port: bool = False) -> None:
+        """``out_port``: a second socketpair stands in for the output port (``out``)."""
         self.sock, theirs = socket.socketpair()
+        self.out: socket.socket | None = None
+        argv = [str(binary), "--serve-fd", str(theirs.fileno())]
+        fds = [theirs.fileno()]
+        if out_port:
+            self.out, their_out = socket.socketpair()
+            argv += ["--out-fd", str(their_out.fileno())]
+            fds.append(their_out.fileno())
         self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"agent-{os.getpid()}-" \
             f"{id(self)}.stderr"
         with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [str(binary), "--serve-fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env)
+            self.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err, env=env)
         theirs.close()
+        if out_port:
+            their_out.close()
 
     @property
     def pid(self) -> int:
@@ -62,6 +72,8 @@ class AgentProcess:
         """Close the connection (the agent exits on EOF), end the process by pid if it
         does not; return its exit status (None: it had to be killed) and its stderr."""
         self.sock.close()
+        if self.out is not None:
+            self.out.close()
         returncode: int | None
         try:
             returncode = self.proc.wait(timeout=10)

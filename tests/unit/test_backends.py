@@ -29,9 +29,11 @@ GOLDEN = [
               "readonly=on",
     "-device", "virtio-blk-device,drive=disk1,serial=ma-disk1",
     "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
-    "-device", "virtio-serial-device,max_ports=2",
+    "-device", "virtio-serial-device,max_ports=3",
     "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
     "-device", "virtserialport,chardev=agent,name=microagent",
+    "-chardev", "socket,id=agentout,path=agent-out.sock,server=on,wait=off",
+    "-device", "virtserialport,chardev=agentout,name=microagent-out",
     "-qmp", "unix:qmp.sock,server=on,wait=off",
 ]
 
@@ -40,8 +42,8 @@ def test_qemu_plan_is_golden() -> None:
     plan = QemuBackend().plan(SPEC)
     assert list(plan.argv) == GOLDEN
     assert plan.cwd == Path("/ws/run")
-    assert (plan.console_socket, plan.agent_socket, plan.monitor_socket) == (
-        "console.sock", "agent.sock", "qmp.sock")
+    assert (plan.console_socket, plan.agent_socket, plan.out_socket,
+            plan.monitor_socket) == ("console.sock", "agent.sock", "agent-out.sock", "qmp.sock")
 
 
 def test_kvm_and_no_network_variants() -> None:

@@ -30,7 +30,7 @@ def test_round_trip_byte_by_byte() -> None:
     assert frames[1] == Frame(FrameType.STDOUT, 3, b"\x00\xffbinary", FLAG_END)
     assert frames[1].end
     assert decode_credit(frames[2]) == (FrameType.STDIN, 4096)
-    assert decoder.buffer == bytearray()
+    assert decoder.filled == 0
 
 
 def test_largest_payload_passes_and_larger_is_refused() -> None:

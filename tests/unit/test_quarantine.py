@@ -131,10 +131,16 @@ class FakeChannel:
         self.closed = asyncio.Event()
         self.relays = 0
 
-    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def relay(self, transport: asyncio.Transport) -> None:
         self.relays += 1
-        while await reader.read(4096):
-            pass
+        gone = asyncio.get_running_loop().create_future()
+
+        class Drain(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                gone.set_result(None)
+
+        transport.set_protocol(Drain())
+        await gone
 
 
 async def _ask(path: str, request: dict[str, Any]) -> tuple[dict[str, Any],

@@ -72,6 +72,7 @@ class LaunchPlan:
     console_socket: str
     agent_socket: str
     monitor_socket: str
+    out_socket: str | None = None  # the output port's, if the VMM has one
     notices: tuple[str, ...] = field(default=())
 
 

@@ -13,8 +13,10 @@ from microagent.backends.base import LaunchPlan, LaunchSpec
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_SOCKET = "console.sock"
 AGENT_SOCKET = "agent.sock"
+OUT_SOCKET = "agent-out.sock"
 QMP_SOCKET = "qmp.sock"
 AGENT_PORT_NAME = "microagent"
+OUT_PORT_NAME = "microagent-out"  # one exec's stdout, raw (docs/protocol.md)
 TCG_CPU = "max,-erms,-fsrm"
 
 
@@ -36,6 +38,7 @@ class QemuBackend:
             cwd=spec.run_dir,
             console_socket=CONSOLE_SOCKET,
             agent_socket=AGENT_SOCKET,
+            out_socket=OUT_SOCKET,
             monitor_socket=QMP_SOCKET,
         )
 
@@ -77,9 +80,12 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
             netdev += f",hostfwd={_escape(rule)}"
         argv += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     argv += [
-        "-device", "virtio-serial-device,max_ports=2",
+        # port 0 is for consoles: the agent channel is port 1, the output port 2
+        "-device", "virtio-serial-device,max_ports=3",
         "-chardev", f"socket,id=agent,path={AGENT_SOCKET},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-chardev", f"socket,id=agentout,path={OUT_SOCKET},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agentout,name={OUT_PORT_NAME}",
         "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
     ]
     return argv

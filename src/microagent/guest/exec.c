@@ -14,6 +14,7 @@
 #include "json.h"
 #include "log.h"
 #include "ops.h"
+#include "outport.h"
 #include "poller.h"
 #include "spawn.h"
 #include "streams.h"
@@ -22,6 +23,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -42,7 +44,11 @@
 /* The output pipes: at ~600 MB/s a producer fills 1 MiB in COALESCE_MS. */
 #define EXEC_PIPE_SIZE (1024 * 1024)
 
-enum { TAG_STATUS, TAG_OUT, TAG_ERR, TAG_IN };
+/* While the output port has no host (it polls POLLHUP), look again after this long. */
+#define PORT_RETRY_MS 5
+#define PORT_SPLICE (1 << 30) /* more than a pipe holds: a splice to the port takes it all */
+
+enum { TAG_STATUS, TAG_OUT, TAG_ERR, TAG_IN, TAG_PORT };
 
 struct exec {
     pid_t pid;
@@ -67,6 +73,13 @@ struct exec {
     long long in_allowance; /* STDIN bytes the host may still send */
     uint8_t *in_buf;        /* AGENT_WINDOW bytes once the first STDIN arrives */
     size_t in_head, in_tail;
+    /* stdout through the output port (outport.h) instead of STDOUT frames */
+    int port;                 /* the port's fd while this exec holds it, else -1 */
+    char preamble[64];        /* "microagent-out NONCE\n", written before the first byte */
+    size_t preamble_len, preamble_sent;
+    long long port_bytes;     /* of stdout, spliced to the port (EXIT's stdout_bytes) */
+    int port_blocked;         /* the port is full: wait for POLLOUT */
+    long long port_retry_at;  /* the port has no host: look again then */
 };
 
 static const struct stream_ops exec_ops;
@@ -89,13 +102,23 @@ static void kill_group(struct exec *e, int sig)
         log_error(errno, "kill %d", (int)e->pid);
 }
 
+static void release_port(struct stream *s)
+{
+    struct exec *e = s->state;
+    if (e->port >= 0)
+        outport_release(s->id);
+    e->port = -1;
+}
+
 static void send_exit(struct stream *s)
 {
     struct exec *e = s->state;
     if (e->out_fd >= 0) {
-        channel_send(FRAME_STDOUT, s->id, FLAG_END, NULL, 0);
+        if (e->port < 0)
+            channel_send(FRAME_STDOUT, s->id, FLAG_END, NULL, 0);
         close_role(e, &e->out_fd);
     }
+    release_port(s);
     if (e->err_fd >= 0) {
         channel_send(FRAME_STDERR, s->id, FLAG_END, NULL, 0);
         close_role(e, &e->err_fd);
@@ -118,6 +141,10 @@ static void send_exit(struct stream *s)
         json_write_null(&w);
     json_key(&w, "timed_out");
     json_write_bool(&w, e->timed_out);
+    if (e->preamble_len > 0) {
+        json_key(&w, "stdout_bytes");
+        json_write_int(&w, e->port_bytes);
+    }
     json_object_end(&w);
     ssize_t n = json_writer_finish(&w);
     channel_send(FRAME_EXIT, s->id, 0, doc, n > 0 ? (size_t)n : 0);
@@ -140,12 +167,14 @@ static void read_status(struct stream *s)
     e->status_fd = -1;
     if (n == 0) {
         e->started = 1;
-        char doc[64];
+        char doc[96];
         struct json_writer w;
         json_writer_init(&w, doc, sizeof(doc));
         json_object_begin(&w);
         json_key(&w, "pid");
         json_write_int(&w, e->pid);
+        json_key(&w, "stdout_port");
+        json_write_bool(&w, e->port >= 0);
         json_object_end(&w);
         channel_send(FRAME_STARTED, s->id, 0, doc, (size_t)json_writer_finish(&w));
         return;
@@ -237,6 +266,66 @@ static void pump(struct stream *s, int tag)
     }
 }
 
+/* Whether the pipe is empty: -1 it has data after all, 1 at EOF, 0 for now (then it is
+ * polled again in COALESCE_MS). */
+static int out_drained(struct exec *e)
+{
+    struct pollfd p = {.fd = e->out_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) == 1 && (p.revents & POLLIN))
+        return -1; /* data after all */
+    if (p.revents & (POLLHUP | POLLERR))
+        return 1;
+    e->out_read_at = monotonic_ms() + COALESCE_MS;
+    return 0;
+}
+
+/* Move stdout from the pipe to the output port: the preamble, then the pipe's pages as
+ * they are. The port's splice does not wait for the pipe (it answers 0 when it is empty,
+ * EOF or not), so an empty pipe is told from EOF with poll. */
+static void pump_port(struct stream *s)
+{
+    struct exec *e = s->state;
+    while (e->out_fd >= 0) {
+        ssize_t n;
+        if (e->preamble_sent < e->preamble_len) {
+            int drained = out_drained(e); /* no output at all: no preamble either */
+            if (drained == 0)
+                return;
+            if (drained == 1)
+                break;
+            n = write(e->port, e->preamble + e->preamble_sent,
+                      e->preamble_len - e->preamble_sent);
+            if (n > 0)
+                e->preamble_sent += (size_t)n;
+        } else {
+            n = splice(e->out_fd, NULL, e->port, NULL, PORT_SPLICE, SPLICE_F_NONBLOCK);
+            if (n > 0)
+                e->port_bytes += n;
+            if (n == 0) {
+                int drained = out_drained(e);
+                if (drained == 0)
+                    return;
+                if (drained == 1)
+                    break;
+                continue;
+            }
+        }
+        if (n > 0 || (n < 0 && errno == EINTR))
+            continue;
+        if (errno == EAGAIN) { /* the port is full, or has no host yet */
+            e->port_blocked = 1;
+            return;
+        }
+        /* The port failed: what the process still writes is lost; the host sees fewer
+         * bytes than it was promised and says so. */
+        log_error(errno, "exec stream %u: output port", s->id);
+        break;
+    }
+    close_role(e, &e->out_fd);
+    release_port(s);
+    check_done(s);
+}
+
 static void return_stdin_credit(struct stream *s, size_t n)
 {
     struct exec *e = s->state;
@@ -274,7 +363,6 @@ static void write_stdin(struct stream *s)
 
 static void on_event(void *ctx, int tag, int fd, short revents)
 {
-    (void)revents;
     struct stream *s = ctx;
     struct exec *e = s->state;
     if (s->ended)
@@ -286,8 +374,20 @@ static void on_event(void *ctx, int tag, int fd, short revents)
         check_done(s);
         break;
     case TAG_OUT:
-        if (fd == e->out_fd)
+        if (fd == e->out_fd && e->port >= 0)
+            pump_port(s);
+        else if (fd == e->out_fd)
             pump(s, TAG_OUT);
+        break;
+    case TAG_PORT:
+        if (fd != e->port)
+            break;
+        if (revents & POLLHUP) { /* no host on the port (yet): poll cannot wait for one */
+            e->port_retry_at = monotonic_ms() + PORT_RETRY_MS;
+            break;
+        }
+        e->port_blocked = 0;
+        pump_port(s);
         break;
     case TAG_ERR:
         if (fd == e->err_fd)
@@ -407,9 +507,19 @@ static void exec_watch(struct stream *s)
     struct exec *e = s->state;
     if (e->status_fd >= 0)
         poller_add(e->status_fd, POLLIN, on_event, s, TAG_STATUS);
+    long long now = monotonic_ms();
+    if (e->started && e->out_fd >= 0 && e->port >= 0) {
+        if (e->port_blocked && now < e->port_retry_at)
+            poller_wake_at(e->port_retry_at);
+        else if (e->port_blocked)
+            poller_add(e->port, POLLOUT, on_event, s, TAG_PORT);
+        else if (now >= e->out_read_at)
+            poller_add(e->out_fd, POLLIN, on_event, s, TAG_OUT);
+        else
+            poller_wake_at(e->out_read_at);
+    }
     if (e->started && channel_data_room() > 0) {
-        long long now = monotonic_ms();
-        if (e->out_fd >= 0 && e->out_credit > 0) {
+        if (e->out_fd >= 0 && e->out_credit > 0 && e->port < 0) {
             if (now >= e->out_read_at)
                 poller_add(e->out_fd, POLLIN, on_event, s, TAG_OUT);
             else
@@ -460,6 +570,10 @@ static void exec_cancel(struct stream *s, int quiet)
     struct exec *e = s->state;
     kill_group(e, SIGKILL);
     e->killed = 1;
+    if (e->port >= 0) { /* nobody reads it any more: free the port for the next exec */
+        close_role(e, &e->out_fd);
+        release_port(s);
+    }
     if (quiet)
         return;
     e->cancelled = 1;
@@ -471,6 +585,7 @@ static void exec_release(struct stream *s)
     struct exec *e = s->state;
     if (e == NULL)
         return;
+    release_port(s);
     if (e->status_fd >= 0)
         close(e->status_fd);
     close_role(e, &e->out_fd);
@@ -567,6 +682,11 @@ int exec_open(struct stream *s, const struct json_doc *doc, int req)
             bad = "\"stdin\" must be a boolean";
         sr.stdin_pipe = doc->tokens[t].type == JSON_TRUE;
     }
+    static char nonce[OUT_NONCE_LEN + 2];
+    if (bad == NULL && (optional_string(doc, req, "stdout_port", nonce, sizeof(nonce)) != 0 ||
+                        (nonce[0] != '\0' && strlen(nonce) != OUT_NONCE_LEN) ||
+                        strspn(nonce, "0123456789abcdef") != strlen(nonce)))
+        bad = "\"stdout_port\" must be 32 lowercase hex digits";
     t = json_find(doc, req, "timeout_ms");
     if (bad == NULL && t >= 0 && doc->tokens[t].type != JSON_NULL &&
         json_int(doc, t, 0, MAX_TIMEOUT_MS, &timeout_ms) != 0)
@@ -590,6 +710,10 @@ int exec_open(struct stream *s, const struct json_doc *doc, int req)
         goto fail;
     }
     e->pid = res.pid;
+    e->port = -1;
+    if (nonce[0] != '\0' && res.master < 0 && (e->port = outport_claim(s->id)) >= 0)
+        e->preamble_len = (size_t)snprintf(e->preamble, sizeof(e->preamble),
+                                           "microagent-out %s\n", nonce);
     e->status_fd = res.status_fd;
     e->out_fd = res.out_fd;
     e->err_fd = res.err_fd;

@@ -5,7 +5,7 @@
  *
  * Not as PID 1, `microagent-init --serve-fd N` serves the protocol on fd N and runs the
  * commands on the machine it runs on: the protocol test suite drives the real binary that
- * way, without a VM. */
+ * way, without a VM (`--out-fd M`: fd M stands in for the output port, outport.h). */
 #include "acpi.h"
 #include "boot.h"
 #include "channel.h"
@@ -15,6 +15,7 @@
 #include "log.h"
 #include "mounts.h"
 #include "net.h"
+#include "outport.h"
 #include "power.h"
 #include "serve.h"
 #include "spawn.h"
@@ -128,10 +129,25 @@ __attribute__((noreturn)) static void run_serve_fd(int fd)
     serve(&signals, 0, fd);
 }
 
+/* An open fd given on the command line, or -1 (said on stderr). */
+static int fd_argument(const char *option, const char *text)
+{
+    char *end;
+    errno = 0;
+    long fd = strtol(text, &end, 10);
+    if (errno != 0 || *end != '\0' || end == text || fd < 0 || fd > INT_MAX ||
+        fcntl((int)fd, F_GETFD) < 0) {
+        fprintf(stderr, "microagent-init: %s %s: not an open fd\n", option, text);
+        return -1;
+    }
+    return (int)fd;
+}
+
 static int usage(void)
 {
     fprintf(stderr, "usage: microagent-init --version\n"
-                    "       microagent-init --serve-fd N   (host test mode)\n"
+                    "       microagent-init --serve-fd N [--out-fd M]   (host test mode;\n"
+                    "           M stands in for the output port)\n"
                     "As PID 1 it is the init of a microagent VM.\n");
     return 2;
 }
@@ -145,16 +161,15 @@ int main(int argc, char **argv)
             printf("microagent-init %s\n", AGENT_VERSION);
             return 0;
         }
-        if (argc == 3 && strcmp(argv[1], "--serve-fd") == 0) {
-            char *end;
-            errno = 0;
-            long fd = strtol(argv[2], &end, 10);
-            if (errno != 0 || *end != '\0' || end == argv[2] || fd < 0 || fd > INT_MAX ||
-                fcntl((int)fd, F_GETFD) < 0) {
-                fprintf(stderr, "microagent-init: --serve-fd %s: not an open fd\n", argv[2]);
+        if ((argc == 3 || (argc == 5 && strcmp(argv[3], "--out-fd") == 0)) &&
+            strcmp(argv[1], "--serve-fd") == 0) {
+            int fd = fd_argument("--serve-fd", argv[2]);
+            int out = argc == 5 ? fd_argument("--out-fd", argv[4]) : -1;
+            if (fd < 0 || (argc == 5 && out < 0))
                 return 2;
-            }
-            run_serve_fd((int)fd);
+            if (out >= 0)
+                outport_set_fd(out);
+            run_serve_fd(fd);
         }
         if (argc == 1)
             fprintf(stderr, "microagent-init: must run as PID 1 of a microagent VM\n");

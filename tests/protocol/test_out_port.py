@@ -1,0 +1,148 @@
+"""The output port (docs/protocol.md): one exec's stdout as raw bytes on a second
+connection, here a socketpair given to the agent with ``--out-fd``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microagent.agent import AgentClient, ExecRequest
+from microagent.protocol import FrameType, ProtocolError
+from tests.protocol.driver import AgentProcess, Session
+
+PATH = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin",)
+NONCE = "0123456789abcdef" * 2
+
+
+@pytest.fixture
+def ported(agent_binary: Path) -> Iterator[AgentProcess]:
+    process = AgentProcess(agent_binary, out_port=True)
+    yield process
+    returncode, stderr = process.close()
+    assert returncode == 0, f"the agent exited with {returncode}:\n{stderr}"
+
+
+def read_port(sock: socket.socket, size: int, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def test_stdout_goes_to_the_port_after_the_preamble(ported: AgentProcess) -> None:
+    session = Session(ported.sock)
+    session.hello()
+    assert "stdout_port" in session.peer["features"]
+    state = session.run(["sh", "-c", "printf 'out\\n'; printf 'err\\n' >&2"],
+                        stdout_port=NONCE)
+    assert state.started == {"pid": state.started["pid"], "stdout_port": True}
+    assert state.exit is not None and state.exit["stdout_bytes"] == 4
+    assert state.stdout == b""  # no STDOUT frames: the bytes went to the port
+    assert bytes(state.stderr) == b"err\n"
+    assert ported.out is not None
+    expected = f"microagent-out {NONCE}\nout\n".encode()
+    assert read_port(ported.out, len(expected)) == expected
+
+
+def test_no_output_sends_no_preamble(ported: AgentProcess) -> None:
+    session = Session(ported.sock)
+    session.hello()
+    state = session.run(["true"], stdout_port=NONCE)
+    assert state.exit is not None and state.exit["stdout_bytes"] == 0
+    assert ported.out is not None
+    ported.out.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ported.out.recv(1)
+
+
+def test_one_exec_at_a_time_and_never_with_a_tty(ported: AgentProcess) -> None:
+    session = Session(ported.sock)
+    session.hello()
+    first = session.exec(["sh", "-c", "sleep 0.5; echo first"], stdout_port=NONCE)
+    second = session.run(["echo", "second"], stdout_port="f" * 32)
+    assert second.started is not None and second.started["stdout_port"] is False
+    assert bytes(second.stdout) == b"second\n"
+    assert second.exit is not None and "stdout_bytes" not in second.exit
+    session.wait(first)
+    assert first.started is not None and first.started["stdout_port"] is True
+    tty = session.run(["echo", "tty"], stdout_port=NONCE, tty={"rows": 24, "cols": 80})
+    assert tty.started is not None and tty.started["stdout_port"] is False
+    # the port is free again once the first exec ended
+    third = session.run(["echo", "third"], stdout_port=NONCE)
+    assert third.started is not None and third.started["stdout_port"] is True
+
+
+def test_a_bad_nonce_is_refused(ported: AgentProcess) -> None:
+    session = Session(ported.sock)
+    session.hello()
+    for nonce in ("short", "X" * 32, 42):
+        state = session.run(["true"], stdout_port=nonce)
+        assert state.error is not None and state.error["code"] == "EINVAL", nonce
+        assert "stdout_port" in state.error["message"]
+
+
+def test_cancel_frees_the_port(ported: AgentProcess) -> None:
+    session = Session(ported.sock)
+    session.hello()
+    endless = session.exec(["cat", "/dev/zero"], stdout_port=NONCE)
+    session.pump_until(lambda: endless.started is not None, what="STARTED")
+    session.send_json(FrameType.CANCEL, endless.id, {})
+    session.wait(endless)
+    # nobody reads the old bytes; the next exec gets the port and its own preamble
+    state = session.run(["echo", "next"], stdout_port="a" * 32)
+    assert state.started is not None and state.started["stdout_port"] is True
+
+
+def test_the_client_skips_what_an_earlier_exec_left(ported: AgentProcess) -> None:
+    """Bytes of an exec cut off earlier may still be in the port: AgentClient drops
+    everything before its own preamble."""
+    client = AgentClient(ported.sock)
+    client.hello()
+    leftover = client.exec(ExecRequest(argv=("sh", "-c", "head -c 20000 /dev/zero"),
+                                       env=PATH, stdout_port="b" * 32),
+                           stdout=lambda data: None, stderr=lambda data: None)
+    assert leftover.exit_code == 0  # its 20000 bytes and preamble wait unread in the port
+    out = bytearray()
+    result = client.exec(ExecRequest(argv=("echo", "mine"), env=PATH),
+                         stdout=out.extend, stderr=out.extend, stdout_port=ported.out)
+    assert result.exit_code == 0
+    assert bytes(out) == b"mine\n"
+
+
+def test_large_output_arrives_whole(ported: AgentProcess, tmp_path: Path) -> None:
+    data = os.urandom(8 << 20)
+    source = tmp_path / "data"
+    source.write_bytes(data)
+    client = AgentClient(ported.sock)
+    client.hello()
+    digest = hashlib.sha256()
+    errors = bytearray()
+    start = time.monotonic()
+    result = client.exec(ExecRequest(argv=("cat", str(source)), env=PATH),
+                         stdout=digest.update, stderr=errors.extend, stdout_port=ported.out)
+    assert result.exit_code == 0, (result, errors)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert time.monotonic() - start < 60
+
+
+def test_a_short_port_is_an_error(ported: AgentProcess) -> None:
+    """The port closing before EXIT's count is reached is reported, not taken as all:
+    here the client reads a connection that ends at once (the agent writes to its own)."""
+    client = AgentClient(ported.sock)
+    client.hello()
+    reader, writer = socket.socketpair()
+    writer.close()
+    with pytest.raises(ProtocolError, match="closed after 0 of 5 bytes"):
+        client.exec(ExecRequest(argv=("echo", "lost"), env=PATH),
+                    stdout=lambda data: None, stderr=lambda data: None, stdout_port=reader)
+    reader.close()
