@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import socket
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-from boot_floor import build_agent, build_disk  # noqa: E402
+from boot_floor import build_agent, build_disk, default_state_dir  # noqa: E402
 from tests.vm.qemu import RunningVM, accel_args  # noqa: E402
 
 from microagent.agent import AgentClient, ExecRequest  # noqa: E402
@@ -53,11 +52,6 @@ from microagent.kernels import default_kernel  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "microagent-tests" / "kernel-state-v1"
 
 
 def run(client: AgentClient, command: str) -> str:

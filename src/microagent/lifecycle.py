@@ -1,7 +1,7 @@
 """The verbs of a booted workspace: start, exec, status, halt, stop, kill.
 
 ``start`` checks the host, installs the default kernel if missing, records ``starting``
-and spawns the supervisor (``python -m microagent _supervise NAME``) detached, then waits
+and spawns the supervisor (``python -m microagent._supervise NAME``) detached, then waits
 for the supervisor to report ``running`` or a failure. The other verbs talk to the
 supervisor over its control socket (:mod:`microagent.control`). State is always derived
 (:func:`microagent.runtime.runtime_state`), so a dead supervisor never leaves a workspace
@@ -121,8 +121,8 @@ def _spawn_supervisor(layout: StateLayout, name: str, timeout: float) -> subproc
     log = layout.workspace_supervisor_log(name)
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "microagent", "--state-dir", str(layout.root), "_supervise",
-             name, "--timeout", str(timeout)],
+            [sys.executable, "-m", "microagent._supervise", "--state-dir", str(layout.root),
+             "--timeout", str(timeout), name],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             close_fds=True, cwd="/",
         )
@@ -144,7 +144,7 @@ def _wait_started(layout: StateLayout, name: str, supervisor: subprocess.Popen[b
                 return state
             raise _boot_failure(layout, name, "the supervisor exited: " +
                                 _tail(layout.workspace_supervisor_log(name), 5))
-        time.sleep(0.05)
+        time.sleep(0.01)  # a few small reads per poll: start returns as soon as it can
     raise _boot_failure(layout, name, "timed out waiting for the supervisor")
 
 

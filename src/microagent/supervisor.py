@@ -248,8 +248,7 @@ class Supervisor:
         hello = await self.channel.handshake()
         self.status["agent"] = hello.get("software", "")
         self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
-        await self.probe_exec()
-        await self._probe_network()
+        await asyncio.gather(self.probe_exec(), self._probe_network())
 
     async def probe_exec(self) -> bool:
         """A no-op exec round trip; sets execReady."""
@@ -644,7 +643,8 @@ def _die_with_parent(parent: int) -> None:
 
 
 def run_supervisor(layout: StateLayout, name: str, boot_timeout: float) -> int:
-    """Entry point of the hidden ``_supervise`` command. Never returns while running."""
+    """The supervisor process's work (``microagent._supervise``). Never returns while
+    the workspace runs."""
     files = layout.run_files(name)
     ensure_dir(files.dir)
     lock = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -662,7 +662,8 @@ def run_supervisor(layout: StateLayout, name: str, boot_timeout: float) -> int:
         raise
     finally:
         for leftover in (files.status, files.initramfs, files.dir / "agent.sock",
-                         files.dir / "console.sock", files.dir / "qmp.sock",
+                         files.dir / "agent-out.sock", files.dir / "console.sock",
+                         files.dir / "qmp.sock",
                          files.dir / files.control_socket):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()

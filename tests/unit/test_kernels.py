@@ -25,7 +25,7 @@ import zstandard
 from microagent import kernels
 from microagent.errors import MicroagentError, NotFoundError
 from microagent.kernels import default_kernel, install_kernel, list_kernels
-from microagent.kmodules import bzimage_version, extract_vmlinux
+from microagent.kmodules import bzimage_version, extract_vmlinux, strip_signature
 from microagent.layout import StateLayout
 from tests.unit.test_initramfs import parse_newc
 
@@ -79,7 +79,13 @@ def bzimage(version: str, payload: bytes) -> bytes:
     return bytes(image) + payload + bytes(16)
 
 
-MODULES = {
+def signed(data: bytes, sig_len: int = 512) -> bytes:
+    """``data`` with a signature trailer as the kernel's sign-file appends it (PKCS#7)."""
+    return (data + b"\x30" * sig_len + struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, sig_len)
+            + b"~Module signature appended~\n")
+
+
+UNSIGNED = {
     "kernel/drivers/virtio/virtio_ring.ko": module("virtio_ring"),
     "kernel/drivers/virtio/virtio.ko": module("virtio", "virtio_ring"),
     "kernel/drivers/virtio/virtio_mmio.ko": module("virtio_mmio", "virtio,virtio_ring"),
@@ -93,6 +99,9 @@ MODULES = {
         "crc32c_generic", "", "alias=crypto-crc32c", "alias=crc32c"),
     "kernel/drivers/gpu/unrelated.ko": module("unrelated"),
 }
+# as Debian ships them: signed (ext4 also compressed, so it is stripped after decompression)
+MODULES = {rel: signed(data) if rel.endswith(("ext4.ko", "jbd2.ko", "virtio.ko")) else data
+           for rel, data in UNSIGNED.items()}
 COMPRESSORS = {
     "kernel/drivers/virtio/virtio_mmio.ko": (".xz", lzma.compress),
     "kernel/drivers/block/virtio_blk.ko": (".zst",
@@ -153,7 +162,7 @@ def check_bundle(bundle: kernels.KernelBundle, source_prefix: str) -> None:
     assert members["etc/microagent/modules"].decode().splitlines() == order
     for path in order:
         rel = path.removeprefix(f"/{prefix}")
-        assert members[path.lstrip("/")] == MODULES[rel], f"{rel} not decompressed"
+        assert members[path.lstrip("/")] == UNSIGNED[rel], f"{rel}: compressed or signed"
     assert len(members) == len(order) + 1
     record = json.loads((bundle.path / "kernel.json").read_text())
     assert record["schema"] == 1
@@ -335,3 +344,14 @@ def test_install_from_a_path_that_does_not_exist(layout: StateLayout, tmp_path: 
     with pytest.raises(NotFoundError, match=r"missing does not exist"):
         install_kernel(layout, from_path=tmp_path / "missing")
     assert not layout.kernels_dir.exists() or not list(layout.kernels_dir.iterdir())
+
+
+def test_strip_signature() -> None:
+    plain = module("plain")
+    assert strip_signature(signed(plain)) == plain
+    assert strip_signature(signed(plain, sig_len=0)) == plain
+    assert strip_signature(plain) == plain  # unsigned: as it is
+    with pytest.raises(MicroagentError, match="longer than the module"):
+        strip_signature(signed(b"", sig_len=16))
+    with pytest.raises(MicroagentError, match="cut short"):
+        strip_signature(b"~Module signature appended~\n")

@@ -45,8 +45,11 @@ def test_boots_to_ready_and_powers_off_cleanly(
     result = run_vm(guest_kernel, boot_initramfs, root_disk, tmp_path,
                     "microagent.hostname=ws-boot")
     lines = result.lines()
+    # the vsock modules are skipped: this VM has no virtio vsock device
+    wanted = [name for name in guest_kernel.modules if "vsock" not in name]
+    assert len(wanted) < len(guest_kernel.modules)
     assert_in_order(lines, [
-        rf"microagent-init: modules loaded \({len(guest_kernel.modules)}\)",
+        rf"microagent-init: modules loaded \({len(wanted)}\)",
         r"microagent-init: root mounted \(/dev/vda\)",
         r"microagent-init: hostname ws-boot",
         r"microagent-init: ready",

@@ -1,4 +1,4 @@
-"""``start``, ``halt``, ``stop``, ``kill``, ``quarantine`` and the hidden ``_supervise``:
+"""``start``, ``halt``, ``stop``, ``kill`` and ``quarantine``:
 a VM's life."""
 
 from __future__ import annotations
@@ -51,12 +51,6 @@ def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def cmd_supervise(args: argparse.Namespace, out: Output) -> int:
-    from microagent.supervisor import run_supervisor
-
-    return run_supervisor(layout_of(args), args.name, args.timeout)
-
-
 def register(verbs: Verbs) -> None:
     p = add_verb(verbs, "start", cmd_start, "boot a workspace and wait until it is ready")
     add_name(p)
@@ -71,7 +65,3 @@ def register(verbs: Verbs) -> None:
     ):
         add_name(add_verb(verbs, name, handler, text))
 
-    p = verbs.add_parser("_supervise")  # hidden: the per-workspace supervisor
-    p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.set_defaults(handler=cmd_supervise)

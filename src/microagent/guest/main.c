@@ -83,7 +83,6 @@ __attribute__((noreturn)) static void run_init(sigset_t *signals)
         log_info("power button: no ACPI button driver (button.ko) loaded; only the "
                  "shutdown operation powers off");
     spawn_init(0);
-    console_start();
     char path[128];
     int fd = vport_open(AGENT_PORT_NAME, PORT_WAIT_MS, path, sizeof(path));
     if (fd >= 0) {
@@ -93,6 +92,8 @@ __attribute__((noreturn)) static void run_init(sigset_t *signals)
         log_info("no agent channel yet (no virtio-serial port named \"" AGENT_PORT_NAME
                  "\"); still looking");
     }
+    /* after the channel: the host's HELLO is not kept waiting by the shell's start-up */
+    console_start();
     log_info("ready");
 
     const char *test = cmdline_get("microagent.test");
