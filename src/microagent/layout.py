@@ -137,6 +137,11 @@ class StateLayout:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def tsc_record(self) -> Path:
+        """The host's TSC frequency, measured once per host boot (TCG's clock hint)."""
+        return self.root / "host-tsc.json"
+
 
 @dataclass(frozen=True)
 class RunFiles:

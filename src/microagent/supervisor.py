@@ -541,7 +541,8 @@ class Supervisor:
 
     async def run(self) -> int:
         """Boot, apply the restart policy, record the final state."""
-        self.tsc_khz = host_tsc_khz() if self.accel.accel == "tcg" else None
+        self.tsc_khz = host_tsc_khz(self.layout.tsc_record) if self.accel.accel == "tcg" \
+            else None
         server = await asyncio.start_unix_server(self.serve_client,
                                                  path=self.files.control_socket)
         failures = 0

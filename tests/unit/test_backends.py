@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import platform
 from pathlib import Path
+
+import pytest
 
 from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel
 from microagent.backends.qemu import QemuBackend
@@ -79,3 +83,30 @@ def test_this_host_uses_tcg() -> None:
     if " vmx" in cpuinfo or " svm" in cpuinfo:
         return
     assert choose_accel({}).accel == "tcg"
+
+
+def test_the_tsc_frequency_is_measured_once_per_host_boot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from microagent.backends import base
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the TSC is x86-64's")
+    measured: list[int] = []
+
+    def measure() -> int:
+        measured.append(1)
+        return 2_600_000
+
+    monkeypatch.setattr(base, "_measure_tsc_khz", measure)
+    cache = tmp_path / "host-tsc.json"
+    assert base.host_tsc_khz(cache) == 2_600_000
+    assert base.host_tsc_khz(cache) == 2_600_000
+    assert len(measured) == 1  # the second came from the cache
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert json.loads(cache.read_text())["boot_id"] == boot_id
+    # another boot of the host (or a damaged record): measured again
+    cache.write_text(json.dumps({"boot_id": "another", "tsc_khz": 1}))
+    assert base.host_tsc_khz(cache) == 2_600_000
+    cache.write_text("{")
+    assert base.host_tsc_khz(cache) == 2_600_000
+    assert len(measured) == 3

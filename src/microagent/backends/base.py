@@ -7,6 +7,7 @@ connecting and shutting down are done by the supervisor using the plan's paths.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,11 +162,33 @@ def guest_cmdline(*, hostname: str, network: str, accel: str, tsc_khz: int | Non
     return cmdline
 
 
-def host_tsc_khz() -> int | None:
+def host_tsc_khz(cache: Path | None = None) -> int | None:
     """The host's TSC frequency in kHz, measured against the monotonic clock (x86-64).
 
     A guest under TCG reads the host's TSC, so this is the frequency it should assume.
+    Measuring takes 60 ms; with ``cache`` (a JSON file) it is measured once per host boot
+    (``/proc/sys/kernel/random/boot_id``), not at every start.
     """
+    import json
+
+    boot_id = ""
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            record = json.loads(cache.read_text())
+            if boot_id and record.get("boot_id") == boot_id:
+                return int(record["tsc_khz"])
+    khz = _measure_tsc_khz()
+    if cache is not None and boot_id and khz is not None:
+        from microagent.store import write_json_atomic
+
+        with contextlib.suppress(OSError):
+            write_json_atomic(cache, {"boot_id": boot_id, "tsc_khz": khz})
+    return khz
+
+
+def _measure_tsc_khz() -> int | None:
     import ctypes
     import mmap
     import platform
