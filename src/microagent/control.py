@@ -103,6 +103,8 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
     try:
         sock.sendall(json.dumps(request).encode() + b"\n")
         chunk, received, _, _ = socket.recv_fds(sock, 1, 4)
+        for fd in received:
+            os.set_inheritable(fd, False)  # as every fd Python opens (recvmsg does not)
         if fds is None:
             for fd in received:
                 os.close(fd)
