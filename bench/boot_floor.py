@@ -56,6 +56,18 @@ def default_state_dir() -> Path:
     return Path(base) / "microagent-tests" / "kernel-state-v3"
 
 
+def install_cached_kernel(home: Path, cache: Path | None = None) -> KernelBundle:
+    """Make the cached kernel bundle (``cache``, default :func:`default_state_dir`) the
+    default kernel of the fresh state directory ``home``: the benches' workspaces boot
+    the same bundle as the VM tests, with nothing downloaded or assembled."""
+    from microagent.store import write_json_atomic
+
+    kernel = default_kernel(StateLayout(cache or default_state_dir()))
+    shutil.copytree(kernel.path, home / "kernels" / kernel.version)
+    write_json_atomic(home / "kernels" / "default.json", {"version": kernel.version})
+    return kernel
+
+
 def build_floor_init(work: Path) -> Path:
     source = work / "floor-init.c"
     source.write_text(FLOOR_INIT_C)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import shutil
 import statistics
 import sys
 import tempfile
@@ -23,13 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-from boot_floor import default_state_dir  # noqa: E402
+from boot_floor import default_state_dir, install_cached_kernel  # noqa: E402
 from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
 from workspace_lifecycle import ma  # noqa: E402
-
-from microagent.kernels import default_kernel  # noqa: E402
-from microagent.layout import StateLayout  # noqa: E402
-from microagent.store import write_json_atomic  # noqa: E402
 
 DEBIAN_LAYER = default_state_dir().parent / "debian-bookworm-minbase.tar.gz"
 
@@ -57,12 +52,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
-    kernel = default_kernel(StateLayout(default_state_dir()))
     with tempfile.TemporaryDirectory(prefix="console-bench-") as tmp:
         work = Path(tmp)
         home = work / "home"
-        shutil.copytree(kernel.path, home / "kernels" / kernel.version)
-        write_json_atomic(home / "kernels" / "default.json", {"version": kernel.version})
+        install_cached_kernel(home)
         images = {"busybox (ash)": [Layer(tar_directory(busybox_tree(work / "tree")))]}
         if DEBIAN_LAYER.exists():
             images["debian (bash)"] = [Layer(gzip.decompress(DEBIAN_LAYER.read_bytes()))]

@@ -43,7 +43,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-from boot_floor import build_agent, build_disk, default_state_dir  # noqa: E402
+from boot_floor import (  # noqa: E402
+    build_agent,
+    build_disk,
+    default_state_dir,
+    install_cached_kernel,
+)
 from tests.vm.qemu import RunningVM, accel_args  # noqa: E402
 
 from microagent.agent import AgentClient, ExecRequest  # noqa: E402
@@ -115,18 +120,14 @@ def cli_workspace(state_dir: Path, work: Path) -> Iterator[Callable[[int], tuple
     function that runs ``microagent exec`` of the same dd in it and returns its MB/s read
     from the CLI's stdout: first byte to last (the stream's rate), and from the CLI's
     start to its exit (with its start-up)."""
-    import shutil
     import subprocess
 
     from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory
 
-    from microagent.store import write_json_atomic
 
     microagent = str(Path(sys.executable).parent / "microagent")
     home = work / "home"
-    kernel = default_kernel(StateLayout(state_dir))
-    shutil.copytree(kernel.path, home / "kernels" / kernel.version)
-    write_json_atomic(home / "kernels" / "default.json", {"version": kernel.version})
+    install_cached_kernel(home, state_dir)
     build_layout(work / "cli-image", [ImageSpec(
         layers=[Layer(tar_directory(busybox_tree(work / "cli-tree")))], env=[PATH])])
 

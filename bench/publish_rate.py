@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,13 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-from boot_floor import default_state_dir  # noqa: E402
+from boot_floor import install_cached_kernel  # noqa: E402
 from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
 from workspace_lifecycle import MICROAGENT, ma  # noqa: E402
-
-from microagent.kernels import default_kernel  # noqa: E402
-from microagent.layout import StateLayout  # noqa: E402
-from microagent.store import write_json_atomic  # noqa: E402
 
 GUEST_PORT = 8080
 PAGE = b"x" * 512
@@ -93,13 +88,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    kernel = default_kernel(StateLayout(default_state_dir()))
     results: dict[str, list[float]] = {"host": [], "guest": [], "spawn": []}
     with tempfile.TemporaryDirectory(prefix="publish-bench-") as tmp:
         work = Path(tmp)
         home = work / "home"
-        shutil.copytree(kernel.path, home / "kernels" / kernel.version)
-        write_json_atomic(home / "kernels" / "default.json", {"version": kernel.version})
+        install_cached_kernel(home)
         build_layout(work / "image", [ImageSpec(layers=[Layer(tar_directory(
             busybox_tree(work / "tree")))])])
         name, port = "bench", free_port()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-from boot_floor import FLOOR_MARKER, build_floor_init, default_state_dir  # noqa: E402
+from boot_floor import FLOOR_MARKER, build_floor_init, install_cached_kernel  # noqa: E402
 from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
 
 from microagent.agent import AgentClient, ExecRequest  # noqa: E402
@@ -43,7 +42,6 @@ from microagent.control import SupervisorClient  # noqa: E402
 from microagent.initramfs import build_boot_initramfs  # noqa: E402
 from microagent.kernels import default_kernel  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402
-from microagent.store import write_json_atomic  # noqa: E402
 
 MICROAGENT = str(Path(sys.executable).parent / "microagent")
 
@@ -108,13 +106,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    cache = default_state_dir()
-    kernel = default_kernel(StateLayout(cache))
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
         work = Path(tmp)
         home = work / "home"
-        shutil.copytree(kernel.path, home / "kernels" / kernel.version)
-        write_json_atomic(home / "kernels" / "default.json", {"version": kernel.version})
+        install_cached_kernel(home)
         tree = busybox_tree(work / "tree")
         build_layout(work / "image", [ImageSpec(layers=[Layer(tar_directory(tree))])])
         ma(home, "create", "bench", "--image", f"oci:{work / 'image'}", "--profile", "tiny")
