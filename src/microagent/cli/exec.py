@@ -72,9 +72,11 @@ def report_result(out: Output, result: ExecResult, captured: dict[str, bytearray
     return result.host_exit_code
 
 
-def add_exec_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
-                        help="set an environment variable (repeatable)")
+def add_exec_options(parser: argparse.ArgumentParser, *, env: bool = True) -> None:
+    """The command's options, for ``exec`` and ``run`` (whose ``--env`` is create's)."""
+    if env:
+        parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                            help="set an environment variable (repeatable)")
     parser.add_argument("-w", "--workdir", metavar="DIR", help="working directory")
     parser.add_argument("-u", "--user", metavar="USER", help="user name or UID[:GID]")
     parser.add_argument("-i", "--interactive", action="store_true", help="forward stdin")

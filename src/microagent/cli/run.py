@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from microagent.cli.exec import output_sinks, report_result
+from microagent.cli.exec import add_exec_options, output_sinks, report_result
 from microagent.cli.output import Output, Verbs, add_verb, layout_of
 from microagent.cli.workspaces import add_create_options, spec_from_args
 
@@ -40,11 +40,7 @@ def register(verbs: Verbs) -> None:
                    help="name of the scratch workspace (default: a generated one)")
     p.add_argument("--keep", action="store_true",
                    help="keep the workspace (halted) and print its name")
-    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory of the command")
-    p.add_argument("-u", "--user", metavar="USER", help="user name or UID[:GID]")
-    p.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
-    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    p.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
+    add_exec_options(p, env=False)
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the guest to boot (default 120)")
     p.add_argument("image", metavar="IMAGE")
