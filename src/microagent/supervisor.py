@@ -604,8 +604,10 @@ def _send_answer(writer: asyncio.StreamWriter, line: bytes, lent: socket.socket 
         writer.write(line)
         return
     transport_socket = writer.get_extra_info("socket")
+    # The dup shares the transport's open file, O_NONBLOCK included: its mode is left as
+    # it is (blocking it would block the event loop's later writes). A short first line
+    # on a fresh connection goes out at once.
     with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
-        sock.setblocking(True)  # a short line on a fresh connection: no wait in practice
         socket.send_fds(sock, [line], [lent.fileno()])
 
 
