@@ -45,6 +45,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+# Bytecode now, as a non-editable pip install would: an editable install leaves it to the
+# first import, which never writes it under PYTHONDONTWRITEBYTECODE (then every CLI and
+# supervisor start compiles the package again: ~0.2 s of each `start`, ~30 ms of `exec`).
+.venv/bin/python -m compileall -q src/microagent
 
 # The guest agent is C, built from source here (static, libc only); never committed.
 make -s -C src/microagent/guest

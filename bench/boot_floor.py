@@ -53,7 +53,7 @@ int main(void)
 def default_state_dir() -> Path:
     """The VM tests' kernel cache, so the bench and the tests share one download."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "microagent-tests" / "kernel-state-v3"
+    return Path(base) / "microagent-tests" / "kernel-state-v4"
 
 
 def install_cached_kernel(home: Path, cache: Path | None = None) -> KernelBundle:

@@ -25,7 +25,12 @@ import zstandard
 from microagent import kernels
 from microagent.errors import MicroagentError, NotFoundError
 from microagent.kernels import default_kernel, install_kernel, list_kernels
-from microagent.kmodules import bzimage_version, extract_vmlinux, strip_signature
+from microagent.kmodules import (
+    bzimage_version,
+    extract_vmlinux,
+    nop_ftrace_sites,
+    strip_signature,
+)
 from microagent.layout import StateLayout
 from tests.unit.test_initramfs import parse_newc
 
@@ -355,3 +360,63 @@ def test_strip_signature() -> None:
         strip_signature(signed(b"", sig_len=16))
     with pytest.raises(MicroagentError, match="cut short"):
         strip_signature(b"~Module signature appended~\n")
+
+
+FTRACED_C = """
+int counter;
+int add(int a, int b) { counter++; return a + b; }
+int twice(int a) { return add(a, a); }
+static int __attribute__((noinline, section(".init.text"))) setup(void) { return twice(3); }
+int (*entry)(void) = setup;
+"""
+
+
+def ftraced_object(tmp_path: Path) -> bytes:
+    """A relocatable object as the kernel's modules are built for ftrace: every function
+    starts with ``call __fentry__``, its sites listed in ``__mcount_loc``."""
+    source = tmp_path / "ftraced.c"
+    source.write_text(FTRACED_C)
+    subprocess.run(["gcc", "-c", "-O2", "-fno-pic", "-pg", "-mfentry", "-mrecord-mcount",
+                    "-o", str(tmp_path / "ftraced.o"), str(source)], check=True)
+    return (tmp_path / "ftraced.o").read_bytes()
+
+
+def readelf(tmp_path: Path, data: bytes, *flags: str) -> str:
+    path = tmp_path / "inspect.o"
+    path.write_bytes(data)
+    return subprocess.run(["readelf", "-W", *flags, str(path)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_nop_ftrace_sites(tmp_path: Path) -> None:
+    original = ftraced_object(tmp_path)
+    assert readelf(tmp_path, original, "-r").count("__fentry__") == 3
+    patched = nop_ftrace_sites(original)
+    assert len(patched) == len(original) and patched != original
+    assert "__fentry__" not in readelf(tmp_path, patched, "-r")
+    mcount = [line for line in readelf(tmp_path, patched, "-S").splitlines()
+              if "__mcount_loc" in line]
+    assert len(mcount) == 2 and all(line.split("]")[1].split()[4] == "000000" for line in mcount)
+    path = tmp_path / "inspect.o"
+    path.write_bytes(patched)
+    disassembly = subprocess.run(["objdump", "-d", str(path)], capture_output=True,
+                                 text=True, check=True).stdout
+    starts = disassembly.split(">:\n")[1:]  # each function, from its first instruction
+    assert len(starts) == 3
+    assert all("0f 1f 44 00 00" in body.splitlines()[0] for body in starts)
+    # nothing else changed: per site its call and its relocation; the two sizes
+    assert sum(a != b for a, b in zip(original, patched, strict=True)) <= 3 * (5 + 24) + 2 * 8
+
+
+def test_nop_ftrace_sites_leaves_what_it_does_not_recognise(tmp_path: Path) -> None:
+    original = ftraced_object(tmp_path)
+    site = original.index(b"\xe8\x00\x00\x00\x00")
+    changed = original[:site] + b"\x90" + original[site + 1:]  # one site is not a call
+    assert nop_ftrace_sites(changed) == changed
+    assert nop_ftrace_sites(b"not an ELF file") == b"not an ELF file"
+    assert nop_ftrace_sites(original[:200]) == original[:200]  # cut short
+    plain = subprocess.run(["gcc", "-c", "-O2", "-x", "c", "-o", str(tmp_path / "p.o"), "-"],
+                           input=FTRACED_C.encode(), check=True)
+    assert plain.returncode == 0
+    no_sites = (tmp_path / "p.o").read_bytes()
+    assert nop_ftrace_sites(no_sites) == no_sites

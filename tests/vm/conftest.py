@@ -22,7 +22,7 @@ from tests.support.distro import cache_dir
 from tests.vm.cli import ma
 from tests.vm.qemu import SESSION_TMP
 
-KERNEL_STATE = "kernel-state-v3"
+KERNEL_STATE = "kernel-state-v4"
 DISK_MIB = 64
 
 
