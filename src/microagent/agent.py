@@ -9,6 +9,7 @@ output is consumed, and forwards signals and terminal resizes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -103,75 +104,118 @@ class _Stream:
     stdin_open: bool = True
     pending_stdin: bytearray = field(default_factory=bytearray)
     owed: dict[int, int] = field(default_factory=dict)  # credit to return, per data type
-    stdout_bytes: int | None = None  # what EXIT says went to the output port
+    stdout_end: bool | None = None  # EXIT: whether the output port's end marker was written
 
 
 PORT_PREAMBLE = b"microagent-out "
+PORT_END = b"\0microagent-end "
 PORT_READ = 1 << 20
 
 
 class _PortReader:
     """One exec's stdout from the output port (docs/protocol.md, "The output port").
 
-    The bytes begin with ``microagent-out NONCE\\n``; anything before it is left from an
-    earlier exec that was cut off, and is dropped."""
+    The bytes are ``microagent-out NONCE\\n``, the output, ``\\0microagent-end NONCE\\n``.
+    Anything before the preamble is left from an earlier exec that was cut off, and is
+    dropped."""
 
     def __init__(self, sock: socket.socket, nonce: str, sink: Sink) -> None:
         self.sock = sock
-        self.marker = PORT_PREAMBLE + nonce.encode() + b"\n"
+        self.preamble = PORT_PREAMBLE + nonce.encode() + b"\n"
+        self.end = PORT_END + nonce.encode() + b"\n"
         self.sink = sink
-        self.before = bytearray()  # until the marker is found
+        self.before = bytearray()  # until the preamble is found
         self.found = False
-        self.count = 0
+        self.held = b""  # the output's last bytes: perhaps the end marker's start
+        self.ended = False
         self.eof = False
         self.buffer = bytearray(PORT_READ)
         self.view = memoryview(self.buffer)
 
-    def receive(self) -> None:
-        """Read what the port has (without waiting when the socket does not block)."""
+    def receive(self) -> bool:
+        """Read what the port has (without waiting when the socket does not block);
+        whether there was anything."""
         try:
             n = self.sock.recv_into(self.buffer)
         except BlockingIOError:
-            return
+            return False
         except OSError as e:
             raise ProtocolError(f"the output port failed: {e.strerror}") from e
         if n == 0:
             self.eof = True
-            return
-        if self.found:
-            self.count += n
-            self.sink(bytes(self.view[:n]))
-            return
-        self.before += self.view[:n]
-        at = self.before.find(self.marker)
-        if at < 0:
-            del self.before[:max(0, len(self.before) - len(self.marker) + 1)]
-            return
-        self.found = True
-        data = bytes(self.before[at + len(self.marker):])
-        self.before.clear()
-        if data:
-            self.count += len(data)
-            self.sink(data)
+        elif self.ended:
+            pass  # after the end: the next exec's (it skips them)
+        elif self.found:
+            self._output(self.buffer, n)
+        else:
+            self.before += self.view[:n]
+            at = self.before.find(self.preamble)
+            if at < 0:
+                del self.before[:max(0, len(self.before) - len(self.preamble) + 1)]
+                return True
+            self.found = True
+            rest = bytes(self.before[at + len(self.preamble):])
+            self.before.clear()
+            self._output(rest, len(rest))
+        return n > 0
 
-    def finish(self, expected: int, deadline: float) -> None:
-        """Read until ``expected`` bytes of stdout came (the EXIT frame's count)."""
-        while self.count < expected:
+    def _output(self, data: bytes | bytearray, n: int) -> None:
+        """The first ``n`` bytes of ``data`` come after the preamble: output, up to the
+        end marker. A proper prefix of the marker at the very end is held back until the
+        next read (the marker starts with NUL: text output is never held)."""
+        end, view = self.end, memoryview(data)
+        if self.held:
+            joint = self.held + bytes(view[:min(n, len(end))])
+            if joint.startswith(end):
+                self._done(b"")
+                return
+            if end.startswith(joint):  # still only the marker's start
+                self.held = joint
+                return
+            self.sink(self.held)
+            self.held = b""
+        at = data.find(end, 0, n)
+        if at >= 0:
+            self._done(bytes(view[:at]))
+            return
+        cut = data.rfind(end[:1], max(0, n - len(end) + 1), n)
+        if cut < 0 or not end.startswith(bytes(view[cut:n])):
+            cut = n
+        if cut:
+            self.sink(bytes(view[:cut]))
+        self.held = bytes(view[cut:n])
+
+    def _done(self, last: bytes) -> None:
+        if last:
+            self.sink(last)
+        self.held = b""
+        self.ended = True
+
+    def finish(self, deadline: float) -> None:
+        """Read until the end marker (the agent wrote it before EXIT)."""
+        while not self.ended:
             if self.eof:
-                raise ProtocolError(f"the output port closed after {self.count} of "
-                                    f"{expected} bytes of stdout")
+                raise ProtocolError("the output port closed before the end of stdout")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ProtocolError(f"the output port gave {self.count} of {expected} "
-                                    f"bytes of stdout")
+                raise ProtocolError("the output port did not bring the end of stdout")
             self.sock.settimeout(remaining)
             try:
                 self.receive()
             except TimeoutError:
                 continue
-        if self.count > expected:
-            raise ProtocolError(f"the output port gave {self.count} bytes of stdout, "
-                                f"{expected} were announced")
+
+    def abandon(self) -> None:
+        """No end marker is coming (the exec was killed while a process held the port):
+        what the port has now, and what was held back, is the output."""
+        self.sock.setblocking(False)
+        with contextlib.suppress(ProtocolError):
+            while not self.ended and self.receive():
+                pass
+        if self.held and not self.ended:
+            self.sink(self.held)
+        self.held = b""
+        self.ended = True
 
 
 class AgentClient:
@@ -337,9 +381,11 @@ class AgentClient:
             selector.close()
             self.sock.setblocking(True)
         done = state.done
-        if port is not None and state.started and state.started.get("stdout_port") \
-                and state.stdout_bytes is not None:
-            port.finish(state.stdout_bytes, time.monotonic() + PORT_DRAIN_TIMEOUT)
+        if port is not None and state.started and state.started.get("stdout_port"):
+            if state.stdout_end:
+                port.finish(time.monotonic() + PORT_DRAIN_TIMEOUT)
+            else:
+                port.abandon()
         pid = state.started.get("pid") if state.started else None
         return ExecResult(done.exit_code, done.signal, done.timed_out, done.error,
                           int((time.monotonic() - start) * 1000), pid)
@@ -404,8 +450,8 @@ class AgentClient:
             doc = frame.json()
             state.done = ExecResult(doc.get("exit_code"), doc.get("signal"),
                                     bool(doc.get("timed_out", False)))
-            if isinstance(doc.get("stdout_bytes"), int):
-                state.stdout_bytes = doc["stdout_bytes"]
+            if isinstance(doc.get("stdout_end"), bool):
+                state.stdout_end = doc["stdout_end"]
         elif frame.type == FrameType.ERROR:
             state.done = ExecResult(None, error=frame.json())
 

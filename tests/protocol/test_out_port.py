@@ -1,5 +1,6 @@
 """The output port (docs/protocol.md): one exec's stdout as raw bytes on a second
-connection, here a socketpair given to the agent with ``--out-fd``."""
+connection, here a socketpair given to the agent with ``--out-fd``: the process writes to
+it itself, between a preamble and an end marker."""
 
 from __future__ import annotations
 
@@ -29,40 +30,70 @@ def ported(agent_binary: Path) -> Iterator[AgentProcess]:
 
 
 def read_port(sock: socket.socket, size: int, timeout: float = 10) -> bytes:
+    """Up to ``size`` bytes, what came within ``timeout`` (asking for one more than is
+    expected shows that nothing follows)."""
     sock.settimeout(timeout)
     data = bytearray()
     while len(data) < size:
-        chunk = sock.recv(size - len(data))
+        try:
+            chunk = sock.recv(size - len(data))
+        except TimeoutError:
+            break
         if not chunk:
             break
         data += chunk
     return bytes(data)
 
 
-def test_stdout_goes_to_the_port_after_the_preamble(ported: AgentProcess) -> None:
+PREAMBLE = f"microagent-out {NONCE}\n".encode()
+END = f"\0microagent-end {NONCE}\n".encode()
+
+
+def test_stdout_goes_to_the_port_between_preamble_and_end(ported: AgentProcess) -> None:
     session = Session(ported.sock)
     session.hello()
     assert "stdout_port" in session.peer["features"]
     state = session.run(["sh", "-c", "printf 'out\\n'; printf 'err\\n' >&2"],
                         stdout_port=NONCE)
     assert state.started == {"pid": state.started["pid"], "stdout_port": True}
-    assert state.exit is not None and state.exit["stdout_bytes"] == 4
+    assert state.exit is not None and state.exit["stdout_end"] is True
     assert state.stdout == b""  # no STDOUT frames: the bytes went to the port
     assert bytes(state.stderr) == b"err\n"
     assert ported.out is not None
-    expected = f"microagent-out {NONCE}\nout\n".encode()
-    assert read_port(ported.out, len(expected)) == expected
+    expected = PREAMBLE + b"out\n" + END
+    assert read_port(ported.out, len(expected) + 1, timeout=1) == expected
 
 
-def test_no_output_sends_no_preamble(ported: AgentProcess) -> None:
+def test_the_process_writes_to_the_port_itself(ported: AgentProcess) -> None:
+    """Its stdout is the port (here the socket), not a pipe the agent copies from."""
+    session = Session(ported.sock)
+    session.hello()
+    state = session.run(["sh", "-c", "readlink /proc/$$/fd/1"], stdout_port=NONCE)
+    assert state.exit is not None and state.exit["exit_code"] == 0
+    assert ported.out is not None
+    data = read_port(ported.out, len(PREAMBLE) + len(END) + 64, timeout=1)
+    assert data.startswith(PREAMBLE + b"socket:[") and data.endswith(b"]\n" + END)
+
+
+def test_no_output_is_the_preamble_and_the_end(ported: AgentProcess) -> None:
     session = Session(ported.sock)
     session.hello()
     state = session.run(["true"], stdout_port=NONCE)
-    assert state.exit is not None and state.exit["stdout_bytes"] == 0
+    assert state.exit is not None and state.exit["stdout_end"] is True
     assert ported.out is not None
-    ported.out.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        ported.out.recv(1)
+    assert read_port(ported.out, len(PREAMBLE + END) + 1, timeout=1) == PREAMBLE + END
+
+
+def test_a_timeout_still_ends_the_port(ported: AgentProcess) -> None:
+    session = Session(ported.sock)
+    session.hello()
+    state = session.run(["sh", "-c", "echo before; exec sleep 30"], stdout_port=NONCE,
+                        timeout_ms=300)
+    assert state.exit is not None and state.exit["timed_out"] is True
+    assert state.exit["stdout_end"] is True
+    assert ported.out is not None
+    expected = PREAMBLE + b"before\n" + END
+    assert read_port(ported.out, len(expected) + 1, timeout=1) == expected
 
 
 def test_one_exec_at_a_time_and_never_with_a_tty(ported: AgentProcess) -> None:
@@ -72,7 +103,7 @@ def test_one_exec_at_a_time_and_never_with_a_tty(ported: AgentProcess) -> None:
     second = session.run(["echo", "second"], stdout_port="f" * 32)
     assert second.started is not None and second.started["stdout_port"] is False
     assert bytes(second.stdout) == b"second\n"
-    assert second.exit is not None and "stdout_bytes" not in second.exit
+    assert second.exit is not None and "stdout_end" not in second.exit
     session.wait(first)
     assert first.started is not None and first.started["stdout_port"] is True
     tty = session.run(["echo", "tty"], stdout_port=NONCE, tty={"rows": 24, "cols": 80})
@@ -136,13 +167,13 @@ def test_large_output_arrives_whole(ported: AgentProcess, tmp_path: Path) -> Non
 
 
 def test_a_short_port_is_an_error(ported: AgentProcess) -> None:
-    """The port closing before EXIT's count is reached is reported, not taken as all:
-    here the client reads a connection that ends at once (the agent writes to its own)."""
+    """The port closing before the end marker is reported, not taken as all: here the
+    client reads a connection that ends at once (the agent writes to its own)."""
     client = AgentClient(ported.sock)
     client.hello()
     reader, writer = socket.socketpair()
     writer.close()
-    with pytest.raises(ProtocolError, match="closed after 0 of 5 bytes"):
+    with pytest.raises(ProtocolError, match="closed before the end of stdout"):
         client.exec(ExecRequest(argv=("echo", "lost"), env=PATH),
                     stdout=lambda data: None, stderr=lambda data: None, stdout_port=reader)
     reader.close()

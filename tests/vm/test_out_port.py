@@ -1,7 +1,7 @@
 """``microagent exec``'s stdout through the VM's output port (docs/protocol.md, "The
 output port"): the supervisor lends the port's connection to one CLI at a time, the
-agent splices the process's stdout to it. Content is checked, not just counted: random
-data hashed in the guest, a CLI killed in the middle (its bytes must never reach the
+agent lends the port itself to the process as its stdout. Content is checked, not just
+counted: random data hashed in the guest, a CLI killed in the middle (its bytes must never reach the
 next exec), and execs at once (one on the port, the others framed through the relay)."""
 
 from __future__ import annotations
@@ -87,3 +87,26 @@ def test_execs_at_once_each_get_their_own(home: Path, running: str) -> None:
     for index, (code, received, stderr) in enumerate(results):
         assert (code, received) == (index, digest), stderr
         assert stderr == f"done-{index}\n".encode()
+
+
+def test_the_stdout_is_the_port_and_ends_when_all_let_go(home: Path, running: str) -> None:
+    """The process writes to the port itself; like a pipe's EOF, the exec ends when the
+    last process holding it (here one left in the background) has let go."""
+    start = time.monotonic()
+    result = exec_bytes(home, running, "sh", "-c",
+                        "readlink /proc/$$/fd/1; (sleep 1; echo late) & echo now")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith("/dev/vport") and lines[1:] == ["now", "late"], lines
+    assert time.monotonic() - start >= 1
+    # the port is free again: the next exec has it too
+    again = exec_bytes(home, running, "readlink", "/proc/self/fd/1")
+    assert again.stdout.startswith(b"/dev/vport"), again
+
+
+def test_a_timeout_keeps_the_output_before_it(home: Path, running: str) -> None:
+    result = subprocess.run([MICROAGENT, "--state-dir", str(home), "exec", "--timeout", "1",
+                             running, "--", "sh", "-c", "echo before; exec sleep 30"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 124, result.stderr
+    assert result.stdout == b"before\n"

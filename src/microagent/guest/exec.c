@@ -44,9 +44,18 @@
 /* The output pipes: at ~600 MB/s a producer fills 1 MiB in COALESCE_MS. */
 #define EXEC_PIPE_SIZE (1024 * 1024)
 
-/* While the output port has no host (it polls POLLHUP), look again after this long. */
-#define PORT_RETRY_MS 5
-#define PORT_SPLICE (1 << 30) /* more than a pipe holds: a splice to the port takes it all */
+/* While a process left behind still has the output port open, look again after this
+ * long, doubling up to PORT_RETRY_MAX_MS. */
+#define PORT_RETRY_MS 2
+#define PORT_RETRY_MAX_MS 100
+
+/* The output port, for an exec that has it as stdout (outport.h). */
+enum port_state {
+    PORT_NONE,    /* stdout is a pipe (or the pty) */
+    PORT_LENT,    /* the process has it */
+    PORT_MARKING, /* taken back: the end marker is being written */
+    PORT_DONE,    /* the marker is written, or could not be (end_marked says which) */
+};
 
 enum { TAG_STATUS, TAG_OUT, TAG_ERR, TAG_IN, TAG_PORT };
 
@@ -73,13 +82,14 @@ struct exec {
     long long in_allowance; /* STDIN bytes the host may still send */
     uint8_t *in_buf;        /* AGENT_WINDOW bytes once the first STDIN arrives */
     size_t in_head, in_tail;
-    /* stdout through the output port (outport.h) instead of STDOUT frames */
-    int port;                 /* the port's fd while this exec holds it, else -1 */
-    char preamble[64];        /* "microagent-out NONCE\n", written before the first byte */
-    size_t preamble_len, preamble_sent;
-    long long port_bytes;     /* of stdout, spliced to the port (EXIT's stdout_bytes) */
-    int port_blocked;         /* the port is full: wait for POLLOUT */
-    long long port_retry_at;  /* the port has no host: look again then */
+    /* stdout is the output port (outport.h) instead of a pipe and STDOUT frames */
+    enum port_state port;
+    char marker[64]; /* "\0microagent-end NONCE\n", written once the process let go */
+    size_t marker_len, marker_sent;
+    int end_marked;
+    int marker_wait;         /* the port is full: wait for POLLOUT */
+    long long port_retry_at; /* a process still has the port: look again then */
+    long long port_retry_ms;
 };
 
 static const struct stream_ops exec_ops;
@@ -102,23 +112,57 @@ static void kill_group(struct exec *e, int sig)
         log_error(errno, "kill %d", (int)e->pid);
 }
 
-static void release_port(struct stream *s)
+/* Once the process and all it left behind let go of the output port: take it back and
+ * write the end marker. 1 done (marked, or it cannot be), 0 not yet. */
+static int finish_port(struct stream *s)
 {
     struct exec *e = s->state;
-    if (e->port >= 0)
-        outport_release(s->id);
-    e->port = -1;
+    if (e->port == PORT_LENT) {
+        int taken = outport_reclaim(s->id);
+        /* A process left in the background has it: wait, as for a pipe's EOF. Killed
+         * (timeout, CANCEL): only while the SIGKILL takes effect (2+4+...+64 ms). */
+        if (taken == 0 && (!e->killed || e->port_retry_ms < PORT_RETRY_MAX_MS)) {
+            e->port_retry_ms = e->port_retry_ms == 0 ? PORT_RETRY_MS
+                               : e->port_retry_ms * 2 > PORT_RETRY_MAX_MS ? PORT_RETRY_MAX_MS
+                               : e->port_retry_ms * 2;
+            e->port_retry_at = monotonic_ms() + e->port_retry_ms;
+            return 0;
+        }
+        e->port = taken == 1 ? PORT_MARKING : PORT_DONE;
+    }
+    int fd = outport_fd();
+    while (e->port == PORT_MARKING && e->marker_sent < e->marker_len) {
+        ssize_t n = write(fd, e->marker + e->marker_sent, e->marker_len - e->marker_sent);
+        if (n > 0) {
+            e->marker_sent += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            if (poll(&p, 1, 0) >= 0 && (p.revents & POLLHUP))
+                break; /* no host on the port: nobody to tell */
+            e->marker_wait = 1;
+            return 0;
+        }
+        log_error(errno, "exec stream %u: output port", s->id);
+        break;
+    }
+    if (e->port == PORT_MARKING)
+        e->end_marked = e->marker_sent == e->marker_len;
+    e->port = PORT_DONE;
+    outport_release(s->id);
+    return 1;
 }
 
 static void send_exit(struct stream *s)
 {
     struct exec *e = s->state;
     if (e->out_fd >= 0) {
-        if (e->port < 0)
-            channel_send(FRAME_STDOUT, s->id, FLAG_END, NULL, 0);
+        channel_send(FRAME_STDOUT, s->id, FLAG_END, NULL, 0);
         close_role(e, &e->out_fd);
     }
-    release_port(s);
     if (e->err_fd >= 0) {
         channel_send(FRAME_STDERR, s->id, FLAG_END, NULL, 0);
         close_role(e, &e->err_fd);
@@ -141,9 +185,9 @@ static void send_exit(struct stream *s)
         json_write_null(&w);
     json_key(&w, "timed_out");
     json_write_bool(&w, e->timed_out);
-    if (e->preamble_len > 0) {
-        json_key(&w, "stdout_bytes");
-        json_write_int(&w, e->port_bytes);
+    if (e->port != PORT_NONE) {
+        json_key(&w, "stdout_end");
+        json_write_bool(&w, e->end_marked);
     }
     json_object_end(&w);
     ssize_t n = json_writer_finish(&w);
@@ -174,7 +218,7 @@ static void read_status(struct stream *s)
         json_key(&w, "pid");
         json_write_int(&w, e->pid);
         json_key(&w, "stdout_port");
-        json_write_bool(&w, e->port >= 0);
+        json_write_bool(&w, e->port != PORT_NONE);
         json_object_end(&w);
         channel_send(FRAME_STARTED, s->id, 0, doc, (size_t)json_writer_finish(&w));
         return;
@@ -202,6 +246,8 @@ static void check_done(struct stream *s)
     if (s->ended || !e->started)
         return;
     if (!e->killed && (e->out_fd >= 0 || e->err_fd >= 0))
+        return;
+    if (e->port != PORT_NONE && e->port != PORT_DONE && !finish_port(s))
         return;
     send_exit(s);
 }
@@ -266,66 +312,6 @@ static void pump(struct stream *s, int tag)
     }
 }
 
-/* Whether the pipe is empty: -1 it has data after all, 1 at EOF, 0 for now (then it is
- * polled again in COALESCE_MS). */
-static int out_drained(struct exec *e)
-{
-    struct pollfd p = {.fd = e->out_fd, .events = POLLIN};
-    if (poll(&p, 1, 0) == 1 && (p.revents & POLLIN))
-        return -1; /* data after all */
-    if (p.revents & (POLLHUP | POLLERR))
-        return 1;
-    e->out_read_at = monotonic_ms() + COALESCE_MS;
-    return 0;
-}
-
-/* Move stdout from the pipe to the output port: the preamble, then the pipe's pages as
- * they are. The port's splice does not wait for the pipe (it answers 0 when it is empty,
- * EOF or not), so an empty pipe is told from EOF with poll. */
-static void pump_port(struct stream *s)
-{
-    struct exec *e = s->state;
-    while (e->out_fd >= 0) {
-        ssize_t n;
-        if (e->preamble_sent < e->preamble_len) {
-            int drained = out_drained(e); /* no output at all: no preamble either */
-            if (drained == 0)
-                return;
-            if (drained == 1)
-                break;
-            n = write(e->port, e->preamble + e->preamble_sent,
-                      e->preamble_len - e->preamble_sent);
-            if (n > 0)
-                e->preamble_sent += (size_t)n;
-        } else {
-            n = splice(e->out_fd, NULL, e->port, NULL, PORT_SPLICE, SPLICE_F_NONBLOCK);
-            if (n > 0)
-                e->port_bytes += n;
-            if (n == 0) {
-                int drained = out_drained(e);
-                if (drained == 0)
-                    return;
-                if (drained == 1)
-                    break;
-                continue;
-            }
-        }
-        if (n > 0 || (n < 0 && errno == EINTR))
-            continue;
-        if (errno == EAGAIN) { /* the port is full, or has no host yet */
-            e->port_blocked = 1;
-            return;
-        }
-        /* The port failed: what the process still writes is lost; the host sees fewer
-         * bytes than it was promised and says so. */
-        log_error(errno, "exec stream %u: output port", s->id);
-        break;
-    }
-    close_role(e, &e->out_fd);
-    release_port(s);
-    check_done(s);
-}
-
 static void return_stdin_credit(struct stream *s, size_t n)
 {
     struct exec *e = s->state;
@@ -374,20 +360,13 @@ static void on_event(void *ctx, int tag, int fd, short revents)
         check_done(s);
         break;
     case TAG_OUT:
-        if (fd == e->out_fd && e->port >= 0)
-            pump_port(s);
-        else if (fd == e->out_fd)
+        if (fd == e->out_fd)
             pump(s, TAG_OUT);
         break;
-    case TAG_PORT:
-        if (fd != e->port)
-            break;
-        if (revents & POLLHUP) { /* no host on the port (yet): poll cannot wait for one */
-            e->port_retry_at = monotonic_ms() + PORT_RETRY_MS;
-            break;
-        }
-        e->port_blocked = 0;
-        pump_port(s);
+    case TAG_PORT: /* room for the end marker, or no host (finish_port polls for it) */
+        (void)revents;
+        e->marker_wait = 0;
+        check_done(s);
         break;
     case TAG_ERR:
         if (fd == e->err_fd)
@@ -508,18 +487,12 @@ static void exec_watch(struct stream *s)
     if (e->status_fd >= 0)
         poller_add(e->status_fd, POLLIN, on_event, s, TAG_STATUS);
     long long now = monotonic_ms();
-    if (e->started && e->out_fd >= 0 && e->port >= 0) {
-        if (e->port_blocked && now < e->port_retry_at)
-            poller_wake_at(e->port_retry_at);
-        else if (e->port_blocked)
-            poller_add(e->port, POLLOUT, on_event, s, TAG_PORT);
-        else if (now >= e->out_read_at)
-            poller_add(e->out_fd, POLLIN, on_event, s, TAG_OUT);
-        else
-            poller_wake_at(e->out_read_at);
-    }
+    if (e->port == PORT_MARKING && e->marker_wait)
+        poller_add(outport_fd(), POLLOUT, on_event, s, TAG_PORT);
+    if (e->port == PORT_LENT && e->port_retry_at > 0)
+        poller_wake_at(e->port_retry_at);
     if (e->started && channel_data_room() > 0) {
-        if (e->out_fd >= 0 && e->out_credit > 0 && e->port < 0) {
+        if (e->out_fd >= 0 && e->out_credit > 0) {
             if (now >= e->out_read_at)
                 poller_add(e->out_fd, POLLIN, on_event, s, TAG_OUT);
             else
@@ -541,6 +514,10 @@ static void exec_watch(struct stream *s)
 static void exec_tick(struct stream *s, long long now)
 {
     struct exec *e = s->state;
+    if (e->port == PORT_LENT && e->port_retry_at > 0 && now >= e->port_retry_at) {
+        e->port_retry_at = 0;
+        check_done(s);
+    }
     if (e->deadline == 0 || now < e->deadline)
         return;
     e->deadline = 0;
@@ -570,10 +547,6 @@ static void exec_cancel(struct stream *s, int quiet)
     struct exec *e = s->state;
     kill_group(e, SIGKILL);
     e->killed = 1;
-    if (e->port >= 0) { /* nobody reads it any more: free the port for the next exec */
-        close_role(e, &e->out_fd);
-        release_port(s);
-    }
     if (quiet)
         return;
     e->cancelled = 1;
@@ -585,7 +558,8 @@ static void exec_release(struct stream *s)
     struct exec *e = s->state;
     if (e == NULL)
         return;
-    release_port(s);
+    /* the port comes back to the next exec that asks, once the processes are gone */
+    outport_release(s->id);
     if (e->status_fd >= 0)
         close(e->status_fd);
     close_role(e, &e->out_fd);
@@ -649,7 +623,7 @@ static int optional_string(const struct json_doc *doc, int req, const char *key,
 int exec_open(struct stream *s, const struct json_doc *doc, int req)
 {
     static char cwd[4096], user[512];
-    struct spawn_request sr = {.cwd = cwd, .user = user};
+    struct spawn_request sr = {.cwd = cwd, .user = user, .stdout_fd = -1};
     char **argv = NULL, **env = NULL;
     long long timeout_ms = 0;
     const char *bad = NULL;
@@ -703,17 +677,28 @@ int exec_open(struct stream *s, const struct json_doc *doc, int req)
         channel_send_error(s->id, "EINVAL", 0, "exec: %s", bad);
         goto fail;
     }
-    if (spawn(&sr, &res) != 0) {
+    char preamble[OUT_NONCE_LEN + 20];
+    if (nonce[0] != '\0' && !sr.tty && (sr.stdout_fd = outport_lend(s->id)) >= 0) {
+        snprintf(preamble, sizeof(preamble), "microagent-out %s\n", nonce);
+        sr.preamble = preamble;
+    }
+    int spawned = spawn(&sr, &res);
+    if (sr.stdout_fd >= 0) /* the child has it now (or there is no child) */
+        close(sr.stdout_fd);
+    if (spawned != 0) {
         int err = errno;
+        outport_release(s->id);
         channel_send_error(s->id, errno_name(err), err, "cannot start %s: %s", argv[0],
                            strerror(err));
         goto fail;
     }
     e->pid = res.pid;
-    e->port = -1;
-    if (nonce[0] != '\0' && res.master < 0 && (e->port = outport_claim(s->id)) >= 0)
-        e->preamble_len = (size_t)snprintf(e->preamble, sizeof(e->preamble),
-                                           "microagent-out %s\n", nonce);
+    if (sr.stdout_fd >= 0) {
+        e->port = PORT_LENT;
+        /* NUL first: a reader holds back a trailing prefix of it, never of text */
+        e->marker_len = 1 + (size_t)snprintf(e->marker + 1, sizeof(e->marker) - 1,
+                                             "microagent-end %s\n", nonce);
+    }
     e->status_fd = res.status_fd;
     e->out_fd = res.out_fd;
     e->err_fd = res.err_fd;
@@ -723,7 +708,8 @@ int exec_open(struct stream *s, const struct json_doc *doc, int req)
     if (e->master < 0) {
         /* Room for a batch while the agent waits (for credit, or COALESCE_MS): a failure
          * leaves spawn's size and only costs speed. */
-        fcntl(e->out_fd, F_SETPIPE_SZ, EXEC_PIPE_SIZE);
+        if (e->out_fd >= 0)
+            fcntl(e->out_fd, F_SETPIPE_SZ, EXEC_PIPE_SIZE);
         fcntl(e->err_fd, F_SETPIPE_SZ, EXEC_PIPE_SIZE);
     }
     e->out_credit = e->err_credit = channel_peer_window();

@@ -161,6 +161,19 @@ static void move_fd(int status_fd, int from, int to)
         fail(status_fd, errno, "ESETUP", "dup2: %s", strerror(errno));
 }
 
+static void write_preamble(int status_fd, const char *preamble)
+{
+    size_t len = preamble != NULL ? strlen(preamble) : 0, done = 0;
+    while (done < len) {
+        ssize_t n = write(1, preamble + done, len - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            fail(status_fd, errno, "ESETUP", "write to the output port: %s", strerror(errno));
+        done += (size_t)n;
+    }
+}
+
 __attribute__((noreturn)) static void child(const struct spawn_request *req, int status_fd,
                                             int out_fd, int err_fd, int in_fd, int slave)
 {
@@ -179,8 +192,9 @@ __attribute__((noreturn)) static void child(const struct spawn_request *req, int
         if (ioctl(0, TIOCSCTTY, 0) != 0)
             fail(status_fd, errno, "ESETUP", "TIOCSCTTY: %s", strerror(errno));
     } else {
-        move_fd(status_fd, out_fd, 1);
+        move_fd(status_fd, req->stdout_fd >= 0 ? req->stdout_fd : out_fd, 1);
         move_fd(status_fd, err_fd, 2);
+        write_preamble(status_fd, req->preamble);
         if (req->stdin_pipe) {
             move_fd(status_fd, in_fd, 0);
         } else {
@@ -251,11 +265,12 @@ int spawn(const struct spawn_request *req, struct spawn_result *res)
         if (open_pty(&req->size, master, slave) != 0 || set_nonblock(*master) != 0)
             goto fail;
     } else {
-        if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 ||
-            set_nonblock(out[0]) != 0 || set_nonblock(err[0]) != 0)
+        if ((req->stdout_fd < 0 && (pipe2(out, O_CLOEXEC) != 0 || set_nonblock(out[0]) != 0)) ||
+            pipe2(err, O_CLOEXEC) != 0 || set_nonblock(err[0]) != 0)
             goto fail;
         /* Fewer wake-ups per byte; a failure only costs speed. */
-        fcntl(out[0], F_SETPIPE_SZ, PIPE_SIZE);
+        if (out[0] >= 0)
+            fcntl(out[0], F_SETPIPE_SZ, PIPE_SIZE);
         fcntl(err[0], F_SETPIPE_SZ, PIPE_SIZE);
         if (req->stdin_pipe && (pipe2(in, O_CLOEXEC) != 0 || set_nonblock(in[1]) != 0))
             goto fail;

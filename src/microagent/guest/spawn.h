@@ -21,12 +21,14 @@ struct spawn_request {
     int tty;              /* a pty for stdin, stdout and stderr */
     struct winsize size;  /* its size */
     int stdin_pipe;       /* stdin from a pipe (else /dev/null; a pty when tty) */
+    int stdout_fd;        /* >= 0: stdout is this fd (not with a tty), no pipe; else -1 */
+    const char *preamble; /* written to that stdout by the child before the command runs */
 };
 
 struct spawn_result {
     pid_t pid;            /* also the process group and session id */
     int status_fd;        /* EOF: the exec succeeded; a struct spawn_failure: it failed */
-    int out_fd;           /* stdout pipe (or the pty master) */
+    int out_fd;           /* stdout pipe (or the pty master; -1 with stdout_fd) */
     int err_fd;           /* stderr pipe (-1 with a tty) */
     int in_fd;            /* stdin pipe (or the pty master; -1 without stdin) */
     int master;           /* the pty master, or -1 */
