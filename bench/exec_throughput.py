@@ -6,8 +6,9 @@ same memory and one vCPU (TCG here):
 
 - **Figure**: ``microagent exec ws -- dd if=/dev/zero bs=64k`` in a real workspace, read
   from the CLI's stdout by this script, first byte to last. The supervisor lends the
-  VM's output port to the CLI and the agent splices dd's pipe to it (docs/protocol.md,
-  "The output port"); the CLI's wall time (its start-up included) is shown too.
+  VM's output port to the CLI and the agent lends the port to dd as its stdout
+  (docs/protocol.md, "The output port"); the CLI's wall time (its start-up included) is
+  shown too.
 - **Floor**: a bench VM (``tests/vm/qemu.py``) with a second virtio-serial port ``raw``
   that nothing in the guest uses: the same ``dd`` writes straight to it
   (``of=/dev/vportXpY``, started with exec) and this script reads that port's socket,

@@ -34,6 +34,7 @@ from microagent.workspaces import get_workspace
 DEFAULT_START_TIMEOUT = 120.0
 RUNNING = frozenset({"starting", "running", "halting"})
 SETTLED = frozenset({"running", "failed", "stopped", "halted"})
+SUPERVISOR_END_WAIT = 5.0  # after a failed boot's final event
 
 
 class StartError(MicroagentError):
@@ -137,6 +138,7 @@ def _wait_started(layout: StateLayout, name: str, supervisor: subprocess.Popen[b
         if settled and settled[0].state == "running":
             return runtime_state(layout, name)
         if settled:
+            _wait_supervisor_end(layout, name, supervisor, skip + events.index(settled[0]))
             raise _boot_failure(layout, name, settled[0].detail)
         if supervisor.poll() is not None and not supervisor_alive(layout.run_files(name)):
             state = runtime_state(layout, name)
@@ -146,6 +148,19 @@ def _wait_started(layout: StateLayout, name: str, supervisor: subprocess.Popen[b
                                 _tail(layout.workspace_supervisor_log(name), 5))
         time.sleep(0.01)  # a few small reads per poll: start returns as soon as it can
     raise _boot_failure(layout, name, "timed out waiting for the supervisor")
+
+
+def _wait_supervisor_end(layout: StateLayout, name: str,
+                         supervisor: subprocess.Popen[bytes], failed_at: int) -> None:
+    """After a failed boot the supervisor still cleans up (sockets, held volumes) for a
+    moment: return once it has exited, so that the caller may delete the workspace at
+    once; or when a restart policy boots again (a newer ``starting`` event)."""
+    deadline = time.monotonic() + SUPERVISOR_END_WAIT
+    while supervisor.poll() is None and time.monotonic() < deadline:
+        later = read_events(layout.workspace_events(name))[failed_at + 1:]
+        if any(e.state == "starting" for e in later):
+            return
+        time.sleep(0.01)
 
 
 def _tail(path: Any, lines: int) -> str:
