@@ -1,29 +1,63 @@
 """The supervisor process: ``python -m microagent._supervise --state-dir DIR NAME``.
 
 ``microagent start`` spawns it detached. It does not go through the CLI: it needs none of
-the argument tree, and ``start`` waits for it to boot the VM.
+the argument tree, and ``start`` waits for it to boot the VM. It launches the first boot's
+VMM before it imports the event loop's modules (:mod:`microagent.launch`).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from pathlib import Path
 
 from microagent.errors import MicroagentError
 
+USAGE = "usage: python -m microagent._supervise --state-dir DIR [--timeout S] NAME"
+
+
+def parse(argv: list[str]) -> tuple[Path, float, str]:
+    """``--state-dir DIR [--timeout S] NAME``; SystemExit(2) otherwise (argparse alone
+    costs this process 6 ms before QEMU can start)."""
+    state_dir: Path | None = None
+    timeout, name = 120.0, None
+    rest = list(argv)
+    try:
+        while rest:
+            arg = rest.pop(0)
+            if arg == "--state-dir":
+                state_dir = Path(rest.pop(0))
+            elif arg == "--timeout":
+                timeout = float(rest.pop(0))
+            elif name is None and not arg.startswith("-"):
+                name = arg
+            else:
+                raise ValueError(arg)
+    except (IndexError, ValueError):
+        state_dir = None
+    if state_dir is None or name is None:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    return state_dir, timeout, name
+
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m microagent._supervise")
-    parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("name")
-    args = parser.parse_args()
+    state_dir, timeout, name = parse(sys.argv[1:])
+    from microagent.launch import first_boot, take_supervisor_lock
     from microagent.layout import StateLayout
-    from microagent.supervisor import run_supervisor
+    from microagent.store import ensure_dir
 
     try:
-        return run_supervisor(StateLayout.resolve(args.state_dir), args.name, args.timeout)
+        layout = StateLayout.resolve(state_dir)
+        files = layout.run_files(name)
+        ensure_dir(files.dir)
+        if take_supervisor_lock(files) is None:
+            return 75  # another supervisor runs this workspace
+        os.chdir(files.dir)
+        first = first_boot(layout, name)
+        from microagent.supervisor import run_supervisor
+
+        return run_supervisor(layout, name, timeout, first)
     except MicroagentError as e:
         print(f"microagent supervisor: {e.message}", file=sys.stderr)
         return e.exit_code

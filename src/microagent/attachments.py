@@ -302,7 +302,7 @@ def replay_journal(disk: Path) -> None:
     import subprocess
 
     from microagent.errors import HostError
-    from microagent.supervisor import root_needs_recovery
+    from microagent.launch import root_needs_recovery
 
     if not root_needs_recovery(disk):
         return

@@ -32,22 +32,26 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write ``document`` (plus ``schema``) to ``path`` atomically, mode 0600."""
+def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = True) -> None:
+    """Write ``document`` (plus ``schema``) to ``path`` atomically, mode 0600; fsynced
+    unless not ``durable`` (state that means nothing after a host crash, e.g. a running
+    supervisor's status, rewritten several times per boot)."""
     ensure_dir(path.parent)
     payload = json.dumps({"schema": SCHEMA_VERSION, **document}, indent=2, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(payload + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> dict[str, Any]:

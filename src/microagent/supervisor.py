@@ -14,49 +14,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
-import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from microagent.attachments import BootDisks, prepare_boot_disks, remove_bundle_disks
-from microagent.backends.base import (
-    DiskSpec,
-    LaunchSpec,
-    PortSpec,
-    choose_accel,
-    guest_cmdline,
-    host_tsc_khz,
-)
-from microagent.backends.qemu import QemuBackend
+from microagent.attachments import remove_bundle_disks
 from microagent.backends.qmp import QmpClient
 from microagent.channel import AgentChannel
 from microagent.console import ConsoleBroker, ConsoleCapture, Holder
 from microagent.errors import BusyError, ConflictError, MicroagentError
 from microagent.events import append_event, now_iso
+from microagent.launch import FirstBoot, Launched, launch_vmm
 from microagent.layout import StateLayout
-from microagent.network import check_ports_free, port_failure
+from microagent.network import port_failure
 from microagent.protocol import FrameType
 from microagent.quarantine import sever_network
 from microagent.runtime import process_start_time
-from microagent.store import ensure_dir, write_json_atomic
-from microagent.volumes import hold_volumes
-from microagent.workspaces import Workspace, get_workspace
+from microagent.store import write_json_atomic
+from microagent.workspaces import Workspace
 
-PR_SET_PDEATHSIG = 1
 QUARANTINE_HINT = "halt, stop or kill it to end the quarantine"
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
-EXT4_SUPERBLOCK = 1024
-EXT4_INCOMPAT_RECOVER = 0x4
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
 CONSOLE_RECHECK_AFTER = 30.0  # status --json asks the shell again when older than this
 
@@ -69,22 +54,63 @@ class Outcome:
     detail: str
 
 
+class VmmProcess:
+    """The VMM child, started outside the event loop (:mod:`microagent.launch`) and
+    awaited through a pidfd (a thread on kernels before 5.3)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            return await asyncio.to_thread(self.popen.wait)
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return self.popen.wait()
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+
 class Supervisor:
     """Boots one workspace and watches it until it is halted, stopped or killed."""
 
-    def __init__(self, layout: StateLayout, name: str, boot_timeout: float) -> None:
+    def __init__(self, layout: StateLayout, name: str, boot_timeout: float,
+                 first: FirstBoot) -> None:
         self.layout = layout
         self.name = name
         self.files = layout.run_files(name)
         self.boot_timeout = boot_timeout
-        self.workspace: Workspace = get_workspace(layout, name)
-        self.backend = QemuBackend()
-        self.accel = choose_accel()
+        self.first: FirstBoot | None = first
+        self.workspace: Workspace = first.workspace
+        self.accel = first.accel
         self.intent: str | None = None
-        self.vmm: asyncio.subprocess.Process | None = None
+        self.vmm: VmmProcess | None = None
         self.channel: AgentChannel | None = None
         self.channel_task: asyncio.Task[None] | None = None
-        self.tsc_khz: int | None = None
+        self.tsc_khz = first.tsc_khz
         self.qmp: QmpClient | None = None
         self.console: ConsoleCapture | None = None
         self.broker = ConsoleBroker()
@@ -108,7 +134,7 @@ class Supervisor:
         append_event(self.layout.workspace_events(self.name), state, detail)
 
     def _save_status(self) -> None:
-        write_json_atomic(self.files.status, self.status)
+        write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
 
     def _ready(self, signal_name: str, ok: bool, detail: str) -> None:
         self.status.setdefault("readiness", {})[signal_name] = {"ok": ok, "detail": detail}
@@ -116,61 +142,30 @@ class Supervisor:
 
     # --- one boot ---------------------------------------------------------------------
 
-    def _launch_spec(self, kernel: Any, initramfs: str, attached: BootDisks) -> LaunchSpec:
-        ws = self.workspace
-        image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz
-        return LaunchSpec(
-            name=ws.name, memory_mib=ws.resources.memory_mib, cpus=ws.resources.cpus,
-            kernel=image, initramfs=self.files.dir / initramfs,
-            cmdline=guest_cmdline(hostname=ws.hostname, network=ws.network,
-                                  accel=self.accel.accel, tsc_khz=self.tsc_khz,
-                                  disks=attached.params),
-            disks=(DiskSpec(ws.rootfs), *attached.disks), run_dir=self.files.dir,
-            network=ws.network,
-            accel=self.accel.accel,
-            ports=tuple(PortSpec(p.host_ip, p.host_port, p.guest_port) for p in ws.ports),
-        )
-
-    async def boot_once(self) -> Outcome:
-        """Start the VMM, wait for readiness, then for its exit; say how it ended."""
-        from microagent.guest import agent_binary
-        from microagent.initramfs import build_boot_initramfs
-        from microagent.kernels import default_kernel
-
-        kernel = default_kernel(self.layout, install_if_missing=False)
-        recovery = root_needs_recovery(self.workspace.rootfs)
-        try:  # at every boot: a restart finds a port taken while the guest was down
-            check_ports_free(self.workspace.ports)
-        except ConflictError as e:
-            return Outcome("failed", e.message)
-        build_boot_initramfs(kernel, agent_binary(), self.files.initramfs)
-        # bundles are rebuilt at every boot: writes in a rw bundle do not persist
-        attached = prepare_boot_disks(self.layout, self.files, self.workspace.disks)
-        plan = self.backend.plan(self._launch_spec(kernel, self.files.initramfs.name,
-                                                   attached))
+    async def boot_once(self, launched: Launched | None = None) -> Outcome:
+        """Start the VMM (unless ``launched`` already), wait for readiness, then for its
+        exit; say how it ended."""
+        if launched is None:
+            try:
+                # killed while preparing this boot (or in a restart's back-off): none
+                launched = launch_vmm(self.layout, self.workspace, self.accel, self.tsc_khz,
+                                      cancelled=lambda: self.ending)
+            except ConflictError as e:
+                return Outcome("failed", e.message)
+            if launched is None:
+                return Outcome("stopped", "killed")
+        plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
+        started, vmm_log_start = launched.started, launched.vmm_log_start
+        self.vmm = VmmProcess(launched.process)
         self.guest_fatal = None
-        if self.ending:  # killed while preparing this boot (or in a restart's back-off)
-            return Outcome("stopped", "killed")
         self.intent, self.outcome = None, None
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
                            accel=self.accel.accel, accel_reason=self.accel.reason)
         self.out_socket = plan.out_socket
-        for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
-                            *([plan.out_socket] if plan.out_socket else [])):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_name)
         self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
         self.broker.capture = self.console
         self.console_shell, self.console_checked = None, 0.0
-        started = time.monotonic()
-        parent = os.getpid()
-        with open(self.files.vmm_log, "ab") as vmm_log:
-            vmm_log_start = vmm_log.tell()
-            self.vmm = await asyncio.create_subprocess_exec(
-                *plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
-                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
-                start_new_session=True)
         self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid))
         self._save_status()
         if self.ending:  # a kill arrived while QEMU was being launched
@@ -541,25 +536,24 @@ class Supervisor:
 
     async def run(self) -> int:
         """Boot, apply the restart policy, record the final state."""
-        self.tsc_khz = host_tsc_khz(self.layout.tsc_record) if self.accel.accel == "tcg" \
-            else None
         server = await asyncio.start_unix_server(self.serve_client,
                                                  path=self.files.control_socket)
         failures = 0
-        holds = contextlib.ExitStack()
+        assert self.first is not None
+        holds = self.first.holds  # the volumes, held for the supervisor's life
         try:
-            # attached volumes are held for the supervisor's life (see volumes.py)
-            volumes = [d.name for d in self.workspace.disks if d.kind == "volume"]
-            try:
-                holds.enter_context(hold_volumes(self.layout, self.name, volumes))
-            except MicroagentError as e:
-                self.outcome = Outcome("failed", e.message)
-                self._event("failed", e.message)
+            if self.first.volumes_failed:
+                self.outcome = Outcome("failed", self.first.failure or "")
+                self._event("failed", self.outcome.detail)
                 return 1
             while True:
                 began = time.monotonic()
+                first, self.first = self.first, None
                 try:
-                    outcome = await self.boot_once()
+                    if first is not None and first.failure is not None:
+                        outcome = Outcome("failed", first.failure)
+                    else:
+                        outcome = await self.boot_once(first.launched if first else None)
                 except Exception as e:
                     await self._kill_vmm()
                     outcome = Outcome("failed", f"could not boot: {e}")
@@ -619,44 +613,12 @@ def _answer_line(error: str | None = None, kind: str = "supervisor", hint: str =
     return json.dumps(document).encode() + b"\n"
 
 
-def root_needs_recovery(disk: os.PathLike[str] | str) -> bool:
-    """True when the ext4 image's journal must be replayed (needs_recovery is set).
-
-    That flag stays set while the file system is mounted and is cleared by a clean
-    unmount, so it is set on a disk whose VM was killed or crashed.
-    """
-    try:
-        with open(disk, "rb") as f:
-            f.seek(EXT4_SUPERBLOCK)
-            block = f.read(0x64)
-    except OSError:
-        return False
-    if len(block) < 0x64 or block[0x38:0x3A] != b"\x53\xef":  # s_magic
-        return False
-    incompat = int.from_bytes(block[0x60:0x64], "little")
-    return bool(incompat & EXT4_INCOMPAT_RECOVER)
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the VMM child before exec: die with the supervisor (SIGKILL on its death)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os._exit(1)
-
-
-def run_supervisor(layout: StateLayout, name: str, boot_timeout: float) -> int:
-    """The supervisor process's work (``microagent._supervise``). Never returns while
-    the workspace runs."""
+def run_supervisor(layout: StateLayout, name: str, boot_timeout: float,
+                   first: FirstBoot) -> int:
+    """The supervisor's work once ``_supervise`` has the lock and launched the first
+    boot (``first``). Never returns while the workspace runs."""
     files = layout.run_files(name)
-    ensure_dir(files.dir)
-    lock = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return 75  # another supervisor runs this workspace
-    os.chdir(files.dir)
-    supervisor = Supervisor(layout, name, boot_timeout)
+    supervisor = Supervisor(layout, name, boot_timeout, first)
     try:
         return asyncio.run(supervisor.run())
     except BaseException as e:

@@ -15,6 +15,7 @@ import pytest
 from microagent.backends.qmp import QmpError
 from microagent.errors import ConflictError
 from microagent.events import append_event, read_events
+from microagent.launch import unlaunched
 from microagent.layout import StateLayout
 from microagent.quarantine import NETDEV, host_forwards, quarantine_workspace, sever_network
 from microagent.store import ensure_dir
@@ -159,7 +160,7 @@ def test_supervisor_quarantine_refuses_sessions_and_cuts_those_in_flight(
     make_workspace(layout, "q")
     append_event(layout.workspace_events("q"), "running", "ready")
     ensure_dir(layout.run_files("q").dir)
-    supervisor = Supervisor(layout, "q", boot_timeout=10)
+    supervisor = Supervisor(layout, "q", 10, unlaunched(layout, "q"))
     qmp = FakeQmp()
     supervisor.vmm, supervisor.qmp = FakeVmm(), qmp  # type: ignore[assignment]
     supervisor.channel = FakeChannel()  # type: ignore[assignment]
@@ -210,10 +211,10 @@ def test_a_quarantined_workspace_is_never_restarted(layout: StateLayout,
     write_json_atomic(layout.workspace_record("q"), {**record, "restart": "always"})
     ensure_dir(layout.run_files("q").dir)
     monkeypatch.chdir(layout.run_files("q").dir)  # the supervisor's relative socket paths
-    supervisor = Supervisor(layout, "q", boot_timeout=10)
+    supervisor = Supervisor(layout, "q", 10, unlaunched(layout, "q"))
     boots = []
 
-    async def boot_once() -> Outcome:
+    async def boot_once(launched: object = None) -> Outcome:
         boots.append(1)
         supervisor.quarantined = True  # quarantined, then the guest panicked
         return Outcome("failed", "the guest rebooted or panicked (guest-panic)")
@@ -232,7 +233,7 @@ def test_supervisor_quarantine_rolls_back_when_the_network_cannot_be_severed(
     make_workspace(layout, "q")
     append_event(layout.workspace_events("q"), "running", "ready")
     ensure_dir(layout.run_files("q").dir)
-    supervisor = Supervisor(layout, "q", boot_timeout=10)
+    supervisor = Supervisor(layout, "q", 10, unlaunched(layout, "q"))
     supervisor.vmm, supervisor.qmp = FakeVmm(), FakeQmp(removable=False)  # type: ignore[assignment]
     supervisor.channel = FakeChannel()  # type: ignore[assignment]
 

@@ -165,7 +165,7 @@ def test_refusals_before_any_boot(home: Path, busybox_image: PushedImage,
 
 def test_a_killed_writer_then_a_read_only_reader(home: Path,
                                                  busybox_image: PushedImage) -> None:
-    from microagent.supervisor import root_needs_recovery
+    from microagent.launch import root_needs_recovery
 
     ok(ma(home, "create", "writer", "--image", busybox_image.ref, "--volume", "j:/j"))
     ok(ma(home, "start", "writer"))
@@ -184,7 +184,7 @@ def test_a_killed_writer_then_a_read_only_reader(home: Path,
 
 def test_a_read_only_disk_with_an_unreplayed_journal(home: Path, busybox_image: PushedImage,
                                                      tmp_path: Path) -> None:
-    from microagent.supervisor import root_needs_recovery
+    from microagent.launch import root_needs_recovery
 
     disk = tmp_path / "d.ext4"
     subprocess.run(["mkfs.ext4", "-q", str(disk), "32M"], check=True,

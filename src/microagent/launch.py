@@ -1,0 +1,185 @@
+"""One boot's VMM, prepared and started without asyncio: the supervisor's first half.
+
+``python -m microagent._supervise`` takes the workspace's supervisor lock, holds its
+volumes and launches the first boot's QEMU (:func:`first_boot`) before it imports asyncio
+and the modules of its event loop (:mod:`microagent.supervisor`): QEMU starts ~40 ms
+sooner and those imports overlap the guest's boot. Restarts go through
+:func:`launch_vmm` from the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from microagent.attachments import BootDisks, prepare_boot_disks
+from microagent.backends.base import (
+    AccelChoice,
+    DiskSpec,
+    LaunchPlan,
+    LaunchSpec,
+    PortSpec,
+    choose_accel,
+    guest_cmdline,
+    host_tsc_khz,
+)
+from microagent.backends.qemu import QemuBackend
+from microagent.errors import ConflictError, MicroagentError
+from microagent.kernels import KernelBundle
+from microagent.layout import RunFiles, StateLayout
+from microagent.workspaces import Workspace, get_workspace
+
+PR_SET_PDEATHSIG = 1
+EXT4_SUPERBLOCK = 1024
+EXT4_INCOMPAT_RECOVER = 0x4
+
+
+@dataclass
+class Launched:
+    """A VMM just started for one boot."""
+
+    process: subprocess.Popen[bytes]
+    plan: LaunchPlan
+    kernel: KernelBundle
+    recovery: bool  # the root disk's journal needed replaying (the last VM was killed)
+    started: float  # time.monotonic() at the launch
+    vmm_log_start: int  # where this boot's lines begin in the VMM's log
+
+
+@dataclass
+class FirstBoot:
+    """What ``_supervise`` did before the event loop, handed to the supervisor."""
+
+    workspace: Workspace
+    accel: AccelChoice
+    tsc_khz: int | None
+    holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    launched: Launched | None = None
+    failure: str | None = None  # why nothing was launched
+    volumes_failed: bool = False  # the failure was holding the volumes: no boot at all
+
+
+def root_needs_recovery(disk: os.PathLike[str] | str) -> bool:
+    """True when the ext4 image's journal must be replayed (needs_recovery is set).
+
+    That flag stays set while the file system is mounted and is cleared by a clean
+    unmount, so it is set on a disk whose VM was killed or crashed.
+    """
+    try:
+        with open(disk, "rb") as f:
+            f.seek(EXT4_SUPERBLOCK)
+            block = f.read(0x64)
+    except OSError:
+        return False
+    if len(block) < 0x64 or block[0x38:0x3A] != b"\x53\xef":  # s_magic
+        return False
+    incompat = int.from_bytes(block[0x60:0x64], "little")
+    return bool(incompat & EXT4_INCOMPAT_RECOVER)
+
+
+def take_supervisor_lock(files: RunFiles) -> int | None:
+    """The workspace's supervisor lock (held for the process's life), or None when
+    another supervisor has it."""
+    lock = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    return lock
+
+
+def unlaunched(layout: StateLayout, name: str) -> FirstBoot:
+    """What a first boot needs to know, nothing held or launched yet."""
+    workspace = get_workspace(layout, name)
+    accel = choose_accel()
+    tsc_khz = host_tsc_khz(layout.tsc_record) if accel.accel == "tcg" else None
+    return FirstBoot(workspace, accel, tsc_khz)
+
+
+def first_boot(layout: StateLayout, name: str) -> FirstBoot:
+    """Hold the workspace's volumes and launch its first boot (the caller holds the
+    supervisor lock and is in the run directory). Failures are recorded, not raised:
+    the supervisor reports them as the boot's outcome."""
+    from microagent.volumes import hold_volumes
+
+    first = unlaunched(layout, name)
+    workspace, accel, tsc_khz = first.workspace, first.accel, first.tsc_khz
+    volumes = [d.name for d in workspace.disks if d.kind == "volume"]
+    try:  # held for the supervisor's life (see volumes.py)
+        first.holds.enter_context(hold_volumes(layout, name, volumes))
+    except MicroagentError as e:
+        first.failure, first.volumes_failed = e.message, True
+        return first
+    try:
+        first.launched = launch_vmm(layout, workspace, accel, tsc_khz)
+    except ConflictError as e:
+        first.failure = e.message
+    except Exception as e:
+        first.failure = f"could not boot: {e}"
+    return first
+
+
+def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, tsc_khz: int | None,
+               cancelled: Callable[[], bool] = lambda: False) -> Launched | None:
+    """Prepare one boot (initramfs, attached disks, the VMM's argv) and start the VMM.
+
+    None when ``cancelled()`` says a kill came while preparing. Raises ConflictError for
+    a published port that is taken."""
+    from microagent.guest import agent_binary
+    from microagent.initramfs import build_boot_initramfs
+    from microagent.kernels import default_kernel
+    from microagent.network import check_ports_free
+
+    files = layout.run_files(workspace.name)
+    kernel = default_kernel(layout, install_if_missing=False)
+    recovery = root_needs_recovery(workspace.rootfs)
+    # at every boot: a restart finds a port taken while the guest was down
+    check_ports_free(workspace.ports)
+    build_boot_initramfs(kernel, agent_binary(), files.initramfs)
+    # bundles are rebuilt at every boot: writes in a rw bundle do not persist
+    attached = prepare_boot_disks(layout, files, workspace.disks)
+    plan = QemuBackend().plan(launch_spec(workspace, files, kernel, accel, tsc_khz, attached))
+    if cancelled():
+        return None
+    for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
+                        *([plan.out_socket] if plan.out_socket else [])):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(files.dir / socket_name)
+    parent = os.getpid()
+    with open(files.vmm_log, "ab") as vmm_log:
+        vmm_log_start = vmm_log.tell()
+        process = subprocess.Popen(
+            plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
+            stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
+            start_new_session=True)
+    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start)
+
+
+def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
+                tsc_khz: int | None, attached: BootDisks) -> LaunchSpec:
+    image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz
+    return LaunchSpec(
+        name=workspace.name, memory_mib=workspace.resources.memory_mib,
+        cpus=workspace.resources.cpus, kernel=image, initramfs=files.initramfs,
+        cmdline=guest_cmdline(hostname=workspace.hostname, network=workspace.network,
+                              accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
+        disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
+        network=workspace.network, accel=accel.accel,
+        ports=tuple(PortSpec(p.host_ip, p.host_port, p.guest_port) for p in workspace.ports),
+    )
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the VMM child before exec: die with the supervisor (SIGKILL on its death)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
