@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -237,8 +238,7 @@ class Supervisor:
         deadline = time.monotonic() + self.boot_timeout
         self.channel = AgentChannel()
         await self.channel.connect(agent_socket, deadline)
-        with contextlib.suppress(Exception):
-            self.qmp = await QmpClient.connect(qmp_socket)
+        self.qmp = await _connect_qmp(qmp_socket, deadline)
         self.channel_task = asyncio.create_task(self.channel.serve())
         hello = await self.channel.handshake()
         self.status["agent"] = hello.get("software", "")
@@ -584,6 +584,22 @@ class Supervisor:
     def _should_restart(self, outcome: Outcome) -> bool:
         policy = self.workspace.restart
         return policy == "always" or (policy == "on-failure" and outcome.state == "failed")
+
+
+async def _connect_qmp(path: str, deadline: float) -> QmpClient | None:
+    """QMP (shutdown reasons, quarantine, power button), retried while its socket is not
+    there yet. Without it the boot goes on; why is in the supervisor's log."""
+    while True:
+        try:
+            return await QmpClient.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            if time.monotonic() > deadline:
+                print(f"microagent supervisor: no QMP: {e}", file=sys.stderr, flush=True)
+                return None
+            await asyncio.sleep(0.05)
+        except Exception as e:
+            print(f"microagent supervisor: no QMP: {e!r}", file=sys.stderr, flush=True)
+            return None
 
 
 async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
