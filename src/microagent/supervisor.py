@@ -76,6 +76,7 @@ class VmmProcess:
             return await asyncio.to_thread(self.popen.wait)
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[None] = loop.create_future()
+
         def readable() -> None:
             if not ended.done():
                 ended.set_result(None)
@@ -104,7 +105,7 @@ class Supervisor:
         self.name = name
         self.files = layout.run_files(name)
         self.boot_timeout = boot_timeout
-        self.first: FirstBoot | None = first
+        self.first = first  # what _supervise did before the event loop
         self.workspace: Workspace = first.workspace
         self.accel = first.accel
         self.intent: str | None = None
@@ -539,24 +540,24 @@ class Supervisor:
         server = await asyncio.start_unix_server(self.serve_client,
                                                  path=self.files.control_socket)
         failures = 0
-        assert self.first is not None
         holds = self.first.holds  # the volumes, held for the supervisor's life
+        launched, failure = self.first.launched, self.first.failure  # the first boot's
         try:
             if self.first.volumes_failed:
-                self.outcome = Outcome("failed", self.first.failure or "")
+                self.outcome = Outcome("failed", failure or "")
                 self._event("failed", self.outcome.detail)
                 return 1
             while True:
                 began = time.monotonic()
-                first, self.first = self.first, None
                 try:
-                    if first is not None and first.failure is not None:
-                        outcome = Outcome("failed", first.failure)
+                    if failure is not None:
+                        outcome = Outcome("failed", failure)
                     else:
-                        outcome = await self.boot_once(first.launched if first else None)
+                        outcome = await self.boot_once(launched)
                 except Exception as e:
                     await self._kill_vmm()
                     outcome = Outcome("failed", f"could not boot: {e}")
+                launched, failure = None, None  # restarts launch their own
                 if self.intent == "stop-failed":
                     outcome = Outcome("stopped", "the guest exited after a failed stop")
                 self.outcome = outcome

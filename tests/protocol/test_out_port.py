@@ -10,12 +10,13 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from microagent.agent import AgentClient, ExecRequest
 from microagent.protocol import FrameType, ProtocolError
-from tests.protocol.driver import AgentProcess, Session
+from tests.protocol.driver import AgentProcess, Session, StreamState
 
 PATH = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin",)
 NONCE = "0123456789abcdef" * 2
@@ -49,51 +50,47 @@ PREAMBLE = f"microagent-out {NONCE}\n".encode()
 END = f"\0microagent-end {NONCE}\n".encode()
 
 
-def test_stdout_goes_to_the_port_between_preamble_and_end(ported: AgentProcess) -> None:
+def run_on_port(ported: AgentProcess, argv: list[str],
+                **options: Any) -> tuple[Session, StreamState, bytes]:
+    """Run ``argv`` with its stdout on the port; the session, the stream's state and all
+    the port carried (read until a second passes with nothing more)."""
     session = Session(ported.sock)
     session.hello()
+    state = session.run(argv, stdout_port=NONCE, **options)
+    assert ported.out is not None
+    return session, state, read_port(ported.out, 1 << 16, timeout=1)
+
+
+def test_stdout_goes_to_the_port_between_preamble_and_end(ported: AgentProcess) -> None:
+    session, state, data = run_on_port(ported, ["sh", "-c",
+                                                "printf 'out\\n'; printf 'err\\n' >&2"])
     assert "stdout_port" in session.peer["features"]
-    state = session.run(["sh", "-c", "printf 'out\\n'; printf 'err\\n' >&2"],
-                        stdout_port=NONCE)
     assert state.started == {"pid": state.started["pid"], "stdout_port": True}
     assert state.exit is not None and state.exit["stdout_end"] is True
     assert state.stdout == b""  # no STDOUT frames: the bytes went to the port
     assert bytes(state.stderr) == b"err\n"
-    assert ported.out is not None
-    expected = PREAMBLE + b"out\n" + END
-    assert read_port(ported.out, len(expected) + 1, timeout=1) == expected
+    assert data == PREAMBLE + b"out\n" + END
 
 
 def test_the_process_writes_to_the_port_itself(ported: AgentProcess) -> None:
     """Its stdout is the port (here the socket), not a pipe the agent copies from."""
-    session = Session(ported.sock)
-    session.hello()
-    state = session.run(["sh", "-c", "readlink /proc/$$/fd/1"], stdout_port=NONCE)
+    _, state, data = run_on_port(ported, ["sh", "-c", "readlink /proc/$$/fd/1"])
     assert state.exit is not None and state.exit["exit_code"] == 0
-    assert ported.out is not None
-    data = read_port(ported.out, len(PREAMBLE) + len(END) + 64, timeout=1)
     assert data.startswith(PREAMBLE + b"socket:[") and data.endswith(b"]\n" + END)
 
 
 def test_no_output_is_the_preamble_and_the_end(ported: AgentProcess) -> None:
-    session = Session(ported.sock)
-    session.hello()
-    state = session.run(["true"], stdout_port=NONCE)
+    _, state, data = run_on_port(ported, ["true"])
     assert state.exit is not None and state.exit["stdout_end"] is True
-    assert ported.out is not None
-    assert read_port(ported.out, len(PREAMBLE + END) + 1, timeout=1) == PREAMBLE + END
+    assert data == PREAMBLE + END
 
 
 def test_a_timeout_still_ends_the_port(ported: AgentProcess) -> None:
-    session = Session(ported.sock)
-    session.hello()
-    state = session.run(["sh", "-c", "echo before; exec sleep 30"], stdout_port=NONCE,
-                        timeout_ms=300)
+    _, state, data = run_on_port(ported, ["sh", "-c", "echo before; exec sleep 30"],
+                                 timeout_ms=300)
     assert state.exit is not None and state.exit["timed_out"] is True
     assert state.exit["stdout_end"] is True
-    assert ported.out is not None
-    expected = PREAMBLE + b"before\n" + END
-    assert read_port(ported.out, len(expected) + 1, timeout=1) == expected
+    assert data == PREAMBLE + b"before\n" + END
 
 
 def test_one_exec_at_a_time_and_never_with_a_tty(ported: AgentProcess) -> None:
@@ -132,6 +129,19 @@ def test_cancel_frees_the_port(ported: AgentProcess) -> None:
     # nobody reads the old bytes; the next exec gets the port and its own preamble
     state = session.run(["echo", "next"], stdout_port="a" * 32)
     assert state.started is not None and state.started["stdout_port"] is True
+
+
+def test_cancel_ends_the_exec_with_the_port_full(ported: AgentProcess) -> None:
+    """Nobody reads the port: after CANCEL the agent does not wait for room for the end
+    marker, EXIT comes at once and says there is none."""
+    session = Session(ported.sock)
+    session.hello()
+    endless = session.exec(["cat", "/dev/zero"], stdout_port=NONCE)
+    session.pump_until(lambda: endless.started is not None, what="STARTED")
+    time.sleep(0.5)  # the socket between agent and host is full: cat is blocked
+    session.send_json(FrameType.CANCEL, endless.id, {})
+    session.wait(endless, timeout=5)
+    assert endless.exit is not None and endless.exit["stdout_end"] is False
 
 
 def test_the_client_skips_what_an_earlier_exec_left(ported: AgentProcess) -> None:

@@ -54,7 +54,7 @@ enum port_state {
     PORT_NONE,    /* stdout is a pipe (or the pty) */
     PORT_LENT,    /* the process has it */
     PORT_MARKING, /* taken back: the end marker is being written */
-    PORT_DONE,    /* the marker is written, or could not be (end_marked says which) */
+    PORT_DONE,    /* the marker is written (marker_sent == marker_len), or cannot be */
 };
 
 enum { TAG_STATUS, TAG_OUT, TAG_ERR, TAG_IN, TAG_PORT };
@@ -86,7 +86,6 @@ struct exec {
     enum port_state port;
     char marker[64]; /* "\0microagent-end NONCE\n", written once the process let go */
     size_t marker_len, marker_sent;
-    int end_marked;
     int marker_wait;         /* the port is full: wait for POLLOUT */
     long long port_retry_at; /* a process still has the port: look again then */
     long long port_retry_ms;
@@ -122,13 +121,14 @@ static int finish_port(struct stream *s)
         /* A process left in the background has it: wait, as for a pipe's EOF. Killed
          * (timeout, CANCEL): only while the SIGKILL takes effect (2+4+...+64 ms). */
         if (taken == 0 && (!e->killed || e->port_retry_ms < PORT_RETRY_MAX_MS)) {
-            e->port_retry_ms = e->port_retry_ms == 0 ? PORT_RETRY_MS
-                               : e->port_retry_ms * 2 > PORT_RETRY_MAX_MS ? PORT_RETRY_MAX_MS
-                               : e->port_retry_ms * 2;
+            e->port_retry_ms = e->port_retry_ms == 0 ? PORT_RETRY_MS : 2 * e->port_retry_ms;
+            if (e->port_retry_ms > PORT_RETRY_MAX_MS)
+                e->port_retry_ms = PORT_RETRY_MAX_MS;
             e->port_retry_at = monotonic_ms() + e->port_retry_ms;
             return 0;
         }
-        e->port = taken == 1 ? PORT_MARKING : PORT_DONE;
+        /* after CANCEL nobody waits for the marker: it would wait for a reader */
+        e->port = taken == 1 && !e->cancelled ? PORT_MARKING : PORT_DONE;
     }
     int fd = outport_fd();
     while (e->port == PORT_MARKING && e->marker_sent < e->marker_len) {
@@ -149,8 +149,6 @@ static int finish_port(struct stream *s)
         log_error(errno, "exec stream %u: output port", s->id);
         break;
     }
-    if (e->port == PORT_MARKING)
-        e->end_marked = e->marker_sent == e->marker_len;
     e->port = PORT_DONE;
     outport_release(s->id);
     return 1;
@@ -187,7 +185,7 @@ static void send_exit(struct stream *s)
     json_write_bool(&w, e->timed_out);
     if (e->port != PORT_NONE) {
         json_key(&w, "stdout_end");
-        json_write_bool(&w, e->end_marked);
+        json_write_bool(&w, e->marker_sent == e->marker_len);
     }
     json_object_end(&w);
     ssize_t n = json_writer_finish(&w);

@@ -9,7 +9,7 @@
 
 #define OUT_PORT_NAME "microagent-out"
 /* The hex nonce the host chooses per exec. The port's bytes for that exec are
- * "microagent-out NONCE\n", the output, then "microagent-end NONCE\n": the host skips
+ * "microagent-out NONCE\n", the output, then "\0microagent-end NONCE\n": the host skips
  * anything before its preamble (left from an earlier exec that was cut off) and knows
  * the end without a count the agent could not keep. */
 #define OUT_NONCE_LEN 32
