@@ -9,6 +9,7 @@ The CLI turns these into text or ``--json`` in one place::
     ├── UsageError                  exit 2   "usage"        bad names, references, flags
     ├── NotFoundError               exit 1   "not-found"    unknown image, workspace, blob
     ├── ConflictError               exit 1   "conflict"     exists already, wrong state
+    │   └── PausedError             exit 1   "conflict"     the VM is paused (also for exec)
     ├── RetryableError              exit 75  "retryable"
     │   ├── BusyError               exit 75  "busy"         a lock is held by another command
     │   ├── UnreachableError        exit 75  "unreachable"  registry down, network failure
@@ -20,15 +21,25 @@ The CLI turns these into text or ``--json`` in one place::
     ├── UnsafeImageError            exit 1   "unsafe-image" a layer entry escapes the tree
     ├── DiskTooSmallError           exit 1   "disk-too-small"
     ├── HostError                   exit 1   "host"         a host tool or file system failed
+    ├── UnresponsiveError           exit 1   "unresponsive" the guest or supervisor did not answer
     ├── StartError                  exit 1   "start-failed" a boot failed (lifecycle.py)
     ├── SetupFailedError            exit N   "setup-failed" a --setup command's code (provision.py)
     ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
     ├── AgentFileError              exit 1   "guest-file"   get/put refused by the agent (agent.py)
     ├── ProtocolError               exit 1   "protocol"     a malformed frame (protocol.py)
     └── QmpError                    exit 1   "vmm"          QEMU's monitor failed (backends/qmp.py)
+
+``exec`` and ``run`` return 125 for every error but a usage error and PausedError (CLI.md).
+A signal that ends a command is not an error: :class:`Interrupted` (a KeyboardInterrupt)
+exits 128+N, as a shell reports a process killed by signal N.
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from types import FrameType
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -70,6 +81,16 @@ class ConflictError(MicroagentError):
     """The thing exists already, or is in a state that refuses the verb."""
 
     kind = "conflict"
+
+
+class PausedError(ConflictError):
+    """The workspace's VM is paused (e.g. its host disk is full): exec, cp and console
+    input wait for ``resume``. Exit 1 also for exec and run (CLI.md, "Memory state")."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"workspace {name} is paused: {reason}; resume it first",
+                         hint=f"microagent resume {name}")
+        self.reason = reason
 
 
 class RetryableError(MicroagentError):
@@ -125,3 +146,36 @@ class HostError(MicroagentError):
     """A host tool or the host file system failed."""
 
     kind = "host"
+
+
+class UnresponsiveError(MicroagentError):
+    """A bounded wait for the guest or the supervisor passed without an answer (a frozen
+    or hung VM, a stopped process)."""
+
+    kind = "unresponsive"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal ended the command; the CLI exits 128 + ``signum``."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"interrupted ({signal.Signals(signum).name})")
+        self.signum = signum
+        self.message = message or f"interrupted ({signal.Signals(signum).name})"
+
+
+@contextlib.contextmanager
+def signals_interrupt(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)
+                      ) -> Iterator[None]:
+    """Within the block, ``signals`` raise :class:`Interrupted` as Ctrl-C raises
+    KeyboardInterrupt, so that ``finally`` clauses (a raw terminal, a partial file) run
+    and the exit code says which signal it was."""
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from microagent.attachments import BootDisks, prepare_boot_disks
 from microagent.backends.base import (
@@ -51,6 +52,7 @@ class Launched:
     recovery: bool  # the root disk's journal needed replaying (the last VM was killed)
     started: float  # time.monotonic() at the launch
     vmm_log_start: int  # where this boot's lines begin in the VMM's log
+    disks: tuple[Path, ...] = ()  # the images, in QEMU's drive order (disk0, disk1...)
 
 
 @dataclass
@@ -146,7 +148,8 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     build_boot_initramfs(kernel, agent_binary(), files.initramfs)
     # bundles are rebuilt at every boot: writes in a rw bundle do not persist
     attached = prepare_boot_disks(layout, files, workspace.disks)
-    plan = QemuBackend().plan(launch_spec(workspace, files, kernel, accel, tsc_khz, attached))
+    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached)
+    plan = QemuBackend().plan(spec)
     if cancelled():
         return None
     for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
@@ -160,7 +163,8 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
             stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
             start_new_session=True)
-    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start)
+    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start,
+                    tuple(Path(disk.path) for disk in spec.disks))
 
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,

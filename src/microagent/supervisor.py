@@ -7,6 +7,12 @@ serial console into ``serial.log``, holds the agent channel, serves the control 
 lifecycle events, applies the restart policy and records the final state. Only the
 supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
 only when the supervisor is gone.
+
+SIGTERM, SIGINT and SIGHUP halt the workspace as ``halt`` does (the guest syncs and
+powers off, with the usual grace and fallbacks; the events say which signal), then the
+supervisor exits: process managers stop things with SIGTERM. A VM that QEMU pauses (its
+host disk is full) is ``paused`` with the reason (:class:`~microagent.vmm.PauseWatch`)
+until ``resume``; halt, stop and kill work from there.
 """
 
 from __future__ import annotations
@@ -16,19 +22,18 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from microagent.attachments import remove_bundle_disks
-from microagent.backends.qmp import QmpClient
+from microagent.backends.qmp import QmpClient, QmpError
 from microagent.channel import AgentChannel
 from microagent.console import ConsoleBroker, ConsoleCapture, Holder
-from microagent.errors import BusyError, ConflictError, MicroagentError
-from microagent.events import append_event, now_iso
+from microagent.errors import BusyError, ConflictError, MicroagentError, PausedError
+from microagent.events import EventLog, append_event, now_iso
 from microagent.launch import FirstBoot, Launched, launch_vmm
 from microagent.layout import StateLayout
 from microagent.network import port_failure
@@ -36,6 +41,7 @@ from microagent.protocol import FrameType
 from microagent.quarantine import sever_network
 from microagent.runtime import process_start_time
 from microagent.store import write_json_atomic
+from microagent.vmm import PauseWatch, VmmProcess, connect_qmp, process_stopped
 from microagent.workspaces import Workspace
 
 QUARANTINE_HINT = "halt, stop or kill it to end the quarantine"
@@ -45,6 +51,9 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
 CONSOLE_RECHECK_AFTER = 30.0  # status --json asks the shell again when older than this
+PING_TIMEOUT = 5.0  # status --json: a guest agent that does not answer is unresponsive
+RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
+HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -55,55 +64,15 @@ class Outcome:
     detail: str
 
 
-class VmmProcess:
-    """The VMM child, started outside the event loop (:mod:`microagent.launch`) and
-    awaited through a pidfd (a thread on kernels before 5.3)."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.returncode
-
-    async def wait(self) -> int:
-        if self.popen.returncode is not None:
-            return self.popen.returncode
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            return await asyncio.to_thread(self.popen.wait)
-        loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not ended.done():
-                ended.set_result(None)
-
-        loop.add_reader(pidfd, readable)
-        try:
-            await ended
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-        return self.popen.wait()
-
-    def kill(self) -> None:
-        self.popen.kill()
-
-    def send_signal(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-
 class Supervisor:
     """Boots one workspace and watches it until it is halted, stopped or killed."""
 
     def __init__(self, layout: StateLayout, name: str, boot_timeout: float,
-                 first: FirstBoot) -> None:
+                 first: FirstBoot, early_signals: list[int] | None = None) -> None:
         self.layout = layout
         self.name = name
         self.files = layout.run_files(name)
+        self.events = EventLog(layout.workspace_events(name))  # survives a full disk
         self.boot_timeout = boot_timeout
         self.first = first  # what _supervise did before the event loop
         self.workspace: Workspace = first.workspace
@@ -129,14 +98,28 @@ class Supervisor:
         self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
         self.out_socket: str | None = None  # the output port's socket, if the VMM has one
         self.out_lease: socket.socket | None = None  # lent to one client at a time
+        self.pause = PauseWatch()  # whether QEMU has stopped the vCPUs, and why
+        self.early_signals = early_signals if early_signals is not None else []
+        self.signalled: str | None = None  # "SIGTERM to the supervisor": halting for it
+        self.halt_cause = ""  # what asked for the halt, when not a `halt` command
+        self.wake = asyncio.Event()  # ends a restart's back-off early (kill, a signal)
+        self.tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget, kept referenced
 
     # --- status -----------------------------------------------------------------------
 
     def _event(self, state: str, detail: str = "") -> None:
-        append_event(self.layout.workspace_events(self.name), state, detail)
+        self.events.append(state, detail)
 
     def _save_status(self) -> None:
-        write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
+        # a full disk: the next save writes it whole; `status` asks the supervisor anyway
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
+        self.events.flush()  # what a full disk held back, now that it may take it
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _ready(self, signal_name: str, ok: bool, detail: str) -> None:
         self.status.setdefault("readiness", {})[signal_name] = {"ok": ok, "detail": detail}
@@ -159,6 +142,7 @@ class Supervisor:
         plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
         started, vmm_log_start = launched.started, launched.vmm_log_start
         self.vmm = VmmProcess(launched.process)
+        self.pause = PauseWatch(launched.disks)
         self.guest_fatal = None
         self.intent, self.outcome = None, None
         self.exited.clear()
@@ -187,6 +171,8 @@ class Supervisor:
                         "was not clean)" if recovery else "")
                 self._event("running", f"ready in {self.status['ready_seconds']:.1f}s "
                                        f"({self.accel.accel}){note}")
+                if self.signalled is not None and self.intent is None:
+                    self._spawn(self._halt({"cause": self.signalled}))  # came while booting
                 await waiter
                 return self._classify()
             if waiter in done and self.intent == "kill":
@@ -200,6 +186,8 @@ class Supervisor:
                 return Outcome("failed", fatal or f"the VM exited during boot "
                                                   f"(status {self.vmm.returncode})" + said)
             reason = (f"the guest agent failed: {ready.exception()}" if ready in done
+                      else f"the VM was paused while booting: {self.pause.reason}"
+                      if self.pause.paused
                       else f"the guest did not become ready within {self.boot_timeout:.0f}s")
             await self._kill_vmm()
             await waiter
@@ -239,14 +227,14 @@ class Supervisor:
         deadline = time.monotonic() + self.boot_timeout
         self.channel = AgentChannel()
         await self.channel.connect(agent_socket, deadline)
-        self.qmp = await _connect_qmp(qmp_socket, deadline)
+        self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
         self.channel_task = asyncio.create_task(self.channel.serve())
         hello = await self.channel.handshake()
         self.status["agent"] = hello.get("software", "")
         self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
         await asyncio.gather(self.probe_exec(), self._probe_network())
 
-    async def probe_exec(self) -> bool:
+    async def probe_exec(self, timeout: float = 15) -> bool:
         """A no-op exec round trip; sets execReady."""
         if self.channel is None or self.channel.closed.is_set():
             self._ready("execReady", False, "no agent channel")
@@ -256,8 +244,12 @@ class Supervisor:
             frame, _ = await self.channel.request(
                 {"op": "exec", "argv": ["true"], "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
                  "cwd": "/", "user": "", "tty": None, "stdin": False, "timeout_ms": 10_000},
-                timeout=15)
-        except (TimeoutError, Exception) as e:
+                timeout=timeout)
+        except TimeoutError:
+            self._ready("execReady", False, f"a no-op exec got no answer within {timeout:g}s: "
+                                            "the guest is unresponsive")
+            return False
+        except Exception as e:
             self._ready("execReady", False, f"exec round trip failed: {e}")
             return False
         ms = (time.monotonic() - start) * 1000
@@ -310,7 +302,13 @@ class Supervisor:
         code = self.vmm.returncode if self.vmm is not None else None
         reason = self.qmp.shutdown_reason if self.qmp is not None else None
         if self.intent == "halt":
-            return Outcome("halted", "halted cleanly")
+            return Outcome("halted", "halted cleanly" + (f" ({self.halt_cause})"
+                                                         if self.halt_cause else ""))
+        if self.intent == "halt-timeout":
+            return Outcome("failed", "the guest did not halt in time; the VM was ended")
+        if self.intent == "halt-paused":
+            return Outcome("failed", f"the guest could not halt: {self.pause.reason}; the "
+                                     "VM was ended")
         if self.intent == "kill":
             return Outcome("stopped", "killed")
         if self.intent == "stop":
@@ -334,6 +332,10 @@ class Supervisor:
         try:
             request = json.loads(await reader.readline() or b"{}")
             verb = request.get("request")
+            if verb in ("channel", "console") and self.pause.paused:
+                await _answer(writer, error=f"paused: {self.pause.reason}", kind="paused",
+                              reason=self.pause.reason)
+                return
             if verb == "channel":
                 if self.quarantined:
                     await _answer(writer, error="quarantined: exec and cp are refused",
@@ -359,13 +361,16 @@ class Supervisor:
             handlers = {"status": self._status, "halt": self._halt, "stop": self._stop,
                         "kill": self._kill, "console-send": self._console_send,
                         "console-size": self._console_size,
-                        "quarantine": self._quarantine}
+                        "quarantine": self._quarantine, "resume": self._resume}
             handler = handlers.get(verb)
             if handler is None:
                 await _answer(writer, error=f"unknown request {verb!r}")
                 return
             try:
                 fields = await handler(request)
+            except PausedError as e:
+                await _answer(writer, error=e.message, kind="paused", reason=e.reason)
+                return
             except MicroagentError as e:
                 await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
                 return
@@ -400,18 +405,97 @@ class Supervisor:
             self.out_lease = None
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        # quarantined and paused: their readiness says why; a probe would not be answered
         if request.get("probe") and self.outcome is None and self.channel is not None \
-                and not self.quarantined:  # its readiness says "refused"; keep it
-            await self.probe_exec()
+                and not self.quarantined and not self.pause.paused \
+                and await self._probe_alive():
+            await self.probe_exec(timeout=10)
             stale = time.monotonic() - self.console_checked > CONSOLE_RECHECK_AFTER
             if self.console_shell and stale and (self.console_probe is None
                                                  or self.console_probe.done()):
                 await self._probe_console(5.0)
         return {"status": self.status}
 
+    async def _probe_alive(self) -> bool:
+        """A PING answered within PING_TIMEOUT; else execReady says why not."""
+        if self.channel is None or self.channel.closed.is_set() \
+                or await self.channel.ping(PING_TIMEOUT):
+            return True  # a closed channel: probe_exec says so
+        why = (f"the guest agent did not answer a ping within {PING_TIMEOUT:g}s: the guest "
+               "is unresponsive")
+        if self.vmm is not None and process_stopped(self.vmm.pid):
+            why += (f" (the VM process {self.vmm.pid} is stopped, e.g. by SIGSTOP: "
+                    f"`kill -CONT {self.vmm.pid}` lets it run)")
+        else:
+            why += " (hung, or too busy to answer)"
+        self._ready("execReady", False, why)
+        return False
+
+    # --- paused -----------------------------------------------------------------------
+
+    def _vmm_event(self, message: dict[str, Any]) -> None:
+        """A QMP event: the VM paused (e.g. host disk full) or resumed."""
+        change = self.pause.event(message)
+        if change is None or (self.qmp is not None and self.qmp.shutdown_reason):
+            return
+        quiet = self.intent is not None  # halt or stop resumes it on the way out
+        if change == "paused":
+            reason = str(self.pause.reason)
+            self.status["paused"] = {"reason": reason, "time": now_iso()}
+            self._ready("execReady", False, f"paused: {reason}")
+            if not quiet:
+                self._event("paused", reason)
+            return
+        self.status.pop("paused", None)
+        self._save_status()
+        if not quiet:
+            self._event("running", "resumed")
+        if not self.quarantined:
+            self._spawn(self.probe_exec())
+
+    async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``cont``: the vCPUs run again; QEMU retries the writes that failed."""
+        if not self.pause.paused or self.intent is not None or self.outcome is not None:
+            raise ConflictError("the workspace is not paused")
+        if not await self._unpause():
+            raise ConflictError(f"it paused again at once: {self.pause.reason}",
+                                hint="make room there, then resume it again")
+        return {"state": "running"}
+
+    async def _unpause(self) -> bool:
+        """``cont``, then whether it stays running (a disk still full stops it again)."""
+        before = self.pause.pauses
+        await self._cont()
+        await asyncio.sleep(RESUME_SETTLE)
+        return not (self.pause.paused and self.pause.pauses > before)
+
+    async def _cont(self) -> None:
+        if self.qmp is None:
+            raise MicroagentError("the VM cannot be resumed: there is no QEMU monitor",
+                                  hint=f"microagent kill {self.name}")
+        try:
+            await self.qmp.execute("cont")
+        except (QmpError, TimeoutError, ConnectionError) as e:
+            raise MicroagentError(f"QEMU did not resume the VM: {e}") from e
+
+    async def _until_exit(self, timeout: float) -> str:
+        """``exited``, ``paused`` (again, e.g. the disk is still full) or ``timeout``."""
+        pauses = self.pause.pauses
+        deadline = time.monotonic() + timeout
+        while not self.exited.is_set():
+            if self.pause.paused and self.pause.pauses > pauses:
+                return "paused"
+            if time.monotonic() > deadline:
+                return "timeout"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), 0.1)
+        return "exited"
+
     # --- the console ------------------------------------------------------------------
 
     def _console_refusal(self) -> str | None:
+        if self.pause.paused:
+            raise PausedError(self.name, str(self.pause.reason))
         if self.quarantined:
             return "quarantined: console input is refused"
         if self.console is None or self.console.closed.is_set():
@@ -468,22 +552,45 @@ class Supervisor:
         return {"applied": frame.type == FrameType.EXIT}
 
     async def _halt(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The clean shutdown (``halt``, or a signal to the supervisor: ``cause``).
+
+        A paused guest must run to sync and power off: it is resumed first. If it pauses
+        again at once (its disk is still full), ``halt`` is refused and the VM stays
+        paused, its unsynced writes kept; a signal ends it anyway (the supervisor must
+        exit), and the workspace is ``failed``."""
+        cause = str(request.get("cause") or "")
+        if self.pause.paused and not cause:
+            try:
+                resumed = await self._unpause()
+            except MicroagentError:
+                resumed = False
+            if not resumed:
+                raise ConflictError(
+                    f"it cannot halt cleanly while paused: {self.pause.reason}",
+                    hint=f"make room there and halt it again; `microagent kill "
+                         f"{self.name}` ends it now (its unsynced writes are lost)")
         self.intent = "halt"
-        self._event("halting", "halt requested")
+        self.halt_cause = cause
+        self._event("halting", f"{cause}: halting" if cause else "halt requested")
         grace = int(request.get("grace_ms", HALT_GRACE_MS))
+        if self.pause.paused:
+            with contextlib.suppress(MicroagentError):
+                await self._cont()
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.send_only({"op": "shutdown", "grace_ms": grace, "mode": "poweroff"})
-        try:
-            await asyncio.wait_for(self.exited.wait(), grace / 1000 + 20)
-        except TimeoutError:
-            self.intent = "halt-timeout"
+        ended = await self._until_exit(grace / 1000 + 20)
+        if ended != "exited":  # paused again (disk still full) or no answer: end it
+            self.intent = "halt-paused" if ended == "paused" else "halt-timeout"
             await self._kill_vmm()
             await self.exited.wait()
-            return {"state": "failed", "detail": "the guest did not halt in time; VM ended"}
+            return {"state": "failed", "detail": self._classify().detail}
         return {"state": "halted"}
 
     async def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
         self.intent = "stop"
+        if self.pause.paused:
+            with contextlib.suppress(MicroagentError):
+                await self._cont()
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.send_only({"op": "shutdown", "grace_ms": int(STOP_WAIT * 800),
                                     "mode": "poweroff"})
@@ -503,6 +610,8 @@ class Supervisor:
         """Sever the network, then refuse exec, cp and console input (see quarantine.py)."""
         if self.quarantined:
             raise ConflictError("the workspace is already quarantined", hint=QUARANTINE_HINT)
+        if self.pause.paused:
+            raise PausedError(self.name, str(self.pause.reason))
         if self.intent is not None or self.vmm is None or self.vmm.returncode is not None \
                 or self.channel is None or self.channel.hello is None:
             raise ConflictError("the workspace is not running")
@@ -529,6 +638,7 @@ class Supervisor:
         # boot, launching QEMU, a restart's back-off), no VMM is left behind
         self.intent = "kill"
         self.ending = True
+        self.wake.set()
         await self._kill_vmm()
         await self.finished.wait()
         return {"state": "stopped"}
@@ -539,6 +649,11 @@ class Supervisor:
         """Boot, apply the restart policy, record the final state."""
         server = await asyncio.start_unix_server(self.serve_client,
                                                  path=self.files.control_socket)
+        loop = asyncio.get_running_loop()
+        for halt_signal in HALT_SIGNALS:
+            loop.add_signal_handler(halt_signal, self._on_signal, int(halt_signal))
+        for early in self.early_signals:  # came before the loop (see _supervise)
+            self._on_signal(early)
         failures = 0
         holds = self.first.holds  # the volumes, held for the supervisor's life
         launched, failure = self.first.launched, self.first.failure  # the first boot's
@@ -562,7 +677,7 @@ class Supervisor:
                     outcome = Outcome("stopped", "the guest exited after a failed stop")
                 self.outcome = outcome
                 self._event(outcome.state, outcome.detail)
-                if self.intent is not None or self.quarantined \
+                if self.intent is not None or self.quarantined or self.ending \
                         or not self._should_restart(outcome):
                     return 0 if outcome.state != "failed" else 1
                 failures = 0 if time.monotonic() - began > STABLE_AFTER else failures + 1
@@ -570,7 +685,14 @@ class Supervisor:
                 self.status["restarts"] += 1
                 self._event("starting", f"restart {self.status['restarts']} "
                                         f"(policy {self.workspace.restart}) after {delay:.0f}s")
-                await asyncio.sleep(delay)
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                if self.signalled is not None:  # no VM to halt: end here
+                    self.outcome = Outcome("stopped", f"{self.signalled} during the "
+                                                      "restart's back-off; not restarted")
+                    self._event(self.outcome.state, self.outcome.detail)
+                    return 0
         finally:
             await self._kill_vmm()
             if self.vmm is not None and self.vmm.returncode is None:
@@ -582,25 +704,25 @@ class Supervisor:
             holds.close()
             remove_bundle_disks(self.files, self.workspace.disks)
 
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM, SIGINT, SIGHUP: halt as ``halt`` does, then end (``run`` returns once
+        the VM is down). A second signal changes nothing: the halt has its own bounds."""
+        if self.signalled is not None or self.finished.is_set():
+            return
+        self.signalled = f"{signal.Signals(signum).name} to the supervisor"
+        self.ending = True  # boot nothing more
+        self.wake.set()
+        ready = self.channel is not None and self.channel.hello is not None \
+            and "ready_seconds" in self.status
+        if self.vmm is not None and self.vmm.returncode is None and ready \
+                and self.intent in (None, "stop-failed"):
+            self._spawn(self._halt({"cause": self.signalled}))
+        # else: booting (boot_once halts once the guest is ready, or the boot fails), or
+        # between boots (run ends), or a halt, stop or kill is under way already
+
     def _should_restart(self, outcome: Outcome) -> bool:
         policy = self.workspace.restart
         return policy == "always" or (policy == "on-failure" and outcome.state == "failed")
-
-
-async def _connect_qmp(path: str, deadline: float) -> QmpClient | None:
-    """QMP (shutdown reasons, quarantine, power button), retried while its socket is not
-    there yet. Without it the boot goes on; why is in the supervisor's log."""
-    while True:
-        try:
-            return await QmpClient.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            if time.monotonic() > deadline:
-                print(f"microagent supervisor: no QMP: {e}", file=sys.stderr, flush=True)
-                return None
-            await asyncio.sleep(0.05)
-        except Exception as e:
-            print(f"microagent supervisor: no QMP: {e!r}", file=sys.stderr, flush=True)
-            return None
 
 
 async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
@@ -631,11 +753,12 @@ def _answer_line(error: str | None = None, kind: str = "supervisor", hint: str =
 
 
 def run_supervisor(layout: StateLayout, name: str, boot_timeout: float,
-                   first: FirstBoot) -> int:
+                   first: FirstBoot, early_signals: list[int] | None = None) -> int:
     """The supervisor's work once ``_supervise`` has the lock and launched the first
-    boot (``first``). Never returns while the workspace runs."""
+    boot (``first``); ``early_signals`` were received before (they halt it at once).
+    Never returns while the workspace runs."""
     files = layout.run_files(name)
-    supervisor = Supervisor(layout, name, boot_timeout, first)
+    supervisor = Supervisor(layout, name, boot_timeout, first, early_signals)
     try:
         return asyncio.run(supervisor.run())
     except BaseException as e:

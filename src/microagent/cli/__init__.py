@@ -24,7 +24,9 @@ from microagent.errors import (
     EXIT_EXEC_FAILED,
     EXIT_FAILURE,
     EXIT_OK,
+    Interrupted,
     MicroagentError,
+    PausedError,
     UsageError,
 )
 
@@ -84,9 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         report(out, e)
-        if _is_exec(raw) and not isinstance(e, UsageError):
+        if _is_exec(raw) and not isinstance(e, UsageError | PausedError):
             return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
         return e.exit_code
+    except Interrupted as e:  # SIGTERM, SIGHUP, or a forwarded signal the guest ignored
+        sys.stderr.write(f"microagent: {e.message}\n")
+        return 128 + e.signum
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

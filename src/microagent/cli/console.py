@@ -14,10 +14,15 @@ from microagent.cli.output import (
     text_field,
     workspace_name,
 )
-from microagent.errors import EXIT_OK, UsageError
+from microagent.errors import EXIT_OK, UsageError, signals_interrupt
 
 
 def cmd_connect(args: argparse.Namespace, out: Output) -> int:
+    with signals_interrupt():  # SIGTERM, SIGHUP: the terminal restored, exit 143, 129
+        return _connect(args, out)
+
+
+def _connect(args: argparse.Namespace, out: Output) -> int:
     from microagent.connect import DEFAULT_SEND_TIMEOUT, attach_console, send_line
 
     name = workspace_name(args)

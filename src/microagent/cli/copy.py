@@ -6,13 +6,14 @@ import argparse
 import sys
 
 from microagent.cli.output import Output, Verbs, add_verb, layout_of
-from microagent.errors import EXIT_OK
+from microagent.errors import EXIT_OK, signals_interrupt
 
 
 def cmd_cp(args: argparse.Namespace, out: Output) -> int:
     from microagent.copy import copy
 
-    result = copy(layout_of(args), args.source, args.destination)
+    with signals_interrupt():  # SIGTERM and SIGHUP end it as Ctrl-C does: 143, 129
+        result = copy(layout_of(args), args.source, args.destination)
     for skipped in result.skipped:
         sys.stderr.write(f"microagent: skipped {skipped} (devices and sockets are not "
                          "copied)\n")
