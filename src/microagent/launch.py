@@ -167,6 +167,18 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
                     tuple(Path(disk.path) for disk in spec.disks))
 
 
+def vmm_said(vmm_log: Path, offset: int) -> str:
+    """The VMM's own last words of one boot, from ``offset`` in its log (e.g. QEMU
+    refusing a locked image); "" when it said nothing."""
+    try:
+        with open(vmm_log, "rb") as f:
+            f.seek(offset)
+            lines = f.read(65536).decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return (": " + " ".join(line.strip() for line in lines[-2:])) if lines else ""
+
+
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
                 tsc_khz: int | None, attached: BootDisks) -> LaunchSpec:
     image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz

@@ -2,8 +2,9 @@
 
 It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
 serial console into ``serial.log``, holds the agent channel, serves the control socket
-(status, halt, stop, kill, quarantine, relayed exec streams, console sessions through
-:class:`~microagent.console.ConsoleBroker`), computes readiness, appends the
+(:mod:`microagent.control_server`: status, halt, stop, kill, quarantine, resume, relayed
+exec streams, console sessions through :class:`~microagent.console.ConsoleBroker`),
+computes readiness, appends the
 lifecycle events, applies the restart policy and records the final state. Only the
 supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
 only when the supervisor is gone.
@@ -18,12 +19,9 @@ until ``resume``; halt, stop and kill work from there.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,27 +29,25 @@ from typing import Any
 from microagent.attachments import remove_bundle_disks
 from microagent.backends.qmp import QmpClient, QmpError
 from microagent.channel import AgentChannel
-from microagent.console import ConsoleBroker, ConsoleCapture, Holder
-from microagent.errors import BusyError, ConflictError, MicroagentError, PausedError
+from microagent.console import ConsoleBroker, ConsoleCapture
+from microagent.control_server import QUARANTINE_HINT, ControlServer
+from microagent.errors import ConflictError, MicroagentError, PausedError
 from microagent.events import EventLog, append_event, now_iso
-from microagent.launch import FirstBoot, Launched, launch_vmm
+from microagent.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.layout import StateLayout
 from microagent.network import port_failure
 from microagent.protocol import FrameType
 from microagent.quarantine import sever_network
 from microagent.runtime import process_start_time
 from microagent.store import write_json_atomic
-from microagent.vmm import PauseWatch, VmmProcess, connect_qmp, process_stopped
+from microagent.vmm import PauseWatch, VmmProcess, connect_qmp
 from microagent.workspaces import Workspace
 
-QUARANTINE_HINT = "halt, stop or kill it to end the quarantine"
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
-CONSOLE_RECHECK_AFTER = 30.0  # status --json asks the shell again when older than this
-PING_TIMEOUT = 5.0  # status --json: a guest agent that does not answer is unresponsive
 RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
 HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -97,7 +93,7 @@ class Supervisor:
         self.quarantined = False  # see microagent.quarantine; ends with the VM
         self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
         self.out_socket: str | None = None  # the output port's socket, if the VMM has one
-        self.out_lease: socket.socket | None = None  # lent to one client at a time
+        self.control = ControlServer(self)
         self.pause = PauseWatch()  # whether QEMU has stopped the vCPUs, and why
         self.early_signals = early_signals if early_signals is not None else []
         self.signalled: str | None = None  # "SIGTERM to the supervisor": halting for it
@@ -179,7 +175,7 @@ class Supervisor:
                 return Outcome("stopped", "killed")
             if waiter in done:
                 fatal = await self._guest_fatal()  # e.g. a disk that cannot be mounted
-                said = self._vmm_said(vmm_log_start)
+                said = vmm_said(self.files.vmm_log, vmm_log_start)
                 taken = port_failure(said)  # a --publish port taken since the check
                 if taken is not None:
                     return Outcome("failed", taken.message)
@@ -200,16 +196,6 @@ class Supervisor:
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
-
-    def _vmm_said(self, offset: int) -> str:
-        """The VMM's own last words of this boot (e.g. QEMU refusing a locked image)."""
-        try:
-            with open(self.files.vmm_log, "rb") as f:
-                f.seek(offset)
-                lines = f.read(65536).decode(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return (": " + " ".join(line.strip() for line in lines[-2:])) if lines else ""
 
     async def _guest_fatal(self) -> str | None:
         """The agent's ``fatal:`` console line of this boot, once the console is drained."""
@@ -324,112 +310,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 self.vmm.kill()
 
-    # --- control socket ---------------------------------------------------------------
-
     async def serve_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
-        """One control connection: a JSON line request, a JSON line answer (or a relay)."""
-        try:
-            request = json.loads(await reader.readline() or b"{}")
-            verb = request.get("request")
-            if verb in ("channel", "console") and self.pause.paused:
-                await _answer(writer, error=f"paused: {self.pause.reason}", kind="paused",
-                              reason=self.pause.reason)
-                return
-            if verb == "channel":
-                if self.quarantined:
-                    await _answer(writer, error="quarantined: exec and cp are refused",
-                                  kind="conflict", hint=QUARANTINE_HINT)
-                    return
-                if self.channel is None or self.channel.hello is None:
-                    await _answer(writer, error="the guest agent is not ready yet")
-                    return
-                lease = self._lend_out_port() if request.get("stdout_port") else None
-                try:
-                    # no drain: relay() reads from here on
-                    _send_answer(writer, _answer_line(), lease)
-                    self.sessions.add(writer)
-                    await self.channel.relay(writer.transport)  # type: ignore[arg-type]
-                finally:
-                    self.sessions.discard(writer)
-                    if lease is not None:
-                        self._end_out_port(lease)
-                return
-            if verb == "console":
-                await self._attach_console(request, reader, writer)
-                return
-            handlers = {"status": self._status, "halt": self._halt, "stop": self._stop,
-                        "kill": self._kill, "console-send": self._console_send,
-                        "console-size": self._console_size,
-                        "quarantine": self._quarantine, "resume": self._resume}
-            handler = handlers.get(verb)
-            if handler is None:
-                await _answer(writer, error=f"unknown request {verb!r}")
-                return
-            try:
-                fields = await handler(request)
-            except PausedError as e:
-                await _answer(writer, error=e.message, kind="paused", reason=e.reason)
-                return
-            except MicroagentError as e:
-                await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
-                return
-            await _answer(writer, **fields)
-        except (ConnectionError, ValueError):
-            pass
-        finally:
-            writer.close()
-
-    def _lend_out_port(self) -> socket.socket | None:
-        """A connection to the VM's output port for one client, if it is free
-        (docs/protocol.md, "The output port"); None otherwise."""
-        if self.out_lease is not None or self.out_socket is None:
-            return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(1.0)  # QEMU listens; a connection waits in its backlog at most
-            sock.connect(self.out_socket)  # relative: the supervisor runs in run/
-        except OSError:
-            sock.close()
-            return None
-        self.out_lease = sock
-        return sock
-
-    def _end_out_port(self, sock: socket.socket) -> None:
-        """Cut the lent connection (the client's copy too), so that the VMM sees the
-        port's host go and the next lease starts clean."""
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-        if self.out_lease is sock:
-            self.out_lease = None
-
-    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
-        # quarantined and paused: their readiness says why; a probe would not be answered
-        if request.get("probe") and self.outcome is None and self.channel is not None \
-                and not self.quarantined and not self.pause.paused \
-                and await self._probe_alive():
-            await self.probe_exec(timeout=10)
-            stale = time.monotonic() - self.console_checked > CONSOLE_RECHECK_AFTER
-            if self.console_shell and stale and (self.console_probe is None
-                                                 or self.console_probe.done()):
-                await self._probe_console(5.0)
-        return {"status": self.status}
-
-    async def _probe_alive(self) -> bool:
-        """A PING answered within PING_TIMEOUT; else execReady says why not."""
-        if self.channel is None or self.channel.closed.is_set() \
-                or await self.channel.ping(PING_TIMEOUT):
-            return True  # a closed channel: probe_exec says so
-        why = (f"the guest agent did not answer a ping within {PING_TIMEOUT:g}s: the guest "
-               "is unresponsive")
-        if self.vmm is not None and process_stopped(self.vmm.pid):
-            why += (f" (the VM process {self.vmm.pid} is stopped, e.g. by SIGSTOP: "
-                    f"`kill -CONT {self.vmm.pid}` lets it run)")
-        else:
-            why += " (hung, or too busy to answer)"
-        self._ready("execReady", False, why)
-        return False
+        """One control connection (:class:`~microagent.control_server.ControlServer`)."""
+        await self.control.serve(reader, writer)
 
     # --- paused -----------------------------------------------------------------------
 
@@ -490,66 +374,6 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.exited.wait(), 0.1)
         return "exited"
-
-    # --- the console ------------------------------------------------------------------
-
-    def _console_refusal(self) -> str | None:
-        if self.pause.paused:
-            raise PausedError(self.name, str(self.pause.reason))
-        if self.quarantined:
-            return "quarantined: console input is refused"
-        if self.console is None or self.console.closed.is_set():
-            return "the VM is not running"
-        if self.console_shell is False:
-            return "the console has no shell (the image has none)"
-        return None
-
-    async def _attach_console(self, request: dict[str, Any], reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-        """An interactive session: after the ``ok`` line, raw bytes both ways."""
-        refusal = self._console_refusal()
-        if refusal is not None:
-            await _answer(writer, error=refusal)
-            return
-        holder = Holder("interactive", int(request.get("pid") or 0), now_iso())
-
-        async def ready() -> None:
-            await _answer(writer)
-            if request.get("rows") and request.get("cols"):
-                await self._console_size(request)
-
-        self.sessions.add(writer)
-        try:
-            await self.broker.attach(reader, writer, holder, ready)
-        except BusyError as e:
-            await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
-        finally:
-            self.sessions.discard(writer)
-
-    async def _console_send(self, request: dict[str, Any]) -> dict[str, Any]:
-        refusal = self._console_refusal()
-        if refusal is not None:
-            raise ConflictError(refusal)
-        holder = Holder("send", int(request.get("pid") or 0), now_iso())
-        result = await self.broker.send_line(str(request["line"]),
-                                             float(request.get("wait") or 10), holder)
-        if not result.timed_out:
-            self.console_checked = time.monotonic()
-        return {"output": base64.b64encode(result.output).decode(),
-                "exit_code": result.exit_code, "timed_out": result.timed_out,
-                "incomplete": result.incomplete}
-
-    async def _console_size(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Tell the agent the console's size (the shell gets SIGWINCH)."""
-        if self.channel is None or self.channel.closed.is_set():
-            return {"applied": False}
-        operation = {"op": "console_size", "rows": int(request["rows"]),
-                     "cols": int(request["cols"])}
-        try:
-            frame, _ = await self.channel.request(operation, timeout=5)
-        except Exception:
-            return {"applied": False}
-        return {"applied": frame.type == FrameType.EXIT}
 
     async def _halt(self, request: dict[str, Any]) -> dict[str, Any]:
         """The clean shutdown (``halt``, or a signal to the supervisor: ``cause``).
@@ -723,33 +547,6 @@ class Supervisor:
     def _should_restart(self, outcome: Outcome) -> bool:
         policy = self.workspace.restart
         return policy == "always" or (policy == "on-failure" and outcome.state == "failed")
-
-
-async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
-                  kind: str = "supervisor", hint: str = "", **fields: Any) -> None:
-    writer.write(_answer_line(error, kind, hint, **fields))
-    await writer.drain()
-
-
-def _send_answer(writer: asyncio.StreamWriter, line: bytes, lent: socket.socket | None) -> None:
-    """Write the answer ``line``, with ``lent``'s descriptor attached when there is one."""
-    if lent is None:
-        writer.write(line)
-        return
-    transport_socket = writer.get_extra_info("socket")
-    # The dup shares the transport's open file, O_NONBLOCK included: its mode is left as
-    # it is (blocking it would block the event loop's later writes). A short first line
-    # on a fresh connection goes out at once.
-    with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
-        socket.send_fds(sock, [line], [lent.fileno()])
-
-
-def _answer_line(error: str | None = None, kind: str = "supervisor", hint: str = "",
-                 **fields: Any) -> bytes:
-    document = {"ok": error is None, **fields}
-    if error is not None:
-        document["error"] = {"kind": kind, "message": error, "hint": hint}
-    return json.dumps(document).encode() + b"\n"
 
 
 def run_supervisor(layout: StateLayout, name: str, boot_timeout: float,
