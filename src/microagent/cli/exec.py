@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from microagent.cli.output import Output, Parser, Verbs, add_verb, layout_of, text_field
-from microagent.errors import UsageError
+from microagent.errors import UsageError, signals_interrupt
 
 if TYPE_CHECKING:
     from microagent.agent import ExecResult
@@ -34,7 +34,8 @@ def cmd_exec(args: argparse.Namespace, out: Output) -> int:
                           user=args.user or "", interactive=args.interactive, tty=args.tty,
                           timeout=args.timeout or 0.0)
     stdout, stderr, captured = output_sinks(out)
-    result = run_exec(layout_of(args), args.name, options, stdout=stdout, stderr=stderr)
+    with signals_interrupt():  # until the command runs (then forwarded): 143, 129
+        result = run_exec(layout_of(args), args.name, options, stdout=stdout, stderr=stderr)
     return report_result(out, result, captured, args.timeout)
 
 
