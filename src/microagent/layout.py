@@ -9,8 +9,9 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
     kernels/<version>/          kernel bundles (vmlinuz, vmlinux, modules.cpio, kernel.json)
     kernels/default.json        which bundle is the default
     volumes/<name>.ext4         named volumes, with their records volumes/<name>.json
-    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log,
-                                supervisor.log, run/ (see RunFiles)
+    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log
+                                (+ .1), serial.previous.log (+ .1: the boot before the
+                                last), supervisor.log, run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
     tmp/                        staging; same file system, so renames are atomic
 """
