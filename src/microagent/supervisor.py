@@ -87,6 +87,7 @@ class Supervisor:
         self.guest_fatal: str | None = None  # the agent's "fatal:" line of this boot
         self.exited = asyncio.Event()
         self.ending = False  # kill was asked: boot nothing more, end the VMM if any
+        self.booted = False  # the current boot's guest is ready
         self.finished = asyncio.Event()  # the supervisor is winding down
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
@@ -141,6 +142,7 @@ class Supervisor:
         self.pause = PauseWatch(launched.disks)
         self.guest_fatal = None
         self.intent, self.outcome = None, None
+        self.booted = False
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
                            accel=self.accel.accel, accel_reason=self.accel.reason)
@@ -161,6 +163,7 @@ class Supervisor:
                                      return_when=asyncio.FIRST_COMPLETED)
         try:
             if ready in done and ready.exception() is None:
+                self.booted = True
                 self.status["ready_seconds"] = round(time.monotonic() - started, 3)
                 self._save_status()
                 note = ("; the root file system's journal was recovered (the last shutdown "
@@ -362,9 +365,9 @@ class Supervisor:
         except (QmpError, TimeoutError, ConnectionError) as e:
             raise MicroagentError(f"QEMU did not resume the VM: {e}") from e
 
-    async def _until_exit(self, timeout: float) -> str:
-        """``exited``, ``paused`` (again, e.g. the disk is still full) or ``timeout``."""
-        pauses = self.pause.pauses
+    async def _until_exit(self, timeout: float, pauses: int) -> str:
+        """``exited``, ``paused`` (again since the ``pauses``-th pause: the disk is still
+        full) or ``timeout``."""
         deadline = time.monotonic() + timeout
         while not self.exited.is_set():
             if self.pause.paused and self.pause.pauses > pauses:
@@ -397,12 +400,13 @@ class Supervisor:
         self.halt_cause = cause
         self._event("halting", f"{cause}: halting" if cause else "halt requested")
         grace = int(request.get("grace_ms", HALT_GRACE_MS))
+        pauses = self.pause.pauses
         if self.pause.paused:
             with contextlib.suppress(MicroagentError):
                 await self._cont()
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.send_only({"op": "shutdown", "grace_ms": grace, "mode": "poweroff"})
-        ended = await self._until_exit(grace / 1000 + 20)
+        ended = await self._until_exit(grace / 1000 + 20, pauses)
         if ended != "exited":  # paused again (disk still full) or no answer: end it
             self.intent = "halt-paused" if ended == "paused" else "halt-timeout"
             await self._kill_vmm()
@@ -536,9 +540,7 @@ class Supervisor:
         self.signalled = f"{signal.Signals(signum).name} to the supervisor"
         self.ending = True  # boot nothing more
         self.wake.set()
-        ready = self.channel is not None and self.channel.hello is not None \
-            and "ready_seconds" in self.status
-        if self.vmm is not None and self.vmm.returncode is None and ready \
+        if self.vmm is not None and self.vmm.returncode is None and self.booted \
                 and self.intent in (None, "stop-failed"):
             self._spawn(self._halt({"cause": self.signalled}))
         # else: booting (boot_once halts once the guest is ready, or the boot fails), or
