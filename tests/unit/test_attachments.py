@@ -92,6 +92,42 @@ def test_bad_flags(parser: object, value: str, words: str) -> None:
     assert words in f"{info.value.message} {info.value.hint}"
 
 
+@pytest.mark.parametrize(("parser", "value", "words"), [
+    (parse_volume, "data:/work:RO", "unknown mode 'RO'"),  # docker's modes are lowercase
+    (parse_volume, "data:/work:RW", "unknown mode 'RW'"),
+    (parse_volume, "data:/work:rox", "unknown mode 'rox'"),
+    (parse_volume, "data:/work:", "unknown mode ''"),
+    (parse_volume, "data:/a:b", "unknown mode 'b'"),
+    (parse_volume, "data:/a:/b", "contains ':'"),
+    (parse_volume, "data:/work:ro:rw", "contains ':'"),
+    (parse_disk, "img=/a.ext4:/work:RO", "unknown mode 'RO'"),
+    (parse_disk, "img=/a:b.ext4:/work:wr", "unknown mode 'wr'"),
+    (parse_disk, "img=/a.ext4:/work:", "unknown mode ''"),
+    (parse_bundle, "cfg=/a.tar:/config:Ro", "unknown mode 'Ro'"),
+    (parse_bundle, "cfg=/a.tar:/config:z", "unknown mode 'z'"),
+])
+def test_a_mode_is_ro_or_rw_and_a_destination_has_no_colon(parser: object, value: str,
+                                                            words: str) -> None:
+    """``--volume data:/work:RO`` used to mount read-write at ``/work:RO``."""
+    with pytest.raises(UsageError) as info:
+        parser(value)  # type: ignore[operator]
+    assert words in info.value.message
+    assert "ro or rw" in info.value.hint or "cannot contain ':'" in info.value.hint
+
+
+@pytest.mark.parametrize("flag", [["--volume", "data:/work:RO"],
+                                  ["--disk", "d=/nonexistent.ext4:/d:RO"],
+                                  ["--bundle", "b=/nonexistent.tar:/b:RW"]])
+def test_create_and_run_refuse_an_unknown_mode(state_dir: Path, flag: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--json", "create", "ws", "--image", "oci:/nonexistent", *flag],
+                 ["--json", "run", *flag, "oci:/nonexistent", "true"]):
+        assert main(argv) == 2
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert error["kind"] == "usage" and "unknown mode" in error["message"]
+    assert not state_dir.exists() or not any(state_dir.rglob("*.ext4"))
+
+
 def test_same_destination_or_volume_twice() -> None:
     with pytest.raises(UsageError, match="destination /work is used twice"):
         validate_attachments([parse_volume("a:/work"), parse_bundle("b=/t.tar:/work/")])
