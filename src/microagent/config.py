@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from microagent.errors import UsageError
 
@@ -80,6 +81,27 @@ def resolve_resources(
     if not 16 <= resources.disk_mib <= 16 * 1024 * 1024:
         raise UsageError(f"--size-mib {resources.disk_mib} is out of range (16..16777216 MiB)")
     return resources
+
+
+def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's total memory in MiB (``MemTotal``), or None when it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemTotal":
+                return int(value.split()[0]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_host(resources: Resources, host_mib: int | None = None) -> None:
+    """Refuse more guest memory than the host has: the guest kernel would map it all
+    (its page tables alone are ~1.5%), and QEMU would fail or the host swap."""
+    host_mib = host_memory_mib() if host_mib is None else host_mib
+    if host_mib is not None and resources.memory_mib > host_mib:
+        raise UsageError(f"--memory {resources.memory_mib} MiB is more than this host has "
+                         f"({host_mib} MiB)", hint="give less memory, or a smaller --profile")
 
 
 def validate_name(name: str, what: str = "workspace") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent.attachments import Attachment, validate_attachments
-from microagent.config import Resources, resolve_resources, validate_name
+from microagent.config import Resources, check_fits_host, resolve_resources, validate_name
 from microagent.errors import ConflictError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
@@ -106,6 +106,7 @@ class Workspace:
 def validate_spec(spec: WorkspaceSpec) -> None:
     """Refuse a bad spec before anything is written."""
     validate_name(spec.name)
+    check_fits_host(spec.resources)
     if spec.backend not in BACKENDS:
         raise UsageError(f"unknown or unavailable backend {spec.backend!r}",
                          hint=f"available: {', '.join(BACKENDS)}")

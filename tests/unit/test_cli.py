@@ -138,3 +138,85 @@ def test_exec_options_before_and_after_the_name(monkeypatch: pytest.MonkeyPatch)
     assert seen["options"].interactive  # type: ignore[attr-defined]
     assert main(["exec", "ws", "--", "sh", "-c", "--timeout"]) == 0
     assert seen["options"].argv == ("sh", "-c", "--timeout")  # type: ignore[attr-defined]
+
+
+# --- numeric flags: refused at parse time, exit 2, before anything is looked up ----------
+
+_BAD_SECONDS = ["-1", "nan", "inf", "-inf", "1e400", "1e10", "ten", ""]
+
+
+def _numeric_cases() -> list[tuple[str, list[str]]]:
+    cases: list[tuple[str, list[str]]] = []
+    for v in _BAD_SECONDS:
+        cases += [("--timeout", ["exec", "--timeout", v, "ws", "--", "true"]),
+                  ("--timeout", ["exec", "ws", "--timeout", v, "--", "true"]),
+                  ("--timeout", ["wait", "ws", "--timeout", v]),
+                  ("--timeout", ["run", "--timeout", v, "oci:/nonexistent", "true"])]
+    for v in [*_BAD_SECONDS, "0"]:  # a wait of 0 s for a boot or a console line: no use
+        cases += [("--timeout", ["start", "ws", "--timeout", v]),
+                  ("--timeout", ["connect", "ws", "--send", "true", "--timeout", v]),
+                  ("--start-timeout", ["run", "--start-timeout", v, "oci:/nonexistent", "true"])]
+    for flag in ("--memory", "--cpus", "--size-mib"):
+        for v in ("-1", "0", "nan", "1.5", "99999999999999999999"):
+            cases += [(flag, ["create", "ws", "--image", "oci:/nonexistent", flag, v]),
+                      (flag, ["run", flag, v, "oci:/nonexistent", "true"])]
+    cases.append(("--cpus", ["create", "ws", "--image", "oci:/nonexistent", "--cpus", "257"]))
+    for v in ("-1", "0", "nan", "1" + "0" * 20):
+        cases.append(("--size-mib", ["volume", "create", "v", "--size-mib", v]))
+    for v in ("-1", "nan", "1.5"):
+        cases.append(("--tail", ["logs", "ws", "--tail", v]))
+    return cases
+
+
+@pytest.mark.parametrize(("flag", "argv"), _numeric_cases())
+def test_numeric_flags_are_usage_errors(flag: str, argv: list[str], state_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``exec --timeout -1`` used to exit 126 with the agent's protocol text."""
+    assert main(["--json", *argv]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "usage", error
+    assert flag in error["message"], error
+    assert not any(p.suffix in (".ext4", ".json") for p in state_dir.rglob("*"))
+
+
+def test_more_memory_than_the_host_has_is_refused(state_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from microagent.config import host_memory_mib
+
+    host = host_memory_mib()
+    assert host is not None
+    assert main(["--json", "create", "ws", "--image", "oci:/nonexistent", "--memory",
+                 str(min(host + 1, 1024 * 1024))]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "more than this host has" in error["message"]
+    assert files_under(state_dir) == []
+
+
+@pytest.mark.parametrize(("value", "expected_ms"), [("0", 0), ("0.0001", 1), ("2.5", 2500)])
+def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept(
+        value: str, expected_ms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from microagent.execution import ExecOptions, build_request
+
+    seen: dict[str, object] = {}
+
+    def fake_run_exec(layout: object, name: str, options: ExecOptions, **_: object) -> object:
+        seen["options"] = options
+        from microagent.agent import ExecResult
+
+        return ExecResult(exit_code=0)
+
+    monkeypatch.setattr("microagent.execution.run_exec", fake_run_exec)
+    assert main(["exec", "ws", "--timeout", value, "--", "true"]) == 0
+    options = seen["options"]
+    assert isinstance(options, ExecOptions)
+
+    class Config:
+        env: tuple[str, ...] = ()
+        working_dir = user = ""
+
+    class Workspace:
+        image_config = Config()
+        env: tuple[str, ...] = ()
+
+    monkeypatch.setattr("microagent.execution.get_workspace", lambda *_: Workspace())
+    assert build_request(None, "ws", options, None).timeout_ms == expected_ms  # type: ignore[arg-type]

@@ -7,7 +7,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from microagent.cli.output import Output, Parser, Verbs, add_verb, layout_of, text_field
+from microagent.cli.output import (
+    Output,
+    Parser,
+    Verbs,
+    add_verb,
+    layout_of,
+    seconds,
+    text_field,
+)
 from microagent.errors import UsageError
 
 if TYPE_CHECKING:
@@ -81,7 +89,8 @@ def add_exec_options(parser: argparse.ArgumentParser, *, env: bool = True) -> No
     parser.add_argument("-u", "--user", metavar="USER", help="user name or UID[:GID]")
     parser.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
     parser.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    parser.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
+    parser.add_argument("--timeout", type=seconds, metavar="S",
+                        help="kill the command after S seconds (0: no limit, the default)")
 
 
 def register(verbs: Verbs) -> None:
