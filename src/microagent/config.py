@@ -1,12 +1,14 @@
 """Specs and validation: profiles, resources, workspace names.
 
 Profiles are the named resource sizes of CLI.md; ``--memory``, ``--cpus`` and
-``--size-mib`` override one value and keep the profile's name.
+``--size-mib`` override one value and keep the profile's name. ``--env``/``-e`` items
+(:func:`parse_env`) are resolved here too.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,26 @@ def resolve_resources(
     if not 16 <= resources.disk_mib <= 16 * 1024 * 1024:
         raise UsageError(f"--size-mib {resources.disk_mib} is out of range (16..16777216 MiB)")
     return resources
+
+
+def parse_env(items: Sequence[str], host_env: Mapping[str, str], flag: str) -> tuple[str, ...]:
+    """``NAME=VALUE`` items as given, and ``NAME`` alone as the host's value, as docker
+    does (dropped when the host has no such variable). ``''`` and ``=VALUE`` are usage
+    errors."""
+    resolved: list[str] = []
+    for item in items:
+        name, sep, _ = item.partition("=")
+        if not name:
+            raise UsageError(f"invalid {flag} {item!r}: no variable name",
+                             hint=f"use {flag} NAME=VALUE, or {flag} NAME to pass the "
+                             "host's value")
+        if "\0" in item:
+            raise UsageError(f"invalid {flag} {item!r}: a NUL byte")
+        if sep:
+            resolved.append(item)
+        elif name in host_env:
+            resolved.append(f"{name}={host_env[name]}")
+    return tuple(resolved)
 
 
 def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -220,3 +220,65 @@ def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept(
 
     monkeypatch.setattr("microagent.execution.get_workspace", lambda *_: Workspace())
     assert build_request(None, "ws", options, None).timeout_ms == expected_ms  # type: ignore[arg-type]
+
+
+# --- -e/--env NAME passes the host's value, as docker does -------------------------------
+
+
+def _capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Fakes of the three library calls behind exec, create and run, keeping what they
+    were asked (no VM here: what is checked is the CLI's resolution of the items)."""
+    seen: dict[str, object] = {}
+
+    def fake_run_exec(layout: object, name: str, options: object, **_: object) -> object:
+        from microagent.agent import ExecResult
+
+        seen["exec"] = options.env  # type: ignore[attr-defined]
+        return ExecResult(exit_code=0)
+
+    def fake_create(layout: object, spec: object, **_: object) -> object:
+        seen["create"] = spec.env  # type: ignore[attr-defined]
+        raise SystemExit(0)
+
+    def fake_run_once(layout: object, spec: object, *_: object, **__: object) -> object:
+        seen["run"] = spec.env  # type: ignore[attr-defined]
+        raise SystemExit(0)
+
+    monkeypatch.setattr("microagent.execution.run_exec", fake_run_exec)
+    monkeypatch.setattr("microagent.workspaces.create_workspace", fake_create)
+    monkeypatch.setattr("microagent.oneshot.run_once", fake_run_once)
+    return seen
+
+
+def test_env_name_alone_passes_the_hosts_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``exec -e NAME`` used to set NAME to an empty value."""
+    monkeypatch.setenv("MA_FROM_HOST", "host value=with equals")
+    monkeypatch.setenv("MA_EMPTY_ON_HOST", "")
+    monkeypatch.delenv("MA_NOT_ON_HOST", raising=False)
+    seen = _capture(monkeypatch)
+    items = ["A=1", "MA_FROM_HOST", "MA_EMPTY_ON_HOST", "MA_NOT_ON_HOST", "B="]
+    expected = ("A=1", "MA_FROM_HOST=host value=with equals", "MA_EMPTY_ON_HOST=", "B=")
+    assert main(["exec", *(f"-e{i}" for i in items), "ws", "--", "env"]) == 0
+    assert seen["exec"] == expected
+    with pytest.raises(SystemExit):
+        main(["create", "ws", "--image", "oci:/x", *(f"--env={i}" for i in items)])
+    assert seen["create"] == expected
+    with pytest.raises(SystemExit):
+        main(["run", *(f"--env={i}" for i in items), "oci:/x", "env"])
+    assert seen["run"] == expected
+
+
+@pytest.mark.parametrize("item", ["", "=v", "=", "A\0B=1"])
+@pytest.mark.parametrize("verb", ["exec", "create", "run"])
+def test_env_without_a_name_is_a_usage_error(item: str, verb: str, state_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    seen = _capture(monkeypatch)
+    argv = {"exec": ["exec", "-e", item, "ws", "--", "env"],
+            "create": ["create", "ws", "--image", "oci:/x", "--env", item],
+            "run": ["run", "--env", item, "oci:/x", "env"]}[verb]
+    assert main(["--json", *argv]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "usage" and "invalid" in error["message"], error
+    assert seen == {}
+    assert files_under(state_dir) == []

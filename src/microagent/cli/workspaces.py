@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 def spec_from_args(args: argparse.Namespace, name: str, image: str) -> WorkspaceSpec:
     """The workspace spec that create's options (shared with ``run``) describe."""
     from microagent.attachments import parse_bundle, parse_disk, parse_volume
-    from microagent.config import resolve_resources
+    from microagent.config import parse_env, resolve_resources
     from microagent.network import parse_publish
     from microagent.workspaces import WorkspaceSpec
 
@@ -38,7 +39,7 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
         backend=args.backend,
         network=args.network,
         restart=args.restart,
-        env=tuple(args.env),
+        env=parse_env(args.env, os.environ, "--env"),
         hostname=args.hostname or "",
         setup=tuple(args.setup),
         disks=(*map(parse_volume, args.volume), *map(parse_disk, args.disk),
@@ -165,7 +166,8 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs")
     p.add_argument("--size-mib", type=int, metavar="MIB", help="root disk size in MiB")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="environment for commands (repeatable)")
+                   help="environment for commands (repeatable); K alone passes the host's "
+                        "value (none if unset)")
     p.add_argument("--hostname", metavar="H", help="guest hostname (default: the name)")
     p.add_argument("--network", default="user", metavar="MODE", help="user (default) or none")
     p.add_argument("--publish", "-p", action="append", default=[],
