@@ -282,3 +282,71 @@ def test_env_without_a_name_is_a_usage_error(item: str, verb: str, state_dir: Pa
     assert error["kind"] == "usage" and "invalid" in error["message"], error
     assert seen == {}
     assert files_under(state_dir) == []
+
+
+# --- a state directory that is not one ------------------------------------------------------
+
+_STATE_VERBS = [["list"], ["ps"], ["status", "ws"], ["delete", "ws", "--yes"], ["start", "ws"],
+                ["halt", "ws"], ["logs", "ws"], ["events", "ws"], ["wait", "ws"],
+                ["exec", "ws", "--", "true"], ["cp", "ws:/a", "b"], ["connect", "ws"],
+                ["create", "ws", "--image", "oci:/nonexistent"],
+                ["run", "oci:/nonexistent", "true"], ["image", "list"], ["kernel", "list"],
+                ["volume", "list"], ["volume", "create", "v"]]
+
+
+@pytest.mark.parametrize("argv", _STATE_VERBS, ids=lambda a: " ".join(a[:2]))
+@pytest.mark.parametrize("relative", ["file", "file/sub"])
+def test_a_state_dir_that_is_not_a_directory_is_a_usage_error(
+        argv: list[str], relative: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--state-dir /etc/passwd list`` used to say "No workspaces."."""
+    (tmp_path / "file").write_text("not a directory\n")
+    state = tmp_path / relative
+    assert main(["--json", "--state-dir", str(state), *argv]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "usage", error
+    assert f"the state directory {state} " in error["message"]
+    assert "not a directory" in error["message"]
+    assert (tmp_path / "file").read_text() == "not a directory\n"
+
+
+def test_a_state_dir_from_the_environment_is_checked_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "file"))
+    result = run("list")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert f"the state directory {tmp_path / 'file'} is not a directory" in result.stderr
+    assert run("version").returncode == 0  # verbs that never read it still work
+
+
+def test_a_state_dir_that_cannot_be_created_is_a_host_error() -> None:
+    """As the nobody user, in a directory only root can write: exit 1, nothing made."""
+    import shutil
+    import tempfile
+
+    from tests.rootfs.unprivileged import NOBODY, SRC, require_setpriv
+
+    require_setpriv()
+    parent = Path(tempfile.mkdtemp(prefix="root-only-", dir="/tmp"))  # /tmp: nobody can see it
+    parent.chmod(0o755)
+    try:
+        _run_as_nobody_in(parent, NOBODY, SRC)
+    finally:
+        shutil.rmtree(parent)
+
+
+def _run_as_nobody_in(parent: Path, nobody: int, src: str) -> None:
+    state = parent / "state"
+    result = subprocess.run(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+         sys.executable, "-m", "microagent", "--json", "--state-dir", str(state), "list"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": src, "HOME": "/nonexistent"})
+    assert result.returncode == 1, result
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "host"
+    assert error["message"] == (f"the state directory {state} cannot be created: {parent} "
+                                "is not writable")
+    assert not state.exists()
