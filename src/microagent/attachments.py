@@ -297,7 +297,9 @@ def prepare_boot_disks(layout: StateLayout, files: RunFiles,
     """Check the sources and build this boot's bundle disks; see :func:`boot_disks`."""
     for item in attachments:
         if item.kind == "volume" and not layout.volume_disk(item.name).exists():
-            raise NotFoundError(f"volume {item.name} does not exist (it was deleted)")
+            from microagent.volumes import missing_volume_error
+
+            raise missing_volume_error(item.name)
         if item.kind == "volume" and item.read_only:
             replay_journal(layout.volume_disk(item.name))
         if item.kind == "disk":
@@ -344,18 +346,20 @@ def remove_bundle_disks(files: RunFiles, attachments: Sequence[Attachment]) -> N
                 files.bundle_disk(item.name).unlink()
 
 
-def check_before_start(layout: StateLayout, attachments: Sequence[Attachment]) -> None:
+def check_before_start(layout: StateLayout, workspace: str,
+                       attachments: Sequence[Attachment]) -> None:
     """What ``start`` checks before spawning the supervisor, for clear errors at once:
-    volumes exist (created on first use) and are not attached elsewhere, ``--disk``
-    images are ext4, bundle archives exist."""
-    from microagent.volumes import ensure_volume, held_error, volume_holder
+    volumes exist (never created here: ``create`` made them) and are not attached
+    elsewhere, ``--disk`` images are ext4, bundle archives exist."""
+    from microagent.volumes import held_error, missing_volume_error, volume_holder
 
     for item in attachments:
         if item.kind == "volume":
+            if not layout.volume_disk(item.name).exists():
+                raise missing_volume_error(item.name, workspace)
             holder = volume_holder(layout, item.name)
             if holder is not None:
                 raise held_error(item.name, holder)
-            ensure_volume(layout, item.name)
     check_sources(attachments, work_dir=layout.tmp_dir, build_bundles=False)
 
 

@@ -94,8 +94,8 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
         if current.has_live_process:
             raise ConflictError(f"workspace {name} still has a VM process "
                                 f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
-        # volumes created on first use, not held elsewhere; --disk and bundle files there
-        check_before_start(layout, workspace.disks)
+        # volumes there (never re-created) and not held elsewhere; --disk and bundle files
+        check_before_start(layout, name, workspace.disks)
         check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
         problems = QemuBackend().check_host()
         if problems:

@@ -311,3 +311,46 @@ def test_a_killed_holder_leaves_no_stale_hold(layout: StateLayout) -> None:
     assert volume_holder(layout, "data") is None
     with hold_volumes(layout, "beta", ["data"]):
         assert volume_holder(layout, "data") == "beta"
+
+
+def _record_using(layout: StateLayout, workspace: str, volume: str) -> None:
+    """A workspace record attaching ``volume`` (what ``create`` writes, less the image)."""
+    from microagent.store import write_json_atomic
+
+    write_json_atomic(layout.workspace_record(workspace), {
+        "name": workspace, "disks": [parse_volume(f"{volume}:/data").to_json()]})
+
+
+def test_a_volume_a_workspace_uses_is_not_deleted_unless_forced(
+        layout: StateLayout, capsys: pytest.CaptureFixture[str]) -> None:
+    create_volume(layout, "data", 32)
+    create_volume(layout, "free", 32)
+    _record_using(layout, "beta", "data")
+    _record_using(layout, "alpha", "data")
+    _record_using(layout, "gamma", "other")
+    (layout.workspaces_dir / "broken").mkdir()
+    (layout.workspaces_dir / "broken" / "workspace.json").write_text("{trunc")
+    with pytest.raises(ConflictError) as info:
+        delete_volume(layout, "data")
+    assert info.value.message == "cannot delete volume data: the workspaces alpha, beta use it"
+    assert "--force" in info.value.hint and "volume create data" in info.value.hint
+    assert main(["volume", "delete", "data"]) == 1
+    assert "the workspaces alpha, beta use it" in capsys.readouterr().err
+    assert layout.volume_disk("data").exists()
+    assert delete_volume(layout, "free")
+    with hold_volumes(layout, "alpha", ["data"]), \
+            pytest.raises(ConflictError, match="attached to the running workspace alpha"):
+        delete_volume(layout, "data", force=True)  # never under a running workspace
+    assert main(["volume", "delete", "data", "--force"]) == 0
+    assert not layout.volume_disk("data").exists()
+
+
+def test_start_never_creates_a_volume(layout: StateLayout) -> None:
+    from microagent.attachments import check_before_start
+    from microagent.errors import NotFoundError
+
+    with pytest.raises(NotFoundError) as info:
+        check_before_start(layout, "ws", [parse_volume("gone:/data")])
+    assert info.value.message.startswith("volume gone of workspace ws does not exist")
+    assert info.value.hint == "create it, empty: microagent volume create gone"
+    assert not layout.volume_disk("gone").exists()
