@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from microagent.cli.output import (
     Output,
@@ -45,6 +46,7 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
         disks=(*map(parse_volume, args.volume), *map(parse_disk, args.disk),
                *map(parse_bundle, args.bundle)),
         ports=tuple(map(parse_publish, args.publish)),
+        kernel=str(Path(args.kernel).expanduser().absolute()) if args.kernel else "",
     )
 
 
@@ -95,6 +97,7 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
         + (f" (guest {doc['guest_address']})" if doc.get("guest_address") else ""),
         f"Restart: {doc['restart']}",
         f"Rootfs: {doc['rootfs']}",
+        _kernel_line(doc),
     ]
     for disk in doc.get("disks", []):
         lines.append(f"Disk: {disk['dest']} {disk['kind']} {disk['name']} "
@@ -121,6 +124,13 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
             lines += [f"  {line}" for line in failure["output"].splitlines()[-15:]]
     out.emit(doc, "\n".join(lines))
     return EXIT_OK
+
+
+def _kernel_line(doc: dict[str, Any]) -> str:
+    own = doc.get("own_kernel")
+    if own:
+        return f"Kernel: {own['version']} (own, from {own['source']})"
+    return "Kernel: default" + (f" ({doc['kernel']})" if doc.get("kernel") else "")
 
 
 def cmd_ps(args: argparse.Namespace, out: Output) -> int:
@@ -186,6 +196,10 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    metavar="NAME=TAR:/DST[:ro|rw]",
                    help="attach a disk built from a .tar/.tar.gz/.tgz at each start "
                         "(repeatable; writes do not persist)")
+    p.add_argument("--kernel", metavar="PATH",
+                   help="boot this kernel instead of the default, at every start: a bzImage "
+                        "(its modules beside it), a kernel bundle directory or its vmlinuz, "
+                        "an unpacked kernel package or a .deb")
     p.add_argument("--setup", action="append", default=[], metavar="CMD",
                    help="a command run with /bin/sh -c once before the first start "
                         "(repeatable, in order)")
