@@ -193,7 +193,7 @@ def test_more_memory_than_the_host_has_is_refused(state_dir: Path,
 
 
 @pytest.mark.parametrize(("value", "expected_ms"), [("0", 0), ("0.0001", 1), ("2.5", 2500)])
-def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept(
+def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept_faked_exec(
         value: str, expected_ms: int, monkeypatch: pytest.MonkeyPatch) -> None:
     from microagent.execution import ExecOptions, build_request
 
@@ -250,7 +250,8 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     return seen
 
 
-def test_env_name_alone_passes_the_hosts_value(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_name_alone_passes_the_hosts_value_to_faked_verbs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """``exec -e NAME`` used to set NAME to an empty value."""
     monkeypatch.setenv("MA_FROM_HOST", "host value=with equals")
     monkeypatch.setenv("MA_EMPTY_ON_HOST", "")
@@ -270,9 +271,9 @@ def test_env_name_alone_passes_the_hosts_value(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("item", ["", "=v", "=", "A\0B=1"])
 @pytest.mark.parametrize("verb", ["exec", "create", "run"])
-def test_env_without_a_name_is_a_usage_error(item: str, verb: str, state_dir: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_env_without_a_name_is_a_usage_error_before_faked_verbs(
+        item: str, verb: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     seen = _capture(monkeypatch)
     argv = {"exec": ["exec", "-e", item, "ws", "--", "env"],
             "create": ["create", "ws", "--image", "oci:/x", "--env", item],
