@@ -165,20 +165,21 @@ def delete_volume(layout: StateLayout, name: str, *, force: bool = False) -> boo
         disk = layout.volume_disk(name)
         if not disk.exists():
             return False
-        users = volume_users(layout, name)
-        if users and not force:
-            listed = ", ".join(users)
-            raise ConflictError(
-                f"cannot delete volume {name}: the workspace{'s' if len(users) > 1 else ''} "
-                f"{listed} use{'' if len(users) > 1 else 's'} it",
-                hint=f"delete {listed} first, or pass --force (their next start then fails "
-                     f"until `microagent volume create {name}` makes an empty one)")
-        try:
+        try:  # first: a running workspace's hold says what to do (halt it)
             fd = _hold(layout, "(being deleted)", name)
         except ConflictError as e:
             raise ConflictError(f"cannot delete volume {name}: {e.message}", hint=e.hint) \
                 from None
         try:
+            users = volume_users(layout, name)
+            if users and not force:
+                listed = ", ".join(users)
+                raise ConflictError(
+                    f"cannot delete volume {name}: the workspace"
+                    f"{'s' if len(users) > 1 else ''} {listed} use"
+                    f"{'' if len(users) > 1 else 's'} it",
+                    hint=f"delete {listed} first, or pass --force (their next start then "
+                         f"fails until `microagent volume create {name}` makes an empty one)")
             disk.unlink()
             with contextlib.suppress(FileNotFoundError):
                 layout.volume_record(name).unlink()
