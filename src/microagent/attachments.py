@@ -36,6 +36,7 @@ from microagent.layout import RunFiles, StateLayout
 from microagent.progress import NullProgress, Progress
 
 KINDS = ("volume", "disk", "bundle")
+MODES = ("ro", "rw")
 MAX_DEST_BYTES = 255
 MAX_DISKS = 16  # virtio-mmio slots of QEMU's microvm are shared with net and serial
 EXT4_MAGIC_OFFSET = 1024 + 0x38
@@ -77,9 +78,9 @@ class Attachment:
 
 
 def parse_volume(value: str) -> Attachment:
-    """``NAME:/dst[:ro|rw]``."""
-    rest, read_only = _split_mode(value)
-    name, sep, dest = rest.partition(":")
+    """``NAME:/dst[:ro|rw]``; see :func:`split_mode` for the grammar."""
+    flag = f"--volume {value}"
+    name, sep, rest = value.partition(":")
     if not sep:
         raise UsageError(f"invalid --volume {value!r}", hint="use --volume NAME:/dst[:ro|rw]")
     if name.startswith(("/", ".", "~")):
@@ -88,43 +89,61 @@ def parse_volume(value: str) -> Attachment:
                          hint="use a volume name (created on first use), or attach an ext4 "
                          "image with --disk NAME=PATH:/dst")
     validate_name(name, what="volume")
-    return Attachment("volume", name, check_dest(dest, f"--volume {value}"), read_only)
+    fields, read_only = split_mode(rest.split(":"), flag, min_fields=2)
+    return Attachment("volume", name, check_dest(":".join(fields), flag), read_only)
 
 
 def parse_disk(value: str) -> Attachment:
-    """``NAME=PATH:/dst[:ro|rw]``."""
+    """``NAME=PATH:/dst[:ro|rw]``; see :func:`split_mode` for the grammar."""
     return _parse_sourced("disk", value, "--disk NAME=/path/image.ext4:/dst[:ro|rw]")
 
 
 def parse_bundle(value: str) -> Attachment:
-    """``NAME=TAR:/dst[:ro|rw]``."""
+    """``NAME=TAR:/dst[:ro|rw]``; see :func:`split_mode` for the grammar."""
     return _parse_sourced("bundle", value, "--bundle NAME=/path/x.tar[.gz]:/dst[:ro|rw]")
 
 
 def _parse_sourced(kind: str, value: str, form: str) -> Attachment:
+    flag = f"--{kind} {value}"
     name, sep, rest = value.partition("=")
-    rest, read_only = _split_mode(rest)
-    source, colon, dest = rest.rpartition(":")
-    if not sep or not colon or not source:
+    fields, read_only = split_mode(rest.split(":"), flag, min_fields=3)
+    if not sep or len(fields) < 2 or not ":".join(fields[:-1]):
         raise UsageError(f"invalid --{kind} {value!r}", hint=f"use {form}")
     validate_name(name, what=kind)
-    dest = check_dest(dest, f"--{kind} {value}")
-    path = Path(source).expanduser().absolute()
+    dest = check_dest(fields[-1], flag)
+    path = Path(":".join(fields[:-1])).expanduser().absolute()
     return Attachment(kind, name, dest, read_only, str(path))
 
 
-def _split_mode(value: str) -> tuple[str, bool]:
-    head, sep, mode = value.rpartition(":")
-    if sep and mode in ("ro", "rw"):
-        return head, mode == "ro"
-    return value, False
+def split_mode(fields: list[str], flag: str, *, min_fields: int) -> tuple[list[str], bool]:
+    """Take the mode off the ``:``-separated ``fields`` of a flag: ``(fields, read_only)``.
+
+    The grammar is ``[SRC:]DST[:MODE]``: a destination is absolute and holds no ``:``,
+    so the last field is the mode when the flag has room for one (``min_fields``: 2 for
+    ``DST:MODE``, 3 for ``SRC:DST:MODE``) and it holds no ``/``; a mode is ``ro`` or
+    ``rw``, lowercase, as docker's. A source path may hold ``:`` (everything between
+    ``=`` and the destination). Anything else is a usage error, never a destination.
+    """
+    if len(fields) >= min_fields and "/" not in fields[-1]:
+        mode = fields[-1]
+        if mode not in MODES:
+            raise UsageError(f"{flag}: unknown mode {mode!r}",
+                             hint="a mode is ro or rw, lowercase (as docker's); a "
+                             "destination is an absolute path without ':'")
+        return fields[:-1], mode == "ro"
+    return fields, False
 
 
 def check_dest(dest: str, flag: str) -> str:
-    """A guest mount point: absolute, no ``.`` or ``..``, not /, /proc, /sys or /dev."""
+    """A guest mount point: absolute, no ``.``, ``..`` or ``:``, not /, /proc, /sys or
+    /dev."""
     if not dest.startswith("/"):
         raise UsageError(f"{flag}: the destination {dest!r} must be an absolute path "
                          "in the guest", hint="for example /work")
+    if ":" in dest:
+        raise UsageError(f"{flag}: the destination {dest!r} contains ':'",
+                         hint="a destination cannot contain ':' (it separates the mode, "
+                         "ro or rw)")
     parts = [p for p in dest.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise UsageError(f"{flag}: the destination {dest!r} must not contain '.' or '..'")
@@ -278,7 +297,9 @@ def prepare_boot_disks(layout: StateLayout, files: RunFiles,
     """Check the sources and build this boot's bundle disks; see :func:`boot_disks`."""
     for item in attachments:
         if item.kind == "volume" and not layout.volume_disk(item.name).exists():
-            raise NotFoundError(f"volume {item.name} does not exist (it was deleted)")
+            from microagent.volumes import missing_volume_error
+
+            raise missing_volume_error(item.name)
         if item.kind == "volume" and item.read_only:
             replay_journal(layout.volume_disk(item.name))
         if item.kind == "disk":
@@ -325,18 +346,20 @@ def remove_bundle_disks(files: RunFiles, attachments: Sequence[Attachment]) -> N
                 files.bundle_disk(item.name).unlink()
 
 
-def check_before_start(layout: StateLayout, attachments: Sequence[Attachment]) -> None:
+def check_before_start(layout: StateLayout, workspace: str,
+                       attachments: Sequence[Attachment]) -> None:
     """What ``start`` checks before spawning the supervisor, for clear errors at once:
-    volumes exist (created on first use) and are not attached elsewhere, ``--disk``
-    images are ext4, bundle archives exist."""
-    from microagent.volumes import ensure_volume, held_error, volume_holder
+    volumes exist (never created here: ``create`` made them) and are not attached
+    elsewhere, ``--disk`` images are ext4, bundle archives exist."""
+    from microagent.volumes import held_error, missing_volume_error, volume_holder
 
     for item in attachments:
         if item.kind == "volume":
+            if not layout.volume_disk(item.name).exists():
+                raise missing_volume_error(item.name, workspace)
             holder = volume_holder(layout, item.name)
             if holder is not None:
                 raise held_error(item.name, holder)
-            ensure_volume(layout, item.name)
     check_sources(attachments, work_dir=layout.tmp_dir, build_bundles=False)
 
 

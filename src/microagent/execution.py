@@ -10,6 +10,7 @@ SIGQUIT are forwarded to the guest command.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from types import FrameType
 
 from microagent.agent import AgentClient, ExecRequest, ExecResult
 from microagent.control import SupervisorClient
+from microagent.errors import UsageError
 from microagent.layout import StateLayout
 from microagent.lifecycle import require_running
 from microagent.workspaces import get_workspace
@@ -55,6 +57,9 @@ def merge_env(*layers: tuple[str, ...]) -> tuple[str, ...]:
 def build_request(layout: StateLayout, name: str, options: ExecOptions,
                   tty_size: tuple[int, int] | None) -> ExecRequest:
     """The request for ``options`` with the image's defaults applied."""
+    if not math.isfinite(options.timeout) or options.timeout < 0:
+        raise UsageError(f"invalid exec timeout {options.timeout}",
+                         hint="a number of seconds, 0 for no limit")
     ws = get_workspace(layout, name)
     config = ws.image_config
     return ExecRequest(
@@ -64,7 +69,8 @@ def build_request(layout: StateLayout, name: str, options: ExecOptions,
         user=options.user or config.user,
         tty=tty_size if options.tty else None,
         stdin=options.interactive,
-        timeout_ms=int(options.timeout * 1000),
+        # rounded up: a timeout below 1 ms is still one, not "no limit" (0)
+        timeout_ms=math.ceil(options.timeout * 1000),
     )
 
 

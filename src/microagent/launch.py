@@ -135,11 +135,10 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     a published port that is taken."""
     from microagent.guest import agent_binary
     from microagent.initramfs import build_boot_initramfs
-    from microagent.kernels import default_kernel
     from microagent.network import check_ports_free
 
     files = layout.run_files(workspace.name)
-    kernel = default_kernel(layout, install_if_missing=False)
+    kernel = workspace_kernel(layout, workspace)
     recovery = root_needs_recovery(workspace.rootfs)
     # at every boot: a restart finds a port taken while the guest was down
     check_ports_free(workspace.ports)
@@ -161,6 +160,18 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
             start_new_session=True)
     return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start)
+
+
+def workspace_kernel(layout: StateLayout, workspace: Workspace, *,
+                     install_if_missing: bool = False) -> KernelBundle:
+    """The bundle ``workspace`` boots: its own (``create --kernel``), else the default."""
+    if workspace.own_kernel is not None:
+        from microagent.ownkernels import own_kernel
+
+        return own_kernel(layout, workspace.own_kernel.digest)
+    from microagent.kernels import default_kernel
+
+    return default_kernel(layout, install_if_missing=install_if_missing)
 
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,

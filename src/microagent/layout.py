@@ -8,6 +8,7 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
     images/disks/<key>.ext4     base root disks, by image config digest and size
     kernels/<version>/          kernel bundles (vmlinuz, vmlinux, modules.cpio, kernel.json)
     kernels/default.json        which bundle is the default
+    kernels/by-digest/<hex>/    workspaces' own kernels (create --kernel), by content
     volumes/<name>.ext4         named volumes, with their records volumes/<name>.json
     workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log,
                                 supervisor.log, run/ (see RunFiles)
@@ -73,6 +74,11 @@ class StateLayout:
     @property
     def kernels_dir(self) -> Path:
         return self.root / "kernels"
+
+    @property
+    def own_kernels_dir(self) -> Path:
+        """Bundles of ``create --kernel``, named by :func:`kernels.bundle_digest`."""
+        return self.kernels_dir / "by-digest"
 
     @property
     def volumes_dir(self) -> Path:

@@ -78,7 +78,7 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
     from microagent.backends.base import choose_accel
     from microagent.backends.qemu import QemuBackend
     from microagent.guest import agent_binary
-    from microagent.kernels import default_kernel
+    from microagent.launch import workspace_kernel
     from microagent.network import check_ports_free
 
     progress = progress or NullProgress()
@@ -94,13 +94,13 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
         if current.has_live_process:
             raise ConflictError(f"workspace {name} still has a VM process "
                                 f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
-        # volumes created on first use, not held elsewhere; --disk and bundle files there
-        check_before_start(layout, workspace.disks)
+        # volumes there (never re-created) and not held elsewhere; --disk and bundle files
+        check_before_start(layout, name, workspace.disks)
         check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
         problems = QemuBackend().check_host()
         if problems:
             raise HostError("; ".join(problems))
-        default_kernel(layout, install_if_missing=True)  # installs on first use
+        workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use
         agent_binary()
         accel = choose_accel()
         if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):

@@ -12,13 +12,14 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from microagent.errors import BusyError, HostError, MicroagentError
+from microagent.errors import BusyError, HostError, MicroagentError, UsageError
 
 SCHEMA_VERSION = 1
 
@@ -107,3 +108,39 @@ def file_lock(path: Path, *, what: str, timeout: float = 0.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def check_state_dir_usable(root: Path) -> None:
+    """Refuse a state directory that is not a directory or cannot be created, before a
+    command reads it (a file there used to read as an empty state: "No workspaces.").
+
+    UsageError (exit 2) when ``root`` or one of its parents is not a directory: the path
+    given is wrong and nothing was done. HostError (exit 1) when ``root`` is missing and
+    its nearest existing parent does not let this user create it: the path is fine, the
+    host's permissions are not. A missing ``root`` is created by the first command that
+    writes.
+    """
+    probe = root
+    while True:
+        try:
+            st = os.stat(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if probe.parent == probe:
+                return
+            probe = probe.parent
+        except OSError as e:
+            raise HostError(f"cannot use the state directory {root}: {e.strerror}") from e
+    hint = "pass a directory with --state-dir or MICROAGENT_HOME (one that does not exist " \
+           "yet is created)"
+    if probe == root:
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"the state directory {root} is not a directory", hint=hint)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"the state directory {root} cannot be created: {probe} is not a "
+                         "directory", hint=hint)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise HostError(f"the state directory {root} cannot be created: {probe} is not "
+                        "writable", hint="pick a state directory you can write, or fix the "
+                        f"permissions of {probe}")

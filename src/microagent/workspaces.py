@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent.attachments import Attachment, validate_attachments
-from microagent.config import Resources, resolve_resources, validate_name
+from microagent.config import Resources, check_fits_host, resolve_resources, validate_name
 from microagent.errors import ConflictError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
@@ -55,6 +55,25 @@ class WorkspaceSpec:
     setup: tuple[str, ...] = ()  # commands run once before the first start
     disks: tuple[Attachment, ...] = ()  # --volume, --disk, --bundle
     ports: tuple[PublishedPort, ...] = ()  # --publish
+    kernel: str = ""  # --kernel PATH: the workspace's own kernel (ownkernels.py)
+
+
+@dataclass(frozen=True)
+class OwnKernel:
+    """The kernel a workspace boots instead of the default (``create --kernel``)."""
+
+    digest: str  # of its bundle in kernels/by-digest/ (ownkernels.bundle_digest)
+    version: str
+    source: str  # the PATH it came from
+
+    def to_json(self) -> dict[str, str]:
+        """The record's shape (also ``--json``)."""
+        return {"digest": self.digest, "version": self.version, "source": self.source}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> OwnKernel:
+        """Inverse of :meth:`to_json`."""
+        return cls(str(doc["digest"]), str(doc["version"]), str(doc["source"]))
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ class Workspace:
     last_event: Event | None
     disks: tuple[Attachment, ...] = ()
     ports: tuple[PublishedPort, ...] = ()
+    own_kernel: OwnKernel | None = None  # None: the default kernel at each start
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape of one workspace."""
@@ -100,12 +120,14 @@ class Workspace:
             "rootfs": str(self.rootfs),
             "disks": [disk.to_json() for disk in self.disks],
             "ports": [port.to_json() for port in self.ports],
+            "own_kernel": self.own_kernel.to_json() if self.own_kernel else None,
         }
 
 
 def validate_spec(spec: WorkspaceSpec) -> None:
     """Refuse a bad spec before anything is written."""
     validate_name(spec.name)
+    check_fits_host(spec.resources)
     if spec.backend not in BACKENDS:
         raise UsageError(f"unknown or unavailable backend {spec.backend!r}",
                          hint=f"available: {', '.join(BACKENDS)}")
@@ -141,6 +163,10 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
 
     validate_spec(spec)
     parse_image_source(spec.image)  # a bad reference is a usage error before anything is written
+    if spec.kernel:
+        from microagent.ownkernels import check_kernel_path
+
+        check_kernel_path(Path(spec.kernel))  # missing or not a kernel: before anything
     from microagent.images import ensure_base_disk, ensure_image
     from microagent.rootfs import copy_disk
 
@@ -148,6 +174,13 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
     from microagent.attachments import check_sources, new_volumes
 
     check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
+    own_kernel = None
+    if spec.kernel:  # before the image is pulled: a kernel without its modules is refused
+        from microagent.ownkernels import bundle_digest, install_own_kernel
+
+        bundle = install_own_kernel(layout, Path(spec.kernel), progress)
+        own_kernel = OwnKernel(bundle_digest(bundle), bundle.version,
+                               str(Path(spec.kernel).expanduser().absolute()))
     with _workspace_lock(layout, spec.name):
         if layout.workspace_dir(spec.name).exists():
             raise ConflictError(f"workspace {spec.name} already exists",
@@ -155,17 +188,17 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
                                 "or pick another name")
         image = ensure_image(layout, spec.image, progress=progress)
         base = ensure_base_disk(layout, image, spec.resources.disk_mib, progress=progress)
-        # the seed page: create installs the default kernel if it is missing
-        from microagent.kernels import default_kernel
+        if own_kernel is None:  # the seed page: create installs the default kernel if missing
+            from microagent.kernels import default_kernel
 
-        default_kernel(layout, install_if_missing=True)
+            default_kernel(layout, install_if_missing=True)
         ensure_dir(layout.workspaces_dir)
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{spec.name}-",
                                         dir=layout.workspaces_dir))
         try:
             progress.step("Copying root disk")
             copy_disk(base, staging / layout.workspace_rootfs(spec.name).name)
-            write_json_atomic(staging / "workspace.json", _record(spec, image))
+            write_json_atomic(staging / "workspace.json", _record(spec, image, own_kernel))
             if spec.setup:
                 from microagent.provision import SetupState, write_setup
 
@@ -180,7 +213,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
     return get_workspace(layout, spec.name)
 
 
-def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
+def _record(spec: WorkspaceSpec, image: Image, own_kernel: OwnKernel | None) -> dict[str, Any]:
     return {
         "name": spec.name,
         "created": now_iso(),
@@ -203,6 +236,7 @@ def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
         "hostname": spec.hostname or default_hostname(spec.name),
         "disks": [disk.to_json() for disk in spec.disks],
         "ports": [port.to_json() for port in spec.ports],
+        **({"kernel": own_kernel.to_json()} if own_kernel else {}),
     }
 
 
@@ -237,6 +271,7 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
         last_event=runtime.event,
         disks=tuple(Attachment.from_json(d) for d in record.get("disks", ())),
         ports=tuple(PublishedPort.from_json(p) for p in record.get("ports", ())),
+        own_kernel=OwnKernel.from_json(record["kernel"]) if record.get("kernel") else None,
     )
 
 

@@ -18,7 +18,7 @@ from microagent import __version__
 from microagent.cli import console, doctor, images, lifecycle, observe, run, volumes, workspaces
 from microagent.cli import copy as copy_verbs
 from microagent.cli import exec as exec_verbs
-from microagent.cli.output import Handler, Output, Parser, add_verb, table
+from microagent.cli.output import Handler, Output, Parser, add_verb, layout_of, table
 from microagent.config import DEFAULT_PROFILE, PROFILES
 from microagent.errors import (
     EXIT_EXEC_FAILED,
@@ -27,8 +27,12 @@ from microagent.errors import (
     MicroagentError,
     UsageError,
 )
+from microagent.store import check_state_dir_usable
 
 __all__ = ["build_parser", "main"]
+
+# they never read the state directory; doctor reports a bad one as one of its checks
+STATELESS_VERBS = frozenset({"version", "profiles", "doctor"})
 
 
 def cmd_version(args: argparse.Namespace, out: Output) -> int:
@@ -77,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         handler: Handler = args.handler
+        if args.verb not in STATELESS_VERBS:
+            check_state_dir_usable(layout_of(args).root)
         return handler(args, out)
     except MicroagentError as e:
         if debug:

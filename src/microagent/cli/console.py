@@ -11,6 +11,7 @@ from microagent.cli.output import (
     add_name,
     add_verb,
     layout_of,
+    positive_seconds,
     text_field,
     workspace_name,
 )
@@ -49,6 +50,6 @@ def register(verbs: Verbs) -> None:
     add_name(p)
     p.add_argument("--send", metavar="LINE",
                    help="send one line, print what the command printed, and exit")
-    p.add_argument("--timeout", type=float, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, metavar="S",
                    help="with --send: give up (and interrupt the line) after S seconds "
                         "(default 10)")

@@ -11,7 +11,15 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from microagent.cli.output import Output, Verbs, add_name, add_verb, layout_of, workspace_name
+from microagent.cli.output import (
+    Output,
+    Verbs,
+    add_name,
+    add_verb,
+    layout_of,
+    seconds,
+    workspace_name,
+)
 from microagent.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
@@ -75,8 +83,6 @@ def cmd_wait(args: argparse.Namespace, out: Output) -> int:
     from microagent.watch import wait_for_state
 
     name = workspace_name(args)
-    if args.timeout is not None and args.timeout < 0:
-        raise UsageError(f"--timeout {args.timeout:g} is negative")
     try:
         state = wait_for_state(layout_of(args), name, args.state, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -118,5 +124,5 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--state", action="append", metavar="S",
                    help="a state to wait for, repeatable (default: halted, stopped or "
                         "failed)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up after S seconds (exit 75)")
+    p.add_argument("--timeout", type=seconds, default=None, metavar="S",
+                   help="give up after S seconds (exit 75; 0: look once)")
