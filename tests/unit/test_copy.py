@@ -96,7 +96,7 @@ def test_archive_names_are_checked() -> None:
 def test_symlinks_from_the_guest_stay_symlinks(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
-    with HostWriter(dest, "d", keep_owners=False) as writer:
+    with HostWriter(dest, "d", archive=False) as writer:
         extract_tar(tar_of(("d", "dir", b"", 0o750), ("d/x", "link", "/etc/passwd", 0o777),
                            ("d/up", "link", "../../..", 0o777),
                            ("d/run.sh", "file", b"#!/bin/sh\n", 0o755),
@@ -120,7 +120,7 @@ def test_an_entry_behind_a_guest_symlink_is_refused(tmp_path: Path) -> None:
     crafted = tar_of(("d", "dir", b"", 0o755), ("d/up", "link", str(outside), 0o777),
                      ("d/up/evil", "file", b"pwned", 0o644))
     with pytest.raises(UnsafeCopyError, match="symlink"), \
-            HostWriter(dest, "d", keep_owners=False) as writer:
+            HostWriter(dest, "d", archive=False) as writer:
         extract_tar(crafted, writer, "d")
     assert list(outside.iterdir()) == []
     assert list(dest.iterdir()) == []  # the staged directory was dropped
@@ -130,7 +130,7 @@ def test_dotdot_entries_write_nothing(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(UnsafeCopyError, match=r"'\.\.'"), \
-            HostWriter(dest, "d", keep_owners=False) as writer:
+            HostWriter(dest, "d", archive=False) as writer:
         extract_tar(tar_of(("d", "dir", b"", 0o755), ("d/../../escaped", "file", b"x", 0o644)),
                     writer, "d")
     assert not (tmp_path / "escaped").exists() and list(dest.iterdir()) == []
@@ -142,13 +142,13 @@ def test_a_host_symlink_at_the_destination_is_replaced_not_followed(tmp_path: Pa
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "f").symlink_to(victim)
-    with HostWriter(dest, "f", keep_owners=False) as writer:
+    with HostWriter(dest, "f", archive=False) as writer:
         writer.file((), lambda fd: (os.write(fd, b"new"), _meta())[1])
         writer.commit()
     assert victim.read_text() == "keep me"
     assert not (dest / "f").is_symlink() and (dest / "f").read_text() == "new"
     (dest / "sub").symlink_to(tmp_path)
-    with pytest.raises(UnsafeCopyError), HostWriter(dest, "sub", keep_owners=False) as w:
+    with pytest.raises(UnsafeCopyError), HostWriter(dest, "sub", archive=False) as w:
         w.directory((), _meta())
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from microagent.errors import MicroagentError, UsageError
@@ -70,8 +71,20 @@ def workspace_name(args: argparse.Namespace) -> str:
     return str(name)
 
 
-def layout_of(args: argparse.Namespace) -> StateLayout:
-    return StateLayout.resolve(args.state_dir)
+_CHECKED_ROOTS: set[Path] = set()
+
+
+def layout_of(args: argparse.Namespace, *, check: bool = True) -> StateLayout:
+    """The state directory of ``--state-dir`` (or the default), refused if another user
+    can write in it (``store.check_state_dir``: once per command and root; ``doctor``
+    passes ``check=False`` and reports it instead)."""
+    layout = StateLayout.resolve(args.state_dir)
+    if check and layout.root not in _CHECKED_ROOTS:
+        from microagent.store import check_state_dir
+
+        check_state_dir(layout.root)
+        _CHECKED_ROOTS.add(layout.root)
+    return layout
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
