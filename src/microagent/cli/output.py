@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from microagent.errors import MicroagentError, UsageError
@@ -71,19 +70,16 @@ def workspace_name(args: argparse.Namespace) -> str:
     return str(name)
 
 
-_CHECKED_ROOTS: set[Path] = set()
-
-
 def layout_of(args: argparse.Namespace, *, check: bool = True) -> StateLayout:
     """The state directory of ``--state-dir`` (or the default), refused if another user
-    can write in it (``store.check_state_dir``: once per command and root; ``doctor``
-    passes ``check=False`` and reports it instead)."""
+    can write in it (``store.check_state_dir``, once per command; ``doctor`` passes
+    ``check=False`` and reports it as one of its checks instead)."""
     layout = StateLayout.resolve(args.state_dir)
-    if check and layout.root not in _CHECKED_ROOTS:
+    if check and getattr(args, "checked_state_dir", None) != layout.root:
         from microagent.store import check_state_dir
 
         check_state_dir(layout.root)
-        _CHECKED_ROOTS.add(layout.root)
+        args.checked_state_dir = layout.root
     return layout
 
 
