@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from microagent.errors import HostError
 from microagent.layout import StateLayout
 
 _ATTEMPTS = 5
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class Staged:
@@ -97,6 +99,25 @@ def stage_dir(directory: Path, prefix: str) -> Staged:
 
 
 def _stage(directory: Path, make: Callable[[], tuple[Path, int]], *, is_dir: bool) -> Staged:
+    # Ctrl-C or SIGTERM between the creation and the Staged that removes it would leave
+    # the entry behind: they wait until it exists, locked (pthread_sigmask raises a
+    # signal that came meanwhile as it unblocks it, and then the entry goes).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        staged = _create_locked(directory, make, is_dir=is_dir)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    except BaseException:
+        staged.close()
+        raise
+    return staged
+
+
+def _create_locked(directory: Path, make: Callable[[], tuple[Path, int]], *,
+                   is_dir: bool) -> Staged:
     what = "directory" if is_dir else "file"
     for _ in range(_ATTEMPTS):
         try:
@@ -115,6 +136,7 @@ def _stage(directory: Path, make: Callable[[], tuple[Path, int]], *, is_dir: boo
                     return Staged(path, fd, is_dir=is_dir)
         except BaseException:
             os.close(fd)
+            remove_entry(path)
             raise
         os.close(fd)
     raise HostError(f"cannot create a staging {what} in {directory}: it vanished "
