@@ -87,8 +87,8 @@ def check_state_dir(root: Path) -> None:
         path = root / relative if relative else root
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            continue  # made 0700 when first needed
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made 0700 when first needed (or refused then, if it cannot be)
         except OSError as e:
             raise HostError(f"cannot inspect the state directory {path}: {e.strerror}") from e
         if not stat.S_ISDIR(st.st_mode):

@@ -6,7 +6,6 @@ is certain. No VM boots here; the module sits with the VM tests for their kernel
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -16,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
-from microagent.store import write_json_atomic
 from tests.support.fixtures import MICROAGENT
 from tests.support.images import layer_of
 from tests.support.push import push_layout
@@ -56,12 +53,8 @@ def proxy(registry: RunningRegistry) -> Iterator[SlowProxy]:
 
 
 @pytest.fixture
-def state(tmp_path: Path, guest_kernel: KernelBundle) -> Path:
-    """A state directory of this test's own, with the cached kernel as its default."""
-    home = tmp_path / "state"
-    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
-    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
-    return home
+def state(own_home: Path) -> Path:
+    return own_home
 
 
 def leftovers(home: Path) -> list[str]:
