@@ -173,7 +173,7 @@ def _fetch_small(reader: ImageReader, store: BlobStore, digest: str, size: int) 
 
 def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest,
                   progress: Progress) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     stop = threading.Event()  # the pull failed or was interrupted: the others stop too
 
@@ -196,8 +196,11 @@ def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest
 
     pool = ThreadPoolExecutor(max_workers=PARALLEL_LAYERS)
     try:
-        for future in [pool.submit(fetch, i) for i in range(len(manifest.layers))]:
-            future.result()
+        futures = [pool.submit(fetch, i) for i in range(len(manifest.layers))]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done():
+                future.result()  # the first failure, in layer order
     except BaseException:
         stop.set()
         raise

@@ -194,7 +194,7 @@ def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
 def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) -> str:
     """The clean, disk-preserving shutdown; returns the final state."""
     validate_name(name)
-    require_workspace(layout, name)  # a broken record can still be halted
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.state not in ("running", "quarantined"):
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
@@ -211,7 +211,7 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
 def stop_workspace(layout: StateLayout, name: str) -> str:
     """Ask the guest to shut down; ``stopped`` within five seconds, else ``failed``."""
     validate_name(name)
-    require_workspace(layout, name)  # a broken record can still be halted
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.state not in ("running", "quarantined"):
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
@@ -227,7 +227,7 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
 def kill_workspace(layout: StateLayout, name: str) -> str:
     """End the VM process at once; state ``stopped``."""
     validate_name(name)
-    require_workspace(layout, name)  # a broken record can still be halted
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.supervisor_alive:
         with contextlib.suppress(MicroagentError):

@@ -156,6 +156,19 @@ def remove_entry(path: Path) -> None:
             os.unlink(path)
 
 
+def remove_whole(directory: Path, doomed: Path) -> None:
+    """Remove ``directory`` so that it disappears at once, whole: locked, renamed to
+    ``doomed`` (a name a sweep looks for), then deleted; swept if the deletion is killed."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(directory, doomed)
+    except BaseException:
+        os.close(fd)
+        raise
+    Staged(doomed, fd, is_dir=True).close()
+
+
 def sweep(directory: Path, prefix: str, suffix: str = "") -> list[Path]:
     """Remove the entries ``directory/prefix*suffix`` whose lock is free (their owner is
     gone); return what was removed. Entries a live owner holds are left alone."""

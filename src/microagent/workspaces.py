@@ -11,7 +11,6 @@ whose record cannot be read is shown as ``broken`` with the reason, and can be d
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
 from microagent.network import PublishedPort, validate_ports
 from microagent.progress import NullProgress, Progress
-from microagent.staging import Staged, stage_dir, sweep_abandoned
+from microagent.staging import remove_whole, stage_dir, sweep_abandoned
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -330,19 +329,7 @@ def delete_workspace(layout: StateLayout, name: str) -> bool:
                 f"workspace {name} is {runtime.state}"
                 + (f" (VM process {pid})" if pid else "")
                 + ": halt, stop, or kill it first")
-        # Rename first so that the workspace disappears at once, whole; locked as staging
-        # is, so that what a killed delete leaves is swept (staging.py).
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        doomed = Staged(directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}"), fd,
-                        is_dir=True)
-        try:
-            os.rename(directory, doomed.path)
-        except BaseException:
-            doomed.placed = True  # still the workspace: keep it
-            raise
-        finally:
-            doomed.close()
+        remove_whole(directory, directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}"))
         sweep_abandoned(layout)
     return True
 
