@@ -20,6 +20,11 @@ Where staging lives (what :func:`sweep_abandoned` looks at)::
     kernels/.new-*, kernels/.old-*    kernels.py: a bundle being assembled or replaced
     workspaces/.new-*                 workspaces.py: a workspace being created
     workspaces/.deleting-*            workspaces.py: a workspace being deleted
+
+Anything that stages under these names must do it through this module: an entry there
+whose lock is free is taken for abandoned. Ctrl-C and SIGTERM are held off for the
+instant between an entry's creation and its lock, so that the unwinding they cause
+always finds it to remove.
 """
 
 from __future__ import annotations
