@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from microagent.errors import (
 )
 from microagent.layout import RunFiles, StateLayout
 from microagent.progress import NullProgress, Progress
+from microagent.staging import stage_dir
 
 KINDS = ("volume", "disk", "bundle")
 MODES = ("ro", "rw")
@@ -199,11 +199,8 @@ def check_sources(attachments: Sequence[Attachment], *, work_dir: Path,
             _check_readable(item)
             if build_bundles:
                 progress.step(f"Checking bundle {item.name}")
-                scratch = Path(tempfile.mkdtemp(prefix="bundle-", dir=work_dir))
-                try:
-                    build_bundle(item, scratch / "check.ext4", work_dir=scratch)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                with stage_dir(work_dir, "bundle-") as scratch:  # swept if killed
+                    build_bundle(item, scratch.path / "check.ext4", work_dir=scratch.path)
 
 
 def check_disk(item: Attachment) -> None:

@@ -111,7 +111,14 @@ def check_kernel(layout: StateLayout) -> Check:
 
 
 def check_state_dir(layout: StateLayout) -> Check:
+    from microagent.errors import MicroagentError
+    from microagent.store import check_state_dir as check_private
+
     root = layout.root
+    try:
+        check_private(root)
+    except MicroagentError as e:
+        return Check("state", "fail", e.message, e.hint)
     probe_dir = root
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent  # created on first use: its nearest parent must allow it

@@ -23,12 +23,20 @@ The CLI turns these into text or ``--json`` in one place::
     ├── StartError                  exit 1   "start-failed" a boot failed (lifecycle.py)
     ├── SetupFailedError            exit N   "setup-failed" a --setup command's code (provision.py)
     ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
+    ├── BrokenWorkspaceError        exit 1   "broken"       a workspace.json that cannot be read
+    │                                                       (workspaces.py)
     ├── AgentFileError              exit 1   "guest-file"   get/put refused by the agent (agent.py)
     ├── ProtocolError               exit 1   "protocol"     a malformed frame (protocol.py)
     └── QmpError                    exit 1   "vmm"          QEMU's monitor failed (backends/qmp.py)
+
+Signals are not errors: Ctrl-C is Python's ``KeyboardInterrupt`` and the CLI turns SIGTERM
+into :class:`Terminated`, a ``KeyboardInterrupt`` too, so that the same cleanup runs;
+the exit code is 128 + the signal's number (:func:`interrupted_exit_code`).
 """
 
 from __future__ import annotations
+
+import signal
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -125,3 +133,17 @@ class HostError(MicroagentError):
     """A host tool or the host file system failed."""
 
     kind = "host"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or another terminating signal) raised in the main thread as Ctrl-C's
+    KeyboardInterrupt is, so that every cleanup that Ctrl-C runs runs too."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)

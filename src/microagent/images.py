@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from microagent.manifests import (
 )
 from microagent.progress import NullProgress, Progress
 from microagent.references import ImageSource, parse_image_source
+from microagent.staging import sweep_abandoned
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -109,6 +111,7 @@ def pull_image(
 
     parsed = normalize(source)
     progress = progress or NullProgress()
+    sweep_abandoned(layout)  # what a killed pull or build left behind (staging.py)
     store = BlobStore(layout)
     want = platform or host_platform()
     reader = open_reader(parsed, store)
@@ -170,7 +173,9 @@ def _fetch_small(reader: ImageReader, store: BlobStore, digest: str, size: int) 
 
 def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest,
                   progress: Progress) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    stop = threading.Event()  # the pull failed or was interrupted: the others stop too
 
     def fetch(index: int) -> None:
         layer = manifest.layers[index]
@@ -180,13 +185,32 @@ def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest
         if store.has(layer.digest):
             progress.item_done(key, "already cached")
             return
-        reader.blob(layer.digest, layer.size, store,
-                    lambda n: progress.item_advanced(key, n))
+
+        def advanced(count: int) -> None:
+            if stop.is_set():
+                raise _Abandoned  # at the next chunk; the blob's staging goes with it
+            progress.item_advanced(key, count)
+
+        reader.blob(layer.digest, layer.size, store, advanced)
         progress.item_done(key, "pulled")
 
-    with ThreadPoolExecutor(max_workers=PARALLEL_LAYERS) as pool:
-        for future in [pool.submit(fetch, i) for i in range(len(manifest.layers))]:
-            future.result()
+    pool = ThreadPoolExecutor(max_workers=PARALLEL_LAYERS)
+    try:
+        futures = [pool.submit(fetch, i) for i in range(len(manifest.layers))]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done():
+                future.result()  # the first failure, in layer order
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Abandoned(BaseException):
+    """A layer download stopped because the pull as a whole failed or was interrupted
+    (a BaseException, so that no retry loop takes it for a network error)."""
 
 
 def ensure_image(layout: StateLayout, source: str | ImageSource, *,

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,15 @@ from microagent.kmodules import (
     module_contents,
     resolve_modules,
 )
-from microagent.store import ensure_dir, file_lock, fsync_dir, read_json, write_json_atomic
+from microagent.staging import stage_dir, sweep_abandoned
+from microagent.store import (
+    ensure_dir,
+    file_lock,
+    fsync_dir,
+    open_private,
+    read_json,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from microagent.layout import StateLayout
@@ -165,8 +172,9 @@ def install_kernel(
     ensure_dir(layout.tmp_dir)
     lock = layout.lock_file("kernel", "store")
     with file_lock(lock, what="the kernel store", timeout=INSTALL_LOCK_TIMEOUT), \
-            tempfile.TemporaryDirectory(prefix="kernel-", dir=layout.tmp_dir) as tmp:
-        work = Path(tmp)
+            stage_dir(layout.tmp_dir, "kernel-") as staged:  # swept if killed
+        sweep_abandoned(layout)
+        work = staged.path
         if from_path is not None:
             source = source_from_path(Path(from_path), modules_dir, work, progress)
         else:
@@ -227,25 +235,29 @@ def _assemble(
     """Write the bundle of ``source`` into a staging dir and rename it into place."""
     plan = resolve_modules(source.version, source.modules_dir, source.config,
                            REQUIRED_MODULES, OPTIONAL_MODULES)
-    staging = Path(tempfile.mkdtemp(prefix=f".new-{source.version}-", dir=layout.kernels_dir))
+    staged = stage_dir(layout.kernels_dir, f".new-{source.version}-")  # swept if killed
+    staging = staged.path
     try:
         write_bundle(source, plan, staging, progress)
         final = layout.kernels_dir / source.version
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{source.version}-",
-                                        dir=layout.kernels_dir))
-            os.replace(final, old / "bundle")
-        os.replace(staging, final)
+            old = stage_dir(layout.kernels_dir, f".old-{source.version}-")
+            os.replace(final, old.path / "bundle")
+        try:
+            staged.replace(final)
+        except BaseException:
+            if old is not None:  # put the previous bundle back
+                os.replace(old.path / "bundle", final)
+            raise
+        finally:
+            if old is not None:
+                old.close()
         fsync_dir(layout.kernels_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
         raise HostError(f"cannot write the kernel bundle: {e}") from e
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        staged.close()
     return final
 
 
@@ -254,6 +266,7 @@ def write_bundle(source: KernelSource, plan: ModulePlan, staging: Path,
     """The files of the bundle of ``source`` (its modules as ``plan`` says) in ``staging``."""
     _step(progress, f"assembling kernel {source.version} from {source.description}")
     shutil.copyfile(source.vmlinuz, staging / "vmlinuz")
+    os.chmod(staging / "vmlinuz", 0o600)  # copyfile's mode is 0666 less the umask
     prefix = f"lib/modules/{source.version}"
     entries = [
         initramfs.regular_file(f"{prefix}/{rel}", data)
@@ -261,11 +274,12 @@ def write_bundle(source: KernelSource, plan: ModulePlan, staging: Path,
     ]
     order = "".join(f"/{prefix}/{module.rel}\n" for module in plan.modules)
     entries.append(initramfs.regular_file(MODULE_LIST, order.encode()))
-    with (staging / "modules.cpio").open("wb") as f:
+    with os.fdopen(open_private(staging / "modules.cpio", os.O_WRONLY), "wb") as f:
         initramfs.write_cpio(entries, f)
     vmlinux = extract_vmlinux((staging / "vmlinuz").read_bytes())
     if vmlinux is not None:
-        (staging / "vmlinux").write_bytes(vmlinux)
+        with os.fdopen(open_private(staging / "vmlinux", os.O_WRONLY), "wb") as f:
+            f.write(vmlinux)
     names = ["vmlinuz", "modules.cpio"] + (["vmlinux"] if vmlinux is not None else [])
     write_json_atomic(staging / BUNDLE_RECORD, {
         "version": source.version,

@@ -33,7 +33,8 @@ from microagent.backends.base import (
 from microagent.backends.qemu import QemuBackend
 from microagent.errors import ConflictError, MicroagentError
 from microagent.kernels import KernelBundle
-from microagent.layout import RunFiles, StateLayout
+from microagent.layout import PRIVATE_UMASK, RunFiles, StateLayout
+from microagent.store import open_private
 from microagent.workspaces import Workspace, get_workspace
 
 PR_SET_PDEATHSIG = 1
@@ -153,12 +154,12 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
         with contextlib.suppress(FileNotFoundError):
             os.unlink(files.dir / socket_name)
     parent = os.getpid()
-    with open(files.vmm_log, "ab") as vmm_log:
+    with os.fdopen(open_private(files.vmm_log, os.O_WRONLY | os.O_APPEND), "ab") as vmm_log:
         vmm_log_start = vmm_log.tell()
         process = subprocess.Popen(
             plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
             stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
-            start_new_session=True)
+            start_new_session=True, umask=PRIVATE_UMASK)  # its sockets: owner only
     return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start)
 
 

@@ -14,6 +14,10 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
                                 supervisor.log, run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
     tmp/                        staging; same file system, so renames are atomic
+
+Directories are 0700 and files 0600 whatever the umask (``store.py``); processes that
+create files there (the supervisor, QEMU, e2fsprogs) run with :data:`PRIVATE_UMASK`.
+Staging entries and their sweep: ``staging.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_DIR_ENV = "MICROAGENT_HOME"
+PRIVATE_UMASK = 0o077
 
 
 def default_state_dir() -> Path:

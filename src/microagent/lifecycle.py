@@ -24,12 +24,12 @@ from microagent.config import validate_name
 from microagent.control import SupervisorClient
 from microagent.errors import ConflictError, HostError, MicroagentError
 from microagent.events import append_event, read_events
-from microagent.layout import StateLayout
+from microagent.layout import PRIVATE_UMASK, StateLayout
 from microagent.logs import capture_tail
 from microagent.progress import NullProgress, Progress
 from microagent.runtime import RuntimeState, runtime_state, supervisor_alive
-from microagent.store import ensure_dir, file_lock
-from microagent.workspaces import get_workspace
+from microagent.store import ensure_dir, file_lock, open_private
+from microagent.workspaces import BrokenWorkspaceError, get_workspace, require_workspace
 
 DEFAULT_START_TIMEOUT = 120.0
 RUNNING = frozenset({"starting", "running", "halting"})
@@ -120,12 +120,12 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
 
 def _spawn_supervisor(layout: StateLayout, name: str, timeout: float) -> subprocess.Popen[bytes]:
     log = layout.workspace_supervisor_log(name)
-    with open(log, "ab") as out:
+    with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "microagent._supervise", "--state-dir", str(layout.root),
              "--timeout", str(timeout), name],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            close_fds=True, cwd="/",
+            close_fds=True, cwd="/", umask=PRIVATE_UMASK,
         )
 
 
@@ -194,7 +194,7 @@ def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
 def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) -> str:
     """The clean, disk-preserving shutdown; returns the final state."""
     validate_name(name)
-    get_workspace(layout, name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.state not in ("running", "quarantined"):
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
@@ -211,7 +211,7 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
 def stop_workspace(layout: StateLayout, name: str) -> str:
     """Ask the guest to shut down; ``stopped`` within five seconds, else ``failed``."""
     validate_name(name)
-    get_workspace(layout, name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.state not in ("running", "quarantined"):
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
@@ -227,7 +227,7 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
 def kill_workspace(layout: StateLayout, name: str) -> str:
     """End the VM process at once; state ``stopped``."""
     validate_name(name)
-    get_workspace(layout, name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.supervisor_alive:
         with contextlib.suppress(MicroagentError):
@@ -260,8 +260,13 @@ def _wait_supervisor_gone(layout: StateLayout, name: str, timeout: float) -> boo
 
 
 def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> dict[str, Any]:
-    """One workspace in full: record, derived state, pids, readiness, last events."""
-    ws = get_workspace(layout, name)
+    """One workspace in full: record, derived state, pids, readiness, last events; for a
+    broken workspace, its name, state ``broken``, the error and its last events."""
+    try:
+        ws = get_workspace(layout, name)
+    except BrokenWorkspaceError as e:
+        return {**e.workspace.to_json(), "detail": e.hint, "last_events": [
+            x.to_json() for x in read_events(layout.workspace_events(name))[-5:]]}
     state = runtime_state(layout, name)
     status = state.status
     if state.supervisor_alive and state.state == "running":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 
 from microagent.agent import ExecResult
-from microagent.errors import MicroagentError, UsageError
+from microagent.errors import MicroagentError, Terminated, UsageError
 from microagent.execution import ExecOptions
 from microagent.layout import StateLayout
 from microagent.progress import Progress
@@ -122,8 +122,8 @@ def discard_workspace(layout: StateLayout, name: str,
 @contextlib.contextmanager
 def _terminating_raises_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP end the run like Ctrl-C does, so the scratch workspace goes."""
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise Terminated(signum)
 
     previous = {signum: signal.signal(signum, interrupt)
                 for signum in (signal.SIGTERM, signal.SIGHUP)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,7 @@ from microagent.kernels import (
     write_bundle,
 )
 from microagent.kmodules import bzimage_version, resolve_modules
+from microagent.staging import stage_dir, sweep_abandoned
 from microagent.store import ensure_dir, file_lock, fsync_dir
 
 if TYPE_CHECKING:
@@ -82,16 +82,19 @@ def install_own_kernel(layout: StateLayout, path: Path,
     ensure_dir(layout.tmp_dir)
     with file_lock(layout.lock_file("kernel", "store"), what="the kernel store",
                    timeout=INSTALL_LOCK_TIMEOUT), \
-            tempfile.TemporaryDirectory(prefix="kernel-", dir=layout.tmp_dir) as tmp:
-        staging = Path(tempfile.mkdtemp(prefix=".new-", dir=store))
+            stage_dir(layout.tmp_dir, "kernel-") as tmp, \
+            stage_dir(store, ".new-") as staged:  # both swept if killed (staging.py)
+        sweep_abandoned(layout)
+        staging = staged.path
         try:
             whole = _bundle_of(path)
             if whole is not None:
                 for name in (*whole.files, BUNDLE_RECORD):
                     shutil.copyfile(whole.path / name, staging / name)
+                    os.chmod(staging / name, 0o600)
             else:
                 try:
-                    source = source_from_path(path, None, Path(tmp), progress)
+                    source = source_from_path(path, None, tmp.path, progress)
                     plan = resolve_modules(source.version, source.modules_dir, source.config,
                                            REQUIRED_MODULES, OPTIONAL_MODULES)
                 except NotFoundError as e:
@@ -99,18 +102,12 @@ def install_own_kernel(layout: StateLayout, path: Path,
                                      hint=KERNEL_FORMS) from None
                 write_bundle(source, plan, staging, progress)
             final = store / bundle_digest(load_bundle(staging)).split(":", 1)[1]
-            if _intact(final):
-                shutil.rmtree(staging)
-            else:
+            if not _intact(final):
                 shutil.rmtree(final, ignore_errors=True)
-                os.replace(staging, final)
+                staged.replace(final)
                 fsync_dir(store)
         except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
             raise HostError(f"cannot store the kernel of {path}: {e}") from e
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return load_bundle(final)
 
 

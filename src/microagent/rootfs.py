@@ -15,7 +15,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from microagent import ext4
 from microagent.errors import DiskTooSmallError, HostError
 from microagent.layers import LayerFile, apply_layers
+from microagent.staging import Staged, stage_dir, stage_file
 from microagent.store import ensure_dir, fsync_dir
 
 MIB = 1 << 20
@@ -52,11 +52,9 @@ def build_root_disk(
     tools = ext4.find_tools()
     ensure_dir(work_dir)
     ensure_dir(dest.parent)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix="rootfs-", dir=work_dir))
-    except OSError as e:
-        raise HostError(f"cannot create a staging directory in {work_dir}: {e.strerror}") from e
-    image: Path | None = None
+    staged = stage_dir(work_dir, "rootfs-")  # locked: a killed build's is swept later
+    staging = staged.path
+    image: Staged | None = None
     try:
         tree_dir, scratch = staging / "tree", staging / "scratch"
         tree_dir.mkdir(mode=0o700)
@@ -69,40 +67,26 @@ def build_root_disk(
             size_mib = minimum + max(16, minimum // 10)
         if size_mib < minimum:
             raise _too_small(minimum, size_mib)
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        image = Path(name)
-        try:
-            os.ftruncate(fd, size_mib * MIB)
-        finally:
-            os.close(fd)
+        image = stage_file(dest.parent, f".{dest.name}.", ".tmp")
+        os.ftruncate(image.fd, size_mib * MIB)
         step(f"creating the ext4 file system ({size_mib} MiB)")
         try:
-            ext4.make_filesystem(tools, tree_dir, image, label=label,
+            ext4.make_filesystem(tools, tree_dir, image.path, label=label,
                                  inodes=ext4.inode_count(size_mib, needed))
         except DiskTooSmallError as e:  # the estimate was short: ask for a safe margin more
             raise _too_small(max(minimum, size_mib) + max(16, size_mib // 10), size_mib,
                              f" ({e.message})") from e
         step("setting owners, modes and devices")
-        ext4.fix_inodes(tools, image, tree, scratch)
-        _fsync_file(image)
-        os.replace(image, dest)
-        image = None
+        ext4.fix_inodes(tools, image.path, tree, scratch)
+        os.fsync(image.fd)
+        image.replace(dest)
         fsync_dir(dest.parent)
     except OSError as e:
         raise HostError(f"cannot build the root disk {dest}: {e.strerror or e}") from e
     finally:
         if image is not None:
-            with contextlib.suppress(FileNotFoundError):
-                image.unlink()
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            image.close()
+        staged.close()
 
 
 def _too_small(minimum: int, size_mib: int, detail: str = "") -> DiskTooSmallError:

@@ -1,9 +1,14 @@
-"""Records on disk: atomic JSON with a schema version, and file locks.
+"""Records on disk: atomic JSON with a schema version, file locks, private modes.
 
 Every record is written to a temporary file in the same directory, fsynced and renamed
 over the old one, so a reader sees the old record or the new one, never half of one.
 Locks are ``flock`` locks on files under ``locks/``: the kernel drops them when the
 holder dies, so a killed command never leaves a workspace locked.
+
+The state directory is private: every directory microagent makes is 0700 and every file
+0600, whatever the umask (:func:`ensure_dir`, :func:`open_private`), and
+:func:`check_state_dir` refuses a state directory that another user could write in
+(another user's base disk would boot as root's next workspace).
 """
 
 from __future__ import annotations
@@ -17,20 +22,98 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from microagent.errors import BusyError, HostError, MicroagentError, UsageError
 
 SCHEMA_VERSION = 1
+# the state directory's own levels that check_state_dir looks at (relative to its root)
+_CHECKED = ("", "images", "images/blobs", "images/blobs/sha256", "images/disks", "kernels",
+            "volumes", "workspaces", "locks", "tmp")
 
 
 def ensure_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 if missing; return it."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise HostError(f"cannot create directory {path}: {e.strerror}") from e
+    """Create ``path`` and any missing parents, each mode 0700 whatever the umask; return it.
+
+    (``Path.mkdir(parents=True)`` gives the parents 0777 less the umask: 0777 under
+    ``umask 000``.) Directories that exist are left as they are.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)  # masked by the umask: never wider than 0700
+        except FileExistsError:
+            if not directory.is_dir():
+                raise HostError(f"cannot create directory {directory}: a file is "
+                                "in the way") from None
+            continue
+        except OSError as e:
+            raise HostError(f"cannot create directory {directory}: {e.strerror}") from e
+        os.chmod(directory, 0o700)
     return path
+
+
+def open_private(path: Path, flags: int) -> int:
+    """``os.open`` of ``path`` with ``O_CREAT``, mode 0600 whatever the umask; an fd."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o7777 != 0o600:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_state_dir(root: Path) -> None:
+    """Refuse a state directory that another user can write in, or that is not ours.
+
+    Looks at the root and its fixed top levels (``images``, ``images/blobs``, ...,
+    ``workspaces``, ``locks``, ``tmp``): about ten ``stat`` calls, run once per command.
+    Deeper directories are made 0700 by microagent itself, inside these.
+    Raises UsageError when the root is not a directory, HostError otherwise.
+    """
+    me = os.geteuid()
+    writable: list[str] = []
+    foreign: list[tuple[str, int]] = []
+    for relative in _CHECKED:
+        path = root / relative if relative else root
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made 0700 when first needed (or refused then, if it cannot be)
+        except OSError as e:
+            raise HostError(f"cannot inspect the state directory {path}: {e.strerror}") from e
+        if not stat.S_ISDIR(st.st_mode):
+            if not relative:
+                raise UsageError(f"the state directory {root} is not a directory",
+                                 hint="pass a directory with --state-dir or MICROAGENT_HOME")
+            raise HostError(f"{path} in the state directory is not a directory",
+                            hint="move it away: microagent keeps a directory there")
+        if st.st_uid != me:
+            foreign.append((str(path), st.st_uid))
+        elif st.st_mode & 0o022:
+            writable.append(str(path))
+    if foreign:
+        owned, uid = foreign[0]
+        raise HostError(
+            f"the state directory {owned} belongs to uid {uid}, not to you (uid {me}): "
+            "its owner could replace the images and disks your workspaces boot",
+            hint="use a state directory of your own (--state-dir or MICROAGENT_HOME), or "
+                 f"take it over: chown -R {me} {quote(str(root))} && "
+                 f"chmod -R go-w {quote(str(root))}")
+    if writable:
+        raise HostError(
+            f"the state directory is writable by other users: {', '.join(writable)} "
+            "(they could replace the images and disks your workspaces boot)",
+            hint=f"make it private: chmod go-rwx {' '.join(map(quote, writable))}")
 
 
 def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = True) -> None:
@@ -42,6 +125,7 @@ def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = T
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o600)  # mkstemp's 0600 is masked by the umask too
             f.write(payload + "\n")
             if durable:
                 f.flush()
@@ -91,7 +175,7 @@ def file_lock(path: Path, *, what: str, timeout: float = 0.0) -> Iterator[None]:
     ``what`` names the locked object in the error ("workspace research").
     """
     ensure_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_private(path, os.O_RDWR)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -4,7 +4,8 @@ A workspace is a directory ``workspaces/<name>/`` holding its desired state
 (``workspace.json``), its own root disk (``rootfs.ext4``, a copy of the image's cached base
 disk) and its event history. ``create`` assembles all of it in a hidden staging directory
 and renames it into place at the end, so a failed or interrupted create leaves nothing.
-The state shown to users is derived from the record and the last event.
+The state shown to users is derived from the record and the last event; a workspace
+whose record cannot be read is shown as ``broken`` with the reason, and can be deleted.
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent.attachments import Attachment, validate_attachments
 from microagent.config import Resources, check_fits_host, resolve_resources, validate_name
-from microagent.errors import ConflictError, NotFoundError, UsageError
+from microagent.errors import ConflictError, MicroagentError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
 from microagent.network import PublishedPort, validate_ports
 from microagent.progress import NullProgress, Progress
+from microagent.staging import remove_whole, stage_dir, sweep_abandoned
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _STAGING_PREFIX = ".new-"
 _DELETING_PREFIX = ".deleting-"
+BROKEN = "broken"  # the state of a workspace whose record cannot be read
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,16 @@ class Workspace:
     disks: tuple[Attachment, ...] = ()
     ports: tuple[PublishedPort, ...] = ()
     own_kernel: OwnKernel | None = None  # None: the default kernel at each start
+    error: str = ""  # why the record cannot be read (state ``broken``)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape of one workspace."""
+        if self.error:
+            return {"name": self.name, "state": self.state, "error": self.error,
+                    "backend": None, "profile": None, "network": None, "restart": None,
+                    "image": None, "image_digest": None, "resources": None, "hostname": None,
+                    "env": [], "created": None, "rootfs": str(self.rootfs), "disks": [],
+                    "ports": []}
         return {
             "name": self.name,
             "state": self.state,
@@ -182,6 +190,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
         own_kernel = OwnKernel(bundle_digest(bundle), bundle.version,
                                str(Path(spec.kernel).expanduser().absolute()))
     with _workspace_lock(layout, spec.name):
+        sweep_abandoned(layout)  # what a killed create left behind (staging.py)
         if layout.workspace_dir(spec.name).exists():
             raise ConflictError(f"workspace {spec.name} already exists",
                                 hint=f"delete it first (microagent delete {spec.name}) "
@@ -193,9 +202,8 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
 
             default_kernel(layout, install_if_missing=True)
         ensure_dir(layout.workspaces_dir)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{spec.name}-",
-                                        dir=layout.workspaces_dir))
-        try:
+        with stage_dir(layout.workspaces_dir, f"{_STAGING_PREFIX}{spec.name}-") as staged:
+            staging = staged.path
             progress.step("Copying root disk")
             copy_disk(base, staging / layout.workspace_rootfs(spec.name).name)
             write_json_atomic(staging / "workspace.json", _record(spec, image, own_kernel))
@@ -206,10 +214,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
                             SetupState(spec.setup, pending=True))
             append_event(staging / "events.jsonl", "prepared", f"created from {image.reference}")
             with new_volumes(layout, spec.disks, progress):  # deleted again on failure
-                os.rename(staging, layout.workspace_dir(spec.name))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+                staged.replace(layout.workspace_dir(spec.name))
     return get_workspace(layout, spec.name)
 
 
@@ -240,16 +245,46 @@ def _record(spec: WorkspaceSpec, image: Image, own_kernel: OwnKernel | None) -> 
     }
 
 
-def get_workspace(layout: StateLayout, name: str) -> Workspace:
-    """Load one workspace, or raise NotFoundError."""
-    from microagent.manifests import ImageConfig
+class BrokenWorkspaceError(MicroagentError):
+    """The workspace's record cannot be read (truncated, not JSON, fields missing).
 
+    ``workspace`` is what ``list`` and ``status`` show for it: state ``broken``, the
+    reason in ``error``.
+    """
+
+    kind = "broken"
+
+    def __init__(self, workspace: Workspace) -> None:
+        super().__init__(f"workspace {workspace.name} is broken: {workspace.error}",
+                         hint=f"delete it (microagent delete {workspace.name}), or restore "
+                              "its workspace.json")
+        self.workspace = workspace
+
+
+def get_workspace(layout: StateLayout, name: str) -> Workspace:
+    """Load one workspace; NotFoundError, or BrokenWorkspaceError for an unreadable record."""
     validate_name(name)
+    path = layout.workspace_record(name)
     try:
-        record = read_json(layout.workspace_record(name))
+        record = read_json(path)
     except FileNotFoundError:
         raise NotFoundError(f"no workspace named {name}",
                             hint="`microagent list` shows the saved workspaces") from None
+    except MicroagentError as e:
+        raise BrokenWorkspaceError(_broken(layout, name, e.message)) from e
+    try:
+        return _from_record(layout, name, record)
+    except KeyError as e:
+        raise BrokenWorkspaceError(_broken(layout, name, f"record {path} has no field "
+                                                         f"{e.args[0]!r}")) from e
+    except (TypeError, ValueError, AttributeError, MicroagentError) as e:
+        detail = e.message if isinstance(e, MicroagentError) else f"{type(e).__name__}: {e}"
+        raise BrokenWorkspaceError(_broken(layout, name, f"record {path} is malformed: "
+                                                         f"{detail}")) from e
+
+
+def _from_record(layout: StateLayout, name: str, record: dict[str, Any]) -> Workspace:
+    from microagent.manifests import ImageConfig
     from microagent.runtime import runtime_state
 
     runtime = runtime_state(layout, name)
@@ -275,16 +310,40 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
     )
 
 
+def _broken(layout: StateLayout, name: str, error: str) -> Workspace:
+    from microagent.manifests import ImageConfig
+    from microagent.runtime import runtime_state
+
+    return Workspace(
+        name=name, state=BROKEN, image="", image_digest="", image_config=ImageConfig(),
+        resources=Resources("-", 0, 0, 0), backend="-", network="-", restart="-", env=(),
+        hostname="", created="", rootfs=layout.workspace_rootfs(name),
+        last_event=runtime_state(layout, name).event, error=error)
+
+
+def require_workspace(layout: StateLayout, name: str) -> None:
+    """NotFoundError unless ``name`` has a record (a broken one will do: the verbs that
+    only talk to its processes, halt, stop and kill, still work on it)."""
+    validate_name(name)
+    if not layout.workspace_record(name).is_file():
+        raise NotFoundError(f"no workspace named {name}",
+                            hint="`microagent list` shows the saved workspaces")
+
+
 def list_workspaces(layout: StateLayout) -> list[Workspace]:
-    """Every saved workspace, by name."""
+    """Every saved workspace, by name; those whose record cannot be read as ``broken``."""
     if not layout.workspaces_dir.is_dir():
         return []
     names = sorted(p.name for p in layout.workspaces_dir.iterdir()
                    if not p.name.startswith(".") and (p / "workspace.json").is_file())
     workspaces = []
     for name in names:
-        with contextlib.suppress(NotFoundError):
+        try:
             workspaces.append(get_workspace(layout, name))
+        except BrokenWorkspaceError as e:
+            workspaces.append(e.workspace)
+        except (NotFoundError, UsageError):  # gone meanwhile, or not a name we make
+            continue
     return workspaces
 
 
@@ -305,10 +364,8 @@ def delete_workspace(layout: StateLayout, name: str) -> bool:
                 f"workspace {name} is {runtime.state}"
                 + (f" (VM process {pid})" if pid else "")
                 + ": halt, stop, or kill it first")
-        # Rename first so that the workspace disappears at once, whole.
-        doomed = directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}")
-        os.rename(directory, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_whole(directory, directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}"))
+        sweep_abandoned(layout)
     return True
 
 

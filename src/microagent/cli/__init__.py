@@ -11,8 +11,12 @@ inside the handlers so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 from microagent import __version__
 from microagent.cli import console, doctor, images, lifecycle, observe, run, volumes, workspaces
@@ -25,8 +29,11 @@ from microagent.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     MicroagentError,
+    Terminated,
     UsageError,
+    interrupted_exit_code,
 )
+from microagent.layout import PRIVATE_UMASK
 from microagent.store import check_state_dir_usable
 
 __all__ = ["build_parser", "main"]
@@ -74,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = "--json" in raw[: _verb_position(raw)]
     debug = "--debug" in raw[: _verb_position(raw)]
     out = Output(as_json)
+    umask = os.umask(PRIVATE_UMASK)  # what this command and its tools create: owner only
+    previous = _terminate_as_interrupt()
     try:
         parser = build_parser()
         args = parser.parse_args(raw)
@@ -82,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         handler: Handler = args.handler
         if args.verb not in STATELESS_VERBS:
-            check_state_dir_usable(layout_of(args).root)
+            check_state_dir_usable(layout_of(args, check=False).root)
         return handler(args, out)
     except MicroagentError as e:
         if debug:
@@ -93,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_exec(raw) and not isinstance(e, UsageError):
             return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
         return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:
+        sys.stderr.write("terminated\n" if isinstance(e, Terminated) else "interrupted\n")
+        return interrupted_exit_code(e)
     except BrokenPipeError:
         return EXIT_FAILURE
     except Exception as e:
@@ -104,6 +113,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(out, MicroagentError(f"internal error: {type(e).__name__}: {e}",
                                     hint="rerun with --debug for a traceback"))
         return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        os.umask(umask)
+
+
+def _terminate_as_interrupt() -> signal.Handlers | Callable[..., object] | int | None:
+    """SIGTERM unwinds the command as Ctrl-C does (staging removed, locks released,
+    children killed), then exit 143; returns the previous handler (None off the main
+    thread, where Python cannot set one)."""
+    def terminate(signum: int, _frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _is_exec(raw: Sequence[str]) -> bool:

@@ -20,12 +20,10 @@ from microagent.cli.output import (
     seconds,
     workspace_name,
 )
-from microagent.errors import EXIT_OK, UsageError
+from microagent.errors import EXIT_OK, UsageError, interrupted_exit_code
 
 if TYPE_CHECKING:
     from microagent.events import Event
-
-EXIT_INTERRUPTED = 130
 
 
 def cmd_logs(args: argparse.Namespace, out: Output) -> int:
@@ -49,8 +47,8 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
             if chunk:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     return EXIT_OK
 
 
@@ -74,8 +72,8 @@ def cmd_events(args: argparse.Namespace, out: Output) -> int:
             sys.stdout.write((json.dumps(event.to_json(), sort_keys=True) if out.as_json
                               else event_line(event)) + "\n")
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     return EXIT_OK
 
 
@@ -85,8 +83,8 @@ def cmd_wait(args: argparse.Namespace, out: Output) -> int:
     name = workspace_name(args)
     try:
         state = wait_for_state(layout_of(args), name, args.state, timeout=args.timeout)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     out.emit({"name": name, "state": state.state, "detail": state.detail}, state.state)
     return EXIT_OK
 

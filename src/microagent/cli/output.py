@@ -97,8 +97,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def layout_of(args: argparse.Namespace) -> StateLayout:
-    return StateLayout.resolve(args.state_dir)
+def layout_of(args: argparse.Namespace, *, check: bool = True) -> StateLayout:
+    """The state directory of ``--state-dir`` (or the default), refused if another user
+    can write in it (``store.check_state_dir``, once per command; ``doctor`` passes
+    ``check=False`` and reports it as one of its checks instead)."""
+    layout = StateLayout.resolve(args.state_dir)
+    if check and getattr(args, "checked_state_dir", None) != layout.root:
+        from microagent.store import check_state_dir
+
+        check_state_dir(layout.root)
+        args.checked_state_dir = layout.root
+    return layout
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -85,6 +85,11 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
 
     name = workspace_name(args)
     doc = workspace_status(layout_of(args), name, probe=out.as_json)
+    if doc.get("error"):  # broken: its record cannot be read
+        out.emit(doc, "\n".join([f"Workspace: {doc['name']}", f"State: {doc['state']}",
+                                 f"Error: {doc['error']}", f"Hint: {doc['detail']}",
+                                 f"Rootfs: {doc['rootfs']}"]))
+        return EXIT_OK
     lines = [
         f"Workspace: {doc['name']}",
         f"State: {doc['state']}" + (f" ({doc['detail']})" if doc["detail"] else ""),
