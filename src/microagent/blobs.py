@@ -4,6 +4,8 @@ A blob enters ``images/blobs/sha256/<hex>`` only after its bytes were hashed and
 the digest (and size) it was asked for. Each writer streams into its own temporary file
 in the same directory and renames it into place, so two processes pulling the same image
 at once both succeed, and nobody ever sees a partial or unverified blob under a digest.
+A host file system that fills up meanwhile is a HostError naming it and its free space;
+the temporary file is removed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from microagent.errors import IntegrityError, NotFoundError
 from microagent.layout import StateLayout
-from microagent.store import ensure_dir
+from microagent.store import ensure_dir, is_no_space, write_error
 
 DIGEST_PATTERN = re.compile(r"sha256:[a-f0-9]{64}")
 
@@ -69,7 +71,7 @@ class BlobStore:
         """
         target = self.path(digest)
         directory = ensure_dir(target.parent)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=directory)
+        fd, tmp = _temporary(directory, f"cannot store blob {digest}")
         try:
             hasher = hashlib.sha256()
             received = 0
@@ -101,9 +103,12 @@ class BlobStore:
                 )
             os.chmod(tmp, 0o600)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and is_no_space(e):
+                raise write_error(e, f"cannot store blob {digest}{_from(source)}",
+                                  directory) from e
             raise
         return target
 
@@ -114,7 +119,7 @@ class BlobStore:
         the caller checks the result against what it expects (the config's diff_ids).
         """
         directory = ensure_dir(self.layout.blobs_dir)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=directory)
+        fd, tmp = _temporary(directory, f"cannot store a layer{_from(source)}")
         try:
             hasher = hashlib.sha256()
             with os.fdopen(fd, "wb") as f:
@@ -126,9 +131,11 @@ class BlobStore:
             digest = "sha256:" + hasher.hexdigest()
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path(digest))
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and is_no_space(e):
+                raise write_error(e, f"cannot store a layer{_from(source)}", directory) from e
             raise
         return digest
 
@@ -153,6 +160,15 @@ class BlobStore:
         return sorted(
             f"sha256:{p.name}" for p in directory.iterdir() if not p.name.startswith(".")
         )
+
+
+def _temporary(directory: Path, doing: str) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=".incoming-", dir=directory)
+    except OSError as e:
+        if is_no_space(e):
+            raise write_error(e, doing, directory) from e
+        raise
 
 
 def _from(source: str) -> str:

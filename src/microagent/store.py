@@ -9,9 +9,11 @@ holder dies, so a killed command never leaves a workspace locked.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -107,3 +109,42 @@ def file_lock(path: Path, *, what: str, timeout: float = 0.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(e: OSError) -> bool:
+    """Whether ``e`` says the file system is full or the disk quota is used up."""
+    return e.errno in NO_SPACE
+
+
+def write_error(e: OSError, doing: str, directory: Path) -> HostError:
+    """The HostError for ``doing`` (e.g. "cannot store blob X") failing with ``e`` while
+    writing in ``directory``: :func:`no_space_error` when it ran out of space."""
+    if is_no_space(e):
+        return no_space_error(doing, directory, quota=e.errno == errno.EDQUOT)
+    return HostError(f"{doing}: {e.strerror or e}")
+
+
+def no_space_error(doing: str, directory: Path, *, quota: bool = False,
+                   needed: int | None = None) -> HostError:
+    """A HostError that says the host file system of ``directory`` is full, with its free
+    space (and ``needed`` bytes, when known), not what the write was for."""
+    what = "the disk quota is used up" if quota else "the host file system is full"
+    need = f", about {_mib(needed)} are needed" if needed is not None else ""
+    return HostError(f"{doing}: {what} in {directory} ({_mib(_free_bytes(directory))} free"
+                     f"{need})",
+                     hint="free some space there (microagent image rm, delete unused "
+                     "workspaces) or use a --state-dir on a bigger file system, then retry")
+
+
+def _free_bytes(directory: Path) -> int:
+    for path in (directory, *directory.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(path).free
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"

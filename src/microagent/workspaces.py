@@ -147,8 +147,8 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
     progress = progress or NullProgress()
     from microagent.attachments import check_sources, new_volumes
 
-    check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
-    with _workspace_lock(layout, spec.name):
+    built = check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
+    with built, _workspace_lock(layout, spec.name):
         if layout.workspace_dir(spec.name).exists():
             raise ConflictError(f"workspace {spec.name} already exists",
                                 hint=f"delete it first (microagent delete {spec.name}) "
@@ -165,6 +165,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
         try:
             progress.step("Copying root disk")
             copy_disk(base, staging / layout.workspace_rootfs(spec.name).name)
+            built.adopt(staging / layout.workspace_bundles_dir(spec.name).name)
             write_json_atomic(staging / "workspace.json", _record(spec, image))
             if spec.setup:
                 from microagent.provision import SetupState, write_setup
