@@ -69,7 +69,7 @@ def build_bundle(item: Attachment, dest: Path, *, work_dir: Path) -> None:
     Raises NotFoundError (no archive), UsageError (not a tar), UnsafeImageError (an entry
     that escapes or nests too deep), DiskTooSmallError (past BUNDLE_MAX_MIB), HostError.
     """
-    from microagent.layers import LayerFile
+    from microagent.layers import ExtractLimitError, LayerFile
     from microagent.rootfs import build_root_disk
 
     source = Path(item.source)
@@ -88,10 +88,11 @@ def build_bundle(item: Attachment, dest: Path, *, work_dir: Path) -> None:
         raise UsageError(f"bundle {item.name}: {source} is not a readable tar archive "
                          f"(.tar, .tar.gz or .tgz): {e.message.removeprefix(label + ' ')}"
                          ) from None
-    except DiskTooSmallError as e:
+    except ExtractLimitError as e:
+        at = e.where.removeprefix(label).strip()
         raise DiskTooSmallError(
             f"bundle {item.name} ({source}) holds more than the {BUNDLE_MAX_MIB} MiB a "
-            f"bundle can: {e.message}; the bundle is refused",
+            f"bundle can; extraction stopped{' ' if at else ''}{at}; the bundle is refused",
             hint="attach larger data as a volume (--volume) or an ext4 image (--disk)",
         ) from None
 

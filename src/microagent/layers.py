@@ -14,9 +14,10 @@ against the config's ``diff_id``) while the main thread writes.
 
 Bounded work: no path is deeper than :data:`MAX_DEPTH`. With ``max_bytes`` (what the
 target disk can hold) the content is counted as ext4 would store it, as it is staged.
-From the entry that takes it past the limit on, no file body is written: the headers
-are still applied (empty files) so that :class:`ExtractLimitError` can carry the whole
-Tree, and the caller say how much the image needs. Reading stops for good when the
+With ``measure``, from the entry that takes it past the limit on, no file body is
+written but the headers are still applied (empty files), so that
+:class:`ExtractLimitError` carries the whole Tree and the caller can say how much the
+image needs; without, extraction stops at that entry. Reading stops for good when the
 inodes alone exceed the limit or when :data:`READ_FACTOR` times the limit has been read
 from the layers in all (files replaced or deleted by later entries count there).
 """
@@ -84,12 +85,13 @@ class ExtractLimitError(DiskTooSmallError):
 
 
 def apply_layers(layers: Sequence[LayerFile], root: Path, *,
-                 max_bytes: int | None = None) -> Tree:
+                 max_bytes: int | None = None, measure: bool = True) -> Tree:
     """Apply ``layers`` in order into the empty directory ``root``; return the Tree.
 
     ``root`` should be private (0700, as ``tempfile.mkdtemp`` makes it): as root, staged
     files keep their setuid bits and device nodes are real. ``max_bytes`` bounds the
-    content (see the module's docstring).
+    content, ``measure`` says whether to go on measuring past it (see the module's
+    docstring).
 
     Raises UnsafeImageError if any entry would write outside ``root`` or nests deeper than
     MAX_DEPTH (naming the layer and the entry), IntegrityError if a layer is truncated or
@@ -101,7 +103,7 @@ def apply_layers(layers: Sequence[LayerFile], root: Path, *,
             raise HostError(f"staging directory {root} is not empty")
     except OSError as e:
         raise HostError(f"cannot use staging directory {root}: {e.strerror}") from e
-    stager = _Stager(root, max_bytes)
+    stager = _Stager(root, max_bytes, measure)
     try:
         for index, layer in enumerate(layers, start=1):
             stager.apply_layer(layer, layer.label or f"layer {index}/{len(layers)} "
@@ -123,7 +125,7 @@ def apply_layers(layers: Sequence[LayerFile], root: Path, *,
 class _Stager:
     """Applies entries to the staging directory and the Tree, keeping the two equal."""
 
-    def __init__(self, root: Path, max_bytes: int | None) -> None:
+    def __init__(self, root: Path, max_bytes: int | None, measure: bool) -> None:
         self.tree = Tree()
         self.root = root
         self.privileged = os.geteuid() == 0
@@ -134,6 +136,7 @@ class _Stager:
         self.unpacked: set[str] = set()
         self.opaque: list[str] = []
         self.max_bytes = max_bytes
+        self.measure = measure
         self.read_left = None if max_bytes is None else READ_FACTOR * max_bytes
         self.inodes = 1  # the root
         self.blocks = 1
@@ -207,6 +210,9 @@ class _Stager:
                     "its entries alone would not fit; extraction stopped"))
             return
         if size > self.max_bytes:
+            if not self.measure:
+                raise ExtractLimitError(self._where(), self.max_bytes,
+                                        reason="extraction stopped")
             self.over = self._where()
 
     def release(self, top: Node) -> None:

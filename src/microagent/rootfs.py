@@ -69,7 +69,8 @@ def build_root_disk(
         step(f"applying {len(layers)} layer{'s' if len(layers) != 1 else ''}")
         limit = size_mib if size_mib is not None else max_mib
         try:
-            tree = apply_layers(layers, tree_dir, max_bytes=limit * MIB if limit else None)
+            tree = apply_layers(layers, tree_dir, max_bytes=limit * MIB if limit else None,
+                                measure=size_mib is not None)
         except ExtractLimitError as e:
             if size_mib is None:
                 raise
