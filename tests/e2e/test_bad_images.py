@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -14,8 +15,11 @@ import pytest
 from ocilayout import ImageSpec, Layer, build_layout
 
 from tests.e2e.conftest import microagent
+from tests.support.distro import read_file
 from tests.support.push import push_layout
 from tests.support.registry import RunningRegistry
+from tests.unit.test_image_trust import genuine_layout, poisoned_layout
+from tests.unit.test_layer_bounds import zeros_layer
 
 
 def leftovers(state_dir: Path) -> list[str]:
@@ -117,4 +121,41 @@ def test_corrupt_layer_is_refused(registry: RunningRegistry, tmp_path: Path,
     assert result.returncode == 1, result.stderr
     assert digest[:19] in result.stderr or digest in result.stderr
     assert "corrupt" in result.stderr or "truncated" in result.stderr
+    assert leftovers(state_dir) == []
+
+
+def test_an_image_reusing_a_genuine_config_is_refused(registry: RunningRegistry,
+                                                      tmp_path: Path, state_dir: Path) -> None:
+    """Cache poisoning: the genuine image's config blob, byte for byte, with other layers."""
+    genuine_src = genuine_layout(tmp_path / "genuine")
+    push_layout(registry.host, "trust/genuine", "1", genuine_src)
+    push_layout(registry.host, "trust/evil", "1",
+                poisoned_layout(genuine_src, tmp_path / "evil"))
+    genuine, evil = (f"{registry.host}/trust/{name}:1" for name in ("genuine", "evil"))
+
+    refused = microagent("create", "w", "--image", evil, "--size-mib", "32")
+    assert refused.returncode == 1, refused.stderr
+    assert re.search(r"layer 1/1 sha256:[0-9a-f]{64} does not match the image config",
+                     refused.stderr), refused.stderr
+    assert leftovers(state_dir) == []
+    listed = json.loads(microagent("--json", "image", "list").stdout)["images"]
+    assert [i["reference"] for i in listed] == []
+
+    created = microagent("create", "w", "--image", genuine, "--size-mib", "32")
+    assert created.returncode == 0, created.stderr
+    assert read_file(state_dir / "workspaces" / "w" / "rootfs.ext4", "/etc/motd") == \
+        b"genuine\n"
+    again = microagent("create", "w2", "--image", evil, "--size-mib", "32")
+    assert again.returncode == 1 and "does not match the image config" in again.stderr
+
+
+def test_a_bundle_bomb_is_refused_at_once(tmp_path: Path, state_dir: Path) -> None:
+    """A 3 MB gzip that unpacks to 3 GiB of zeros: past the bundle cap at its header."""
+    bomb = zeros_layer(tmp_path / "bomb.tar.gz", {"zeros": 3 << 30}).path
+    assert bomb.stat().st_size < 8 << 20
+    result = microagent("create", "w", "--image", "oci:/nonexistent", "--bundle",
+                        f"b={bomb}:/data")
+    assert result.returncode == 1, result.stderr
+    assert f"bundle b ({bomb}) holds more than the 2048 MiB a bundle can" in result.stderr
+    assert "extraction stopped at entry 'zeros'" in result.stderr
     assert leftovers(state_dir) == []

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import struct
 import tarfile
 import zlib
 from pathlib import Path
@@ -35,26 +36,37 @@ def layer_file(path: Path, tar: bytes, how: str = "gzip", *, diff_id: str | None
 
 
 def zeros_layer(path: Path, sizes: dict[str, int] | list[tuple[str, int]]) -> LayerFile:
-    """A gzip layer of files full of zeros, streamed (a 'zip bomb': tiny, huge unpacked)."""
-    packer = zlib.compressobj(1, zlib.DEFLATED, 31)
-    tar = hashlib.sha256()
-    with path.open("wb") as out:
-        def put(data: bytes) -> None:
-            tar.update(data)
-            out.write(packer.compress(data))
+    """A gzip layer of files full of zeros, streamed (a 'zip bomb': tiny, huge unpacked).
 
-        zeros = bytes(MIB)
+    Each MiB of zeros is deflated once: with a full flush after it, every later MiB
+    deflates to the same bytes (the window holds only zeros), so a GiB costs little."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(MIB)
+    packer.compress(zeros)
+    packer.flush(zlib.Z_FULL_FLUSH)
+    same = packer.compress(zeros) + packer.flush(zlib.Z_FULL_FLUSH)
+    crc, length = 0, 0
+    with path.open("wb") as out:
+        out.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")
+
+        def put(data: bytes) -> None:
+            nonlocal crc, length
+            crc, length = zlib.crc32(data, crc), length + len(data)
+            out.write(packer.compress(data) + packer.flush(zlib.Z_FULL_FLUSH))
+
         for name, size in sizes.items() if isinstance(sizes, dict) else sizes:
             info = tarfile.TarInfo(name)
             info.size = size
             put(info.tobuf(tarfile.PAX_FORMAT))
-            for _ in range(size // MIB):
-                put(zeros)
-            put(bytes(size % MIB))
-            put(bytes(-size % 512))
+            if size >= MIB:
+                put(zeros)  # now the window holds zeros only
+            for _ in range(size // MIB - 1):
+                crc, length = zlib.crc32(zeros, crc), length + MIB
+                out.write(same)
+            put(bytes(size % MIB + (-size % 512)))
         put(bytes(1024))
-        out.write(packer.flush())
-    return LayerFile(path, GZIP, sha256(path.read_bytes()), "sha256:" + tar.hexdigest())
+        out.write(packer.flush() + struct.pack("<II", crc, length & 0xFFFFFFFF))
+    return LayerFile(path, GZIP, sha256(path.read_bytes()))
 
 
 def staged_bytes(root: Path) -> int:

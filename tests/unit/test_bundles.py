@@ -1,0 +1,104 @@
+"""Bundle disks: built once per archive content, a fresh copy at each boot for rw, the
+cached disk itself for ro, and refused past the bundle cap as the archive streams."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from microagent import bundles
+from microagent.attachments import check_sources, parse_bundle, prepare_boot_disks
+from microagent.errors import DiskTooSmallError
+from microagent.layout import StateLayout
+from tests.support.distro import read_file
+from tests.unit.test_attachments import files_under, make_tar
+from tests.unit.test_layer_bounds import MIB, zeros_layer
+
+pytestmark = pytest.mark.skipif(shutil.which("debugfs", path="/usr/sbin:/sbin:/usr/bin")
+                                is None, reason="e2fsprogs is not installed")
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_a_bundle_is_built_once_per_archive_content(layout: StateLayout,
+                                                    tmp_path: Path) -> None:
+    tar = make_tar(tmp_path / "tools.tar", {"bin/tool": b"v1\n"})
+    item = parse_bundle(f"tools={tar}:/opt/tools")
+    files = layout.run_files("ws")
+    files.dir.mkdir(parents=True)
+    cache = layout.workspace_bundles_dir("ws")
+
+    first = prepare_boot_disks(layout, files, [item], cache)
+    (cached,) = cache.iterdir()
+    built = identity(cached)
+    copy = files.bundle_disk("tools")
+    assert first.disks[0].path == copy and read_file(copy, "/bin/tool") == b"v1\n"
+    copy.write_bytes(b"what the last boot wrote")
+
+    second = prepare_boot_disks(layout, files, [item], cache)
+    assert identity(cached) == built  # not built again
+    assert list(cache.iterdir()) == [cached]
+    assert second.disks[0].path == copy and read_file(copy, "/bin/tool") == b"v1\n"
+
+    make_tar(tar, {"bin/tool": b"v2\n"})  # a new content: built again, the old one goes
+    prepare_boot_disks(layout, files, [item], cache)
+    (rebuilt,) = cache.iterdir()
+    assert rebuilt != cached and read_file(copy, "/bin/tool") == b"v2\n"
+    assert files_under(layout.tmp_dir) == []
+
+
+def test_a_ro_bundle_boots_the_cached_disk_itself(layout: StateLayout, tmp_path: Path) -> None:
+    tar = make_tar(tmp_path / "cfg.tar", {"app.conf": b"x=1\n"})
+    files = layout.run_files("ws")
+    files.dir.mkdir(parents=True)
+    cache = layout.workspace_bundles_dir("ws")
+    attached = prepare_boot_disks(layout, files, [parse_bundle(f"cfg={tar}:/cfg:ro")], cache)
+    (cached,) = cache.iterdir()
+    assert attached.disks[0].path == cached and attached.disks[0].read_only
+    assert not files.bundle_disk("cfg").exists()
+
+
+def test_create_keeps_the_disks_it_built_while_checking(layout: StateLayout,
+                                                        tmp_path: Path) -> None:
+    tar = make_tar(tmp_path / "cfg.tar.gz", {"app.conf": b"x=1\n"}, gz=True)
+    item = parse_bundle(f"cfg={tar}:/cfg")
+    work = layout.tmp_dir
+    work.mkdir(parents=True)
+    with check_sources([item], work_dir=work) as built:
+        adopted = tmp_path / "ws" / "bundles"
+        adopted.parent.mkdir()
+        built.adopt(adopted)
+    (disk,) = adopted.iterdir()
+    assert files_under(work) == []
+    assert bundles.ensure_bundle_disk(item, adopted, work_dir=work) == disk
+    assert identity(disk) == identity(next(adopted.iterdir()))
+
+
+def test_what_create_does_not_adopt_is_removed(layout: StateLayout, tmp_path: Path) -> None:
+    tar = make_tar(tmp_path / "cfg.tar", {"app.conf": b"x=1\n"})
+    layout.tmp_dir.mkdir(parents=True)
+    with pytest.raises(RuntimeError), check_sources([parse_bundle(f"c={tar}:/c")],
+                                                    work_dir=layout.tmp_dir):
+        raise RuntimeError("the create failed later")
+    assert files_under(layout.tmp_dir) == []
+
+
+def test_a_bundle_bomb_is_refused_at_the_cap(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundles, "BUNDLE_MAX_MIB", 16)
+    bomb = zeros_layer(tmp_path / "bomb.tar.gz", {"ok": 1, "zeros": 256 * MIB}).path
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(DiskTooSmallError) as info:
+        bundles.build_bundle(parse_bundle(f"b={bomb}:/b"), work / "b.ext4", work_dir=work)
+    assert info.value.message == (f"bundle b ({bomb}) holds more than the 16 MiB a bundle "
+                                  "can; extraction stopped at entry 'zeros'; the bundle is "
+                                  "refused")
+    assert "--volume" in info.value.hint
+    assert os.listdir(work) == []
