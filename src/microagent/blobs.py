@@ -104,11 +104,13 @@ class BlobStore:
             os.chmod(tmp, 0o600)
             os.replace(tmp, target)
         except BaseException as e:
+            # the free space as it was when the write failed, before the cleanup
+            full = (write_error(e, f"cannot store blob {digest}{_from(source)}", directory)
+                    if isinstance(e, OSError) and is_no_space(e) else None)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and is_no_space(e):
-                raise write_error(e, f"cannot store blob {digest}{_from(source)}",
-                                  directory) from e
+            if full is not None:
+                raise full from e
             raise
         return target
 
@@ -132,10 +134,12 @@ class BlobStore:
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path(digest))
         except BaseException as e:
+            full = (write_error(e, f"cannot store a layer{_from(source)}", directory)
+                    if isinstance(e, OSError) and is_no_space(e) else None)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and is_no_space(e):
-                raise write_error(e, f"cannot store a layer{_from(source)}", directory) from e
+            if full is not None:
+                raise full from e
             raise
         return digest
 

@@ -131,10 +131,15 @@ def no_space_error(doing: str, directory: Path, *, quota: bool = False,
                    needed: int | None = None) -> HostError:
     """A HostError that says the host file system of ``directory`` is full, with its free
     space (and ``needed`` bytes, when known), not what the write was for."""
-    what = "the disk quota is used up" if quota else "the host file system is full"
-    need = f", about {_mib(needed)} are needed" if needed is not None else ""
-    return HostError(f"{doing}: {what} in {directory} ({_mib(_free_bytes(directory))} free"
-                     f"{need})",
+    free = _mib(_free_bytes(directory))
+    if quota:
+        what = f"the disk quota is used up in {directory} ({free} free on its file system)"
+    elif needed is not None:
+        what = (f"the host file system has too little room in {directory} ({free} free, "
+                f"about {_mib(needed)} needed)")
+    else:
+        what = f"the host file system is full in {directory} ({free} free)"
+    return HostError(f"{doing}: {what}",
                      hint="free some space there (microagent image rm, delete unused "
                      "workspaces) or use a --state-dir on a bigger file system, then retry")
 
