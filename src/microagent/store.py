@@ -37,7 +37,8 @@ def ensure_dir(path: Path) -> Path:
 def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = True) -> None:
     """Write ``document`` (plus ``schema``) to ``path`` atomically, mode 0600; fsynced
     unless not ``durable`` (state that means nothing after a host crash, e.g. a running
-    supervisor's status, rewritten several times per boot)."""
+    supervisor's status, rewritten several times per boot). A full file system is a
+    HostError that says so (the old record stays)."""
     ensure_dir(path.parent)
     payload = json.dumps({"schema": SCHEMA_VERSION, **document}, indent=2, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,9 +49,13 @@ def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = T
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = (write_error(e, f"cannot write {path}", path.parent)
+                if isinstance(e, OSError) and is_no_space(e) else None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from e
         raise
     if durable:
         fsync_dir(path.parent)
