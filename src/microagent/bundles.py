@@ -5,9 +5,9 @@ A bundle is built like an image layer (:mod:`microagent.layers` and
 to fit, and refused past :data:`BUNDLE_MAX_MIB` as the archive streams (a gzip of zeros
 stops there, not at the host's free space).
 
-Each workspace keeps the built disks in ``workspaces/NAME/bundles/`` under
-:func:`bundle_key`: the archive's sha256, the bundle's name (it is the file system's
-label) and :data:`BUNDLE_RECIPE` (how microagent builds it). ``create`` builds them while
+Each workspace keeps the built disks in ``workspaces/NAME/bundles/BUNDLE/KEY.ext4``,
+KEY from :func:`bundle_key`: the archive's sha256, the bundle's name (it is the file
+system's label) and :data:`BUNDLE_RECIPE` (how microagent builds it). ``create`` builds them while
 it checks the flags (:class:`BuiltBundles`, adopted by the new workspace); a boot builds
 one again only when the archive's content changed (:func:`ensure_bundle_disk`), and
 takes a fresh copy of it for a rw bundle (``rootfs.copy_disk``: a reflink or a sparse
@@ -26,10 +26,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from microagent.errors import (
-    ConflictError,
     DiskTooSmallError,
     IntegrityError,
     NotFoundError,
+    RetryableError,
     UnsafeImageError,
     UsageError,
 )
@@ -60,7 +60,7 @@ def bundle_key(item: Attachment, digest: str) -> str:
 
 def cached_disk(directory: Path, item: Attachment, digest: str) -> Path:
     """Where the disk of ``item`` with the archive ``digest`` is kept in ``directory``."""
-    return directory / f"{item.name}.{bundle_key(item, digest)}.ext4"
+    return directory / item.name / f"{bundle_key(item, digest)}.ext4"
 
 
 def build_bundle(item: Attachment, dest: Path, *, work_dir: Path) -> None:
@@ -110,7 +110,9 @@ def ensure_bundle_disk(item: Attachment, directory: Path, *, work_dir: Path) -> 
     disk = cached_disk(directory, item, digest)
     if disk.is_file():
         return disk
-    ensure_dir(directory)
+    ensure_dir(disk.parent)
+    for stale in disk.parent.glob(".*.tmp"):  # a build that was killed
+        stale.unlink(missing_ok=True)
     build_bundle(item, disk, work_dir=work_dir)
     try:
         changed = archive_digest(source) != digest
@@ -118,9 +120,9 @@ def ensure_bundle_disk(item: Attachment, directory: Path, *, work_dir: Path) -> 
         changed = True
     if changed:  # the disk may hold another content than its key says
         disk.unlink(missing_ok=True)
-        raise ConflictError(f"bundle {item.name}: {source} changed while its disk was being "
-                            "built", hint="start again once the archive is written")
-    for old in directory.glob(f"{item.name}.*.ext4"):
+        raise RetryableError(f"bundle {item.name}: {source} changed while its disk was "
+                             "being built", hint="try again once the archive is written")
+    for old in disk.parent.glob("*.ext4"):
         if old != disk:
             old.unlink(missing_ok=True)
     return disk

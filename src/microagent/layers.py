@@ -77,10 +77,9 @@ class ExtractLimitError(DiskTooSmallError):
     more than the final tree when a later layer deleted what an earlier one wrote.
     """
 
-    def __init__(self, where: str, limit: int, tree: Tree | None = None,
-                 peak: tuple[int, int] = (0, 0), reason: str = "") -> None:
-        super().__init__(f"{where} goes past the limit of {limit >> 20} MiB"
-                         + (f"; {reason}" if reason else ""))
+    def __init__(self, message: str, where: str, limit: int, tree: Tree | None = None,
+                 peak: tuple[int, int] = (0, 0)) -> None:
+        super().__init__(message)
         self.where, self.limit, self.tree, self.peak = where, limit, tree, peak
 
 
@@ -109,7 +108,7 @@ def apply_layers(layers: Sequence[LayerFile], root: Path, *,
             stager.apply_layer(layer, layer.label or f"layer {index}/{len(layers)} "
                                                      f"{layer.digest}")
         if stager.over:
-            raise ExtractLimitError(stager.over, max_bytes or 0, stager.tree, stager.peak)
+            raise stager.limit_error("", stager.tree)
         try:
             stager.finish()
         except OSError as e:
@@ -176,10 +175,9 @@ class _Stager:
                 "nothing from it was cached",
             ) from e
         except ReadLimitError as e:
-            raise ExtractLimitError(
-                self.over or self._where(), self.max_bytes or 0, reason=(
-                    f"the layers decompress to more than {READ_FACTOR} times that; "
-                    "extraction stopped")) from e
+            that = "that" if self.over else f"the limit of {(self.max_bytes or 0) >> 20} MiB"
+            raise self.limit_error(f"the layers decompress to more than {READ_FACTOR} times "
+                                   f"{that}; extraction stopped") from e
         except CorruptLayerError as e:
             where = f" (at entry {_shown(self.entry)})" if self.entry else ""
             raise IntegrityError(
@@ -195,6 +193,16 @@ class _Stager:
     def _where(self) -> str:
         return f"{self.label} at entry {_shown(self.entry)}" if self.entry else self.label
 
+    def limit_error(self, why: str, tree: Tree | None = None) -> ExtractLimitError:
+        """The error for going past ``max_bytes`` (``over``), or else for ``why``."""
+        limit = self.max_bytes or 0
+        if self.over:
+            message = f"{self.over} goes past the limit of {limit >> 20} MiB"
+            message += f"; {why}" if why else ""
+        else:
+            message = f"{self._where()}: {why}"
+        return ExtractLimitError(message, self.over or self._where(), limit, tree, self.peak)
+
     # what the content takes in ext4, counted as it is staged
     def charge(self, node: Node) -> None:
         """Count a new node: past the limit, bodies are no longer written (``over``);
@@ -206,14 +214,13 @@ class _Stager:
             self.peak = (self.inodes, self.blocks)
         if self.max_bytes is None or self.over:
             if self.over and self.inodes * INODE_SIZE > (self.max_bytes or 0):
-                raise ExtractLimitError(self.over, self.max_bytes or 0, reason=(
-                    "its entries alone would not fit; extraction stopped"))
+                raise self.limit_error("its entries alone would not fit; extraction "
+                                       "stopped")
             return
         if size > self.max_bytes:
-            if not self.measure:
-                raise ExtractLimitError(self._where(), self.max_bytes,
-                                        reason="extraction stopped")
             self.over = self._where()
+            if not self.measure:
+                raise self.limit_error("extraction stopped")
 
     def release(self, top: Node) -> None:
         """Uncount ``top`` and what is under it, as far as no other path links to it."""

@@ -35,7 +35,7 @@ def test_a_bundle_is_built_once_per_archive_content(layout: StateLayout,
     cache = layout.workspace_bundles_dir("ws")
 
     first = prepare_boot_disks(layout, files, [item], cache)
-    (cached,) = cache.iterdir()
+    (cached,) = cache.glob("*/*")
     built = identity(cached)
     copy = files.bundle_disk("tools")
     assert first.disks[0].path == copy and read_file(copy, "/bin/tool") == b"v1\n"
@@ -43,12 +43,12 @@ def test_a_bundle_is_built_once_per_archive_content(layout: StateLayout,
 
     second = prepare_boot_disks(layout, files, [item], cache)
     assert identity(cached) == built  # not built again
-    assert list(cache.iterdir()) == [cached]
+    assert list(cache.glob("*/*")) == [cached]
     assert second.disks[0].path == copy and read_file(copy, "/bin/tool") == b"v1\n"
 
     make_tar(tar, {"bin/tool": b"v2\n"})  # a new content: built again, the old one goes
     prepare_boot_disks(layout, files, [item], cache)
-    (rebuilt,) = cache.iterdir()
+    (rebuilt,) = cache.glob("*/*")
     assert rebuilt != cached and read_file(copy, "/bin/tool") == b"v2\n"
     assert files_under(layout.tmp_dir) == []
 
@@ -59,7 +59,7 @@ def test_a_ro_bundle_boots_the_cached_disk_itself(layout: StateLayout, tmp_path:
     files.dir.mkdir(parents=True)
     cache = layout.workspace_bundles_dir("ws")
     attached = prepare_boot_disks(layout, files, [parse_bundle(f"cfg={tar}:/cfg:ro")], cache)
-    (cached,) = cache.iterdir()
+    (cached,) = cache.glob("*/*")
     assert attached.disks[0].path == cached and attached.disks[0].read_only
     assert not files.bundle_disk("cfg").exists()
 
@@ -74,10 +74,20 @@ def test_create_keeps_the_disks_it_built_while_checking(layout: StateLayout,
         adopted = tmp_path / "ws" / "bundles"
         adopted.parent.mkdir()
         built.adopt(adopted)
-    (disk,) = adopted.iterdir()
+    (disk,) = adopted.glob("*/*")
     assert files_under(work) == []
+    built = identity(disk)
     assert bundles.ensure_bundle_disk(item, adopted, work_dir=work) == disk
-    assert identity(disk) == identity(next(adopted.iterdir()))
+    assert identity(disk) == built
+
+
+def test_bundles_whose_names_share_a_prefix_keep_their_disks(layout: StateLayout,
+                                                             tmp_path: Path) -> None:
+    items = [parse_bundle(f"{name}={make_tar(tmp_path / f'{name}.tar', {'f': name.encode()})}"
+                          f":/{name}") for name in ("cfg", "cfg.v2")]
+    cache = layout.workspace_bundles_dir("ws")
+    disks = [bundles.ensure_bundle_disk(item, cache, work_dir=tmp_path) for item in items]
+    assert all(disk.is_file() for disk in disks)
 
 
 def test_what_create_does_not_adopt_is_removed(layout: StateLayout, tmp_path: Path) -> None:

@@ -60,8 +60,8 @@ def test_seed_example_volume_bundle_and_disk(home: Path, busybox_image: PushedIm
     assert created.stdout.splitlines()[:2] == ["Workspace: research", "State: prepared"]
     # create built the bundle disks (checking them); no start builds them again
     bundle_dir = home / "workspaces" / "research" / "bundles"
-    built = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bundle_dir.iterdir()}
-    assert sorted(name.split(".")[0] for name in built) == ["config", "tools"]
+    built = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bundle_dir.glob("*/*")}
+    assert sorted(p.parent.name for p in built) == ["config", "tools"]
     assert ok(ma(home, "volume", "list")).stdout.splitlines()[1].split() == ["data", "1024", "-"]
     ok(ma(home, "start", "research"))
 
@@ -100,8 +100,8 @@ def test_seed_example_volume_bundle_and_disk(home: Path, busybox_image: PushedIm
     ok(ma(home, "halt", "research"))
     ok(ma(home, "start", "research"))
     assert sh(home, "research", "cat /opt/tools/written").returncode != 0
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in bundle_dir.iterdir()} == built
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in bundle_dir.glob("*/*")} == built
     assert ok(sh(home, "research", "cat /work/notes.txt /mnt/scratch/w")).stdout == \
         "notes from run 1\nmore\n"
     ok(ma(home, "halt", "research"))
