@@ -12,8 +12,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from ocilayout import ImageSpec, Layer, build_layout
+from ocilayout import OCI_CONFIG, OCI_MANIFEST, Blobs, ImageSpec, Layer, build_layout
 
+from microagent.layers import LayerFile
 from tests.e2e.conftest import microagent
 from tests.support.distro import read_file
 from tests.support.push import push_layout
@@ -49,6 +50,24 @@ def entry(name: str, data: bytes = b"x", **fields: object) -> tuple[tarfile.TarI
     for key, value in fields.items():
         setattr(info, key, value)
     return info, data
+
+
+def layout_of_layer(dest: Path, layer: LayerFile) -> Path:
+    """An OCI layout of one image whose one layer is the blob ``layer`` (and its diff_id)."""
+    blobs = Blobs(dest)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}).encode()
+    blob = layer.path.read_bytes()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": blobs.put(config), "size": len(config)},
+        "layers": [{"mediaType": layer.media_type, "digest": blobs.put(blob),
+                    "size": len(blob)}]}).encode()
+    top = {"mediaType": OCI_MANIFEST, "digest": blobs.put(manifest), "size": len(manifest),
+           "annotations": {"org.opencontainers.image.ref.name": "latest"}}
+    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    return dest
 
 
 def push(registry: RunningRegistry, tmp_path: Path, name: str, layers: list[Layer]) -> str:
@@ -158,4 +177,20 @@ def test_a_bundle_bomb_is_refused_at_once(tmp_path: Path, state_dir: Path) -> No
     assert result.returncode == 1, result.stderr
     assert f"bundle b ({bomb}) holds more than the 2048 MiB a bundle can" in result.stderr
     assert "extraction stopped at entry 'zeros'" in result.stderr
+    assert leftovers(state_dir) == []
+
+
+def test_a_zip_bomb_image_stops_at_the_disk_size(registry: RunningRegistry, tmp_path: Path,
+                                                 state_dir: Path) -> None:
+    """1 GiB of zeros in a 1 MB layer: nothing is written past the 64 MiB disk."""
+    bomb = zeros_layer(tmp_path / "bomb.tar.gz", {"etc/motd": 1, "zeros": 1 << 30},
+                       diff_id=True)
+    layout = layout_of_layer(tmp_path / "bomb", bomb)
+    push_layout(registry.host, "bad/bomb", "1", layout)
+
+    result = microagent("create", "w", "--image", f"{registry.host}/bad/bomb:1",
+                        "--size-mib", "64")
+    assert result.returncode == 1, result.stderr
+    assert "the image needs more than the disk's 64 MiB" in result.stderr, result.stderr
+    assert f"layer 1/1 {bomb.digest} at entry 'zeros'" in result.stderr
     assert leftovers(state_dir) == []

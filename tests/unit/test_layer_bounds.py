@@ -35,23 +35,28 @@ def layer_file(path: Path, tar: bytes, how: str = "gzip", *, diff_id: str | None
     return LayerFile(path, media_type, sha256(blob), sha256(tar) if diff_id is None else diff_id)
 
 
-def zeros_layer(path: Path, sizes: dict[str, int] | list[tuple[str, int]]) -> LayerFile:
+def zeros_layer(path: Path, sizes: dict[str, int] | list[tuple[str, int]], *,
+                diff_id: bool = False) -> LayerFile:
     """A gzip layer of files full of zeros, streamed (a 'zip bomb': tiny, huge unpacked).
 
     Each MiB of zeros is deflated once: with a full flush after it, every later MiB
-    deflates to the same bytes (the window holds only zeros), so a GiB costs little."""
+    deflates to the same bytes (the window holds only zeros), so a GiB costs little.
+    With ``diff_id``, the uncompressed stream is hashed too (that costs a pass)."""
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     zeros = bytes(MIB)
     packer.compress(zeros)
     packer.flush(zlib.Z_FULL_FLUSH)
     same = packer.compress(zeros) + packer.flush(zlib.Z_FULL_FLUSH)
     crc, length = 0, 0
+    tar = hashlib.sha256() if diff_id else None
     with path.open("wb") as out:
         out.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")
 
         def put(data: bytes) -> None:
             nonlocal crc, length
             crc, length = zlib.crc32(data, crc), length + len(data)
+            if tar is not None:
+                tar.update(data)
             out.write(packer.compress(data) + packer.flush(zlib.Z_FULL_FLUSH))
 
         for name, size in sizes.items() if isinstance(sizes, dict) else sizes:
@@ -62,11 +67,14 @@ def zeros_layer(path: Path, sizes: dict[str, int] | list[tuple[str, int]]) -> La
                 put(zeros)  # now the window holds zeros only
             for _ in range(size // MIB - 1):
                 crc, length = zlib.crc32(zeros, crc), length + MIB
+                if tar is not None:
+                    tar.update(zeros)
                 out.write(same)
             put(bytes(size % MIB + (-size % 512)))
         put(bytes(1024))
         out.write(packer.flush() + struct.pack("<II", crc, length & 0xFFFFFFFF))
-    return LayerFile(path, GZIP, sha256(path.read_bytes()))
+    return LayerFile(path, GZIP, sha256(path.read_bytes()),
+                     "sha256:" + tar.hexdigest() if tar is not None else "")
 
 
 def staged_bytes(root: Path) -> int:
