@@ -11,11 +11,12 @@ import pytest
 
 from microagent import bundles
 from microagent.attachments import check_sources, parse_bundle, prepare_boot_disks
-from microagent.errors import DiskTooSmallError
+from microagent.errors import DiskTooSmallError, UnsafeImageError
+from microagent.layers import MAX_DEPTH
 from microagent.layout import StateLayout
 from tests.support.distro import read_file
 from tests.unit.test_attachments import files_under, make_tar
-from tests.unit.test_layer_bounds import MIB, zeros_layer
+from tests.unit.test_layer_bounds import MIB, nested_tar, zeros_layer
 
 pytestmark = pytest.mark.skipif(shutil.which("debugfs", path="/usr/sbin:/sbin:/usr/bin")
                                 is None, reason="e2fsprogs is not installed")
@@ -111,4 +112,17 @@ def test_a_bundle_bomb_is_refused_at_the_cap(tmp_path: Path,
                                   "can; extraction stopped at entry 'zeros'; the bundle is "
                                   "refused")
     assert "--volume" in info.value.hint
+    assert os.listdir(work) == []
+
+
+def test_a_deeply_nested_bundle_is_refused(tmp_path: Path) -> None:
+    tar = tmp_path / "deep.tar"
+    tar.write_bytes(nested_tar(MAX_DEPTH + 10))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(UnsafeImageError) as info:
+        bundles.build_bundle(parse_bundle(f"d={tar}:/d"), work / "d.ext4", work_dir=work)
+    assert info.value.message.startswith(f"bundle d ({tar}): entry ")
+    assert info.value.message.endswith(f"is nested deeper than {MAX_DEPTH} directories; the "
+                                       "bundle is refused")
     assert os.listdir(work) == []
