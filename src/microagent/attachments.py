@@ -4,9 +4,9 @@
 ``--bundle NAME=TAR:/dst[:ro|rw]`` each become an :class:`Attachment`, recorded with the
 workspace. At each boot the supervisor turns them into block devices
 (:func:`prepare_boot_disks`): the volume's image (:mod:`microagent.volumes`), the
-``--disk`` image as it is, or an ext4 disk built from the bundle in the run directory
-(the layer path of :mod:`microagent.layers` and :mod:`microagent.rootfs`: the same safety
-checks, ``mkfs.ext4 -d``). Each disk gets a virtio serial (``ma-disk1``, ...) and one
+``--disk`` image as it is, or the bundle's ext4 disk (:mod:`microagent.bundles`: built
+once per archive content, a fresh copy of it at each boot for a rw bundle). Each disk
+gets a virtio serial (``ma-disk1``, ...) and one
 ``microagent.disk=SERIAL:NAME:DEST:MODE`` kernel parameter; the guest agent finds the
 device by that serial and mounts it before its channel opens (``guest/disks.c``). ``ro``
 is QEMU's ``readonly=on``: the guest's block device itself refuses writes.
@@ -17,23 +17,18 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from microagent.backends.base import DiskSpec
+from microagent.bundles import BuiltBundles, ensure_bundle_disk, fresh_copy
 from microagent.config import validate_name
-from microagent.errors import (
-    IntegrityError,
-    MicroagentError,
-    NotFoundError,
-    UnsafeImageError,
-    UsageError,
-)
+from microagent.errors import MicroagentError, NotFoundError, UsageError
 from microagent.layout import RunFiles, StateLayout
 from microagent.progress import NullProgress, Progress
-from microagent.staging import stage_dir
+from microagent.store import ensure_dir
 
 KINDS = ("volume", "disk", "bundle")
 MODES = ("ro", "rw")
@@ -188,19 +183,26 @@ def is_ext4(path: Path) -> bool:
 
 
 def check_sources(attachments: Sequence[Attachment], *, work_dir: Path,
-                  progress: Progress | None = None, build_bundles: bool = True) -> None:
-    """Check every ``--disk`` image is ext4 and every bundle can be built (in ``work_dir``,
-    then thrown away). Raises NotFoundError, UsageError or UnsafeImageError."""
+                  progress: Progress | None = None, build_bundles: bool = True
+                  ) -> BuiltBundles:
+    """Check every ``--disk`` image is ext4 and every bundle can be built (built in
+    ``work_dir``; the caller adopts the disks or discards them, ``with`` the result).
+    Raises NotFoundError, UsageError, UnsafeImageError or DiskTooSmallError."""
     progress = progress or NullProgress()
-    for item in attachments:
-        if item.kind == "disk":
-            check_disk(item)
-        elif item.kind == "bundle":
-            _check_readable(item)
-            if build_bundles:
-                progress.step(f"Checking bundle {item.name}")
-                with stage_dir(work_dir, "bundle-") as scratch:  # swept if killed
-                    build_bundle(item, scratch.path / "check.ext4", work_dir=scratch.path)
+    built = BuiltBundles(work_dir)
+    try:
+        for item in attachments:
+            if item.kind == "disk":
+                check_disk(item)
+            elif item.kind == "bundle":
+                _check_readable(item)
+                if build_bundles:
+                    progress.step(f"Building bundle {item.name}")
+                    built.build(item)
+    except BaseException:
+        built.discard()
+        raise
+    return built
 
 
 def check_disk(item: Attachment) -> None:
@@ -225,28 +227,6 @@ def _check_readable(item: Attachment) -> Path:
     return path
 
 
-def build_bundle(item: Attachment, dest: Path, *, work_dir: Path) -> None:
-    """Build the ext4 disk of the bundle ``item`` at ``dest``, sized to fit."""
-    from microagent.layers import LayerFile
-    from microagent.rootfs import build_root_disk
-
-    source = Path(item.source)
-    if not source.is_file():
-        raise NotFoundError(f"bundle {item.name}: {source} does not exist")
-    layer = LayerFile(source, "application/vnd.oci.image.layer.v1.tar", str(source))
-    try:
-        build_root_disk([layer], dest, size_mib=None, work_dir=work_dir,
-                        label=item.name[:16])
-    except UnsafeImageError as e:
-        reason = e.message.removeprefix(f"layer {source}: ")
-        reason = reason.removesuffix("; the image is refused")
-        raise UnsafeImageError(f"bundle {item.name} ({source}): {reason}; the bundle is "
-                               "refused", hint="nothing from the archive was used") from None
-    except IntegrityError as e:
-        raise UsageError(f"bundle {item.name}: {source} is not a readable tar archive "
-                         f"(.tar, .tar.gz or .tgz): {e.message}") from None
-
-
 # --- what one boot gets --------------------------------------------------------------
 
 
@@ -263,9 +243,12 @@ def mount_order(attachments: Sequence[Attachment]) -> list[Attachment]:
     return sorted(attachments, key=lambda a: a.dest.count("/"))
 
 
-def boot_disks(layout: StateLayout, files: RunFiles,
-               attachments: Sequence[Attachment]) -> BootDisks:
-    """The disks and ``microagent.disk=`` parameters of ``attachments``. Pure."""
+def boot_disks(layout: StateLayout, files: RunFiles, attachments: Sequence[Attachment],
+               bundles: Mapping[str, Path] | None = None) -> BootDisks:
+    """The disks and ``microagent.disk=`` parameters of ``attachments``. Pure.
+
+    A bundle's disk is ``bundles[name]`` if given (a ro bundle's cached disk), else this
+    boot's copy in the run directory."""
     disks: list[DiskSpec] = []
     params: list[str] = []
     for index, item in enumerate(mount_order(attachments), start=1):
@@ -273,7 +256,7 @@ def boot_disks(layout: StateLayout, files: RunFiles,
         if item.kind == "volume":
             path = layout.volume_disk(item.name)
         elif item.kind == "bundle":
-            path = files.bundle_disk(item.name)
+            path = (bundles or {}).get(item.name) or files.bundle_disk(item.name)
         else:
             path = Path(item.source)
         disks.append(DiskSpec(path, item.read_only, item.name, serial))
@@ -290,8 +273,11 @@ def encode_dest(dest: str) -> str:
 
 
 def prepare_boot_disks(layout: StateLayout, files: RunFiles,
-                       attachments: Sequence[Attachment]) -> BootDisks:
-    """Check the sources and build this boot's bundle disks; see :func:`boot_disks`."""
+                       attachments: Sequence[Attachment], bundles_dir: Path) -> BootDisks:
+    """Check the sources and give this boot its bundle disks: the cached disk of each
+    (``bundles_dir``, built again only for a new archive content), as it is for a ro
+    bundle, a fresh copy in the run directory for a rw one; see :func:`boot_disks`."""
+    cached: dict[str, Path] = {}
     for item in attachments:
         if item.kind == "volume" and not layout.volume_disk(item.name).exists():
             from microagent.volumes import missing_volume_error
@@ -302,11 +288,12 @@ def prepare_boot_disks(layout: StateLayout, files: RunFiles,
         if item.kind == "disk":
             check_disk(item)
         if item.kind == "bundle":
-            disk = files.bundle_disk(item.name)
-            with contextlib.suppress(FileNotFoundError):
-                disk.unlink()
-            build_bundle(item, disk, work_dir=files.dir)
-    return boot_disks(layout, files, attachments)
+            disk = ensure_bundle_disk(item, bundles_dir, work_dir=ensure_dir(layout.tmp_dir))
+            if item.read_only:
+                cached[item.name] = disk
+            else:
+                fresh_copy(disk, files.bundle_disk(item.name))
+    return boot_disks(layout, files, attachments, cached)
 
 
 def replay_journal(disk: Path) -> None:
@@ -336,7 +323,7 @@ def replay_journal(disk: Path) -> None:
 
 
 def remove_bundle_disks(files: RunFiles, attachments: Sequence[Attachment]) -> None:
-    """Remove the bundle disks built for the last boot."""
+    """Remove the bundle disks copied for the last boot (the cached ones stay)."""
     for item in attachments:
         if item.kind == "bundle":
             with contextlib.suppress(FileNotFoundError):

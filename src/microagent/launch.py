@@ -144,8 +144,9 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     # at every boot: a restart finds a port taken while the guest was down
     check_ports_free(workspace.ports)
     build_boot_initramfs(kernel, agent_binary(), files.initramfs)
-    # bundles are rebuilt at every boot: writes in a rw bundle do not persist
-    attached = prepare_boot_disks(layout, files, workspace.disks)
+    # a fresh copy of each rw bundle's disk at every boot: its writes do not persist
+    attached = prepare_boot_disks(layout, files, workspace.disks,
+                                  layout.workspace_bundles_dir(workspace.name))
     plan = QemuBackend().plan(launch_spec(workspace, files, kernel, accel, tsc_khz, attached))
     if cancelled():
         return None

@@ -20,6 +20,7 @@ Where staging lives (what :func:`sweep_abandoned` looks at)::
     kernels/.new-*, kernels/.old-*    kernels.py: a bundle being assembled or replaced
     kernels/by-digest/.new-*          ownkernels.py: a create --kernel bundle being stored
     workspaces/.new-*                 workspaces.py: a workspace being created
+    workspaces/NAME/bundles/B/.*.tmp  bundles.py: a bundle disk (swept by its next build)
     workspaces/.deleting-*            workspaces.py: a workspace being deleted
 
 Anything that stages under these names must do it through this module: an entry there
@@ -43,6 +44,7 @@ from types import TracebackType
 
 from microagent.errors import HostError
 from microagent.layout import StateLayout
+from microagent.store import write_error
 
 _ATTEMPTS = 5
 _DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -131,8 +133,8 @@ def _create_locked(directory: Path, make: Callable[[], tuple[Path, int]], *,
         except FileNotFoundError:
             continue  # swept between mkdtemp and open: make another
         except OSError as e:
-            raise HostError(f"cannot create a staging {what} in {directory}: "
-                            f"{e.strerror}") from e
+            raise write_error(e, f"cannot create a staging {what} in {directory}",
+                              directory) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that is removing it
             mine = os.fstat(fd)

@@ -14,9 +14,11 @@ The state directory is private: every directory microagent makes is 0700 and eve
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -119,7 +121,8 @@ def check_state_dir(root: Path) -> None:
 def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = True) -> None:
     """Write ``document`` (plus ``schema``) to ``path`` atomically, mode 0600; fsynced
     unless not ``durable`` (state that means nothing after a host crash, e.g. a running
-    supervisor's status, rewritten several times per boot)."""
+    supervisor's status, rewritten several times per boot). A full file system is a
+    HostError that says so (the old record stays)."""
     ensure_dir(path.parent)
     payload = json.dumps({"schema": SCHEMA_VERSION, **document}, indent=2, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -131,9 +134,13 @@ def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = T
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = (write_error(e, f"cannot write {path}", path.parent)
+                if isinstance(e, OSError) and is_no_space(e) else None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from e
         raise
     if durable:
         fsync_dir(path.parent)
@@ -228,3 +235,47 @@ def check_state_dir_usable(root: Path) -> None:
         raise HostError(f"the state directory {root} cannot be created: {probe} is not "
                         "writable", hint="pick a state directory you can write, or fix the "
                         f"permissions of {probe}")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(e: OSError) -> bool:
+    """Whether ``e`` says the file system is full or the disk quota is used up."""
+    return e.errno in NO_SPACE
+
+
+def write_error(e: OSError, doing: str, directory: Path) -> HostError:
+    """The HostError for ``doing`` (e.g. "cannot store blob X") failing with ``e`` while
+    writing in ``directory``: :func:`no_space_error` when it ran out of space."""
+    if is_no_space(e):
+        return no_space_error(doing, directory, quota=e.errno == errno.EDQUOT)
+    return HostError(f"{doing}: {e.strerror or e}")
+
+
+def no_space_error(doing: str, directory: Path, *, quota: bool = False,
+                   needed: int | None = None) -> HostError:
+    """A HostError that says the host file system of ``directory`` is full, with its free
+    space (and ``needed`` bytes, when known), not what the write was for."""
+    free = _mib(_free_bytes(directory))
+    if quota:
+        what = f"the disk quota is used up in {directory} ({free} free on its file system)"
+    elif needed is not None:
+        what = (f"the host file system has too little room in {directory} ({free} free, "
+                f"about {_mib(needed)} needed)")
+    else:
+        what = f"the host file system is full in {directory} ({free} free)"
+    return HostError(f"{doing}: {what}",
+                     hint="free some space there (microagent image rm, delete unused "
+                     "workspaces) or use a --state-dir on a bigger file system, then retry")
+
+
+def _free_bytes(directory: Path) -> int:
+    for path in (directory, *directory.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(path).free
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"

@@ -181,7 +181,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
     progress = progress or NullProgress()
     from microagent.attachments import check_sources, new_volumes
 
-    check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
+    built = check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
     own_kernel = None
     if spec.kernel:  # before the image is pulled: a kernel without its modules is refused
         from microagent.ownkernels import bundle_digest, install_own_kernel
@@ -189,7 +189,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
         bundle = install_own_kernel(layout, Path(spec.kernel), progress)
         own_kernel = OwnKernel(bundle_digest(bundle), bundle.version,
                                str(Path(spec.kernel).expanduser().absolute()))
-    with _workspace_lock(layout, spec.name):
+    with built, _workspace_lock(layout, spec.name):
         sweep_abandoned(layout)  # what a killed create left behind (staging.py)
         if layout.workspace_dir(spec.name).exists():
             raise ConflictError(f"workspace {spec.name} already exists",
@@ -206,6 +206,7 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
             staging = staged.path
             progress.step("Copying root disk")
             copy_disk(base, staging / layout.workspace_rootfs(spec.name).name)
+            built.adopt(staging / layout.workspace_bundles_dir(spec.name).name)
             write_json_atomic(staging / "workspace.json", _record(spec, image, own_kernel))
             if spec.setup:
                 from microagent.provision import SetupState, write_setup

@@ -17,7 +17,6 @@ import pytest
 from microagent.attachments import (
     Attachment,
     boot_disks,
-    build_bundle,
     encode_dest,
     parse_bundle,
     parse_disk,
@@ -25,6 +24,7 @@ from microagent.attachments import (
     validate_attachments,
 )
 from microagent.backends.base import guest_cmdline
+from microagent.bundles import build_bundle
 from microagent.cli import main
 from microagent.errors import ConflictError, UnsafeImageError, UsageError
 from microagent.layout import StateLayout

@@ -58,6 +58,10 @@ def test_seed_example_volume_bundle_and_disk(home: Path, busybox_image: PushedIm
                     "--bundle", f"tools={tools}:/opt/tools", "--disk",
                     f"scratch={disk}:/mnt/scratch"))
     assert created.stdout.splitlines()[:2] == ["Workspace: research", "State: prepared"]
+    # create built the bundle disks (checking them); no start builds them again
+    bundle_dir = home / "workspaces" / "research" / "bundles"
+    built = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bundle_dir.glob("*/*")}
+    assert sorted(p.parent.name for p in built) == ["config", "tools"]
     assert ok(ma(home, "volume", "list")).stdout.splitlines()[1].split() == ["data", "1024", "-"]
     ok(ma(home, "start", "research"))
 
@@ -92,10 +96,12 @@ def test_seed_example_volume_bundle_and_disk(home: Path, busybox_image: PushedIm
     ok(ma(home, "delete", "third", "--yes"))
     assert "Disk: /config bundle config (ro)" in ok(ma(home, "status", "research")).stdout
 
-    # a rw bundle is rebuilt at each start; the volume and the --disk keep their data
+    # a rw bundle is a fresh copy at each start; the volume and the --disk keep their data
     ok(ma(home, "halt", "research"))
     ok(ma(home, "start", "research"))
     assert sh(home, "research", "cat /opt/tools/written").returncode != 0
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in bundle_dir.glob("*/*")} == built
     assert ok(sh(home, "research", "cat /work/notes.txt /mnt/scratch/w")).stdout == \
         "notes from run 1\nmore\n"
     ok(ma(home, "halt", "research"))

@@ -199,8 +199,9 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="attach an existing ext4 image at DST (repeatable)")
     p.add_argument("--bundle", action="append", default=[],
                    metavar="NAME=TAR:/DST[:ro|rw]",
-                   help="attach a disk built from a .tar/.tar.gz/.tgz at each start "
-                        "(repeatable; writes do not persist)")
+                   help="attach a disk built from a .tar/.tar.gz/.tgz once per archive "
+                        "content, fresh at each start (repeatable; writes do not "
+                        "persist; at most 2048 MiB)")
     p.add_argument("--kernel", metavar="PATH",
                    help="boot this kernel instead of the default, at every start: a bzImage "
                         "(its modules beside it), a kernel bundle directory or its vmlinuz, "
