@@ -5,6 +5,10 @@ volumes and launches the first boot's QEMU (:func:`first_boot`) before it import
 and the modules of its event loop (:mod:`microagent.supervisor`): QEMU starts ~40 ms
 sooner and those imports overlap the guest's boot. Restarts go through
 :func:`launch_vmm` from the event loop.
+
+A workspace with a network gets its passt with each boot (:func:`start_network`): QEMU's
+and passt's ends of two socketpairs, the supervisor's frame filter between them
+(:class:`microagent.netfilter.FrameRelay`, two threads of the supervisor).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,7 +30,6 @@ from microagent.backends.base import (
     DiskSpec,
     LaunchPlan,
     LaunchSpec,
-    PortSpec,
     choose_accel,
     guest_cmdline,
     host_tsc_khz,
@@ -34,6 +38,7 @@ from microagent.backends.qemu import QemuBackend
 from microagent.errors import ConflictError, MicroagentError
 from microagent.kernels import KernelBundle
 from microagent.layout import RunFiles, StateLayout
+from microagent.passt import NetworkHelper
 from microagent.workspaces import Workspace, get_workspace
 
 PR_SET_PDEATHSIG = 1
@@ -51,6 +56,7 @@ class Launched:
     recovery: bool  # the root disk's journal needed replaying (the last VM was killed)
     started: float  # time.monotonic() at the launch
     vmm_log_start: int  # where this boot's lines begin in the VMM's log
+    network: NetworkHelper | None = None  # passt and the relay, with a network
 
 
 @dataclass
@@ -129,14 +135,15 @@ def first_boot(layout: StateLayout, name: str) -> FirstBoot:
 
 def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, tsc_khz: int | None,
                cancelled: Callable[[], bool] = lambda: False) -> Launched | None:
-    """Prepare one boot (initramfs, attached disks, the VMM's argv) and start the VMM.
+    """Prepare one boot (initramfs, attached disks, the VMM's argv) and start the VMM and,
+    with a network, its passt.
 
     None when ``cancelled()`` says a kill came while preparing. Raises ConflictError for
     a published port that is taken."""
     from microagent.guest import agent_binary
     from microagent.initramfs import build_boot_initramfs
     from microagent.kernels import default_kernel
-    from microagent.network import check_ports_free
+    from microagent.network import check_ports_free, has_network
 
     files = layout.run_files(workspace.name)
     kernel = default_kernel(layout, install_if_missing=False)
@@ -146,34 +153,100 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     build_boot_initramfs(kernel, agent_binary(), files.initramfs)
     # bundles are rebuilt at every boot: writes in a rw bundle do not persist
     attached = prepare_boot_disks(layout, files, workspace.disks)
-    plan = QemuBackend().plan(launch_spec(workspace, files, kernel, accel, tsc_khz, attached))
+    links = _socketpairs() if has_network(workspace.network) else None
+    net_fd = links[0].fileno() if links is not None else None
+    plan = QemuBackend().plan(launch_spec(workspace, files, kernel, accel, tsc_khz, attached,
+                                          net_fd))
     if cancelled():
+        _close(links)
         return None
     for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
                         *([plan.out_socket] if plan.out_socket else [])):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(files.dir / socket_name)
     parent = os.getpid()
-    with open(files.vmm_log, "ab") as vmm_log:
-        vmm_log_start = vmm_log.tell()
-        process = subprocess.Popen(
-            plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
-            stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
-            start_new_session=True)
-    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start)
+    try:
+        with open(files.vmm_log, "ab") as vmm_log:
+            vmm_log_start = vmm_log.tell()
+            process = subprocess.Popen(
+                plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
+                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
+                start_new_session=True, pass_fds=() if net_fd is None else (net_fd,))
+    except BaseException:
+        _close(links)
+        raise
+    network = None
+    if links is not None:
+        try:
+            network = start_network(files, workspace, links, parent)
+        except BaseException:
+            _close(links)
+            process.kill()
+            process.wait()
+            raise
+        _close((links[0], links[3]))  # the children's ends: theirs now
+    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network)
+
+
+def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """QEMU's end, the relay's two ends, passt's end."""
+    vmm, relay_vmm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay_helper, helper = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return vmm, relay_vmm, relay_helper, helper
+
+
+def _close(sockets: tuple[socket.socket, ...] | None) -> None:
+    for sock in sockets or ():
+        sock.close()
+
+
+def start_network(files: RunFiles, workspace: Workspace,
+                  links: tuple[socket.socket, socket.socket, socket.socket, socket.socket],
+                  parent: int) -> NetworkHelper:
+    """Start passt on its end of ``links`` and the frame filter between it and QEMU's end.
+    Raises HostError when passt cannot be run."""
+    from microagent.backends.base import PortSpec
+    from microagent.errors import HostError
+    from microagent.netfilter import FramePolicy, FrameRelay
+    from microagent.network import reaches_host_loopback
+    from microagent.passt import GATEWAY, PasstSpec, passt_argv, passt_problems
+
+    _, relay_vmm, relay_helper, helper = links
+    host_loopback = reaches_host_loopback(workspace.network)
+    spec = PasstSpec(helper.fileno(), host_loopback,
+                     tuple(PortSpec(p.host_ip, p.host_port, p.guest_port)
+                           for p in workspace.ports))
+    try:
+        with open(files.network_log, "ab") as log:
+            log_start = log.tell()
+            process = subprocess.Popen(
+                passt_argv(spec), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
+                start_new_session=True, pass_fds=(helper.fileno(),))
+    except OSError as e:
+        problems = passt_problems()
+        raise HostError(problems[0] if problems else f"cannot start passt: {e}") from e
+    policy = FramePolicy(None if host_loopback else socket.inet_aton(GATEWAY))
+    relay = FrameRelay(relay_vmm, relay_helper, policy)
+    relay.start()
+    return NetworkHelper(process, relay, log_start)
 
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
-                tsc_khz: int | None, attached: BootDisks) -> LaunchSpec:
+                tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None
+                ) -> LaunchSpec:
+    """What the backend is asked to boot for ``workspace``."""
+    from microagent.network import has_network
+
     image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz
+    network = "user" if has_network(workspace.network) else "none"
     return LaunchSpec(
         name=workspace.name, memory_mib=workspace.resources.memory_mib,
         cpus=workspace.resources.cpus, kernel=image, initramfs=files.initramfs,
-        cmdline=guest_cmdline(hostname=workspace.hostname, network=workspace.network,
+        cmdline=guest_cmdline(hostname=workspace.hostname, network=network,
                               accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
         disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
-        network=workspace.network, accel=accel.accel,
-        ports=tuple(PortSpec(p.host_ip, p.host_port, p.guest_port) for p in workspace.ports),
+        network=network, accel=accel.accel, net_fd=net_fd,
     )
 
 

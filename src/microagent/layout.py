@@ -172,6 +172,11 @@ class RunFiles:
     def vmm_log(self) -> Path:
         return self.dir / "vmm.log"
 
+    @property
+    def network_log(self) -> Path:
+        """What the network's helper (passt) said, every boot's."""
+        return self.dir / "passt.log"
+
     def bundle_disk(self, name: str) -> Path:
         """The disk built from the bundle ``name`` for this boot (rebuilt at each boot)."""
         return self.dir / f"bundle-{name}.ext4"
