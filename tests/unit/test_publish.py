@@ -178,3 +178,25 @@ def test_bad_publish_or_network_exits_2_and_writes_nothing(flags: list[str], mes
     result = run("--json", "create", "web", "--image", "busybox", *flags)
     assert result.returncode == 2
     assert json.loads(result.stdout)["error"]["kind"] == "usage"
+
+
+def test_start_without_passt_says_which_package_and_changes_nothing(
+        state_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from microagent.events import read_events
+    from microagent.layout import StateLayout
+    from tests.support.workspaces import make_workspace
+
+    layout = StateLayout.resolve(state_dir)
+    make_workspace(layout, "net")
+    bin_dir = tmp_path / "bin"  # QEMU, but no passt
+    bin_dir.mkdir()
+    (bin_dir / "qemu-system-x86_64").symlink_to(shutil.which("qemu-system-x86_64") or "/bin/true")
+    result = subprocess.run([MICROAGENT, "--json", "start", "net"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PATH": str(bin_dir)})
+    assert result.returncode == 1, result
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "host" and "passt not found" in error["message"]
+    assert "install the passt package" in error["message"]
+    assert [e.state for e in read_events(layout.workspace_events("net"))] == ["prepared"]
