@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +184,44 @@ def test_dns_goes_to_the_hosts_resolver_even_on_its_loopback(
         stop.set()
         thread.join(5)
         resolver.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _until_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.1)
+
+
+def test_passt_lives_and_ends_with_each_boot(home: Path, busybox_image: PushedImage) -> None:
+    """One passt per boot, started by the supervisor (as nobody when started as root),
+    ended by pid at halt, and killed with a supervisor that is SIGKILLed."""
+    ok(ma(home, "create", "helper", "--image", busybox_image.ref, "--profile", "tiny"))
+    status_file = home / "workspaces" / "helper" / "run" / "status.json"
+    ok(ma(home, "start", "helper"))
+    status = json.loads(status_file.read_text())
+    passt = status["network_helper"]["pid"]
+    argv = Path(f"/proc/{passt}/cmdline").read_bytes().split(b"\0")
+    assert b"--fd" in argv and b"--no-map-gw" in argv
+    if os.geteuid() == 0:  # passt changes to nobody after binding its ports
+        uid_line = next(line for line in Path(f"/proc/{passt}/status").read_text().splitlines()
+                        if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == ["65534"] * 4
+    ok(ma(home, "halt", "helper"))
+    _until_gone(passt)
+    ok(ma(home, "start", "helper"))
+    status = json.loads(status_file.read_text())
+    passt, supervisor = status["network_helper"]["pid"], status["supervisor_pid"]
+    assert _alive(passt)
+    os.kill(supervisor, signal.SIGKILL)
+    _until_gone(passt)
+    _until_gone(status["vmm_pid"])
+    ma(home, "kill", "helper")
