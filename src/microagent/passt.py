@@ -1,8 +1,7 @@
 """passt, the user-mode network of a workspace: its command line (pure) and its process.
 
-QEMU 7.2's own user network (slirp) connects whatever the guest sends to 10.0.2.2 (and
-to every other address of 10.0.2.0/24) to the host's loopback, and has no switch to stop
-it. A workspace's network is passt instead (the Debian package ``passt``; podman's
+QEMU 7.2's own user network (slirp) connects whatever the guest sends to 10.0.2.2 to the
+host's loopback, and has no switch to stop it. A workspace's network is passt instead (the Debian package ``passt``; podman's
 rootless network): one process per boot, started by the supervisor, speaking QEMU's
 ``-netdev stream`` framing over a socketpair handed to it with ``--fd``. Between the two
 sits the supervisor's frame filter (:mod:`microagent.netfilter`), because this passt
