@@ -224,7 +224,7 @@ def start_network(files: RunFiles, workspace: Workspace,
     from microagent.errors import HostError
     from microagent.netfilter import FramePolicy, FrameRelay
     from microagent.network import reaches_host_loopback
-    from microagent.passt import GATEWAY, PasstSpec, passt_argv, passt_problems
+    from microagent.passt import DNS_ADDRESS, GATEWAY, PasstSpec, passt_argv, passt_problems
 
     _, relay_vmm, relay_helper, helper = links
     host_loopback = reaches_host_loopback(workspace.network)
@@ -241,7 +241,8 @@ def start_network(files: RunFiles, workspace: Workspace,
     except OSError as e:
         problems = passt_problems()
         raise HostError(problems[0] if problems else f"cannot start passt: {e}") from e
-    policy = FramePolicy(None if host_loopback else socket.inet_aton(GATEWAY))
+    policy = FramePolicy(gateway=None if host_loopback else socket.inet_aton(GATEWAY),
+                         dns=socket.inet_aton(DNS_ADDRESS))
     relay = FrameRelay(relay_vmm, relay_helper, policy)
     relay.start()
     return NetworkHelper(process, relay, log_start)

@@ -14,6 +14,9 @@ of every frame the guest sends (:func:`verdict`):
   ``--no-map-gw`` would send them to whatever 10.0.2.2 is on the host's own network.
   TCP segments of connections already open pass, because a published port's connection
   reaches the guest from the gateway's address and the guest answers there;
+- to the DNS address (10.0.2.3) only DNS over UDP, which passt forwards to the host's
+  resolver; it does not forward TCP (a resolver's retry after a truncated answer), which
+  would go to whatever 10.0.2.3 is on the host's network;
 - ARP, IPv4 and IPv6 only (passt ignores other types; VLAN tags included).
 
 A refused TCP connection attempt (a SYN) gets a RST back, so the guest's ``connect``
@@ -38,6 +41,7 @@ ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806
 ETHERTYPE_IPV6 = 0x86DD
 PROTO_TCP = 6
+PROTO_UDP = 17
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 MAX_FRAME = 65536 + 4096  # QEMU's NET_BUFSIZE: no frame it sends is longer
 CHUNK = 256 * 1024
@@ -56,9 +60,11 @@ class Verdict(enum.Enum):
 class FramePolicy:
     """Which destinations a guest may open connections to, besides the host's loopback
     (never). ``gateway``: the IPv4 address whose new connections are refused (the
-    default mode); None when the gateway is the way to the host's loopback (opt-in)."""
+    default mode); None when the gateway is the way to the host's loopback (opt-in).
+    ``dns``: the IPv4 address that only takes DNS over UDP."""
 
     gateway: bytes | None = None
+    dns: bytes | None = None
 
 
 def _blocked_v4(address: bytes) -> bool:
@@ -95,6 +101,10 @@ def verdict(frame: bytes, policy: FramePolicy) -> Verdict:
             if flags is None:
                 return Verdict.DROP
             return Verdict.REFUSE if _is_syn(flags) else Verdict.PASS
+        if policy.dns is not None and destination == policy.dns:
+            if protocol == PROTO_UDP and _udp_port(frame, ETH_HEADER + ihl) == 53:
+                return Verdict.PASS
+            return Verdict.REFUSE if flags is not None and _is_syn(flags) else Verdict.DROP
         return Verdict.PASS
     if ethertype == ETHERTYPE_IPV6:
         if len(frame) < ETH_HEADER + 40:
@@ -103,6 +113,13 @@ def verdict(frame: bytes, policy: FramePolicy) -> Verdict:
             return Verdict.DROP
         return Verdict.PASS
     return Verdict.DROP
+
+
+def _udp_port(frame: bytes, offset: int) -> int | None:
+    """The UDP header's destination port at ``offset``, if the frame has it."""
+    if len(frame) < offset + 4:
+        return None
+    return int.from_bytes(frame[offset + 2:offset + 4], "big")
 
 
 def _tcp_flags(frame: bytes, offset: int) -> int | None:

@@ -1,17 +1,18 @@
 """passt, the user-mode network of a workspace: its command line (pure) and its process.
 
 QEMU 7.2's own user network (slirp) connects whatever the guest sends to 10.0.2.2 to the
-host's loopback, and has no switch to stop it. A workspace's network is passt instead (the Debian package ``passt``; podman's
-rootless network): one process per boot, started by the supervisor, speaking QEMU's
-``-netdev stream`` framing over a socketpair handed to it with ``--fd``. Between the two
-sits the supervisor's frame filter (:mod:`microagent.netfilter`), because this passt
-connects a hand-made frame addressed to 127.0.0.1 to the host's loopback.
+host's loopback, and has no switch to stop it. A workspace's network is passt instead (the
+Debian package ``passt``; podman's rootless network): one process per boot, started by the
+supervisor, speaking QEMU's ``-netdev stream`` framing over a socketpair handed to it
+with ``--fd``. Between the two sits the supervisor's frame filter
+(:mod:`microagent.netfilter`), because this passt connects a hand-made frame addressed to
+127.0.0.1 to the host's loopback.
 
 The guest keeps the addressing it had under slirp (10.0.2.15/24, gateway 10.0.2.2, DNS
 10.0.2.3, set by the agent from the kernel command line): ``--address``, ``--gateway`` and
 ``--dns-forward`` give passt the same plan. DNS to 10.0.2.3 goes to the first resolver of
 the host's ``/etc/resolv.conf``, as slirp's did, a loopback one (systemd-resolved's stub)
-included. ``--no-map-gw`` unless the workspace opted in to the host's loopback
+included; over UDP only (this passt does not forward TCP there; slirp did). ``--no-map-gw`` unless the workspace opted in to the host's loopback
 (``--network user:host-loopback``): then 10.0.2.2 is the host's 127.0.0.1, as it was.
 Published ports are ``--tcp-ports HOST_IP/HOST_PORT:GUEST_PORT`` (passt binds them when
 it starts and exits if one is taken); ``--udp-ports none`` keeps passt from forwarding the

@@ -27,8 +27,9 @@ from microagent.netfilter import (
 GUEST_MAC = bytes.fromhex("525400123456")
 PASST_MAC = bytes.fromhex("02fc00000001")
 GATEWAY = socket.inet_aton("10.0.2.2")
-DEFAULT = FramePolicy(gateway=GATEWAY)
-OPT_IN = FramePolicy(gateway=None)
+DNS = socket.inet_aton("10.0.2.3")
+DEFAULT = FramePolicy(gateway=GATEWAY, dns=DNS)
+OPT_IN = FramePolicy(gateway=None, dns=DNS)
 
 
 def ipv4(destination: str, protocol: int, payload: bytes, *, options: bytes = b"",
@@ -74,6 +75,13 @@ def framed(*frames: bytes) -> bytes:
     (arp_request("10.0.2.2"), DEFAULT, Verdict.PASS),
     (tcp("198.18.0.2", 80), DEFAULT, Verdict.PASS),
     (udp("10.0.2.3", 53), DEFAULT, Verdict.PASS),  # DNS, forwarded by passt
+    (udp("10.0.2.3", 53), OPT_IN, Verdict.PASS),
+    # ... only over UDP: passt would send the rest to whatever 10.0.2.3 is outside
+    (tcp("10.0.2.3", 53), DEFAULT, Verdict.REFUSE),
+    (tcp("10.0.2.3", 53), OPT_IN, Verdict.REFUSE),
+    (tcp("10.0.2.3", 53, TCP_ACK), OPT_IN, Verdict.DROP),
+    (udp("10.0.2.3", 5353), OPT_IN, Verdict.DROP),
+    (ipv4("10.0.2.3", 1, bytes(8)), OPT_IN, Verdict.DROP),
     # the host's loopback, in every mode
     (tcp("127.0.0.1", 80), DEFAULT, Verdict.REFUSE),
     (tcp("127.0.0.1", 80), OPT_IN, Verdict.REFUSE),
