@@ -12,8 +12,9 @@ The guest keeps the addressing it had under slirp (10.0.2.15/24, gateway 10.0.2.
 10.0.2.3, set by the agent from the kernel command line): ``--address``, ``--gateway`` and
 ``--dns-forward`` give passt the same plan. DNS to 10.0.2.3 goes to the first resolver of
 the host's ``/etc/resolv.conf``, as slirp's did, a loopback one (systemd-resolved's stub)
-included; over UDP only (this passt does not forward TCP there; slirp did). ``--no-map-gw`` unless the workspace opted in to the host's loopback
-(``--network user:host-loopback``): then 10.0.2.2 is the host's 127.0.0.1, as it was.
+included; over UDP only (this passt does not forward TCP there; slirp did).
+``--no-map-gw`` unless the workspace opted in to the host's loopback (``--network
+user:host-loopback``): then 10.0.2.2 is the host's 127.0.0.1, as it was.
 Published ports are ``--tcp-ports HOST_IP/HOST_PORT:GUEST_PORT`` (passt binds them when
 it starts and exits if one is taken); ``--udp-ports none`` keeps passt from forwarding the
 same numbers over UDP, which it does by default.
