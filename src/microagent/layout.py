@@ -188,6 +188,11 @@ class RunFiles:
     def vmm_log(self) -> Path:
         return self.dir / "vmm.log"
 
+    @property
+    def network_log(self) -> Path:
+        """What the network's helper (passt) said, every boot's."""
+        return self.dir / "passt.log"
+
     def bundle_disk(self, name: str) -> Path:
         """This boot's copy of the rw bundle ``name``'s disk (a fresh one at each boot)."""
         return self.dir / f"bundle-{name}.ext4"

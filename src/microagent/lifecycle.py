@@ -79,7 +79,8 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
     from microagent.backends.qemu import QemuBackend
     from microagent.guest import agent_binary
     from microagent.launch import workspace_kernel
-    from microagent.network import check_ports_free
+    from microagent.network import check_ports_free, has_network
+    from microagent.passt import passt_problems
 
     progress = progress or NullProgress()
     validate_name(name)
@@ -98,6 +99,8 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
         check_before_start(layout, name, workspace.disks)
         check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
         problems = QemuBackend().check_host()
+        if has_network(workspace.network):
+            problems += passt_problems()
         if problems:
             raise HostError("; ".join(problems))
         workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use

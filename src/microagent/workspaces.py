@@ -22,7 +22,7 @@ from microagent.config import Resources, check_fits_host, resolve_resources, val
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
-from microagent.network import PublishedPort, validate_ports
+from microagent.network import PublishedPort, validate_network, validate_ports
 from microagent.progress import NullProgress, Progress
 from microagent.staging import remove_whole, stage_dir, sweep_abandoned
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from microagent.manifests import ImageConfig
 
 BACKENDS = ("qemu",)
-NETWORKS = ("user", "none")
 RESTART_POLICIES = ("never", "on-failure", "always")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -139,9 +138,7 @@ def validate_spec(spec: WorkspaceSpec) -> None:
     if spec.backend not in BACKENDS:
         raise UsageError(f"unknown or unavailable backend {spec.backend!r}",
                          hint=f"available: {', '.join(BACKENDS)}")
-    if spec.network not in NETWORKS:
-        raise UsageError(f"unknown network mode {spec.network!r}",
-                         hint=f"choose one of: {', '.join(NETWORKS)}")
+    validate_network(spec.network)
     if spec.restart not in RESTART_POLICIES:
         raise UsageError(f"unknown restart policy {spec.restart!r}",
                          hint=f"choose one of: {', '.join(RESTART_POLICIES)}")

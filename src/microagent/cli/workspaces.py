@@ -184,7 +184,9 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="environment for commands (repeatable); K alone passes the host's "
                         "value (none if unset)")
     p.add_argument("--hostname", metavar="H", help="guest hostname (default: the name)")
-    p.add_argument("--network", default="user", metavar="MODE", help="user (default) or none")
+    p.add_argument("--network", default="user", metavar="MODE",
+                   help="user (default: NAT to what the host reaches, not its loopback), "
+                        "user:host-loopback (also the host's 127.0.0.1 at 10.0.2.2) or none")
     p.add_argument("--publish", "-p", action="append", default=[],
                    metavar="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]",
                    help="forward a host TCP port to a guest port (repeatable); the host "
