@@ -12,7 +12,7 @@ demo=1
 packages=(
   python3 python3-venv python3-dev gcc make libc6-dev
   e2fsprogs zstd cpio
-  qemu-system-x86 qemu-utils
+  qemu-system-x86 qemu-utils passt
   docker-registry apache2-utils openssl
   busybox-static debootstrap tmux util-linux
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +67,9 @@ def floor_boot(home: Path, work: Path, name: str) -> float:
     record = json.loads((home / "workspaces" / name / "workspace.json").read_text())
     run_dir = work / "floor-run"
     run_dir.mkdir(exist_ok=True)
+    # the network device's link: a socketpair with nothing behind it (the floor's /init
+    # sends nothing; a workspace has passt there)
+    link, far_end = socket.socketpair()
     spec = LaunchSpec(
         name="floor", memory_mib=record["resources"]["memory_mib"],
         cpus=record["resources"]["cpus"],
@@ -73,14 +77,16 @@ def floor_boot(home: Path, work: Path, name: str) -> float:
         cmdline=guest_cmdline(hostname="floor", network="user", accel=accel,
                               tsc_khz=host_tsc_khz() if accel == "tcg" else None),
         disks=(DiskSpec(home / "workspaces" / name / "rootfs.ext4"),), run_dir=run_dir,
-        accel=accel)
+        accel=accel, net_fd=link.fileno())
     argv = qemu_argv(spec)
     # the same guest devices; only the console's host end is a pipe we can read
     i = argv.index("socket,id=console,path=console.sock,server=on,wait=off")
     argv[i] = "stdio,id=console"
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=run_dir, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            pass_fds=(link.fileno(),))
+    link.close()
     seen = b""
     try:
         assert proc.stdout is not None
@@ -93,6 +99,7 @@ def floor_boot(home: Path, work: Path, name: str) -> float:
     finally:
         proc.kill()
         proc.wait()
+        far_end.close()
 
 
 def rss_mib(pid: int) -> float:

@@ -50,11 +50,13 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda received, _frame: early_signals.append(received))
     from microagent.launch import first_boot, take_supervisor_lock
-    from microagent.layout import StateLayout
-    from microagent.store import ensure_dir
+    from microagent.layout import PRIVATE_UMASK, StateLayout
+    from microagent.store import check_state_dir, ensure_dir
 
+    os.umask(PRIVATE_UMASK)  # its sockets, logs and QEMU's: the owner's only
     try:
         layout = StateLayout.resolve(state_dir)
+        check_state_dir(layout.root)
         files = layout.run_files(name)
         ensure_dir(files.dir)
         if take_supervisor_lock(files) is None:

@@ -4,9 +4,9 @@
 ``--bundle NAME=TAR:/dst[:ro|rw]`` each become an :class:`Attachment`, recorded with the
 workspace. At each boot the supervisor turns them into block devices
 (:func:`prepare_boot_disks`): the volume's image (:mod:`microagent.volumes`), the
-``--disk`` image as it is, or an ext4 disk built from the bundle in the run directory
-(the layer path of :mod:`microagent.layers` and :mod:`microagent.rootfs`: the same safety
-checks, ``mkfs.ext4 -d``). Each disk gets a virtio serial (``ma-disk1``, ...) and one
+``--disk`` image as it is, or the bundle's ext4 disk (:mod:`microagent.bundles`: built
+once per archive content, a fresh copy of it at each boot for a rw bundle). Each disk
+gets a virtio serial (``ma-disk1``, ...) and one
 ``microagent.disk=SERIAL:NAME:DEST:MODE`` kernel parameter; the guest agent finds the
 device by that serial and mounts it before its channel opens (``guest/disks.c``). ``ro``
 is QEMU's ``readonly=on``: the guest's block device itself refuses writes.
@@ -17,25 +17,21 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from microagent.backends.base import DiskSpec
+from microagent.bundles import BuiltBundles, ensure_bundle_disk, fresh_copy
 from microagent.config import validate_name
-from microagent.errors import (
-    IntegrityError,
-    MicroagentError,
-    NotFoundError,
-    UnsafeImageError,
-    UsageError,
-)
+from microagent.errors import MicroagentError, NotFoundError, UsageError
 from microagent.layout import RunFiles, StateLayout
 from microagent.progress import NullProgress, Progress
+from microagent.store import ensure_dir
 
 KINDS = ("volume", "disk", "bundle")
+MODES = ("ro", "rw")
 MAX_DEST_BYTES = 255
 MAX_DISKS = 16  # virtio-mmio slots of QEMU's microvm are shared with net and serial
 EXT4_MAGIC_OFFSET = 1024 + 0x38
@@ -77,9 +73,9 @@ class Attachment:
 
 
 def parse_volume(value: str) -> Attachment:
-    """``NAME:/dst[:ro|rw]``."""
-    rest, read_only = _split_mode(value)
-    name, sep, dest = rest.partition(":")
+    """``NAME:/dst[:ro|rw]``; see :func:`split_mode` for the grammar."""
+    flag = f"--volume {value}"
+    name, sep, rest = value.partition(":")
     if not sep:
         raise UsageError(f"invalid --volume {value!r}", hint="use --volume NAME:/dst[:ro|rw]")
     if name.startswith(("/", ".", "~")):
@@ -88,43 +84,61 @@ def parse_volume(value: str) -> Attachment:
                          hint="use a volume name (created on first use), or attach an ext4 "
                          "image with --disk NAME=PATH:/dst")
     validate_name(name, what="volume")
-    return Attachment("volume", name, check_dest(dest, f"--volume {value}"), read_only)
+    fields, read_only = split_mode(rest.split(":"), flag, min_fields=2)
+    return Attachment("volume", name, check_dest(":".join(fields), flag), read_only)
 
 
 def parse_disk(value: str) -> Attachment:
-    """``NAME=PATH:/dst[:ro|rw]``."""
+    """``NAME=PATH:/dst[:ro|rw]``; see :func:`split_mode` for the grammar."""
     return _parse_sourced("disk", value, "--disk NAME=/path/image.ext4:/dst[:ro|rw]")
 
 
 def parse_bundle(value: str) -> Attachment:
-    """``NAME=TAR:/dst[:ro|rw]``."""
+    """``NAME=TAR:/dst[:ro|rw]``; see :func:`split_mode` for the grammar."""
     return _parse_sourced("bundle", value, "--bundle NAME=/path/x.tar[.gz]:/dst[:ro|rw]")
 
 
 def _parse_sourced(kind: str, value: str, form: str) -> Attachment:
+    flag = f"--{kind} {value}"
     name, sep, rest = value.partition("=")
-    rest, read_only = _split_mode(rest)
-    source, colon, dest = rest.rpartition(":")
-    if not sep or not colon or not source:
+    fields, read_only = split_mode(rest.split(":"), flag, min_fields=3)
+    if not sep or len(fields) < 2 or not ":".join(fields[:-1]):
         raise UsageError(f"invalid --{kind} {value!r}", hint=f"use {form}")
     validate_name(name, what=kind)
-    dest = check_dest(dest, f"--{kind} {value}")
-    path = Path(source).expanduser().absolute()
+    dest = check_dest(fields[-1], flag)
+    path = Path(":".join(fields[:-1])).expanduser().absolute()
     return Attachment(kind, name, dest, read_only, str(path))
 
 
-def _split_mode(value: str) -> tuple[str, bool]:
-    head, sep, mode = value.rpartition(":")
-    if sep and mode in ("ro", "rw"):
-        return head, mode == "ro"
-    return value, False
+def split_mode(fields: list[str], flag: str, *, min_fields: int) -> tuple[list[str], bool]:
+    """Take the mode off the ``:``-separated ``fields`` of a flag: ``(fields, read_only)``.
+
+    The grammar is ``[SRC:]DST[:MODE]``: a destination is absolute and holds no ``:``,
+    so the last field is the mode when the flag has room for one (``min_fields``: 2 for
+    ``DST:MODE``, 3 for ``SRC:DST:MODE``) and it holds no ``/``; a mode is ``ro`` or
+    ``rw``, lowercase, as docker's. A source path may hold ``:`` (everything between
+    ``=`` and the destination). Anything else is a usage error, never a destination.
+    """
+    if len(fields) >= min_fields and "/" not in fields[-1]:
+        mode = fields[-1]
+        if mode not in MODES:
+            raise UsageError(f"{flag}: unknown mode {mode!r}",
+                             hint="a mode is ro or rw, lowercase (as docker's); a "
+                             "destination is an absolute path without ':'")
+        return fields[:-1], mode == "ro"
+    return fields, False
 
 
 def check_dest(dest: str, flag: str) -> str:
-    """A guest mount point: absolute, no ``.`` or ``..``, not /, /proc, /sys or /dev."""
+    """A guest mount point: absolute, no ``.``, ``..`` or ``:``, not /, /proc, /sys or
+    /dev."""
     if not dest.startswith("/"):
         raise UsageError(f"{flag}: the destination {dest!r} must be an absolute path "
                          "in the guest", hint="for example /work")
+    if ":" in dest:
+        raise UsageError(f"{flag}: the destination {dest!r} contains ':'",
+                         hint="a destination cannot contain ':' (it separates the mode, "
+                         "ro or rw)")
     parts = [p for p in dest.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise UsageError(f"{flag}: the destination {dest!r} must not contain '.' or '..'")
@@ -169,22 +183,26 @@ def is_ext4(path: Path) -> bool:
 
 
 def check_sources(attachments: Sequence[Attachment], *, work_dir: Path,
-                  progress: Progress | None = None, build_bundles: bool = True) -> None:
-    """Check every ``--disk`` image is ext4 and every bundle can be built (in ``work_dir``,
-    then thrown away). Raises NotFoundError, UsageError or UnsafeImageError."""
+                  progress: Progress | None = None, build_bundles: bool = True
+                  ) -> BuiltBundles:
+    """Check every ``--disk`` image is ext4 and every bundle can be built (built in
+    ``work_dir``; the caller adopts the disks or discards them, ``with`` the result).
+    Raises NotFoundError, UsageError, UnsafeImageError or DiskTooSmallError."""
     progress = progress or NullProgress()
-    for item in attachments:
-        if item.kind == "disk":
-            check_disk(item)
-        elif item.kind == "bundle":
-            _check_readable(item)
-            if build_bundles:
-                progress.step(f"Checking bundle {item.name}")
-                scratch = Path(tempfile.mkdtemp(prefix="bundle-", dir=work_dir))
-                try:
-                    build_bundle(item, scratch / "check.ext4", work_dir=scratch)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+    built = BuiltBundles(work_dir)
+    try:
+        for item in attachments:
+            if item.kind == "disk":
+                check_disk(item)
+            elif item.kind == "bundle":
+                _check_readable(item)
+                if build_bundles:
+                    progress.step(f"Building bundle {item.name}")
+                    built.build(item)
+    except BaseException:
+        built.discard()
+        raise
+    return built
 
 
 def check_disk(item: Attachment) -> None:
@@ -209,28 +227,6 @@ def _check_readable(item: Attachment) -> Path:
     return path
 
 
-def build_bundle(item: Attachment, dest: Path, *, work_dir: Path) -> None:
-    """Build the ext4 disk of the bundle ``item`` at ``dest``, sized to fit."""
-    from microagent.layers import LayerFile
-    from microagent.rootfs import build_root_disk
-
-    source = Path(item.source)
-    if not source.is_file():
-        raise NotFoundError(f"bundle {item.name}: {source} does not exist")
-    layer = LayerFile(source, "application/vnd.oci.image.layer.v1.tar", str(source))
-    try:
-        build_root_disk([layer], dest, size_mib=None, work_dir=work_dir,
-                        label=item.name[:16])
-    except UnsafeImageError as e:
-        reason = e.message.removeprefix(f"layer {source}: ")
-        reason = reason.removesuffix("; the image is refused")
-        raise UnsafeImageError(f"bundle {item.name} ({source}): {reason}; the bundle is "
-                               "refused", hint="nothing from the archive was used") from None
-    except IntegrityError as e:
-        raise UsageError(f"bundle {item.name}: {source} is not a readable tar archive "
-                         f"(.tar, .tar.gz or .tgz): {e.message}") from None
-
-
 # --- what one boot gets --------------------------------------------------------------
 
 
@@ -247,9 +243,12 @@ def mount_order(attachments: Sequence[Attachment]) -> list[Attachment]:
     return sorted(attachments, key=lambda a: a.dest.count("/"))
 
 
-def boot_disks(layout: StateLayout, files: RunFiles,
-               attachments: Sequence[Attachment]) -> BootDisks:
-    """The disks and ``microagent.disk=`` parameters of ``attachments``. Pure."""
+def boot_disks(layout: StateLayout, files: RunFiles, attachments: Sequence[Attachment],
+               bundles: Mapping[str, Path] | None = None) -> BootDisks:
+    """The disks and ``microagent.disk=`` parameters of ``attachments``. Pure.
+
+    A bundle's disk is ``bundles[name]`` if given (a ro bundle's cached disk), else this
+    boot's copy in the run directory."""
     disks: list[DiskSpec] = []
     params: list[str] = []
     for index, item in enumerate(mount_order(attachments), start=1):
@@ -257,7 +256,7 @@ def boot_disks(layout: StateLayout, files: RunFiles,
         if item.kind == "volume":
             path = layout.volume_disk(item.name)
         elif item.kind == "bundle":
-            path = files.bundle_disk(item.name)
+            path = (bundles or {}).get(item.name) or files.bundle_disk(item.name)
         else:
             path = Path(item.source)
         disks.append(DiskSpec(path, item.read_only, item.name, serial))
@@ -274,21 +273,27 @@ def encode_dest(dest: str) -> str:
 
 
 def prepare_boot_disks(layout: StateLayout, files: RunFiles,
-                       attachments: Sequence[Attachment]) -> BootDisks:
-    """Check the sources and build this boot's bundle disks; see :func:`boot_disks`."""
+                       attachments: Sequence[Attachment], bundles_dir: Path) -> BootDisks:
+    """Check the sources and give this boot its bundle disks: the cached disk of each
+    (``bundles_dir``, built again only for a new archive content), as it is for a ro
+    bundle, a fresh copy in the run directory for a rw one; see :func:`boot_disks`."""
+    cached: dict[str, Path] = {}
     for item in attachments:
         if item.kind == "volume" and not layout.volume_disk(item.name).exists():
-            raise NotFoundError(f"volume {item.name} does not exist (it was deleted)")
+            from microagent.volumes import missing_volume_error
+
+            raise missing_volume_error(item.name)
         if item.kind == "volume" and item.read_only:
             replay_journal(layout.volume_disk(item.name))
         if item.kind == "disk":
             check_disk(item)
         if item.kind == "bundle":
-            disk = files.bundle_disk(item.name)
-            with contextlib.suppress(FileNotFoundError):
-                disk.unlink()
-            build_bundle(item, disk, work_dir=files.dir)
-    return boot_disks(layout, files, attachments)
+            disk = ensure_bundle_disk(item, bundles_dir, work_dir=ensure_dir(layout.tmp_dir))
+            if item.read_only:
+                cached[item.name] = disk
+            else:
+                fresh_copy(disk, files.bundle_disk(item.name))
+    return boot_disks(layout, files, attachments, cached)
 
 
 def replay_journal(disk: Path) -> None:
@@ -318,25 +323,27 @@ def replay_journal(disk: Path) -> None:
 
 
 def remove_bundle_disks(files: RunFiles, attachments: Sequence[Attachment]) -> None:
-    """Remove the bundle disks built for the last boot."""
+    """Remove the bundle disks copied for the last boot (the cached ones stay)."""
     for item in attachments:
         if item.kind == "bundle":
             with contextlib.suppress(FileNotFoundError):
                 files.bundle_disk(item.name).unlink()
 
 
-def check_before_start(layout: StateLayout, attachments: Sequence[Attachment]) -> None:
+def check_before_start(layout: StateLayout, workspace: str,
+                       attachments: Sequence[Attachment]) -> None:
     """What ``start`` checks before spawning the supervisor, for clear errors at once:
-    volumes exist (created on first use) and are not attached elsewhere, ``--disk``
-    images are ext4, bundle archives exist."""
-    from microagent.volumes import ensure_volume, held_error, volume_holder
+    volumes exist (never created here: ``create`` made them) and are not attached
+    elsewhere, ``--disk`` images are ext4, bundle archives exist."""
+    from microagent.volumes import held_error, missing_volume_error, volume_holder
 
     for item in attachments:
         if item.kind == "volume":
+            if not layout.volume_disk(item.name).exists():
+                raise missing_volume_error(item.name, workspace)
             holder = volume_holder(layout, item.name)
             if holder is not None:
                 raise held_error(item.name, holder)
-            ensure_volume(layout, item.name)
     check_sources(attachments, work_dir=layout.tmp_dir, build_bundles=False)
 
 

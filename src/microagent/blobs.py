@@ -4,6 +4,10 @@ A blob enters ``images/blobs/sha256/<hex>`` only after its bytes were hashed and
 the digest (and size) it was asked for. Each writer streams into its own temporary file
 in the same directory and renames it into place, so two processes pulling the same image
 at once both succeed, and nobody ever sees a partial or unverified blob under a digest.
+The temporary files (``.incoming-*``) are :mod:`microagent.staging` entries: a killed
+pull's are swept by the next command.
+A host file system that fills up meanwhile is a HostError naming it and its free space;
+the temporary file is removed.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from microagent.errors import IntegrityError, NotFoundError
 from microagent.layout import StateLayout
-from microagent.store import ensure_dir
+from microagent.staging import Staged, stage_file
+from microagent.store import ensure_dir, is_no_space, write_error
 
 DIGEST_PATTERN = re.compile(r"sha256:[a-f0-9]{64}")
+INCOMING_PREFIX = ".incoming-"
 
 ProgressCallback = Callable[[int], None]
 
@@ -69,11 +74,10 @@ class BlobStore:
         """
         target = self.path(digest)
         directory = ensure_dir(target.parent)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=directory)
-        try:
+        with _incoming(directory, f"cannot store blob {digest}{_from(source)}") as incoming:
             hasher = hashlib.sha256()
             received = 0
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(incoming.fd, "wb", closefd=False) as f:
                 for chunk in chunks:
                     hasher.update(chunk)
                     f.write(chunk)
@@ -99,12 +103,7 @@ class BlobStore:
                     hint="the registry or archive served corrupt or tampered content; "
                     "nothing was cached",
                 )
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            incoming.replace(target)
         return target
 
     def ingest_computed(self, chunks: Iterable[bytes], *, source: str = "") -> str:
@@ -114,22 +113,16 @@ class BlobStore:
         the caller checks the result against what it expects (the config's diff_ids).
         """
         directory = ensure_dir(self.layout.blobs_dir)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=directory)
-        try:
+        with _incoming(directory, f"cannot store a layer{_from(source)}") as incoming:
             hasher = hashlib.sha256()
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(incoming.fd, "wb", closefd=False) as f:
                 for chunk in chunks:
                     hasher.update(chunk)
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             digest = "sha256:" + hasher.hexdigest()
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path(digest))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            incoming.replace(self.path(digest))
         return digest
 
     def ingest_file(self, digest: str, path: Path, *, size: int | None = None) -> Path:
@@ -153,6 +146,19 @@ class BlobStore:
         return sorted(
             f"sha256:{p.name}" for p in directory.iterdir() if not p.name.startswith(".")
         )
+
+
+@contextlib.contextmanager
+def _incoming(directory: Path, doing: str) -> Iterator[Staged]:
+    """A staging file for a blob (swept if the pull is killed); a host file system that
+    fills up meanwhile is reported as such, its free space measured before the cleanup."""
+    with stage_file(directory, INCOMING_PREFIX) as incoming:
+        try:
+            yield incoming
+        except OSError as e:
+            if is_no_space(e):
+                raise write_error(e, doing, directory) from e
+            raise
 
 
 def _from(source: str) -> str:

@@ -1,13 +1,16 @@
 """Specs and validation: profiles, resources, workspace names.
 
 Profiles are the named resource sizes of CLI.md; ``--memory``, ``--cpus`` and
-``--size-mib`` override one value and keep the profile's name.
+``--size-mib`` override one value and keep the profile's name. ``--env``/``-e`` items
+(:func:`parse_env`) are resolved here too.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from microagent.errors import UsageError
 
@@ -80,6 +83,47 @@ def resolve_resources(
     if not 16 <= resources.disk_mib <= 16 * 1024 * 1024:
         raise UsageError(f"--size-mib {resources.disk_mib} is out of range (16..16777216 MiB)")
     return resources
+
+
+def parse_env(items: Sequence[str], host_env: Mapping[str, str], flag: str) -> tuple[str, ...]:
+    """``NAME=VALUE`` items as given, and ``NAME`` alone as the host's value, as docker
+    does (dropped when the host has no such variable). ``''`` and ``=VALUE`` are usage
+    errors."""
+    resolved: list[str] = []
+    for item in items:
+        name, sep, _ = item.partition("=")
+        if not name:
+            raise UsageError(f"invalid {flag} {item!r}: no variable name",
+                             hint=f"use {flag} NAME=VALUE, or {flag} NAME to pass the "
+                             "host's value")
+        if "\0" in item:
+            raise UsageError(f"invalid {flag} {item!r}: a NUL byte")
+        if sep:
+            resolved.append(item)
+        elif name in host_env:
+            resolved.append(f"{name}={host_env[name]}")
+    return tuple(resolved)
+
+
+def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's total memory in MiB (``MemTotal``), or None when it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemTotal":
+                return int(value.split()[0]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_host(resources: Resources, host_mib: int | None = None) -> None:
+    """Refuse more guest memory than the host has: the guest kernel would map it all
+    (its page tables alone are ~1.5%), and QEMU would fail or the host swap."""
+    host_mib = host_memory_mib() if host_mib is None else host_mib
+    if host_mib is not None and resources.memory_mib > host_mib:
+        raise UsageError(f"--memory {resources.memory_mib} MiB is more than this host has "
+                         f"({host_mib} MiB)", hint="give less memory, or a smaller --profile")
 
 
 def validate_name(name: str, what: str = "workspace") -> str:

@@ -18,8 +18,11 @@ How, by the workspace's derived state (:func:`microagent.runtime.runtime_state`)
 
 On the host every write goes through :class:`~microagent.hostfiles.HostWriter`: what
 comes from the guest never makes the host write outside the destination the user named.
-Modes are kept; owners are kept when the host user is root (else files belong to the
-host user going out, to root going in). Devices and sockets are skipped with a warning.
+As ``docker cp``: modes are kept and files belong to the user at the destination (the
+host user going out, root going in), and an archive copy (``archive``, ``cp -a``) keeps
+the owners too. Going out, a plain copy also drops setuid and setgid (and sticky on
+files): a guest's setuid-root file must not land on the host as one. Devices and sockets
+are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -100,8 +103,11 @@ def parse_endpoint(spec: str) -> Endpoint:
     return Endpoint(spec)
 
 
-def copy(layout: StateLayout, source: str, destination: str) -> CopyResult:
-    """Copy ``source`` to ``destination``; exactly one of them is ``NAME:/path``."""
+def copy(layout: StateLayout, source: str, destination: str, *,
+         archive: bool = False) -> CopyResult:
+    """Copy ``source`` to ``destination``; exactly one of them is ``NAME:/path``.
+
+    ``archive`` keeps owners (numeric uid/gid) and, on the host, setuid and setgid."""
     src, dst = parse_endpoint(source), parse_endpoint(destination)
     if (src.workspace is None) == (dst.workspace is None):
         raise UsageError("cp copies between a workspace and the host: give exactly one "
@@ -112,8 +118,9 @@ def copy(layout: StateLayout, source: str, destination: str) -> CopyResult:
     get_workspace(layout, name)
     if src.workspace:
         return _run(layout, name, lambda via: _from_guest(layout, name, src.path,
-                                                           dst.path, via))
-    return _run(layout, name, lambda via: _to_guest(layout, name, src.path, dst.path, via))
+                                                           dst.path, via, archive))
+    return _run(layout, name, lambda via: _to_guest(layout, name, src.path, dst.path, via,
+                                                    archive))
 
 
 def _run(layout: StateLayout, name: str,
@@ -172,18 +179,17 @@ def _guest_parts(path: str) -> tuple[str, str, bool]:
 
 
 def _from_guest(layout: StateLayout, name: str, path: str, local: str,
-                client: AgentClient | None) -> CopyResult:
+                client: AgentClient | None, archive: bool) -> CopyResult:
     parent, base, contents = _guest_parts(path)
-    keep = os.geteuid() == 0
     where = f"{name}:{path}"
     if client is None:
-        return _from_disk(layout.workspace_rootfs(name), path, local, where, keep)
+        return _from_disk(layout.workspace_rootfs(name), path, local, where, archive)
     kind = probe(client, [posixpath.normpath(path)], follow=False)[0]
     if kind == "missing":
         raise NotFoundError(f"no such file: {where}")
     host_parent, host_name = _host_target(local, base, kind == "dir", contents)
     skipped: list[str] = []
-    with HostWriter(host_parent, host_name, keep_owners=keep) as writer:
+    with HostWriter(host_parent, host_name, archive=archive) as writer:
         if kind == "file":
             def fill(fd: int) -> Meta:
                 meta = get_file(client, posixpath.normpath(path), lambda data: _write(fd, data))
@@ -200,7 +206,7 @@ def _from_guest(layout: StateLayout, name: str, path: str, local: str,
     return _done(writer, FROM_GUEST, "agent", skipped)
 
 
-def _from_disk(image: Path, path: str, local: str, where: str, keep: bool) -> CopyResult:
+def _from_disk(image: Path, path: str, local: str, where: str, archive: bool) -> CopyResult:
     from microagent.diskfiles import read_from_disk, stat_path
 
     _parent, base, contents = _guest_parts(path)
@@ -208,7 +214,7 @@ def _from_disk(image: Path, path: str, local: str, where: str, keep: bool) -> Co
     if top is None:
         raise NotFoundError(f"no such file: {where}")
     host_parent, host_name = _host_target(local, base, top.kind == "dir", contents)
-    with HostWriter(host_parent, host_name, keep_owners=keep) as writer:
+    with HostWriter(host_parent, host_name, archive=archive) as writer:
         skipped = read_from_disk(image, top, writer)
         writer.commit()
     return _done(writer, FROM_GUEST, "disk", skipped)
@@ -247,7 +253,7 @@ def probe(client: AgentClient, paths: list[str], *, follow: bool) -> list[str]:
 
 
 def _to_guest(layout: StateLayout, name: str, local: str, path: str,
-              client: AgentClient | None) -> CopyResult:
+              client: AgentClient | None, archive: bool) -> CopyResult:
     contents = local.endswith("/.")
     source = Path(local)
     try:
@@ -258,7 +264,7 @@ def _to_guest(layout: StateLayout, name: str, local: str, path: str,
         raise MicroagentError(f"cannot read {local}: {e.strerror}") from e
     base = source.absolute().name if not contents else ""
     dest = posixpath.normpath(path)
-    keep = os.geteuid() == 0
+    keep = archive  # the host's owners; else root's in the guest, as docker cp
     if client is None:
         from microagent.diskfiles import stat_path
 

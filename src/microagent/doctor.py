@@ -57,6 +57,18 @@ def check_qemu() -> Check:
     return Check("qemu", "ok", f"{version} ({path})")
 
 
+def check_passt() -> Check:
+    """passt: every workspace with a network (the default) starts one."""
+    from microagent.passt import PASST_BINARY, PASST_PACKAGE
+
+    path = shutil.which(PASST_BINARY)
+    if path is None:
+        return Check("passt", "fail", f"{PASST_BINARY} not found: workspaces with a network "
+                     "(the default) cannot start; --network none ones can",
+                     f"{APT} --no-install-recommends {PASST_PACKAGE}")
+    return Check("passt", "ok", f"{path} (the user-mode network)")
+
+
 def check_accel() -> Check:
     from microagent.backends.base import choose_accel
 
@@ -111,7 +123,14 @@ def check_kernel(layout: StateLayout) -> Check:
 
 
 def check_state_dir(layout: StateLayout) -> Check:
+    from microagent.errors import MicroagentError
+    from microagent.store import check_state_dir as check_private
+
     root = layout.root
+    try:
+        check_private(root)
+    except MicroagentError as e:
+        return Check("state", "fail", e.message, e.hint)
     probe_dir = root
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent  # created on first use: its nearest parent must allow it
@@ -142,7 +161,7 @@ def check_loopback() -> Check:
 def run_checks(layout: StateLayout) -> list[Check]:
     """Every check, in the order the report shows them."""
     checks: list[Callable[[], Check]] = [
-        check_qemu, check_accel, check_e2fsprogs, check_agent,
+        check_qemu, check_passt, check_accel, check_e2fsprogs, check_agent,
         lambda: check_kernel(layout), lambda: check_state_dir(layout), check_loopback,
     ]
     results = []

@@ -25,21 +25,23 @@ The CLI turns these into text or ``--json`` in one place::
     ├── StartError                  exit 1   "start-failed" a boot failed (lifecycle.py)
     ├── SetupFailedError            exit N   "setup-failed" a --setup command's code (provision.py)
     ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
+    ├── BrokenWorkspaceError        exit 1   "broken"       a workspace.json that cannot be read
+    │                                                       (workspaces.py)
     ├── AgentFileError              exit 1   "guest-file"   get/put refused by the agent (agent.py)
     ├── ProtocolError               exit 1   "protocol"     a malformed frame (protocol.py)
     └── QmpError                    exit 1   "vmm"          QEMU's monitor failed (backends/qmp.py)
 
-``exec`` and ``run`` return 125 for every error but a usage error and PausedError (CLI.md).
-A signal that ends a command is not an error: :class:`Interrupted` (a KeyboardInterrupt)
-exits 128+N, as a shell reports a process killed by signal N.
+Signals are not errors: Ctrl-C is Python's ``KeyboardInterrupt`` and the CLI turns SIGTERM
+into :class:`Terminated`, a ``KeyboardInterrupt`` too, so that the same cleanup runs;
+the exit code is 128 + the signal's number (:func:`interrupted_exit_code`).
+``exec`` and ``run`` return 125 for every error but a usage error and PausedError
+(CLI.md); :class:`Terminated` also ends an exec whose guest did not act on a forwarded
+signal in time, with its own message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-from collections.abc import Iterator
-from types import FrameType
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -155,27 +157,16 @@ class UnresponsiveError(MicroagentError):
     kind = "unresponsive"
 
 
-class Interrupted(KeyboardInterrupt):
-    """A signal ended the command; the CLI exits 128 + ``signum``."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or another terminating signal) raised in the main thread as Ctrl-C's
+    KeyboardInterrupt is, so that every cleanup that Ctrl-C runs runs too."""
 
-    def __init__(self, signum: int, message: str = "") -> None:
-        super().__init__(message or f"interrupted ({signal.Signals(signum).name})")
-        self.signum = signum
-        self.message = message or f"interrupted ({signal.Signals(signum).name})"
+    def __init__(self, signum: int = signal.SIGTERM, message: str = "") -> None:
+        super().__init__(message or signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.message = message  # what to say instead of "terminated"
 
 
-@contextlib.contextmanager
-def signals_interrupt(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)
-                      ) -> Iterator[None]:
-    """Within the block, ``signals`` raise :class:`Interrupted` as Ctrl-C raises
-    KeyboardInterrupt, so that ``finally`` clauses (a raw terminal, a partial file) run
-    and the exit code says which signal it was."""
-    def interrupt(signum: int, _frame: FrameType | None) -> None:
-        raise Interrupted(signum)
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)

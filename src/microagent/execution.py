@@ -17,6 +17,7 @@ the command's.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -28,14 +29,15 @@ from types import FrameType
 from microagent.agent import AgentClient, ExecRequest, ExecResult
 from microagent.control import SupervisorClient
 from microagent.errors import (
-    Interrupted,
     MicroagentError,
     PausedError,
+    Terminated,
     UnresponsiveError,
+    UsageError,
 )
 from microagent.events import now_iso, read_events
 from microagent.layout import StateLayout
-from microagent.lifecycle import require_running
+from microagent.lifecycle import require_running, supervisor_pause
 from microagent.protocol import ProtocolError
 from microagent.runtime import runtime_state
 from microagent.workspaces import get_workspace
@@ -77,6 +79,9 @@ def merge_env(*layers: tuple[str, ...]) -> tuple[str, ...]:
 def build_request(layout: StateLayout, name: str, options: ExecOptions,
                   tty_size: tuple[int, int] | None) -> ExecRequest:
     """The request for ``options`` with the image's defaults applied."""
+    if not math.isfinite(options.timeout) or options.timeout < 0:
+        raise UsageError(f"invalid exec timeout {options.timeout}",
+                         hint="a number of seconds, 0 for no limit")
     ws = get_workspace(layout, name)
     config = ws.image_config
     return ExecRequest(
@@ -86,7 +91,8 @@ def build_request(layout: StateLayout, name: str, options: ExecOptions,
         user=options.user or config.user,
         tty=tty_size if options.tty else None,
         stdin=options.interactive,
-        timeout_ms=int(options.timeout * 1000),
+        # rounded up: a timeout below 1 ms is still one, not "no limit" (0)
+        timeout_ms=math.ceil(options.timeout * 1000),
     )
 
 
@@ -133,6 +139,9 @@ def _unanswered(layout: StateLayout, name: str, timeout: float) -> MicroagentErr
     state = runtime_state(layout, name)
     if state.state == "paused":
         return PausedError(name, state.detail)
+    paused = supervisor_pause(layout, name, state)  # not in the events: the disk is full
+    if paused is not None:
+        return PausedError(name, paused)
     return UnresponsiveError(
         f"workspace {name} did not end the command: its --timeout of {timeout:g}s passed "
         f"{EXEC_GRACE:g}s ago without an answer from the guest; the VM is unresponsive "
@@ -206,12 +215,12 @@ class _SignalWatch:
         self.now: int | None = None  # end at once (a second signal; with -t, any)
 
     def poll(self) -> list[bytes]:
-        """The frames to send; raises Interrupted when the exec must end here."""
+        """The frames to send; raises Terminated when the exec must end here."""
         if self.now is not None:
-            raise Interrupted(self.now)
+            raise Terminated(self.now)
         if self.first is not None and time.monotonic() > self.give_up_at:
             name = signal.Signals(self.first).name
-            raise Interrupted(self.first, f"the command did not end within {SIGNAL_GRACE:g}s "
+            raise Terminated(self.first, f"the command did not end within {SIGNAL_GRACE:g}s "
                                           f"of {name}; gave up on it (is the workspace "
                                           "unresponsive? see microagent status)")
         frames = self.pending[:]

@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microagent.errors import DiskTooSmallError, HostError
-from microagent.layers import Kind, Node, Tree
+from microagent.imagetree import BLOCK_SIZE, INODE_SIZE, Kind, Node, Tree
+from microagent.store import no_space_error
 
-BLOCK_SIZE = 4096
-INODE_SIZE = 256
 _MIB = 1 << 20
 _BLOCKS_PER_GROUP = 8 * BLOCK_SIZE
 _BYTES_PER_INODE = 16384  # mke2fs's default inode_ratio: room to grow after the image
 _ROOT_INO = 2
 _TOOL_TIMEOUT = 3600
 _LISTING = re.compile(rb"/(\d+)/([0-7]+)/(-?\d+)/(-?\d+)/([^/]*)/(\d*)/\n")
-_NO_SPACE = ("Could not allocate block", "No space left on device", "Could not allocate inode")
+# the image is full (e2fsprogs' own errors) / the host file system is (strerror's words)
+_NO_SPACE = ("Could not allocate block", "Could not allocate inode")
+_HOST_FULL = ("No space left on device", "Disk quota exceeded")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def make_filesystem(tools: Tools, staging: Path, image: Path, *, inodes: int,
                     label: str) -> None:
     """``mkfs.ext4 -d staging`` into the (sparse, pre-sized) file ``image``.
 
-    Raises DiskTooSmallError when mkfs runs out of blocks or inodes, HostError otherwise.
+    Raises DiskTooSmallError when mkfs runs out of blocks or inodes, HostError otherwise
+    (saying so when the host file system is full).
     """
     argv = [
         tools.mkfs, "-q", "-F", "-T", "default", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
@@ -78,6 +80,9 @@ def make_filesystem(tools: Tools, staging: Path, image: Path, *, inodes: int,
     result = _run(argv, what="mkfs.ext4")
     if result.returncode != 0:
         tail = _tail(result.stderr + result.stdout)
+        if any(marker in tail for marker in _HOST_FULL):
+            raise no_space_error("mkfs.ext4 cannot write the disk image", image.parent,
+                                 quota=_HOST_FULL[1] in tail)
         if any(marker in tail for marker in _NO_SPACE):
             raise DiskTooSmallError(f"the image does not fit on the disk: {tail}",
                                     hint="use --size-mib or a bigger --profile")
@@ -280,6 +285,9 @@ def _debugfs(tools: Tools, image: Path, commands: list[bytes], *, write: bool,
     errors = [line for line in result.stderr.decode(errors="replace").splitlines()
               if line.strip() and not line.startswith("debugfs ")]
     if result.returncode != 0 or errors:
+        if any(marker in line for line in errors for marker in _HOST_FULL):
+            raise no_space_error("debugfs cannot write the disk image", image.parent,
+                                 quota=any(_HOST_FULL[1] in line for line in errors))
         raise HostError(f"debugfs failed on {image} (exit {result.returncode}): "
                         + " | ".join(errors[-5:]))
     return result.stdout

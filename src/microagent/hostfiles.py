@@ -10,7 +10,12 @@ follows one). A guest symlink is recreated as a symlink and never entered, so an
 behind it is refused. A new top directory is built under a hidden name beside the
 destination and renamed into place at :meth:`HostWriter.commit`: a failed copy leaves
 nothing half-made there. Directory modes are applied last, so read-only directories can
-still be filled. Owners are kept when the host user is root.
+still be filled.
+
+Modes are the source's, less the bits that would hand the host a privilege: setuid and
+setgid everywhere, sticky on anything but a directory; the files belong to the host user.
+An archive copy (``cp -a``) keeps owners (when the host user may set them, i.e. root) and
+every mode bit; where an owner cannot be kept, setuid and setgid go, as GNU ``cp -a`` does.
 
 :func:`host_entries` walks a host source for the other direction, without following
 symlinks.
@@ -59,13 +64,28 @@ def check_name(name: str, where: str) -> str:
     return name
 
 
-class HostWriter:
-    """One copy's output at ``parent/name``; use as a context manager, then commit."""
+_PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
-    def __init__(self, parent: Path, name: str, *, keep_owners: bool) -> None:
+
+def host_mode(mode: int, *, is_dir: bool) -> int:
+    """The permission bits a plain (not archive) copy gives the host: setuid and setgid
+    dropped, and sticky on anything but a directory."""
+    if is_dir:
+        return mode & 0o7777 & ~_PRIVILEGE_BITS
+    return mode & 0o777
+
+
+class HostWriter:
+    """One copy's output at ``parent/name``; use as a context manager, then commit.
+
+    ``archive``: keep owners and every mode bit (``cp -a``); else the host user owns what
+    is written and setuid, setgid (and sticky on files) are dropped.
+    """
+
+    def __init__(self, parent: Path, name: str, *, archive: bool) -> None:
         self.parent = parent
         self.name = check_name(name, name)
-        self.keep_owners = keep_owners
+        self.archive = archive
         self.files = 0
         self.bytes = 0
         try:
@@ -151,8 +171,8 @@ class HostWriter:
         pfd, name = self._parent_of(parts)
         tmp = self._temp_name(name)
         os.mkfifo(tmp, 0o600, dir_fd=pfd)
-        self._set_link_meta(pfd, tmp, meta)
-        os.chmod(tmp, meta.mode & 0o7777, dir_fd=pfd)
+        owned = self._set_link_meta(pfd, tmp, meta)
+        os.chmod(tmp, self._mode(meta.mode, is_dir=False, owned=owned), dir_fd=pfd)
         self._replace(pfd, tmp, name, parts)
         self.files += 1
 
@@ -260,21 +280,35 @@ class HostWriter:
             raise
 
     def _set_meta_fd(self, fd: int, meta: Meta) -> None:
-        if self.keep_owners:
+        owned = False
+        if self.archive:
             with contextlib.suppress(OSError):
                 os.fchown(fd, meta.uid, meta.gid)
-        os.fchmod(fd, meta.mode & 0o7777)  # after chown, which clears setuid bits
+                owned = True
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        # after chown, which clears setuid bits
+        os.fchmod(fd, self._mode(meta.mode, is_dir=is_dir, owned=owned))
         if meta.mtime_ns is not None:
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
 
-    def _set_link_meta(self, pfd: int, name: str, meta: Meta) -> None:
-        if self.keep_owners:
+    def _set_link_meta(self, pfd: int, name: str, meta: Meta) -> bool:
+        """Owner (archive copies) and mtime of an entry that is not opened; whether the
+        owner was kept."""
+        owned = False
+        if self.archive:
             with contextlib.suppress(OSError):
                 os.chown(name, meta.uid, meta.gid, dir_fd=pfd, follow_symlinks=False)
+                owned = True
         if meta.mtime_ns is not None:
             with contextlib.suppress(OSError):
                 os.utime(name, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=pfd,
                          follow_symlinks=False)
+        return owned
+
+    def _mode(self, mode: int, *, is_dir: bool, owned: bool) -> int:
+        if not self.archive:
+            return host_mode(mode, is_dir=is_dir)
+        return mode & 0o7777 if owned else mode & 0o7777 & ~_PRIVILEGE_BITS
 
 
 # --- reading a host source -------------------------------------------------------------

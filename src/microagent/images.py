@@ -5,12 +5,22 @@ platform's manifest, fetches the config and the layers into the
 :class:`~microagent.blobs.BlobStore` (verified, in parallel) and records the reference in
 ``images/index.json``. ``ensure_base_disk`` builds the ext4 root disk of an image once per
 size; workspaces copy it.
+
+Trust: blobs are verified by digest as they enter the cache (:mod:`microagent.blobs`);
+each layer's uncompressed content is verified against the config's ``rootfs.diff_ids``
+while the base disk is built (:mod:`microagent.layers`). A base disk is cached under
+:attr:`Image.disk_key` (the config digest and the layer digests) and a size, and written
+only after a build that verified every layer: an image that reuses another's config with
+other layers never gets, nor leaves, a disk under the other's key. An image refused while
+its disk is built is forgotten (its record, and its blobs that no other image uses).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +41,16 @@ from microagent.manifests import (
 )
 from microagent.progress import NullProgress, Progress
 from microagent.references import ImageSource, parse_image_source
+from microagent.staging import sweep_abandoned
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from microagent.sources import ImageReader, RawManifest
 
 MAX_INDEX_DEPTH = 4
+# Part of every base disk's key: disks built before layers were checked against the
+# config's diff_ids (keyed by the config digest alone) are never reused.
+ROOTFS_RECIPE = "microagent-rootfs-2"
 PARALLEL_LAYERS = 3
 LOCK_WAIT = 600.0  # another process may be pulling or building the same thing
 
@@ -65,6 +79,12 @@ class Image:
     def size(self) -> int:
         """Bytes of the layer blobs (compressed, as pulled)."""
         return sum(layer.size for layer in self.layers)
+
+    @property
+    def disk_key(self) -> str:
+        """What the image's base disks are cached by: its config and layer digests."""
+        text = "\n".join([ROOTFS_RECIPE, self.config_digest, *(x.digest for x in self.layers)])
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         """The index record (also the ``--json`` shape)."""
@@ -109,6 +129,7 @@ def pull_image(
 
     parsed = normalize(source)
     progress = progress or NullProgress()
+    sweep_abandoned(layout)  # what a killed pull or build left behind (staging.py)
     store = BlobStore(layout)
     want = platform or host_platform()
     reader = open_reader(parsed, store)
@@ -120,11 +141,7 @@ def pull_image(
         manifest = _resolve_platform(reader, raw, str(parsed), want)
         config_bytes = _fetch_small(reader, store, manifest.config.digest, manifest.config.size)
         config = parse_config(config_bytes, f"config of {parsed}")
-        if config.diff_ids and len(config.diff_ids) != len(manifest.layers):
-            raise IntegrityError(
-                f"{parsed}: the manifest lists {len(manifest.layers)} layers but the config "
-                f"has {len(config.diff_ids)} diff_ids"
-            )
+        _check_diff_ids(config, len(manifest.layers), str(parsed))
         _fetch_layers(reader, store, manifest, progress)
     finally:
         reader.close()
@@ -140,6 +157,16 @@ def pull_image(
         index[image.reference] = image.to_json()
     progress.step(f"Digest: {digest}")
     return image
+
+
+def _check_diff_ids(config: ImageConfig, layers: int, what: str) -> None:
+    """One diff_id per layer, as the OCI image spec requires: the layers are checked
+    against them when the disk is built."""
+    if len(config.diff_ids) != layers:
+        raise IntegrityError(
+            f"{what}: the manifest lists {layers} layers but the config has "
+            f"{len(config.diff_ids)} diff_ids; the image is refused",
+            hint="the image is malformed: its config does not describe its layers")
 
 
 def _top_reference(source: ImageSource) -> str:
@@ -170,7 +197,9 @@ def _fetch_small(reader: ImageReader, store: BlobStore, digest: str, size: int) 
 
 def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest,
                   progress: Progress) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    stop = threading.Event()  # the pull failed or was interrupted: the others stop too
 
     def fetch(index: int) -> None:
         layer = manifest.layers[index]
@@ -180,13 +209,32 @@ def _fetch_layers(reader: ImageReader, store: BlobStore, manifest: ImageManifest
         if store.has(layer.digest):
             progress.item_done(key, "already cached")
             return
-        reader.blob(layer.digest, layer.size, store,
-                    lambda n: progress.item_advanced(key, n))
+
+        def advanced(count: int) -> None:
+            if stop.is_set():
+                raise _Abandoned  # at the next chunk; the blob's staging goes with it
+            progress.item_advanced(key, count)
+
+        reader.blob(layer.digest, layer.size, store, advanced)
         progress.item_done(key, "pulled")
 
-    with ThreadPoolExecutor(max_workers=PARALLEL_LAYERS) as pool:
-        for future in [pool.submit(fetch, i) for i in range(len(manifest.layers))]:
-            future.result()
+    pool = ThreadPoolExecutor(max_workers=PARALLEL_LAYERS)
+    try:
+        futures = [pool.submit(fetch, i) for i in range(len(manifest.layers))]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done():
+                future.result()  # the first failure, in layer order
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Abandoned(BaseException):
+    """A layer download stopped because the pull as a whole failed or was interrupted
+    (a BaseException, so that no retry loop takes it for a network error)."""
 
 
 def ensure_image(layout: StateLayout, source: str | ImageSource, *,
@@ -221,39 +269,72 @@ def remove_image(layout: StateLayout, source: str | ImageSource) -> Image:
             raise NotFoundError(f"image {key} not found in the local cache",
                                 hint="`microagent image list` shows what is cached")
         image = Image.from_json(index.pop(key))
-        remaining = [Image.from_json(v) for v in index.values()]
-        used = {d for other in remaining
-                for d in (other.digest, other.config_digest, *(x.digest for x in other.layers))}
-        store = BlobStore(layout)
-        for digest in (image.digest, image.config_digest, *(x.digest for x in image.layers)):
-            if digest not in used:
-                store.remove(digest)
-        if image.config_digest not in {o.config_digest for o in remaining}:
-            prefix = image.config_digest.split(":", 1)[1]
-            if layout.base_disks_dir.is_dir():
-                for disk in layout.base_disks_dir.glob(f"{prefix}-*.ext4"):
-                    disk.unlink(missing_ok=True)
+        _collect(layout, image, [Image.from_json(v) for v in index.values()])
     return image
+
+
+def _collect(layout: StateLayout, image: Image, remaining: list[Image]) -> None:
+    """Delete the blobs and base disks of ``image`` that no ``remaining`` image uses."""
+    used = {d for other in remaining
+            for d in (other.digest, other.config_digest, *(x.digest for x in other.layers))}
+    store = BlobStore(layout)
+    for digest in (image.digest, image.config_digest, *(x.digest for x in image.layers)):
+        if digest not in used:
+            store.remove(digest)
+    if not layout.base_disks_dir.is_dir():
+        return
+    prefixes = []
+    if image.disk_key not in {o.disk_key for o in remaining}:
+        prefixes.append(image.disk_key.split(":", 1)[1])
+    if image.config_digest not in {o.config_digest for o in remaining}:
+        prefixes.append(image.config_digest.split(":", 1)[1])  # disks of older versions
+    for prefix in prefixes:
+        for disk in layout.base_disks_dir.glob(f"{prefix}-*.ext4"):
+            disk.unlink(missing_ok=True)
+
+
+def _forget_refused(layout: StateLayout, image: Image) -> None:
+    """Drop the record of an image refused while its disk was built, and its blobs that
+    no other image uses: nothing of it stays cached (unless it was pulled again since)."""
+    with _index(layout) as index:
+        record = index.get(image.reference)
+        if record is None or record.get("digest") != image.digest:
+            return
+        del index[image.reference]
+        _collect(layout, image, [Image.from_json(v) for v in index.values()])
 
 
 def ensure_base_disk(layout: StateLayout, image: Image, size_mib: int, *,
                      progress: Progress | None = None) -> Path:
-    """The image's base root disk at ``size_mib``, built once and cached."""
+    """The image's base root disk at ``size_mib``, built once and cached.
+
+    Each layer is checked against the config's diff_id while it is applied; an image that
+    fails (IntegrityError) is forgotten and nothing is cached.
+    """
     from microagent.layers import LayerFile
     from microagent.rootfs import build_root_disk
 
     progress = progress or NullProgress()
-    path = layout.base_disk(image.config_digest, size_mib)
+    path = layout.base_disk(image.disk_key, size_mib)
     lock = layout.lock_file("basedisk", path.stem)
     with file_lock(lock, what=f"base disk of {image.reference}", timeout=LOCK_WAIT):
         if path.is_file():
             return path
         store = BlobStore(layout)
-        layers = [LayerFile(store.path(x.digest), x.media_type, x.digest) for x in image.layers]
-        ensure_dir(path.parent)
-        progress.step(f"Building root disk of {image.reference} ({size_mib} MiB)")
-        build_root_disk(layers, path, size_mib=size_mib, work_dir=ensure_dir(layout.tmp_dir),
-                        on_step=progress.step)
+        # the config blob, not the index record: the cache verified it by its digest
+        config = parse_config(store.read_bytes(image.config_digest),
+                              f"config of {image.reference}")
+        try:
+            _check_diff_ids(config, len(image.layers), image.reference)
+            layers = [LayerFile(store.path(x.digest), x.media_type, x.digest, diff_id)
+                      for x, diff_id in zip(image.layers, config.diff_ids, strict=True)]
+            ensure_dir(path.parent)
+            progress.step(f"Building root disk of {image.reference} ({size_mib} MiB)")
+            build_root_disk(layers, path, size_mib=size_mib,
+                            work_dir=ensure_dir(layout.tmp_dir), on_step=progress.step)
+        except IntegrityError:
+            _forget_refused(layout, image)
+            raise
     return path
 
 

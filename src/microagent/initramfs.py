@@ -160,7 +160,8 @@ def build_boot_initramfs(bundle: KernelBundle, agent: Path, out: Path) -> Path:
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                               0o600), "wb") as f:
             append_cpio([bundle.modules_cpio], f)
             write_cpio(agent_archive_entries(agent), f)
         os.replace(tmp, out)

@@ -9,7 +9,9 @@ A bundle lives in ``kernels/<version>/``::
     kernel.json    schema, version, source, sha256 and size of each file, module lists
 
 ``kernels/default.json`` names the default bundle. Bundles are staged in a hidden
-directory and renamed into place, under the ``kernel-store`` lock.
+directory and renamed into place, under the ``kernel-store`` lock. A workspace's own
+kernel (``create --kernel PATH``) is a bundle too, in ``kernels/by-digest/<hex>/``, named
+by its content (:mod:`microagent.ownkernels`); the workspace records the digest.
 
 Sources, in order: an explicit path (a bzImage with its modules directory, an unpacked
 kernel package, or a ``.deb``); an installed bundle; the host's ``/boot/vmlinuz-*`` with
@@ -26,15 +28,28 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent import initramfs
 from microagent.errors import HostError, MicroagentError, NotFoundError
-from microagent.kmodules import bzimage_version, extract_vmlinux, module_contents, resolve_modules
-from microagent.store import ensure_dir, file_lock, fsync_dir, read_json, write_json_atomic
+from microagent.kmodules import (
+    ModulePlan,
+    bzimage_version,
+    extract_vmlinux,
+    module_contents,
+    resolve_modules,
+)
+from microagent.staging import stage_dir, sweep_abandoned
+from microagent.store import (
+    ensure_dir,
+    file_lock,
+    fsync_dir,
+    open_private,
+    read_json,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from microagent.layout import StateLayout
@@ -114,7 +129,7 @@ def list_kernels(layout: StateLayout) -> list[KernelBundle]:
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
             with contextlib.suppress(MicroagentError, FileNotFoundError, KeyError):
-                bundles.append(_load_bundle(entry, default=entry.name == default))
+                bundles.append(load_bundle(entry, default=entry.name == default))
     return sorted(bundles, key=lambda b: _version_key(b.version), reverse=True)
 
 
@@ -129,7 +144,7 @@ def default_kernel(layout: StateLayout, *, install_if_missing: bool = True) -> K
             return bundle
     if bundles:
         _write_default(layout, bundles[0].version)
-        return _load_bundle(bundles[0].path, default=True)
+        return load_bundle(bundles[0].path, default=True)
     if not install_if_missing:
         raise NotFoundError("no kernel is installed",
                             hint="run `microagent kernel install [--from PATH]`")
@@ -157,25 +172,27 @@ def install_kernel(
     ensure_dir(layout.tmp_dir)
     lock = layout.lock_file("kernel", "store")
     with file_lock(lock, what="the kernel store", timeout=INSTALL_LOCK_TIMEOUT), \
-            tempfile.TemporaryDirectory(prefix="kernel-", dir=layout.tmp_dir) as tmp:
-        work = Path(tmp)
+            stage_dir(layout.tmp_dir, "kernel-") as staged:  # swept if killed
+        sweep_abandoned(layout)
+        work = staged.path
         if from_path is not None:
-            source = _source_from_path(Path(from_path), modules_dir, work, progress)
+            source = source_from_path(Path(from_path), modules_dir, work, progress)
         else:
             found = _source_from_host(layout, work, progress)
             if isinstance(found, KernelBundle):
                 _write_default(layout, found.version)
-                return _load_bundle(found.path, default=True)
+                return load_bundle(found.path, default=True)
             source = found
         bundle_dir = _assemble(layout, source, work, progress)
         _write_default(layout, source.version)
-        return _load_bundle(bundle_dir, default=True)
+        return load_bundle(bundle_dir, default=True)
 
 
 # --- the bundle on disk -----------------------------------------------------------------
 
 
-def _load_bundle(path: Path, *, default: bool = False) -> KernelBundle:
+def load_bundle(path: Path, *, default: bool = False) -> KernelBundle:
+    """The bundle in ``path``; MicroagentError when a file is missing or truncated."""
     record = read_json(path / BUNDLE_RECORD)
     files = record.get("files", {})
     for name, described in files.items():
@@ -216,54 +233,67 @@ def _assemble(
     layout: StateLayout, source: KernelSource, work: Path, progress: Progress | None
 ) -> Path:
     """Write the bundle of ``source`` into a staging dir and rename it into place."""
-    _step(progress, f"assembling kernel {source.version} from {source.description}")
     plan = resolve_modules(source.version, source.modules_dir, source.config,
                            REQUIRED_MODULES, OPTIONAL_MODULES)
-    staging = Path(tempfile.mkdtemp(prefix=f".new-{source.version}-", dir=layout.kernels_dir))
+    staged = stage_dir(layout.kernels_dir, f".new-{source.version}-")  # swept if killed
+    staging = staged.path
     try:
-        shutil.copyfile(source.vmlinuz, staging / "vmlinuz")
-        prefix = f"lib/modules/{source.version}"
-        entries = [
-            initramfs.regular_file(f"{prefix}/{rel}", data)
-            for rel, data in module_contents(plan)
-        ]
-        order = "".join(f"/{prefix}/{module.rel}\n" for module in plan.modules)
-        entries.append(initramfs.regular_file(MODULE_LIST, order.encode()))
-        with (staging / "modules.cpio").open("wb") as f:
-            initramfs.write_cpio(entries, f)
-        vmlinux = extract_vmlinux((staging / "vmlinuz").read_bytes())
-        if vmlinux is not None:
-            (staging / "vmlinux").write_bytes(vmlinux)
-        names = ["vmlinuz", "modules.cpio"] + (["vmlinux"] if vmlinux is not None else [])
-        write_json_atomic(staging / BUNDLE_RECORD, {
-            "version": source.version,
-            "source": source.description,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "files": {name: _describe(staging / name) for name in names},
-            "modules": [module.name for module in plan.modules],
-            "builtin": list(plan.builtin),
-            "missing_optional": list(plan.missing_optional),
-        })
+        write_bundle(source, plan, staging, progress)
         final = layout.kernels_dir / source.version
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{source.version}-",
-                                        dir=layout.kernels_dir))
-            os.replace(final, old / "bundle")
-        os.replace(staging, final)
+            old = stage_dir(layout.kernels_dir, f".old-{source.version}-")
+            os.replace(final, old.path / "bundle")
+        try:
+            staged.replace(final)
+        except BaseException:
+            if old is not None:  # put the previous bundle back
+                os.replace(old.path / "bundle", final)
+            raise
+        finally:
+            if old is not None:
+                old.close()
         fsync_dir(layout.kernels_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
         raise HostError(f"cannot write the kernel bundle: {e}") from e
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        staged.close()
     return final
 
 
-def _describe(path: Path) -> dict[str, Any]:
+def write_bundle(source: KernelSource, plan: ModulePlan, staging: Path,
+                  progress: Progress | None) -> None:
+    """The files of the bundle of ``source`` (its modules as ``plan`` says) in ``staging``."""
+    _step(progress, f"assembling kernel {source.version} from {source.description}")
+    shutil.copyfile(source.vmlinuz, staging / "vmlinuz")
+    os.chmod(staging / "vmlinuz", 0o600)  # copyfile's mode is 0666 less the umask
+    prefix = f"lib/modules/{source.version}"
+    entries = [
+        initramfs.regular_file(f"{prefix}/{rel}", data)
+        for rel, data in module_contents(plan)
+    ]
+    order = "".join(f"/{prefix}/{module.rel}\n" for module in plan.modules)
+    entries.append(initramfs.regular_file(MODULE_LIST, order.encode()))
+    with os.fdopen(open_private(staging / "modules.cpio", os.O_WRONLY), "wb") as f:
+        initramfs.write_cpio(entries, f)
+    vmlinux = extract_vmlinux((staging / "vmlinuz").read_bytes())
+    if vmlinux is not None:
+        with os.fdopen(open_private(staging / "vmlinux", os.O_WRONLY), "wb") as f:
+            f.write(vmlinux)
+    names = ["vmlinuz", "modules.cpio"] + (["vmlinux"] if vmlinux is not None else [])
+    write_json_atomic(staging / BUNDLE_RECORD, {
+        "version": source.version,
+        "source": source.description,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "files": {name: describe_file(staging / name) for name in names},
+        "modules": [module.name for module in plan.modules],
+        "builtin": list(plan.builtin),
+        "missing_optional": list(plan.missing_optional),
+    })
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """``{"sha256", "size"}`` of a bundle's file, as ``kernel.json`` records them."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -274,7 +304,7 @@ def _describe(path: Path) -> dict[str, Any]:
 # --- sources ----------------------------------------------------------------------------
 
 
-def _source_from_path(
+def source_from_path(
     path: Path, modules_dir: Path | None, work: Path, progress: Progress | None
 ) -> KernelSource:
     """An explicit ``--from``: a .deb, an unpacked package tree, or a kernel image file."""
@@ -282,7 +312,7 @@ def _source_from_path(
     if not path.exists():
         raise NotFoundError(f"kernel source {path} does not exist")
     if path.is_dir():
-        found = _sources_in_tree(path, f"path:{path}")
+        found = sources_in_tree(path, f"path:{path}")
         if not found:
             raise NotFoundError(
                 f"no boot/vmlinuz-* with lib/modules/<version> under {path}",
@@ -290,7 +320,7 @@ def _source_from_path(
         return found[0]
     if path.suffix == ".deb":
         _unpack_deb(path, work / "deb", progress)
-        found = _sources_in_tree(work / "deb", f"deb:{path.name}")
+        found = sources_in_tree(work / "deb", f"deb:{path.name}")
         if not found:
             raise NotFoundError(f"{path.name} holds no boot/vmlinuz-* kernel")
         return found[0]
@@ -313,7 +343,7 @@ def _source_from_path(
                         f"path:{path}")
 
 
-def _sources_in_tree(root: Path, description: str) -> list[KernelSource]:
+def sources_in_tree(root: Path, description: str) -> list[KernelSource]:
     """Kernels of an unpacked package tree (or of ``/``), newest first."""
     found = []
     for image in (root / "boot").glob("vmlinuz-*"):
@@ -345,7 +375,7 @@ def _source_from_host(
     version = package.removeprefix("linux-image-")
     installed = layout.kernels_dir / version
     with contextlib.suppress(MicroagentError, FileNotFoundError):
-        return _load_bundle(installed)
+        return load_bundle(installed)
     _step(progress, f"downloading {package}")
     debs = [_apt_download(package, work)]
     root = work / "deb"
@@ -355,7 +385,7 @@ def _source_from_host(
         # Ubuntu ships the modules in a package of their own.
         _step(progress, f"downloading linux-modules-{version}")
         _unpack_deb(_apt_download(f"linux-modules-{version}", work), root, progress)
-    found = [s for s in _sources_in_tree(root, "") if s.version == version]
+    found = [s for s in sources_in_tree(root, "") if s.version == version]
     if not found:
         raise HostError(f"{debs[0].name} holds no boot/vmlinuz-{version}")
     return KernelSource(version, found[0].vmlinuz, found[0].modules_dir, found[0].config,
@@ -364,7 +394,7 @@ def _source_from_host(
 
 def _usable_host_source(reasons: list[str]) -> KernelSource | None:
     """The newest /boot kernel whose modules have what a bundle needs; why not in reasons."""
-    for source in _sources_in_tree(HOST_ROOT, ""):
+    for source in sources_in_tree(HOST_ROOT, ""):
         source = KernelSource(source.version, source.vmlinuz,
                               HOST_ROOT / "lib" / "modules" / source.version, source.config,
                               f"host:{source.vmlinuz}")

@@ -9,26 +9,50 @@ Safety: every name is cleaned and resolved against the Tree, never the host file
 a symlink in a parent path is followed only when its target is relative and stays inside
 the tree; every file is created relative to a directory opened component by component
 with ``O_NOFOLLOW``, and with ``O_EXCL``, so nothing a layer planted can redirect a write.
-Layers are streamed (:mod:`microagent.tarstream`): a thread decompresses while the main
-thread writes.
+Layers are streamed (:mod:`microagent.tarstream`): a thread decompresses (and hashes,
+against the config's ``diff_id``) while the main thread writes.
+
+Bounded work: no path is deeper than :data:`MAX_DEPTH`. With ``max_bytes`` (what the
+target disk can hold) the content is counted as ext4 would store it, as it is staged.
+With ``measure``, from the entry that takes it past the limit on, no file body is
+written but the headers are still applied (empty files), so that
+:class:`ExtractLimitError` carries the whole Tree and the caller can say how much the
+image needs; without, extraction stops at that entry. Reading stops for good when the
+inodes alone exceed the limit or when :data:`READ_FACTOR` times the limit has been read
+from the layers in all (files replaced or deleted by later entries count there).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import shutil
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-from microagent.errors import HostError, IntegrityError, UnsafeImageError
-from microagent.tarstream import CorruptLayerError, LayerFile, TarEntry, TarReader, open_layer
+from microagent.errors import DiskTooSmallError, HostError, IntegrityError, UnsafeImageError
+from microagent.imagetree import BLOCK_SIZE, INODE_SIZE, Kind, Node, Tree, node_blocks
+from microagent.store import write_error
+from microagent.tarstream import (
+    CorruptLayerError,
+    LayerDigestError,
+    LayerFile,
+    ReadLimitError,
+    TarEntry,
+    TarReader,
+    open_layer,
+)
 
-__all__ = ["Kind", "LayerFile", "Node", "Tree", "apply_layers"]
+__all__ = ["MAX_DEPTH", "ExtractLimitError", "Kind", "LayerFile", "Node", "Tree",
+           "apply_layers"]
+
+# mkfs.ext4 -d (e2fsprogs 1.47) corrupts its heap past ~1,010 nested directories, Python
+# 3.11's shutil.rmtree recurses once per level (limit 1,000), and a path of 256 short
+# names is near PATH_MAX already; real images stay under ~60 (node_modules).
+MAX_DEPTH = 256
+READ_FACTOR = 4
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -37,106 +61,58 @@ _CACHED_DIR_FDS = 64
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _AUFS_META = ".wh..wh."
+_SHOWN_NAME = 160  # longer entry names are shortened in messages
 
 
-class Kind(enum.Enum):
-    """The file types a layer can create."""
-
-    FILE = "file"
-    DIR = "dir"
-    SYMLINK = "symlink"
-    CHAR = "char"
-    BLOCK = "block"
-    FIFO = "fifo"
-
-
-@dataclass(eq=False, slots=True)
-class Node:
-    """One inode of the applied image, as the tar headers describe it.
-
-    Paths that are hard links to each other share one Node (compare with ``is``).
-    ``mode`` holds the permission bits including setuid, setgid and sticky.
-    """
-
-    kind: Kind
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    size: int = 0
-    target: str = ""
-    devmajor: int = 0
-    devminor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    children: dict[str, Node] | None = None
-
-    @property
-    def st_mode(self) -> int:
-        """The full ``st_mode``: type bits and permission bits."""
-        return _TYPE_BITS[self.kind] | self.mode
-
-
-_TYPE_BITS = {
-    Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK,
-    Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO,
-}
 _KINDS = {"0": Kind.FILE, "7": Kind.FILE, "2": Kind.SYMLINK, "3": Kind.CHAR,
           "4": Kind.BLOCK, "5": Kind.DIR, "6": Kind.FIFO}
 
 
-class Tree:
-    """Every path of the applied image and its :class:`Node`; the root is ``""``.
+class ExtractLimitError(DiskTooSmallError):
+    """The layers hold more than ``limit`` bytes; ``where`` is the entry that went past it.
 
-    ``pending_xattrs`` holds the xattrs the staging directory could not take (for an
-    ordinary user, anything outside ``user.*``): they must be set in the image.
+    ``tree`` is the whole image's Tree (file sizes as the headers say, bodies not
+    written past the limit) when every layer was read; None when reading stopped early.
+    ``peak`` is the most the content took at any point, as ``(inodes, 4 KiB blocks)``:
+    more than the final tree when a later layer deleted what an earlier one wrote.
     """
 
-    def __init__(self) -> None:
-        self.root = Node(Kind.DIR, 0o755, 0, 0, 0, children={})
-        self.pending_xattrs: dict[Node, dict[str, bytes]] = {}
-
-    def get(self, path: str) -> Node | None:
-        """The node at ``path`` (relative, ``/``-separated, no symlink followed)."""
-        node: Node | None = self.root
-        for name in path.split("/"):
-            if name:
-                if node is None or node.children is None:
-                    return None
-                node = node.children.get(name)
-        return node
-
-    def walk(self) -> Iterator[tuple[str, Node]]:
-        """Every ``(path, node)``, directories before their children; hard links repeat."""
-        stack: list[tuple[str, Node]] = [("", self.root)]
-        while stack:
-            path, node = stack.pop()
-            yield path, node
-            if node.children:
-                prefix = f"{path}/" if path else ""
-                stack.extend((prefix + name, child)
-                             for name, child in reversed(node.children.items()))
+    def __init__(self, message: str, where: str, limit: int, tree: Tree | None = None,
+                 peak: tuple[int, int] = (0, 0)) -> None:
+        super().__init__(message)
+        self.where, self.limit, self.tree, self.peak = where, limit, tree, peak
 
 
-def apply_layers(layers: Sequence[LayerFile], root: Path) -> Tree:
+def apply_layers(layers: Sequence[LayerFile], root: Path, *,
+                 max_bytes: int | None = None, measure: bool = True) -> Tree:
     """Apply ``layers`` in order into the empty directory ``root``; return the Tree.
 
     ``root`` should be private (0700, as ``tempfile.mkdtemp`` makes it): as root, staged
-    files keep their setuid bits and device nodes are real.
+    files keep their setuid bits and device nodes are real. ``max_bytes`` bounds the
+    content, ``measure`` says whether to go on measuring past it (see the module's
+    docstring).
 
-    Raises UnsafeImageError if any entry would write outside ``root`` (naming the layer
-    and the entry), IntegrityError if a layer is truncated or corrupt, HostError if the
-    host file system fails.
+    Raises UnsafeImageError if any entry would write outside ``root`` or nests deeper than
+    MAX_DEPTH (naming the layer and the entry), IntegrityError if a layer is truncated or
+    corrupt or does not match its ``diff_id``, ExtractLimitError past ``max_bytes``,
+    HostError if the host file system fails. The caller removes ``root``.
     """
     try:
         if any(root.iterdir()):
             raise HostError(f"staging directory {root} is not empty")
     except OSError as e:
         raise HostError(f"cannot use staging directory {root}: {e.strerror}") from e
-    stager = _Stager(root)
+    stager = _Stager(root, max_bytes, measure)
     try:
-        for layer in layers:
-            stager.apply_layer(layer)
-        stager.finish()
+        for index, layer in enumerate(layers, start=1):
+            stager.apply_layer(layer, layer.label or f"layer {index}/{len(layers)} "
+                                                     f"{layer.digest}")
+        if stager.over:
+            raise stager.limit_error("", stager.tree)
+        try:
+            stager.finish()
+        except OSError as e:
+            raise write_error(e, "cannot set the staged directories' metadata", root) from e
     finally:
         stager.close()
     return stager.tree
@@ -148,15 +124,23 @@ def apply_layers(layers: Sequence[LayerFile], root: Path) -> Tree:
 class _Stager:
     """Applies entries to the staging directory and the Tree, keeping the two equal."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int | None, measure: bool) -> None:
         self.tree = Tree()
+        self.root = root
         self.privileged = os.geteuid() == 0
         self.root_fd = os.open(root, _DIR_FLAGS)
         self.fds: OrderedDict[str, int] = OrderedDict()
-        self.digest = ""
+        self.label = ""
         self.entry = ""
         self.unpacked: set[str] = set()
         self.opaque: list[str] = []
+        self.max_bytes = max_bytes
+        self.measure = measure
+        self.read_left = None if max_bytes is None else READ_FACTOR * max_bytes
+        self.inodes = 1  # the root
+        self.blocks = 1
+        self.over = ""  # where the content went past max_bytes: no body is written since
+        self.peak = (self.inodes, self.blocks)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -166,31 +150,89 @@ class _Stager:
 
     def unsafe(self, reason: str) -> UnsafeImageError:
         return UnsafeImageError(
-            f"layer {self.digest}: entry {self.entry!r} {reason}; the image is refused",
+            f"{self.label}: entry {_shown(self.entry)} {reason}; the image is refused",
             hint="the image is malformed or malicious; nothing from it was used",
         )
 
-    def apply_layer(self, layer: LayerFile) -> None:
-        self.digest, self.entry = layer.digest, ""
+    def apply_layer(self, layer: LayerFile, label: str) -> None:
+        self.label, self.entry = label, ""
         self.unpacked, self.opaque = {""}, []
+        reader: TarReader | None = None
         try:
             with open_layer(layer) as chunks:
-                reader = TarReader(chunks)
+                reader = TarReader(chunks, limit=self.read_left)
                 for entry in reader.entries():
                     self.entry = entry.name
                     self.apply_entry(entry, reader)
             self.entry = ""
             self.finish_opaque()
-        except CorruptLayerError as e:
-            where = f" (at entry {self.entry!r})" if self.entry else ""
+        except LayerDigestError as e:
             raise IntegrityError(
-                f"layer {layer.digest} is truncated or corrupt{where}: {e}",
+                f"{label} does not match the image config: uncompressed it hashes to "
+                f"{e.actual}, and the config's diff_id for it is {layer.diff_id}; the "
+                "image is refused",
+                hint="the image's config belongs to other layers (tampered or broken); "
+                "nothing from it was cached",
+            ) from e
+        except ReadLimitError as e:
+            that = "that" if self.over else f"the limit of {(self.max_bytes or 0) >> 20} MiB"
+            raise self.limit_error(f"the layers decompress to more than {READ_FACTOR} times "
+                                   f"{that}; extraction stopped") from e
+        except CorruptLayerError as e:
+            where = f" (at entry {_shown(self.entry)})" if self.entry else ""
+            raise IntegrityError(
+                f"{label} is truncated or corrupt{where}: {e}",
                 hint="remove the image and pull it again",
             ) from e
         except OSError as e:
-            where = f", entry {self.entry!r}" if self.entry else ""
-            raise HostError(
-                f"cannot apply layer {layer.digest}{where}: {e.strerror or e}") from e
+            where = f", entry {_shown(self.entry)}" if self.entry else ""
+            raise write_error(e, f"cannot apply {label}{where}", self.root) from e
+        if self.read_left is not None and reader is not None:
+            self.read_left -= reader.consumed
+
+    def _where(self) -> str:
+        return f"{self.label} at entry {_shown(self.entry)}" if self.entry else self.label
+
+    def limit_error(self, why: str, tree: Tree | None = None) -> ExtractLimitError:
+        """The error for going past ``max_bytes`` (``over``), or else for ``why``."""
+        limit = self.max_bytes or 0
+        if self.over:
+            message = f"{self.over} goes past the limit of {limit >> 20} MiB"
+            message += f"; {why}" if why else ""
+        else:
+            message = f"{self._where()}: {why}"
+        return ExtractLimitError(message, self.over or self._where(), limit, tree, self.peak)
+
+    # what the content takes in ext4, counted as it is staged
+    def charge(self, node: Node) -> None:
+        """Count a new node: past the limit, bodies are no longer written (``over``);
+        when its inodes alone go past it, the image is refused at once."""
+        self.inodes += 1
+        self.blocks += node_blocks(node)
+        size = self.blocks * BLOCK_SIZE + self.inodes * INODE_SIZE
+        if size > self.peak[1] * BLOCK_SIZE + self.peak[0] * INODE_SIZE:
+            self.peak = (self.inodes, self.blocks)
+        if self.max_bytes is None or self.over:
+            if self.over and self.inodes * INODE_SIZE > (self.max_bytes or 0):
+                raise self.limit_error("its entries alone would not fit; extraction "
+                                       "stopped")
+            return
+        if size > self.max_bytes:
+            self.over = self._where()
+            if not self.measure:
+                raise self.limit_error("extraction stopped")
+
+    def release(self, top: Node) -> None:
+        """Uncount ``top`` and what is under it, as far as no other path links to it."""
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            node.links -= 1
+            if node.links == 0:
+                self.inodes -= 1
+                self.blocks -= node_blocks(node)
+            if node.children:
+                stack.extend(node.children.values())
 
     def apply_entry(self, entry: TarEntry, reader: TarReader) -> None:
         parts = self.clean(entry.name)
@@ -206,6 +248,8 @@ class _Stager:
         if _AUFS_META in entry.name and any(p.startswith(_AUFS_META) for p in parts):
             return  # inside AUFS metadata (.wh..wh.plnk/...): never content
         parent, real = self.resolve(parts[:-1], entry.mtime_ns, create=True)
+        if (real.count("/") + 2 if real else 1) > MAX_DEPTH:
+            raise self.unsafe(f"is nested deeper than {MAX_DEPTH} directories")
         children = _children(parent)
         path = f"{real}/{name}" if real else name
         self.mark_unpacked(path)
@@ -223,13 +267,16 @@ class _Stager:
         if existing is not None:
             self.remove(real, children, name)
         node = Node(kind, entry.mode & 0o7777, entry.uid, entry.gid, entry.mtime_ns,
+                    size=entry.size if kind is Kind.FILE else 0,
+                    target=entry.linkname if kind is Kind.SYMLINK else "",
                     devmajor=entry.devmajor, devminor=entry.devminor,
                     xattrs=entry.xattrs)
+        self.charge(node)  # before anything is written
         if kind is Kind.FILE:
-            node.size = entry.size
             fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
             try:
-                reader.copy_body(fd)
+                if not self.over:  # past the limit, the reader skips the body
+                    reader.copy_body(fd)
                 self.set_meta_fd(fd, node, 0o600)
             finally:
                 os.close(fd)
@@ -237,7 +284,6 @@ class _Stager:
             node.children = {}
             os.mkdir(name, 0o700, dir_fd=pfd)
         elif kind is Kind.SYMLINK:
-            node.target = entry.linkname
             os.symlink(entry.linkname, name, dir_fd=pfd)
             self.set_meta_at(pfd, name, node)
         else:
@@ -286,8 +332,11 @@ class _Stager:
             if child is None:
                 if not create:
                     raise FileNotFoundError(path)
-                os.mkdir(name, 0o700, dir_fd=self.dirfd(real))
+                if len(stack) > MAX_DEPTH:
+                    raise self.unsafe(f"is nested deeper than {MAX_DEPTH} directories")
                 child = Node(Kind.DIR, 0o755, 0, 0, mtime_ns, children={})
+                self.charge(child)
+                os.mkdir(name, 0o700, dir_fd=self.dirfd(real))
                 children[name] = child
                 self.mark_unpacked(path)
             elif child.kind is Kind.SYMLINK:
@@ -384,7 +433,9 @@ class _Stager:
 
     def remove(self, real: str, children: dict[str, Node], name: str) -> None:
         pfd = self.dirfd(real)
-        if children.pop(name).kind is Kind.DIR:
+        node = children.pop(name)
+        self.release(node)
+        if node.kind is Kind.DIR:
             path = f"{real}/{name}" if real else name
             for key in [k for k in self.fds if k == path or k.startswith(path + "/")]:
                 os.close(self.fds.pop(key))
@@ -416,6 +467,7 @@ class _Stager:
         os.link(target_parts[-1], name, src_dir_fd=self.dirfd(found_real),
                 dst_dir_fd=self.dirfd(real), follow_symlinks=False)
         children[name] = target
+        target.links += 1
 
     # whiteouts
     def whiteout(self, parts: list[str]) -> None:
@@ -475,6 +527,13 @@ class _Stager:
         finally:
             for fd, _ in stack:
                 os.close(fd)
+
+
+def _shown(name: str) -> str:
+    """``name`` quoted for a message, its middle cut out when it is very long."""
+    if len(name) <= _SHOWN_NAME:
+        return repr(name)
+    return f"{name[:_SHOWN_NAME // 2]!r}...{name[-_SHOWN_NAME // 4:]!r} ({len(name)} bytes)"
 
 
 def _children(node: Node) -> dict[str, Node]:

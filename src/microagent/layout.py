@@ -5,15 +5,21 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
 
     images/blobs/sha256/<hex>   content-addressed blobs: manifests, configs, layers
     images/index.json           image references pulled, with their digests
-    images/disks/<key>.ext4     base root disks, by image config digest and size
+    images/disks/<key>-<N>m.ext4  base root disks, by Image.disk_key and size
     kernels/<version>/          kernel bundles (vmlinuz, vmlinux, modules.cpio, kernel.json)
     kernels/default.json        which bundle is the default
+    kernels/by-digest/<hex>/    workspaces' own kernels (create --kernel), by content
     volumes/<name>.ext4         named volumes, with their records volumes/<name>.json
     workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log
                                 (+ .1), serial.previous.log (+ .1: the boot before the
-                                last), supervisor.log, run/ (see RunFiles)
+                                last), supervisor.log, bundles/ (built bundle disks),
+                                run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
     tmp/                        staging; same file system, so renames are atomic
+
+Directories are 0700 and files 0600 whatever the umask (``store.py``); processes that
+create files there (the supervisor, QEMU, e2fsprogs) run with :data:`PRIVATE_UMASK`.
+Staging entries and their sweep: ``staging.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_DIR_ENV = "MICROAGENT_HOME"
+PRIVATE_UMASK = 0o077
 
 
 def default_state_dir() -> Path:
@@ -66,14 +73,19 @@ class StateLayout:
     def base_disks_dir(self) -> Path:
         return self.images_dir / "disks"
 
-    def base_disk(self, config_digest: str, disk_mib: int) -> Path:
-        """The cached base root disk of an image at one size."""
-        return self.base_disks_dir / f"{config_digest.split(':', 1)[1]}-{disk_mib}m.ext4"
+    def base_disk(self, key: str, disk_mib: int) -> Path:
+        """The cached base root disk of an image (``Image.disk_key``) at one size."""
+        return self.base_disks_dir / f"{key.split(':', 1)[1]}-{disk_mib}m.ext4"
 
     # kernels and volumes
     @property
     def kernels_dir(self) -> Path:
         return self.root / "kernels"
+
+    @property
+    def own_kernels_dir(self) -> Path:
+        """Bundles of ``create --kernel``, named by :func:`kernels.bundle_digest`."""
+        return self.kernels_dir / "by-digest"
 
     @property
     def volumes_dir(self) -> Path:
@@ -118,6 +130,10 @@ class StateLayout:
     def workspace_run_dir(self, name: str) -> Path:
         """Runtime files of a running workspace; see :class:`RunFiles`."""
         return self.workspace_dir(name) / "run"
+
+    def workspace_bundles_dir(self, name: str) -> Path:
+        """The workspace's bundle disks, one per bundle, by archive content (bundles.py)."""
+        return self.workspace_dir(name) / "bundles"
 
     def workspace_supervisor_log(self, name: str) -> Path:
         return self.workspace_dir(name) / "supervisor.log"
@@ -173,8 +189,13 @@ class RunFiles:
     def vmm_log(self) -> Path:
         return self.dir / "vmm.log"
 
+    @property
+    def network_log(self) -> Path:
+        """What the network's helper (passt) said, every boot's."""
+        return self.dir / "passt.log"
+
     def bundle_disk(self, name: str) -> Path:
-        """The disk built from the bundle ``name`` for this boot (rebuilt at each boot)."""
+        """This boot's copy of the rw bundle ``name``'s disk (a fresh one at each boot)."""
         return self.dir / f"bundle-{name}.ext4"
 
     control_socket = "control.sock"

@@ -32,12 +32,12 @@ from microagent.errors import (
     UnresponsiveError,
 )
 from microagent.events import append_event, read_events
-from microagent.layout import StateLayout
+from microagent.layout import PRIVATE_UMASK, StateLayout
 from microagent.logs import capture_tail
 from microagent.progress import NullProgress, Progress
 from microagent.runtime import RuntimeState, runtime_state, supervisor_alive
-from microagent.store import ensure_dir, file_lock
-from microagent.workspaces import get_workspace
+from microagent.store import ensure_dir, file_lock, open_private
+from microagent.workspaces import BrokenWorkspaceError, get_workspace, require_workspace
 
 DEFAULT_START_TIMEOUT = 120.0
 RUNNING = frozenset({"starting", "running", "halting"})
@@ -88,14 +88,20 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
     from microagent.backends.base import choose_accel
     from microagent.backends.qemu import QemuBackend
     from microagent.guest import agent_binary
-    from microagent.kernels import default_kernel
-    from microagent.network import check_ports_free
+    from microagent.launch import workspace_kernel
+    from microagent.network import check_ports_free, has_network
+    from microagent.passt import passt_problems
 
     progress = progress or NullProgress()
     validate_name(name)
     with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
         workspace = get_workspace(layout, name)
         current = runtime_state(layout, name)
+        paused = supervisor_pause(layout, name, current) if current.state in RUNNING \
+            else None
+        if paused is not None:  # not in its events yet: the disk is full
+            raise ConflictError(f"workspace {name} is paused: {paused}; it runs already",
+                                hint=f"resume it: microagent resume {name}")
         if current.state in RUNNING:
             raise ConflictError(f"workspace {name} is already running")
         if current.state == "quarantined":
@@ -107,13 +113,15 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
         if current.has_live_process:
             raise ConflictError(f"workspace {name} still has a VM process "
                                 f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
-        # volumes created on first use, not held elsewhere; --disk and bundle files there
-        check_before_start(layout, workspace.disks)
+        # volumes there (never re-created) and not held elsewhere; --disk and bundle files
+        check_before_start(layout, name, workspace.disks)
         check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
         problems = QemuBackend().check_host()
+        if has_network(workspace.network):
+            problems += passt_problems()
         if problems:
             raise HostError("; ".join(problems))
-        default_kernel(layout, install_if_missing=True)  # installs on first use
+        workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use
         agent_binary()
         accel = choose_accel()
         if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):
@@ -133,12 +141,12 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
 
 def _spawn_supervisor(layout: StateLayout, name: str, timeout: float) -> subprocess.Popen[bytes]:
     log = layout.workspace_supervisor_log(name)
-    with open(log, "ab") as out:
+    with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "microagent._supervise", "--state-dir", str(layout.root),
              "--timeout", str(timeout), name],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            close_fds=True, cwd="/",
+            close_fds=True, cwd="/", umask=PRIVATE_UMASK,
         )
 
 
@@ -209,7 +217,7 @@ def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
 def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) -> str:
     """The clean, disk-preserving shutdown; returns the final state."""
     validate_name(name)
-    get_workspace(layout, name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
@@ -226,7 +234,7 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
 def stop_workspace(layout: StateLayout, name: str) -> str:
     """Ask the guest to shut down; ``stopped`` within five seconds, else ``failed``."""
     validate_name(name)
-    get_workspace(layout, name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
@@ -246,26 +254,29 @@ def resume_workspace(layout: StateLayout, name: str) -> str:
     validate_name(name)
     get_workspace(layout, name)
     state = runtime_state(layout, name)
-    if state.state != "paused" and not _supervisor_says_paused(layout, name, state):
+    if state.state != "paused" and supervisor_pause(layout, name, state) is None:
         raise ConflictError(f"workspace {name} is not paused (state {state.state})")
     SupervisorClient(layout.run_files(name), name).request("resume", timeout=30)
     return "running"
 
 
-def _supervisor_says_paused(layout: StateLayout, name: str, state: RuntimeState) -> bool:
-    """The supervisor knows of a pause its event could not record yet (a full disk)."""
+def supervisor_pause(layout: StateLayout, name: str, state: RuntimeState) -> str | None:
+    """Why the VM is paused, when the supervisor knows of a pause that its event could not
+    record yet (a full disk); None when it is not."""
     if not state.supervisor_alive or state.state != "running":
-        return False
+        return None
     with contextlib.suppress(MicroagentError, OSError):
         answer = SupervisorClient(layout.run_files(name), name).request("status", timeout=10)
-        return bool(answer.get("status", {}).get("paused"))
-    return False
+        paused = answer.get("status", {}).get("paused")
+        if isinstance(paused, dict):
+            return str(paused.get("reason", "paused"))
+    return None
 
 
 def kill_workspace(layout: StateLayout, name: str) -> str:
     """End the VM process at once; state ``stopped``."""
     validate_name(name)
-    get_workspace(layout, name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
     if state.supervisor_alive:
         with contextlib.suppress(MicroagentError):
@@ -298,8 +309,13 @@ def _wait_supervisor_gone(layout: StateLayout, name: str, timeout: float) -> boo
 
 
 def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> dict[str, Any]:
-    """One workspace in full: record, derived state, pids, readiness, last events."""
-    ws = get_workspace(layout, name)
+    """One workspace in full: record, derived state, pids, readiness, last events; for a
+    broken workspace, its name, state ``broken``, the error and its last events."""
+    try:
+        ws = get_workspace(layout, name)
+    except BrokenWorkspaceError as e:
+        return {**e.workspace.to_json(), "detail": e.hint, "last_events": [
+            x.to_json() for x in read_events(layout.workspace_events(name))[-5:]]}
     state = runtime_state(layout, name)
     status = state.status
     current, detail = state.state, state.detail

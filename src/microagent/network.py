@@ -1,14 +1,20 @@
-"""Published ports: ``--publish [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]``.
+"""The network flags: ``--network MODE`` and ``--publish [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]``.
 
-Each ``--publish`` becomes a :class:`PublishedPort`, recorded with the workspace. The QEMU
-backend turns them into ``hostfwd=`` rules of the user-mode network (``-netdev user``):
-QEMU listens on the host address and port, and forwards each connection to the guest's
-port. The host side binds 127.0.0.1 unless the user names another address, so a
-workspace's services are not exposed beyond the host by default.
+``--network`` is one of :data:`NETWORK_MODES`: ``user`` (the default: the guest is
+10.0.2.15 behind passt's user-mode NAT and reaches what the host reaches, except the
+host's loopback), ``user:host-loopback`` (the same, and the gateway 10.0.2.2 is the
+host's 127.0.0.1, as QEMU's slirp made it for every workspace before) and ``none``
+(loopback only). How the modes are built is :mod:`microagent.passt` and
+:mod:`microagent.netfilter`.
+
+Each ``--publish`` becomes a :class:`PublishedPort`, recorded with the workspace. passt
+listens on the host address and port and forwards each connection to the guest's port.
+The host side binds 127.0.0.1 unless the user names another address, so a workspace's
+services are not exposed beyond the host by default.
 
 A host port is checked before each launch (:func:`check_ports_free`: bind it the way
-QEMU will, ``SO_REUSEADDR`` included); if it is taken anyway in the moment between the
-check and QEMU's own bind, QEMU exits with "Could not set up host forwarding rule", which
+passt will, ``SO_REUSEADDR`` included); if it is taken anyway in the moment between the
+check and passt's own bind, passt exits saying "Failed to bind any port", which
 :func:`port_failure` turns into the same message.
 """
 
@@ -24,11 +30,14 @@ from typing import Any
 
 from microagent.errors import ConflictError, UsageError
 
+NETWORK_MODES = ("user", "user:host-loopback", "none")
+DEFAULT_NETWORK = "user"
 DEFAULT_HOST_IP = "127.0.0.1"
 PROTOCOLS = ("tcp",)
 FORM = "[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]"
 _PORT = re.compile(r"[0-9]{1,5}")
-_HOSTFWD_FAILURE = re.compile(r"Could not set up host forwarding rule '?tcp:([^:']*):(\d+)-")
+# passt: "Failed to bind any port for '-t 127.0.0.1/8080:80', exiting"
+_BIND_FAILURE = re.compile(r"Failed to bind any port for '-t ([0-9.]+)/(\d+)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,24 @@ class PublishedPort:
 
 
 # --- parsing and validation (pure) -----------------------------------------------------
+
+
+def validate_network(mode: str) -> str:
+    """``mode`` if it is one of :data:`NETWORK_MODES`, else a usage error."""
+    if mode not in NETWORK_MODES:
+        raise UsageError(f"unknown network mode {mode!r}",
+                         hint=f"choose one of: {', '.join(NETWORK_MODES)}")
+    return mode
+
+
+def has_network(mode: str) -> bool:
+    """True for the modes with an interface beside loopback."""
+    return mode != "none"
+
+
+def reaches_host_loopback(mode: str) -> bool:
+    """True when the workspace opted in to the host's loopback (through 10.0.2.2)."""
+    return mode == "user:host-loopback"
 
 
 def parse_publish(value: str) -> PublishedPort:
@@ -110,7 +137,7 @@ def _port(text: str, side: str, value: str) -> int:
 
 def validate_ports(ports: Sequence[PublishedPort], network: str) -> None:
     """Refuse one host port published twice, and any publish without a network."""
-    if ports and network == "none":
+    if ports and not has_network(network):
         raise UsageError(f"{ports[0].flag} needs a network, and --network none has none",
                          hint="drop --publish, or use --network user")
     seen: dict[int, PublishedPort] = {}
@@ -128,11 +155,11 @@ def validate_ports(ports: Sequence[PublishedPort], network: str) -> None:
 
 
 def check_ports_free(ports: Sequence[PublishedPort]) -> None:
-    """Bind each host address and port as QEMU will, and release it; refuse a taken one."""
+    """Bind each host address and port as passt will, and release it; refuse a taken one."""
     for port in ports:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            # QEMU's slirp sets SO_REUSEADDR too: a port in TIME_WAIT is free for both
+            # passt sets SO_REUSEADDR too: a port in TIME_WAIT is free for both
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((port.host_ip, port.host_port))
             sock.listen(1)  # what conflicts with another listener on Linux
@@ -159,9 +186,9 @@ def port_error(host_ip: str, host_port: int, err: int | None = errno.EADDRINUSE
                          f"'sport = :{host_port}'` shows who holds it)")
 
 
-def port_failure(vmm_output: str) -> ConflictError | None:
-    """QEMU's "Could not set up host forwarding rule" as :func:`port_error`, else None."""
-    match = _HOSTFWD_FAILURE.search(vmm_output)
+def port_failure(helper_output: str) -> ConflictError | None:
+    """passt's "Failed to bind any port" as :func:`port_error`, else None."""
+    match = _BIND_FAILURE.search(helper_output)
     if match is None:
         return None
-    return port_error(match.group(1) or "0.0.0.0", int(match.group(2)))
+    return port_error(match.group(1), int(match.group(2)))

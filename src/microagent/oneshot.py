@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 
 from microagent.agent import ExecResult
-from microagent.errors import Interrupted, MicroagentError, UsageError
+from microagent.errors import MicroagentError, Terminated, UsageError
 from microagent.execution import ExecOptions
 from microagent.layout import StateLayout
 from microagent.progress import Progress
@@ -121,10 +121,9 @@ def discard_workspace(layout: StateLayout, name: str,
 
 @contextlib.contextmanager
 def _terminating_raises_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does, so the scratch workspace goes
-    (exit 143 and 129: :class:`~microagent.errors.Interrupted`)."""
+    """SIGTERM and SIGHUP end the run like Ctrl-C does, so the scratch workspace goes."""
     def interrupt(signum: int, _frame: FrameType | None) -> None:
-        raise Interrupted(signum)
+        raise Terminated(signum)
 
     previous = {signum: signal.signal(signum, interrupt)
                 for signum in (signal.SIGTERM, signal.SIGHUP)}

@@ -2,30 +2,37 @@
 
 The CLI side (:func:`quarantine_workspace`) checks that the workspace is running and
 sends the supervisor a ``quarantine`` control request. The supervisor then severs the
-network through QMP (:func:`sever_network`): the guest's link goes down (``set_link`` on
-the user netdev also takes the NIC's link down, so the guest sees no carrier and QEMU
-drops every frame both ways) and every host forward (published ports) is removed, so
-those ports refuse connections instead of accepting into a dead link. From then on it
-refuses relayed exec/cp channels and console sessions, keeps serving status, halt, stop
-and kill, and never restarts the VM. The VM process, its disk, ``serial.log`` and the
-events stay as they are; ``quarantined`` is appended to the events.
+network (:func:`sever_network`): the guest's link goes down through QMP (``set_link`` on
+the netdev also takes the NIC's link down, so the guest sees no carrier and QEMU drops
+every frame both ways), then the relay to passt stops and passt is ended by its pid, which
+closes the published ports: they refuse connections instead of accepting into a dead
+link. From then on it refuses relayed exec/cp channels and console sessions, keeps
+serving status, halt, stop and kill, and never restarts the VM. The VM process, its disk,
+``serial.log`` and the events stay as they are; ``quarantined`` is appended to the events.
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+from typing import Protocol
 
 from microagent.backends.qmp import QmpClient, QmpError
 from microagent.config import validate_name
 from microagent.control import SupervisorClient
 from microagent.errors import ConflictError
 from microagent.layout import StateLayout
+from microagent.network import has_network
 from microagent.runtime import runtime_state
-from microagent.workspaces import get_workspace
+from microagent.workspaces import Workspace, get_workspace
 
 NETDEV = "net0"  # the -netdev id of backends/qemu.py's qemu_argv
-# a line of HMP `info usernet`: "  TCP[HOST_FORWARD]  11   127.0.0.1 45671   10.0.2.15 80 ..."
-_HOST_FORWARD = re.compile(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s", re.M)
+
+
+class Severable(Protocol):
+    """The network outside QEMU that quarantine ends (:class:`microagent.passt.NetworkHelper`)."""
+
+    def stop(self) -> None:
+        """End it; its published ports refuse connections once this returns."""
 
 
 def quarantine_workspace(layout: StateLayout, name: str) -> str:
@@ -43,37 +50,19 @@ def quarantine_workspace(layout: StateLayout, name: str) -> str:
     return str(answer.get("state", "quarantined"))
 
 
-def host_forwards(usernet: str) -> list[str]:
-    """The host forwarding rules in HMP ``info usernet`` output, as ``hostfwd_remove``
-    arguments: ``tcp:127.0.0.1:8080``, or ``tcp::8080`` for a rule on every address."""
-    rules = []
-    for protocol, address, port in _HOST_FORWARD.findall(usernet):
-        rules.append(f"{protocol.lower()}:{'' if address == '*' else address}:{port}")
-    return rules
-
-
-async def _hmp(qmp: QmpClient, command_line: str) -> str:
-    return str(await qmp.execute("human-monitor-command", {"command-line": command_line}))
-
-
-async def sever_network(qmp: QmpClient | None, network: str) -> str:
+async def sever_network(qmp: QmpClient | None, helper: Severable | None,
+                        workspace: Workspace) -> str:
     """Cut the guest off the network; returns what was done, in words.
 
-    Raises :class:`~microagent.backends.qmp.QmpError` when there is no QMP connection,
-    QEMU refused a step, or a host forward is still there afterwards.
+    Raises :class:`~microagent.backends.qmp.QmpError` when there is no QMP connection or
+    QEMU refused to take the link down; nothing else has been done then.
     """
-    if network == "none":
+    if not has_network(workspace.network):
         return "no network to sever (network none)"
     if qmp is None:
         raise QmpError("the VMM's monitor (QMP) is not connected")
     await qmp.execute("set_link", {"name": NETDEV, "up": False})
-    rules = host_forwards(await _hmp(qmp, "info usernet"))
-    for rule in rules:
-        said = await _hmp(qmp, f"hostfwd_remove {NETDEV} {rule}")
-        if "removed" not in said:
-            raise QmpError(f"hostfwd_remove {rule}: {said.strip()}")
-    left = host_forwards(await _hmp(qmp, "info usernet"))
-    if left:
-        raise QmpError(f"host forwards still present: {', '.join(left)}")
-    ports = f"{len(rules)} published port{'s' if len(rules) != 1 else ''} closed"
-    return f"network severed (link down, {ports})"
+    if helper is not None:  # passt, ended by pid: its listening sockets go with it
+        await asyncio.to_thread(helper.stop)
+    count = len(workspace.ports)
+    return f"network severed (link down, {count} published port{'s' if count != 1 else ''} closed)"

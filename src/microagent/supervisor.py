@@ -36,6 +36,7 @@ from microagent.events import EventLog, append_event, now_iso
 from microagent.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.layout import StateLayout
 from microagent.network import port_failure
+from microagent.passt import NetworkHelper
 from microagent.protocol import FrameType
 from microagent.quarantine import sever_network
 from microagent.runtime import process_start_time
@@ -75,6 +76,7 @@ class Supervisor:
         self.accel = first.accel
         self.intent: str | None = None
         self.vmm: VmmProcess | None = None
+        self.network: NetworkHelper | None = None  # this boot's passt and frame relay
         self.channel: AgentChannel | None = None
         self.channel_task: asyncio.Task[None] | None = None
         self.tsc_khz = first.tsc_khz
@@ -108,8 +110,9 @@ class Supervisor:
         self.events.append(state, detail)
 
     def _save_status(self) -> None:
-        # a full disk: the next save writes it whole; `status` asks the supervisor anyway
-        with contextlib.suppress(OSError):
+        # a full disk (a HostError that says so): the next save writes it whole, and
+        # `status` asks the supervisor anyway
+        with contextlib.suppress(OSError, MicroagentError):
             write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
         self.events.flush()  # what a full disk held back, now that it may take it
 
@@ -139,6 +142,7 @@ class Supervisor:
         plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
         started, vmm_log_start = launched.started, launched.vmm_log_start
         self.vmm = VmmProcess(launched.process)
+        self.network = launched.network
         self.pause = PauseWatch(launched.disks)
         self.guest_fatal = None
         self.intent, self.outcome = None, None
@@ -151,6 +155,8 @@ class Supervisor:
         self.broker.capture = self.console
         self.console_shell, self.console_checked = None, 0.0
         self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid))
+        if self.network is not None:
+            self.status["network_helper"] = {"program": "passt", "pid": self.network.pid}
         self._save_status()
         if self.ending:  # a kill arrived while QEMU was being launched
             await self._kill_vmm()
@@ -159,7 +165,11 @@ class Supervisor:
                                                             time.monotonic() + 10,
                                                             self._console_line))]
         ready = asyncio.create_task(self._become_ready(plan.agent_socket, plan.monitor_socket))
-        done, _ = await asyncio.wait({waiter, ready}, timeout=self.boot_timeout,
+        # passt exits at once when it cannot bind a published port: that fails the boot
+        helper_exit = (asyncio.create_task(VmmProcess(self.network.process).wait())
+                       if self.network is not None else None)
+        done, _ = await asyncio.wait({waiter, ready, *filter(None, [helper_exit])},
+                                     timeout=self.boot_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         try:
             if ready in done and ready.exception() is None:
@@ -174,6 +184,10 @@ class Supervisor:
                     self._spawn(self._halt({"cause": self.signalled}))  # came while booting
                 await waiter
                 return self._classify()
+            if helper_exit in done and waiter not in done and ready not in done:
+                await self._kill_vmm()
+                await waiter
+                return Outcome("failed", self._network_failure())
             if waiter in done and self.intent == "kill":
                 return Outcome("stopped", "killed")
             if waiter in done:
@@ -192,13 +206,35 @@ class Supervisor:
             await waiter
             return Outcome("failed", await self._guest_fatal() or reason)
         finally:
-            for task in (ready, *helpers, self.channel_task, self.console_probe):
+            for task in (ready, helper_exit, *helpers, self.channel_task, self.console_probe):
                 if task is not None:
                     task.cancel()
             self.channel_task = None
+            if self.network is not None:  # ended by pid; it also ends with QEMU's link
+                await asyncio.to_thread(self.network.stop)
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
+
+    def _network_failure(self) -> str:
+        """Why passt ended during the boot: a published port taken since the check, or
+        its own last words."""
+        helper = self.network
+        if helper is None:
+            return "the network helper ended"
+        try:
+            with open(self.files.network_log, "rb") as f:
+                f.seek(helper.log_start)
+                said = f.read(65536).decode(errors="replace")
+        except OSError:
+            said = ""
+        taken = port_failure(said)
+        if taken is not None:
+            return taken.message
+        lines = [line.strip() for line in said.splitlines()
+                 if line.strip() and "to syslog" not in line]
+        return (f"the network helper (passt) exited during boot (status "
+                f"{helper.process.returncode})" + (": " + " ".join(lines[-2:]) if lines else ""))
 
     async def _guest_fatal(self) -> str | None:
         """The agent's ``fatal:`` console line of this boot, once the console is drained."""
@@ -445,7 +481,7 @@ class Supervisor:
             raise ConflictError("the workspace is not running")
         self.quarantined = True  # refuse new sessions while QMP is being asked
         try:
-            detail = await sever_network(self.qmp, self.workspace.network)
+            detail = await sever_network(self.qmp, self.network, self.workspace)
         except (MicroagentError, TimeoutError, ConnectionError) as e:
             self.quarantined = False
             raise MicroagentError(f"could not sever the network: {e}; not quarantined",

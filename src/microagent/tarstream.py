@@ -5,12 +5,19 @@ so the two overlap. The compression is chosen by the media type and confirmed by
 blob's magic bytes (``docker save`` archives label gzip layers as plain tar). Anything
 that is not a whole, valid tar stream raises :class:`CorruptLayerError`; the caller turns
 it into an IntegrityError naming the layer.
+
+Bounded work: the uncompressed stream is hashed as it is read when the layer has a
+``diff_id`` (:class:`LayerDigestError` at its end if it differs); a :class:`TarReader`
+stops past a byte budget (:class:`ReadLimitError`), and refuses PAX or long-name headers
+over :data:`MAX_META_BYTES` and more than :data:`MAX_TRAILER_BYTES` after the archive's
+end marker (both would otherwise be read for nothing, the first into memory).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import queue
 import struct
@@ -25,27 +32,54 @@ from typing import BinaryIO
 _CHUNK = 1 << 20
 _ZSTD_READ = 4096  # small inputs bound what one call may inflate to (zstd reaches 32000:1)
 _ZERO_BLOCK = bytes(512)
+MAX_META_BYTES = 1 << 20  # one PAX or GNU long-name header: names and xattrs, never data
+MAX_TRAILER_BYTES = 1 << 20  # after the end marker: tar pads to a 10 KiB record at most
 
 
 @dataclass(frozen=True)
 class LayerFile:
-    """One verified layer blob: where it is, its media type, its digest (for messages)."""
+    """One verified layer blob: where it is, its media type, its digest (for messages).
+
+    ``diff_id`` is the digest the uncompressed stream must have (the image config's
+    ``rootfs.diff_ids``); empty for an archive that has none (a bundle). ``label`` names
+    it in messages instead of ``layer I/N DIGEST``.
+    """
 
     path: Path
     media_type: str
     digest: str
+    diff_id: str = ""
+    label: str = ""
 
 
 class CorruptLayerError(Exception):
     """The layer's bytes are not a whole, valid (compressed) tar."""
 
 
+class LayerDigestError(Exception):
+    """The uncompressed layer does not hash to its ``diff_id``; ``actual`` is what it hashes to."""
+
+    def __init__(self, actual: str) -> None:
+        super().__init__(f"the uncompressed layer hashes to {actual}")
+        self.actual = actual
+
+
+class ReadLimitError(Exception):
+    """A tar stream went on past the bytes its reader was allowed to read."""
+
+
 @contextlib.contextmanager
 def open_layer(layer: LayerFile) -> Iterator[Iterator[bytes]]:
-    """The layer's uncompressed bytes as chunks, decompressed in a background thread."""
+    """The layer's uncompressed bytes as chunks, decompressed in a background thread.
+
+    With a ``diff_id``, the chunks are hashed as they are decompressed and the last one is
+    followed by LayerDigestError if the stream does not match (a consumer that reads to
+    the end sees it).
+    """
     with layer.path.open("rb") as f:
         head = f.read(6)
         f.seek(0)
+        plain = False
         if head.startswith(b"\x1f\x8b"):
             source = _gunzip(f)
         elif head.startswith(b"\x28\xb5\x2f\xfd"):
@@ -57,7 +91,10 @@ def open_layer(layer: LayerFile) -> Iterator[Iterator[bytes]]:
         elif layer.media_type.endswith("+zstd"):
             source = _unzstd(f)
         else:
-            source = _plain(f)
+            source, plain = _plain(f), True
+        # An uncompressed blob is its own diff: the cache verified its digest already.
+        if layer.diff_id and not (plain and layer.diff_id == layer.digest):
+            source = _hashed(source, layer.diff_id)
         prefetch = _Prefetch(source)
         try:
             yield prefetch
@@ -68,6 +105,20 @@ def open_layer(layer: LayerFile) -> Iterator[Iterator[bytes]]:
 def _plain(f: BinaryIO) -> Iterator[bytes]:
     while chunk := f.read(_CHUNK):
         yield chunk
+
+
+def _hashed(source: Iterator[bytes], expected: str) -> Iterator[bytes]:
+    """``source``, hashed on the way (in the decompressing thread: hashlib drops the GIL)."""
+    algorithm = expected.partition(":")[0]
+    if algorithm not in ("sha256", "sha512"):
+        raise CorruptLayerError(f"the image config gives the unsupported diff_id {expected!r}")
+    hasher = hashlib.new(algorithm)
+    for chunk in source:
+        hasher.update(chunk)
+        yield chunk
+    actual = f"{algorithm}:{hasher.hexdigest()}"
+    if actual != expected:
+        raise LayerDigestError(actual)
 
 
 def _gunzip(f: BinaryIO) -> Iterator[bytes]:
@@ -197,20 +248,31 @@ class TarEntry:
 
 
 class TarReader:
-    """A streaming reader of ustar, GNU and PAX archives over chunks of bytes."""
+    """A streaming reader of ustar, GNU and PAX archives over chunks of bytes.
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
+    ``limit`` bounds the bytes it reads (ReadLimitError past it); ``consumed`` counts them.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], *, limit: int | None = None) -> None:
         self.chunks = chunks
+        self.limit = limit
+        self.consumed = 0
         self.buf = b""
         self.pos = 0
         self.body = 0  # unread bytes of the current entry's body
         self.skip_after = 0  # bytes to skip before the next header (body + padding)
 
+    def _take(self, chunk: bytes) -> None:
+        self.buf, self.pos = chunk, 0
+        self.consumed += len(chunk)
+        if self.limit is not None and self.consumed > self.limit:
+            raise ReadLimitError(f"the archive goes on past {self.limit} bytes")
+
     def _next_chunk(self) -> None:
         """Move to the next chunk; the archive must go on. Decompression errors pass."""
         for chunk in self.chunks:
             if chunk:
-                self.buf, self.pos = chunk, 0
+                self._take(chunk)
                 return
         raise CorruptLayerError("the archive ends early")
 
@@ -219,9 +281,20 @@ class TarReader:
             return False
         for chunk in self.chunks:
             if chunk:
-                self.buf, self.pos = chunk, 0
+                self._take(chunk)
                 return False
         return True
+
+    def _drain(self) -> None:
+        """Read past the end marker to the stream's end, so the decompressor checks its
+        trailer and a digest covers the whole stream; a little padding only."""
+        trailer = len(self.buf) - self.pos
+        for chunk in self.chunks:
+            trailer += len(chunk)
+            if trailer > MAX_TRAILER_BYTES:
+                raise CorruptLayerError(f"more than {MAX_TRAILER_BYTES} bytes follow the "
+                                        "end of the archive")
+        self.buf, self.pos = b"", 0
 
     def read(self, n: int) -> bytes:
         end = self.pos + n
@@ -276,13 +349,15 @@ class TarReader:
                 return
             block = self.read(512)
             if block == _ZERO_BLOCK:
-                for _ in self.chunks:  # drain, so the decompressor checks the trailer
-                    pass
+                self._drain()
                 return
             _check_header(block)
             kind = chr(block[156]) if block[156] else "0"
             size = _number(block[124:136])
             if kind in "xgLK":
+                if size > MAX_META_BYTES:
+                    raise CorruptLayerError(f"a PAX or long-name header of {size} bytes "
+                                            f"(more than {MAX_META_BYTES})")
                 data = self.read((size + 511) & ~511)[:size]
                 if kind == "x":
                     pax.update(_parse_pax(data))

@@ -10,7 +10,11 @@ holds an flock on ``locks/volume-hold-NAME.lock`` for its whole life (see
 :func:`hold_volumes`) and writes its workspace's name into the file; the kernel drops the
 lock when the supervisor dies, however it dies, so a killed supervisor never leaves a
 stale holder. ``delete`` takes the same lock, so a volume cannot be deleted under a
-running workspace nor attached while it is being deleted.
+running workspace nor attached while it is being deleted; it also refuses a volume that
+any workspace records (:func:`volume_users`) unless forced.
+
+``create`` makes the missing volumes of a new workspace; ``start`` never does: a volume
+deleted since is an error (:func:`missing_volume_error`), not a new empty disk.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from microagent.config import DEFAULT_VOLUME_MIB, validate_name
-from microagent.errors import ConflictError, HostError, NotFoundError, UsageError
+from microagent.errors import (
+    ConflictError,
+    HostError,
+    MicroagentError,
+    NotFoundError,
+    UsageError,
+)
 from microagent.events import now_iso
 from microagent.layout import StateLayout
 from microagent.store import ensure_dir, file_lock, fsync_dir, read_json, write_json_atomic
@@ -143,19 +153,33 @@ def list_volumes(layout: StateLayout) -> list[Volume]:
     return volumes
 
 
-def delete_volume(layout: StateLayout, name: str) -> bool:
-    """Delete a volume and its data; False when there was none. Refused while attached."""
+def delete_volume(layout: StateLayout, name: str, *, force: bool = False) -> bool:
+    """Delete a volume and its data; False when there was none.
+
+    Refused while attached to a running workspace, and, unless ``force``, while any
+    workspace (running or not) records it: their next start would fail (a start never
+    re-creates a volume).
+    """
     validate_name(name, what="volume")
     with _volume_lock(layout, name):
         disk = layout.volume_disk(name)
         if not disk.exists():
             return False
-        try:
+        try:  # first: a running workspace's hold says what to do (halt it)
             fd = _hold(layout, "(being deleted)", name)
         except ConflictError as e:
             raise ConflictError(f"cannot delete volume {name}: {e.message}", hint=e.hint) \
                 from None
         try:
+            users = volume_users(layout, name)
+            if users and not force:
+                listed = ", ".join(users)
+                raise ConflictError(
+                    f"cannot delete volume {name}: the workspace"
+                    f"{'s' if len(users) > 1 else ''} {listed} use"
+                    f"{'' if len(users) > 1 else 's'} it",
+                    hint=f"delete {listed} first, or pass --force (their next start then "
+                         f"fails until `microagent volume create {name}` makes an empty one)")
             disk.unlink()
             with contextlib.suppress(FileNotFoundError):
                 layout.volume_record(name).unlink()
@@ -163,6 +187,36 @@ def delete_volume(layout: StateLayout, name: str) -> bool:
         finally:
             os.close(fd)
     return True
+
+
+def volume_users(layout: StateLayout, name: str) -> list[str]:
+    """The workspaces, running or not, whose records attach the volume ``name``.
+
+    Read from the records themselves (not :mod:`microagent.workspaces`, which sits above
+    this module); a record that cannot be read is skipped.
+    """
+    if not layout.workspaces_dir.is_dir():
+        return []
+    users = []
+    for directory in sorted(layout.workspaces_dir.iterdir()):
+        if directory.name.startswith("."):
+            continue
+        try:
+            disks = read_json(directory / "workspace.json").get("disks", ())
+        except (OSError, MicroagentError):
+            continue
+        if any(isinstance(d, dict) and d.get("kind") == "volume" and d.get("name") == name
+               for d in disks):
+            users.append(directory.name)
+    return users
+
+
+def missing_volume_error(name: str, workspace: str = "") -> NotFoundError:
+    """The refusal to start ``workspace`` whose volume ``name`` was deleted."""
+    of = f" of workspace {workspace}" if workspace else ""
+    return NotFoundError(f"volume {name}{of} does not exist (it was deleted); a start "
+                         "never creates one, so that no data seems lost silently",
+                         hint=f"create it, empty: microagent volume create {name}")
 
 
 def volume_holder(layout: StateLayout, name: str) -> str | None:

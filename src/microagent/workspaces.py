@@ -4,7 +4,8 @@ A workspace is a directory ``workspaces/<name>/`` holding its desired state
 (``workspace.json``), its own root disk (``rootfs.ext4``, a copy of the image's cached base
 disk) and its event history. ``create`` assembles all of it in a hidden staging directory
 and renames it into place at the end, so a failed or interrupted create leaves nothing.
-The state shown to users is derived from the record and the last event.
+The state shown to users is derived from the record and the last event; a workspace
+whose record cannot be read is shown as ``broken`` with the reason, and can be deleted.
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent.attachments import Attachment, validate_attachments
-from microagent.config import Resources, resolve_resources, validate_name
-from microagent.errors import ConflictError, NotFoundError, UsageError
+from microagent.config import Resources, check_fits_host, resolve_resources, validate_name
+from microagent.errors import ConflictError, MicroagentError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
-from microagent.network import PublishedPort, validate_ports
+from microagent.network import PublishedPort, validate_network, validate_ports
 from microagent.progress import NullProgress, Progress
+from microagent.staging import remove_whole, stage_dir, sweep_abandoned
 from microagent.store import ensure_dir, file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -32,12 +32,12 @@ if TYPE_CHECKING:
     from microagent.manifests import ImageConfig
 
 BACKENDS = ("qemu",)
-NETWORKS = ("user", "none")
 RESTART_POLICIES = ("never", "on-failure", "always")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _STAGING_PREFIX = ".new-"
 _DELETING_PREFIX = ".deleting-"
+BROKEN = "broken"  # the state of a workspace whose record cannot be read
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,25 @@ class WorkspaceSpec:
     setup: tuple[str, ...] = ()  # commands run once before the first start
     disks: tuple[Attachment, ...] = ()  # --volume, --disk, --bundle
     ports: tuple[PublishedPort, ...] = ()  # --publish
+    kernel: str = ""  # --kernel PATH: the workspace's own kernel (ownkernels.py)
+
+
+@dataclass(frozen=True)
+class OwnKernel:
+    """The kernel a workspace boots instead of the default (``create --kernel``)."""
+
+    digest: str  # of its bundle in kernels/by-digest/ (ownkernels.bundle_digest)
+    version: str
+    source: str  # the PATH it came from
+
+    def to_json(self) -> dict[str, str]:
+        """The record's shape (also ``--json``)."""
+        return {"digest": self.digest, "version": self.version, "source": self.source}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> OwnKernel:
+        """Inverse of :meth:`to_json`."""
+        return cls(str(doc["digest"]), str(doc["version"]), str(doc["source"]))
 
 
 @dataclass(frozen=True)
@@ -77,9 +96,17 @@ class Workspace:
     last_event: Event | None
     disks: tuple[Attachment, ...] = ()
     ports: tuple[PublishedPort, ...] = ()
+    own_kernel: OwnKernel | None = None  # None: the default kernel at each start
+    error: str = ""  # why the record cannot be read (state ``broken``)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape of one workspace."""
+        if self.error:
+            return {"name": self.name, "state": self.state, "error": self.error,
+                    "backend": None, "profile": None, "network": None, "restart": None,
+                    "image": None, "image_digest": None, "resources": None, "hostname": None,
+                    "env": [], "created": None, "rootfs": str(self.rootfs), "disks": [],
+                    "ports": []}
         return {
             "name": self.name,
             "state": self.state,
@@ -100,18 +127,18 @@ class Workspace:
             "rootfs": str(self.rootfs),
             "disks": [disk.to_json() for disk in self.disks],
             "ports": [port.to_json() for port in self.ports],
+            "own_kernel": self.own_kernel.to_json() if self.own_kernel else None,
         }
 
 
 def validate_spec(spec: WorkspaceSpec) -> None:
     """Refuse a bad spec before anything is written."""
     validate_name(spec.name)
+    check_fits_host(spec.resources)
     if spec.backend not in BACKENDS:
         raise UsageError(f"unknown or unavailable backend {spec.backend!r}",
                          hint=f"available: {', '.join(BACKENDS)}")
-    if spec.network not in NETWORKS:
-        raise UsageError(f"unknown network mode {spec.network!r}",
-                         hint=f"choose one of: {', '.join(NETWORKS)}")
+    validate_network(spec.network)
     if spec.restart not in RESTART_POLICIES:
         raise UsageError(f"unknown restart policy {spec.restart!r}",
                          hint=f"choose one of: {', '.join(RESTART_POLICIES)}")
@@ -141,31 +168,43 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
 
     validate_spec(spec)
     parse_image_source(spec.image)  # a bad reference is a usage error before anything is written
+    if spec.kernel:
+        from microagent.ownkernels import check_kernel_path
+
+        check_kernel_path(Path(spec.kernel))  # missing or not a kernel: before anything
     from microagent.images import ensure_base_disk, ensure_image
     from microagent.rootfs import copy_disk
 
     progress = progress or NullProgress()
     from microagent.attachments import check_sources, new_volumes
 
-    check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
-    with _workspace_lock(layout, spec.name):
+    built = check_sources(spec.disks, work_dir=ensure_dir(layout.tmp_dir), progress=progress)
+    own_kernel = None
+    if spec.kernel:  # before the image is pulled: a kernel without its modules is refused
+        from microagent.ownkernels import bundle_digest, install_own_kernel
+
+        bundle = install_own_kernel(layout, Path(spec.kernel), progress)
+        own_kernel = OwnKernel(bundle_digest(bundle), bundle.version,
+                               str(Path(spec.kernel).expanduser().absolute()))
+    with built, _workspace_lock(layout, spec.name):
+        sweep_abandoned(layout)  # what a killed create left behind (staging.py)
         if layout.workspace_dir(spec.name).exists():
             raise ConflictError(f"workspace {spec.name} already exists",
                                 hint=f"delete it first (microagent delete {spec.name}) "
                                 "or pick another name")
         image = ensure_image(layout, spec.image, progress=progress)
         base = ensure_base_disk(layout, image, spec.resources.disk_mib, progress=progress)
-        # the seed page: create installs the default kernel if it is missing
-        from microagent.kernels import default_kernel
+        if own_kernel is None:  # the seed page: create installs the default kernel if missing
+            from microagent.kernels import default_kernel
 
-        default_kernel(layout, install_if_missing=True)
+            default_kernel(layout, install_if_missing=True)
         ensure_dir(layout.workspaces_dir)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{spec.name}-",
-                                        dir=layout.workspaces_dir))
-        try:
+        with stage_dir(layout.workspaces_dir, f"{_STAGING_PREFIX}{spec.name}-") as staged:
+            staging = staged.path
             progress.step("Copying root disk")
             copy_disk(base, staging / layout.workspace_rootfs(spec.name).name)
-            write_json_atomic(staging / "workspace.json", _record(spec, image))
+            built.adopt(staging / layout.workspace_bundles_dir(spec.name).name)
+            write_json_atomic(staging / "workspace.json", _record(spec, image, own_kernel))
             if spec.setup:
                 from microagent.provision import SetupState, write_setup
 
@@ -173,14 +212,11 @@ def create_workspace(layout: StateLayout, spec: WorkspaceSpec, *,
                             SetupState(spec.setup, pending=True))
             append_event(staging / "events.jsonl", "prepared", f"created from {image.reference}")
             with new_volumes(layout, spec.disks, progress):  # deleted again on failure
-                os.rename(staging, layout.workspace_dir(spec.name))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+                staged.replace(layout.workspace_dir(spec.name))
     return get_workspace(layout, spec.name)
 
 
-def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
+def _record(spec: WorkspaceSpec, image: Image, own_kernel: OwnKernel | None) -> dict[str, Any]:
     return {
         "name": spec.name,
         "created": now_iso(),
@@ -203,19 +239,50 @@ def _record(spec: WorkspaceSpec, image: Image) -> dict[str, Any]:
         "hostname": spec.hostname or default_hostname(spec.name),
         "disks": [disk.to_json() for disk in spec.disks],
         "ports": [port.to_json() for port in spec.ports],
+        **({"kernel": own_kernel.to_json()} if own_kernel else {}),
     }
 
 
-def get_workspace(layout: StateLayout, name: str) -> Workspace:
-    """Load one workspace, or raise NotFoundError."""
-    from microagent.manifests import ImageConfig
+class BrokenWorkspaceError(MicroagentError):
+    """The workspace's record cannot be read (truncated, not JSON, fields missing).
 
+    ``workspace`` is what ``list`` and ``status`` show for it: state ``broken``, the
+    reason in ``error``.
+    """
+
+    kind = "broken"
+
+    def __init__(self, workspace: Workspace) -> None:
+        super().__init__(f"workspace {workspace.name} is broken: {workspace.error}",
+                         hint=f"delete it (microagent delete {workspace.name}), or restore "
+                              "its workspace.json")
+        self.workspace = workspace
+
+
+def get_workspace(layout: StateLayout, name: str) -> Workspace:
+    """Load one workspace; NotFoundError, or BrokenWorkspaceError for an unreadable record."""
     validate_name(name)
+    path = layout.workspace_record(name)
     try:
-        record = read_json(layout.workspace_record(name))
+        record = read_json(path)
     except FileNotFoundError:
         raise NotFoundError(f"no workspace named {name}",
                             hint="`microagent list` shows the saved workspaces") from None
+    except MicroagentError as e:
+        raise BrokenWorkspaceError(_broken(layout, name, e.message)) from e
+    try:
+        return _from_record(layout, name, record)
+    except KeyError as e:
+        raise BrokenWorkspaceError(_broken(layout, name, f"record {path} has no field "
+                                                         f"{e.args[0]!r}")) from e
+    except (TypeError, ValueError, AttributeError, MicroagentError) as e:
+        detail = e.message if isinstance(e, MicroagentError) else f"{type(e).__name__}: {e}"
+        raise BrokenWorkspaceError(_broken(layout, name, f"record {path} is malformed: "
+                                                         f"{detail}")) from e
+
+
+def _from_record(layout: StateLayout, name: str, record: dict[str, Any]) -> Workspace:
+    from microagent.manifests import ImageConfig
     from microagent.runtime import runtime_state
 
     runtime = runtime_state(layout, name)
@@ -237,19 +304,44 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
         last_event=runtime.event,
         disks=tuple(Attachment.from_json(d) for d in record.get("disks", ())),
         ports=tuple(PublishedPort.from_json(p) for p in record.get("ports", ())),
+        own_kernel=OwnKernel.from_json(record["kernel"]) if record.get("kernel") else None,
     )
 
 
+def _broken(layout: StateLayout, name: str, error: str) -> Workspace:
+    from microagent.manifests import ImageConfig
+    from microagent.runtime import runtime_state
+
+    return Workspace(
+        name=name, state=BROKEN, image="", image_digest="", image_config=ImageConfig(),
+        resources=Resources("-", 0, 0, 0), backend="-", network="-", restart="-", env=(),
+        hostname="", created="", rootfs=layout.workspace_rootfs(name),
+        last_event=runtime_state(layout, name).event, error=error)
+
+
+def require_workspace(layout: StateLayout, name: str) -> None:
+    """NotFoundError unless ``name`` has a record (a broken one will do: the verbs that
+    only talk to its processes, halt, stop and kill, still work on it)."""
+    validate_name(name)
+    if not layout.workspace_record(name).is_file():
+        raise NotFoundError(f"no workspace named {name}",
+                            hint="`microagent list` shows the saved workspaces")
+
+
 def list_workspaces(layout: StateLayout) -> list[Workspace]:
-    """Every saved workspace, by name."""
+    """Every saved workspace, by name; those whose record cannot be read as ``broken``."""
     if not layout.workspaces_dir.is_dir():
         return []
     names = sorted(p.name for p in layout.workspaces_dir.iterdir()
                    if not p.name.startswith(".") and (p / "workspace.json").is_file())
     workspaces = []
     for name in names:
-        with contextlib.suppress(NotFoundError):
+        try:
             workspaces.append(get_workspace(layout, name))
+        except BrokenWorkspaceError as e:
+            workspaces.append(e.workspace)
+        except (NotFoundError, UsageError):  # gone meanwhile, or not a name we make
+            continue
     return workspaces
 
 
@@ -270,10 +362,8 @@ def delete_workspace(layout: StateLayout, name: str) -> bool:
                 f"workspace {name} is {runtime.state}"
                 + (f" (VM process {pid})" if pid else "")
                 + ": halt, stop, or kill it first")
-        # Rename first so that the workspace disappears at once, whole.
-        doomed = directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}")
-        os.rename(directory, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_whole(directory, directory.with_name(f"{_DELETING_PREFIX}{name}-{os.getpid()}"))
+        sweep_abandoned(layout)
     return True
 
 

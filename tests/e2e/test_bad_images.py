@@ -7,15 +7,20 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
 import pytest
-from ocilayout import ImageSpec, Layer, build_layout
+from ocilayout import OCI_CONFIG, OCI_MANIFEST, Blobs, ImageSpec, Layer, build_layout
 
+from microagent.layers import LayerFile
 from tests.e2e.conftest import microagent
+from tests.support.distro import read_file
 from tests.support.push import push_layout
 from tests.support.registry import RunningRegistry
+from tests.unit.test_image_trust import genuine_layout, poisoned_layout
+from tests.unit.test_layer_bounds import zeros_layer
 
 
 def leftovers(state_dir: Path) -> list[str]:
@@ -45,6 +50,24 @@ def entry(name: str, data: bytes = b"x", **fields: object) -> tuple[tarfile.TarI
     for key, value in fields.items():
         setattr(info, key, value)
     return info, data
+
+
+def layout_of_layer(dest: Path, layer: LayerFile) -> Path:
+    """An OCI layout of one image whose one layer is the blob ``layer`` (and its diff_id)."""
+    blobs = Blobs(dest)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}).encode()
+    blob = layer.path.read_bytes()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": blobs.put(config), "size": len(config)},
+        "layers": [{"mediaType": layer.media_type, "digest": blobs.put(blob),
+                    "size": len(blob)}]}).encode()
+    top = {"mediaType": OCI_MANIFEST, "digest": blobs.put(manifest), "size": len(manifest),
+           "annotations": {"org.opencontainers.image.ref.name": "latest"}}
+    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    return dest
 
 
 def push(registry: RunningRegistry, tmp_path: Path, name: str, layers: list[Layer]) -> str:
@@ -117,4 +140,57 @@ def test_corrupt_layer_is_refused(registry: RunningRegistry, tmp_path: Path,
     assert result.returncode == 1, result.stderr
     assert digest[:19] in result.stderr or digest in result.stderr
     assert "corrupt" in result.stderr or "truncated" in result.stderr
+    assert leftovers(state_dir) == []
+
+
+def test_an_image_reusing_a_genuine_config_is_refused(registry: RunningRegistry,
+                                                      tmp_path: Path, state_dir: Path) -> None:
+    """Cache poisoning: the genuine image's config blob, byte for byte, with other layers."""
+    genuine_src = genuine_layout(tmp_path / "genuine")
+    push_layout(registry.host, "trust/genuine", "1", genuine_src)
+    push_layout(registry.host, "trust/evil", "1",
+                poisoned_layout(genuine_src, tmp_path / "evil"))
+    genuine, evil = (f"{registry.host}/trust/{name}:1" for name in ("genuine", "evil"))
+
+    refused = microagent("create", "w", "--image", evil, "--size-mib", "32")
+    assert refused.returncode == 1, refused.stderr
+    assert re.search(r"layer 1/1 sha256:[0-9a-f]{64} does not match the image config",
+                     refused.stderr), refused.stderr
+    assert leftovers(state_dir) == []
+    listed = json.loads(microagent("--json", "image", "list").stdout)["images"]
+    assert [i["reference"] for i in listed] == []
+
+    created = microagent("create", "w", "--image", genuine, "--size-mib", "32")
+    assert created.returncode == 0, created.stderr
+    assert read_file(state_dir / "workspaces" / "w" / "rootfs.ext4", "/etc/motd") == \
+        b"genuine\n"
+    again = microagent("create", "w2", "--image", evil, "--size-mib", "32")
+    assert again.returncode == 1 and "does not match the image config" in again.stderr
+
+
+def test_a_bundle_bomb_is_refused_at_once(tmp_path: Path, state_dir: Path) -> None:
+    """A 3 MB gzip that unpacks to 3 GiB of zeros: past the bundle cap at its header."""
+    bomb = zeros_layer(tmp_path / "bomb.tar.gz", {"zeros": 3 << 30}).path
+    assert bomb.stat().st_size < 8 << 20
+    result = microagent("create", "w", "--image", "oci:/nonexistent", "--bundle",
+                        f"b={bomb}:/data")
+    assert result.returncode == 1, result.stderr
+    assert f"bundle b ({bomb}) holds more than the 2048 MiB a bundle can" in result.stderr
+    assert "extraction stopped at entry 'zeros'" in result.stderr
+    assert leftovers(state_dir) == []
+
+
+def test_a_zip_bomb_image_stops_at_the_disk_size(registry: RunningRegistry, tmp_path: Path,
+                                                 state_dir: Path) -> None:
+    """1 GiB of zeros in a 1 MB layer: nothing is written past the 64 MiB disk."""
+    bomb = zeros_layer(tmp_path / "bomb.tar.gz", {"etc/motd": 1, "zeros": 1 << 30},
+                       diff_id=True)
+    layout = layout_of_layer(tmp_path / "bomb", bomb)
+    push_layout(registry.host, "bad/bomb", "1", layout)
+
+    result = microagent("create", "w", "--image", f"{registry.host}/bad/bomb:1",
+                        "--size-mib", "64")
+    assert result.returncode == 1, result.stderr
+    assert "the image needs more than the disk's 64 MiB" in result.stderr, result.stderr
+    assert f"layer 1/1 {bomb.digest} at entry 'zeros'" in result.stderr
     assert leftovers(state_dir) == []

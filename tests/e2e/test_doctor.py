@@ -1,5 +1,6 @@
 """``microagent doctor`` through the installed CLI: a healthy host, then one broken part at
-a time (PATH without QEMU, no agent binary, a state directory that cannot be written)."""
+a time (PATH without QEMU, without passt, no agent binary, a state directory that cannot be
+written)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from tests.support.fixtures import microagent
 
-NAMES = ["qemu", "kvm", "e2fsprogs", "agent", "kernel", "state", "loopback"]
+NAMES = ["qemu", "passt", "kvm", "e2fsprogs", "agent", "kernel", "state", "loopback"]
 
 
 def checks(stdout: str) -> dict[str, dict[str, str]]:
@@ -26,6 +27,7 @@ def test_this_host_can_run_workspaces(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["ok"] is True
     assert found["qemu"]["status"] == "ok" and "QEMU emulator version" in found["qemu"]["detail"]
     assert found["e2fsprogs"]["status"] == "ok" and found["loopback"]["status"] == "ok"
+    assert found["passt"]["status"] == "ok" and "/passt" in found["passt"]["detail"]
     assert found["state"]["status"] == "ok" and "writable" in found["state"]["detail"]
     # a fresh state directory has no kernel yet: obtainable here (apt), so a warning
     assert found["kernel"]["status"] in ("warn", "fail")
@@ -58,6 +60,21 @@ def test_missing_qemu_fails_and_says_what_to_install(tmp_path: Path) -> None:
     assert "fail  qemu" in result.stdout
     assert "apt-get install -y qemu-system-x86" in result.stdout
     assert result.stdout.splitlines()[-1].startswith("microagent cannot run workspaces")
+
+
+def test_missing_passt_fails_and_says_what_to_install(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-system-x86_64", "mkfs.ext4", "debugfs", "e2fsck", "cc"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    result = microagent("--state-dir", str(tmp_path / "s"), "--json", "doctor",
+                        env={"PATH": str(bin_dir)})
+    assert result.returncode == 1
+    passt = checks(result.stdout)["passt"]
+    assert passt["status"] == "fail" and "--network none" in passt["detail"]
+    assert passt["fix"] == "sudo apt-get install -y --no-install-recommends passt"
 
 
 def test_missing_agent_and_unwritable_state(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ sys.path[:0] = args["path"]
 from pathlib import Path
 from microagent.layers import LayerFile
 from microagent.rootfs import build_root_disk
-layers = [LayerFile(Path(p), m, d) for p, m, d in args["layers"]]
+layers = [LayerFile(Path(p), m, d, i) for p, m, d, i in args["layers"]]
 started = time.perf_counter()
 build_root_disk(layers, Path(args["dest"]), size_mib=args["size_mib"],
                 work_dir=Path(args["work"]))
@@ -74,7 +74,7 @@ def build_as_nobody(layers: list[LayerFile], dest: Path, work: Path, *, size_mib
                     timeout: float = 600) -> float:
     """Build the disk as nobody:nogroup with no supplementary groups; return seconds."""
     args = {"path": [SRC, SITE], "dest": str(dest), "work": str(work), "size_mib": size_mib,
-            "layers": [[str(x.path), x.media_type, x.digest] for x in layers]}
+            "layers": [[str(x.path), x.media_type, x.digest, x.diff_id] for x in layers]}
     result = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          "/usr/bin/python3", "-c", PROGRAM, json.dumps(args)],

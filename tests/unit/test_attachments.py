@@ -17,7 +17,6 @@ import pytest
 from microagent.attachments import (
     Attachment,
     boot_disks,
-    build_bundle,
     encode_dest,
     parse_bundle,
     parse_disk,
@@ -25,6 +24,7 @@ from microagent.attachments import (
     validate_attachments,
 )
 from microagent.backends.base import guest_cmdline
+from microagent.bundles import build_bundle
 from microagent.cli import main
 from microagent.errors import ConflictError, UnsafeImageError, UsageError
 from microagent.layout import StateLayout
@@ -90,6 +90,42 @@ def test_bad_flags(parser: object, value: str, words: str) -> None:
     with pytest.raises(UsageError) as info:
         parser(value)  # type: ignore[operator]
     assert words in f"{info.value.message} {info.value.hint}"
+
+
+@pytest.mark.parametrize(("parser", "value", "words"), [
+    (parse_volume, "data:/work:RO", "unknown mode 'RO'"),  # docker's modes are lowercase
+    (parse_volume, "data:/work:RW", "unknown mode 'RW'"),
+    (parse_volume, "data:/work:rox", "unknown mode 'rox'"),
+    (parse_volume, "data:/work:", "unknown mode ''"),
+    (parse_volume, "data:/a:b", "unknown mode 'b'"),
+    (parse_volume, "data:/a:/b", "contains ':'"),
+    (parse_volume, "data:/work:ro:rw", "contains ':'"),
+    (parse_disk, "img=/a.ext4:/work:RO", "unknown mode 'RO'"),
+    (parse_disk, "img=/a:b.ext4:/work:wr", "unknown mode 'wr'"),
+    (parse_disk, "img=/a.ext4:/work:", "unknown mode ''"),
+    (parse_bundle, "cfg=/a.tar:/config:Ro", "unknown mode 'Ro'"),
+    (parse_bundle, "cfg=/a.tar:/config:z", "unknown mode 'z'"),
+])
+def test_a_mode_is_ro_or_rw_and_a_destination_has_no_colon(parser: object, value: str,
+                                                            words: str) -> None:
+    """``--volume data:/work:RO`` used to mount read-write at ``/work:RO``."""
+    with pytest.raises(UsageError) as info:
+        parser(value)  # type: ignore[operator]
+    assert words in info.value.message
+    assert "ro or rw" in info.value.hint or "cannot contain ':'" in info.value.hint
+
+
+@pytest.mark.parametrize("flag", [["--volume", "data:/work:RO"],
+                                  ["--disk", "d=/nonexistent.ext4:/d:RO"],
+                                  ["--bundle", "b=/nonexistent.tar:/b:RW"]])
+def test_create_and_run_refuse_an_unknown_mode(state_dir: Path, flag: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--json", "create", "ws", "--image", "oci:/nonexistent", *flag],
+                 ["--json", "run", *flag, "oci:/nonexistent", "true"]):
+        assert main(argv) == 2
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert error["kind"] == "usage" and "unknown mode" in error["message"]
+    assert not state_dir.exists() or not any(state_dir.rglob("*.ext4"))
 
 
 def test_same_destination_or_volume_twice() -> None:
@@ -275,3 +311,46 @@ def test_a_killed_holder_leaves_no_stale_hold(layout: StateLayout) -> None:
     assert volume_holder(layout, "data") is None
     with hold_volumes(layout, "beta", ["data"]):
         assert volume_holder(layout, "data") == "beta"
+
+
+def _record_using(layout: StateLayout, workspace: str, volume: str) -> None:
+    """A workspace record attaching ``volume`` (what ``create`` writes, less the image)."""
+    from microagent.store import write_json_atomic
+
+    write_json_atomic(layout.workspace_record(workspace), {
+        "name": workspace, "disks": [parse_volume(f"{volume}:/data").to_json()]})
+
+
+def test_a_volume_a_workspace_uses_is_not_deleted_unless_forced(
+        layout: StateLayout, capsys: pytest.CaptureFixture[str]) -> None:
+    create_volume(layout, "data", 32)
+    create_volume(layout, "free", 32)
+    _record_using(layout, "beta", "data")
+    _record_using(layout, "alpha", "data")
+    _record_using(layout, "gamma", "other")
+    (layout.workspaces_dir / "broken").mkdir()
+    (layout.workspaces_dir / "broken" / "workspace.json").write_text("{trunc")
+    with pytest.raises(ConflictError) as info:
+        delete_volume(layout, "data")
+    assert info.value.message == "cannot delete volume data: the workspaces alpha, beta use it"
+    assert "--force" in info.value.hint and "volume create data" in info.value.hint
+    assert main(["volume", "delete", "data"]) == 1
+    assert "the workspaces alpha, beta use it" in capsys.readouterr().err
+    assert layout.volume_disk("data").exists()
+    assert delete_volume(layout, "free")
+    with hold_volumes(layout, "alpha", ["data"]), \
+            pytest.raises(ConflictError, match="attached to the running workspace alpha"):
+        delete_volume(layout, "data", force=True)  # never under a running workspace
+    assert main(["volume", "delete", "data", "--force"]) == 0
+    assert not layout.volume_disk("data").exists()
+
+
+def test_start_never_creates_a_volume(layout: StateLayout) -> None:
+    from microagent.attachments import check_before_start
+    from microagent.errors import NotFoundError
+
+    with pytest.raises(NotFoundError) as info:
+        check_before_start(layout, "ws", [parse_volume("gone:/data")])
+    assert info.value.message.startswith("volume gone of workspace ws does not exist")
+    assert info.value.hint == "create it, empty: microagent volume create gone"
+    assert not layout.volume_disk("gone").exists()

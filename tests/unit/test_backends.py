@@ -1,4 +1,4 @@
-"""The QEMU launch plan (golden) and the accelerator rule."""
+"""The QEMU launch plan and passt's command line (golden), and the accelerator rule."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SPEC = LaunchSpec(
     initramfs=Path("/run/boot.cpio"), cmdline="console=ttyS0 quiet",
     disks=(DiskSpec(Path("/ws/rootfs.ext4")),
            DiskSpec(Path("/v/a,b.ext4"), True, "data", "ma-disk1")),
-    run_dir=Path("/ws/run"), network="user", accel="tcg",
+    run_dir=Path("/ws/run"), network="user", accel="tcg", net_fd=7,
 )
 
 GOLDEN = [
@@ -32,7 +32,8 @@ GOLDEN = [
     "-drive", "id=disk1,file=/v/a,,b.ext4,format=raw,if=none,cache=writeback,discard=unmap,"
               "readonly=on",
     "-device", "virtio-blk-device,drive=disk1,serial=ma-disk1",
-    "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
+    "-netdev", "stream,id=net0,server=off,addr.type=fd,addr.str=7",
+    "-device", "virtio-net-device,netdev=net0",
     "-device", "virtio-serial-device,max_ports=3",
     "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
     "-device", "virtserialport,chardev=agent,name=microagent",
@@ -48,6 +49,37 @@ def test_qemu_plan_is_golden() -> None:
     assert plan.cwd == Path("/ws/run")
     assert (plan.console_socket, plan.agent_socket, plan.out_socket,
             plan.monitor_socket) == ("console.sock", "agent.sock", "agent-out.sock", "qmp.sock")
+
+
+PASST_GOLDEN = [
+    "passt", "--foreground", "--quiet", "--fd", "5",
+    "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2",
+    "--dns-forward", "10.0.2.3",
+]
+
+
+def test_passt_argv_is_golden() -> None:
+    from microagent.backends.base import PortSpec, guest_cmdline
+    from microagent.passt import PasstSpec, passt_argv
+
+    assert passt_argv(PasstSpec(5)) == [*PASST_GOLDEN, "--no-map-gw", "--udp-ports", "none"]
+    ports = (PortSpec("127.0.0.1", 8080, 80), PortSpec("0.0.0.0", 2222, 22))
+    assert passt_argv(PasstSpec(5, host_loopback=True, ports=ports)) == [
+        *PASST_GOLDEN, "--tcp-ports", "127.0.0.1/8080:80", "--tcp-ports", "0.0.0.0/2222:22",
+        "--udp-ports", "none"]
+    # the guest is told the addressing passt was given
+    cmdline = guest_cmdline(hostname="h", network="user", accel="kvm", tsc_khz=None)
+    assert "microagent.ip=10.0.2.15/24 microagent.gw=10.0.2.2 microagent.dns=10.0.2.3" \
+        in cmdline
+    assert "microagent.ip" not in guest_cmdline(hostname="h", network="none", accel="kvm",
+                                                tsc_khz=None)
+
+
+def test_a_network_without_its_link_is_a_bug() -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="net_fd"):
+        QemuBackend().plan(replace(SPEC, net_fd=None))
 
 
 def test_kvm_and_no_network_variants() -> None:

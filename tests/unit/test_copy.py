@@ -96,7 +96,7 @@ def test_archive_names_are_checked() -> None:
 def test_symlinks_from_the_guest_stay_symlinks(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
-    with HostWriter(dest, "d", keep_owners=False) as writer:
+    with HostWriter(dest, "d", archive=False) as writer:
         extract_tar(tar_of(("d", "dir", b"", 0o750), ("d/x", "link", "/etc/passwd", 0o777),
                            ("d/up", "link", "../../..", 0o777),
                            ("d/run.sh", "file", b"#!/bin/sh\n", 0o755),
@@ -120,7 +120,7 @@ def test_an_entry_behind_a_guest_symlink_is_refused(tmp_path: Path) -> None:
     crafted = tar_of(("d", "dir", b"", 0o755), ("d/up", "link", str(outside), 0o777),
                      ("d/up/evil", "file", b"pwned", 0o644))
     with pytest.raises(UnsafeCopyError, match="symlink"), \
-            HostWriter(dest, "d", keep_owners=False) as writer:
+            HostWriter(dest, "d", archive=False) as writer:
         extract_tar(crafted, writer, "d")
     assert list(outside.iterdir()) == []
     assert list(dest.iterdir()) == []  # the staged directory was dropped
@@ -130,7 +130,7 @@ def test_dotdot_entries_write_nothing(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(UnsafeCopyError, match=r"'\.\.'"), \
-            HostWriter(dest, "d", keep_owners=False) as writer:
+            HostWriter(dest, "d", archive=False) as writer:
         extract_tar(tar_of(("d", "dir", b"", 0o755), ("d/../../escaped", "file", b"x", 0o644)),
                     writer, "d")
     assert not (tmp_path / "escaped").exists() and list(dest.iterdir()) == []
@@ -142,13 +142,13 @@ def test_a_host_symlink_at_the_destination_is_replaced_not_followed(tmp_path: Pa
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "f").symlink_to(victim)
-    with HostWriter(dest, "f", keep_owners=False) as writer:
+    with HostWriter(dest, "f", archive=False) as writer:
         writer.file((), lambda fd: (os.write(fd, b"new"), _meta())[1])
         writer.commit()
     assert victim.read_text() == "keep me"
     assert not (dest / "f").is_symlink() and (dest / "f").read_text() == "new"
     (dest / "sub").symlink_to(tmp_path)
-    with pytest.raises(UnsafeCopyError), HostWriter(dest, "sub", keep_owners=False) as w:
+    with pytest.raises(UnsafeCopyError), HostWriter(dest, "sub", archive=False) as w:
         w.directory((), _meta())
 
 
@@ -233,3 +233,81 @@ def test_copy_into_a_stopped_workspace(layout: StateLayout, stopped: str,
         copy(layout, str(tmp_path / "missing"), f"{stopped}:/data")
     with pytest.raises(NotFoundError, match="no such directory"):
         copy(layout, str(src), f"{stopped}:/no/such/dir")
+
+
+# --- privilege bits: setuid/setgid stay in the guest unless the copy is an archive -------
+
+
+@pytest.fixture
+def privileged(layout: StateLayout, tmp_path: Path) -> str:
+    """A stopped workspace whose disk holds setuid, setgid and sticky entries, owned by
+    uid 1000 (as root: a setuid-root file, like /usr/bin/passwd, is root's)."""
+    if shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+        pytest.skip("needs e2fsprogs")
+    if os.geteuid() != 0:
+        pytest.skip("owning files by another uid needs root")
+    make_workspace(layout, "priv")
+    tree = tmp_path / "privtree"
+    data = tree / "data"
+    (data / "sgid").mkdir(parents=True)
+    for path, mode in ((data / "suid", 0o4755), (data / "sgid" / "both", 0o6755),
+                       (data / "sgid" / "sticky", 0o1644)):
+        path.write_text("#!/bin/sh\n")
+        if path.name == "both":
+            os.chown(path, 1000, 1000)  # before chmod: a chown clears setuid and setgid
+        path.chmod(mode)
+    (data / "sgid").chmod(0o2775)
+    disk = layout.workspace_rootfs("priv")
+    with disk.open("wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk)], check=True,
+                   env={**os.environ, "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
+    return "priv"
+
+
+def modes(root: Path) -> dict[str, tuple[int, int]]:
+    """Permission bits and owner of everything below ``root`` (and of a file ``root``)."""
+    paths = [root] if root.is_file() else sorted(root.rglob("*"))
+    return {str(p.relative_to(root)): (stat.S_IMODE(p.lstat().st_mode), p.lstat().st_uid)
+            for p in paths}
+
+
+def test_a_plain_copy_out_drops_setuid_setgid_and_owners(layout: StateLayout,
+                                                         privileged: str,
+                                                         tmp_path: Path) -> None:
+    single = tmp_path / "suid"
+    copy(layout, f"{privileged}:/data/suid", str(single))
+    assert modes(single) == {".": (0o755, os.geteuid())}
+    out = tmp_path / "out"
+    copy(layout, f"{privileged}:/data/sgid", str(out))
+    assert modes(out) == {"both": (0o755, os.geteuid()), "sticky": (0o644, os.geteuid())}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o775
+
+
+def test_an_archive_copy_out_keeps_them(layout: StateLayout, privileged: str,
+                                        tmp_path: Path) -> None:
+    single = tmp_path / "suid"
+    copy(layout, f"{privileged}:/data/suid", str(single), archive=True)
+    assert modes(single) == {".": (0o4755, 0)}
+    out = tmp_path / "out"
+    copy(layout, f"{privileged}:/data/sgid", str(out), archive=True)
+    assert modes(out) == {"both": (0o6755, 1000), "sticky": (0o1644, 0)}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o2775
+
+
+def test_into_the_guest_owners_are_roots_unless_archive(layout: StateLayout,
+                                                         privileged: str,
+                                                         tmp_path: Path) -> None:
+    from microagent.diskfiles import stat_path
+
+    src = tmp_path / "mine"
+    src.write_text("x")
+    os.chown(src, 1000, 1000)
+    src.chmod(0o4750)
+    copy(layout, str(src), f"{privileged}:/plain")
+    copy(layout, str(src), f"{privileged}:/kept", archive=True)
+    plain = stat_path(layout.workspace_rootfs(privileged), "/plain")
+    kept = stat_path(layout.workspace_rootfs(privileged), "/kept")
+    assert plain is not None and (plain.uid, plain.gid, plain.mode & 0o7777) == \
+        (0, 0, 0o4750)  # the guest's own business: modes are kept going in
+    assert kept is not None and (kept.uid, kept.gid) == (1000, 1000)

@@ -11,7 +11,7 @@ import pytest
 
 from microagent.agent import AgentClient
 from microagent.cli import main
-from microagent.errors import Interrupted
+from microagent.errors import Terminated
 from microagent.events import append_event
 from microagent.execution import _SignalWatch
 from microagent.layout import StateLayout
@@ -36,7 +36,7 @@ def test_a_forwarded_signal_goes_to_the_guest_then_the_host_gives_up(
     assert (frame.type, frame.stream, frame.json()) == (FrameType.SIGNAL, 3, {"signal": 15})
     assert watch.poll() == []  # within the grace: the exec goes on
     watch.give_up_at = 0.0  # the grace has passed without the command's end
-    with pytest.raises(Interrupted) as info:
+    with pytest.raises(Terminated) as info:
         watch.poll()
     assert info.value.signum == signal.SIGTERM and "did not end within" in info.value.message
 
@@ -44,7 +44,7 @@ def test_a_forwarded_signal_goes_to_the_guest_then_the_host_gives_up(
 def test_a_second_signal_ends_the_exec_at_once(watch: _SignalWatch) -> None:
     watch._forward(signal.SIGINT, None)
     watch._forward(signal.SIGINT, None)
-    with pytest.raises(Interrupted) as info:
+    with pytest.raises(Terminated) as info:
         watch.poll()
     assert info.value.signum == signal.SIGINT
 
@@ -52,7 +52,7 @@ def test_a_second_signal_ends_the_exec_at_once(watch: _SignalWatch) -> None:
 def test_with_a_tty_sigterm_ends_the_exec_at_once(watch: _SignalWatch) -> None:
     watch.tty = True
     watch._end(signal.SIGTERM, None)
-    with pytest.raises(Interrupted):
+    with pytest.raises(Terminated):
         watch.poll()
 
 
@@ -79,7 +79,7 @@ def test_sigterm_ends_a_command_waiting_on_a_silent_supervisor(
         _, err = process.communicate(timeout=20)
         connection.close()
         assert process.returncode == 143, err
-        assert "interrupted (SIGTERM)" in err
+        assert "terminated" in err
     finally:
         silent.close()
         supervisor.release()

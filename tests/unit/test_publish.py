@@ -1,4 +1,5 @@
-"""Published ports without a VM: the flag's forms and refusals, the port check, QEMU's rule."""
+"""Published ports and network modes without a VM: the flags' forms and refusals, the port
+check, passt's refusal and rules."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from microagent.backends.base import PortSpec
-from microagent.backends.qemu import QemuBackend
 from microagent.errors import ConflictError, UsageError
 from microagent.network import (
     PublishedPort,
@@ -23,7 +22,6 @@ from microagent.network import (
     port_failure,
     validate_ports,
 )
-from tests.unit.test_backends import SPEC
 
 MICROAGENT = str(Path(sys.executable).parent / "microagent")
 
@@ -99,22 +97,62 @@ def test_a_taken_port_is_named(listener: int) -> None:
         check_ports_free([PublishedPort("203.0.113.7", 8080, 80)])  # TEST-NET-3
 
 
-def test_qemu_refusal_becomes_the_same_message() -> None:
-    said = ("qemu-system-x86_64: -netdev user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80: "
-            "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'")
+def test_passts_refusal_becomes_the_same_message() -> None:
+    said = ("Failed to send 47 bytes to syslog\nDon't run as root. Changing to nobody...\n"
+            "Failed to bind any port for '-t 127.0.0.1/8080:80', exiting\n")  # as it printed
     failure = port_failure(said)
     assert failure is not None
     assert failure.message == "host port 8080 is already in use (127.0.0.1:8080)"
-    assert port_failure("qemu-system-x86_64: some other problem") is None
+    assert port_failure("Couldn't get any nameserver address") is None
 
 
-def test_qemu_hostfwd_rules() -> None:
-    spec = replace(SPEC, ports=(PortSpec("127.0.0.1", 8080, 80), PortSpec("0.0.0.0", 2222, 22)))
-    argv = QemuBackend().plan(spec).argv
-    assert argv[argv.index("-netdev") + 1] == (
-        "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:0.0.0.0:2222-:22")
-    assert argv[argv.index("-netdev") + 2:argv.index("-netdev") + 4] == (
-        "-device", "virtio-net-device,netdev=net0")
+def test_a_real_passt_refuses_a_taken_port_in_those_words(listener: int) -> None:
+    from microagent.passt import PasstSpec, passt_argv
+
+    link, theirs = socket.socketpair()
+    try:
+        argv = passt_argv(PasstSpec(theirs.fileno(), ports=(PortSpec("127.0.0.1", listener, 80),)))
+        run = subprocess.run(argv, pass_fds=(theirs.fileno(),), capture_output=True, text=True,
+                             timeout=30, check=False)
+    finally:
+        link.close()
+        theirs.close()
+    assert run.returncode != 0
+    failure = port_failure(run.stdout + run.stderr)
+    assert failure is not None and str(listener) in failure.message, run
+
+
+def test_network_modes() -> None:
+    from microagent.network import has_network, reaches_host_loopback, validate_network
+
+    assert [validate_network(m) for m in ("user", "user:host-loopback", "none")] == [
+        "user", "user:host-loopback", "none"]
+    for bad in ("User", "user:", "user:loopback", "host", "slirp", ""):
+        with pytest.raises(UsageError, match="unknown network mode") as err:
+            validate_network(bad)
+        assert "user, user:host-loopback, none" in err.value.hint
+    assert [has_network(m) for m in ("user", "user:host-loopback", "none")] == [
+        True, True, False]
+    assert [reaches_host_loopback(m) for m in ("user", "user:host-loopback", "none")] == [
+        False, True, False]
+    validate_ports([parse_publish("8080:80")], "user:host-loopback")
+
+
+def test_the_network_mode_is_recorded_and_listed(state_dir: Path) -> None:
+    from microagent.layout import StateLayout
+    from microagent.store import read_json, write_json_atomic
+    from tests.support.workspaces import make_workspace
+
+    layout = StateLayout.resolve(state_dir)
+    make_workspace(layout, "open")
+    record = read_json(layout.workspace_record("open"))
+    write_json_atomic(layout.workspace_record("open"), {**record,
+                                                        "network": "user:host-loopback"})
+    listed = [line.split() for line in run("list").stdout.splitlines()]
+    assert ["open", "prepared", "qemu", "tiny", "user:host-loopback", "never"] in listed
+    assert json.loads(run("--json", "status", "open").stdout)["network"] == \
+        "user:host-loopback"
+    assert "Network: user:host-loopback" in run("status", "open").stdout
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -126,8 +164,10 @@ def test_qemu_hostfwd_rules() -> None:
     (["--publish", "8080:80/udp"], "only tcp"),
     (["-p", "8080:80", "-p", "8080:81"], "host port 8080 is published twice"),
     (["--publish", "8080:80", "--network", "none"], "--network none has none"),
+    (["--network", "user:loopback"], "unknown network mode 'user:loopback'"),
+    (["--network", "slirp"], "unknown network mode 'slirp'"),
 ])
-def test_bad_publish_exits_2_and_writes_nothing(flags: list[str], message: str,
+def test_bad_publish_or_network_exits_2_and_writes_nothing(flags: list[str], message: str,
                                                state_dir: Path) -> None:
     for argv in (["create", "web", "--image", "busybox", *flags],
                  ["run", *flags, "busybox", "true"]):
@@ -138,3 +178,25 @@ def test_bad_publish_exits_2_and_writes_nothing(flags: list[str], message: str,
     result = run("--json", "create", "web", "--image", "busybox", *flags)
     assert result.returncode == 2
     assert json.loads(result.stdout)["error"]["kind"] == "usage"
+
+
+def test_start_without_passt_says_which_package_and_changes_nothing(
+        state_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from microagent.events import read_events
+    from microagent.layout import StateLayout
+    from tests.support.workspaces import make_workspace
+
+    layout = StateLayout.resolve(state_dir)
+    make_workspace(layout, "net")
+    bin_dir = tmp_path / "bin"  # QEMU, but no passt
+    bin_dir.mkdir()
+    (bin_dir / "qemu-system-x86_64").symlink_to(shutil.which("qemu-system-x86_64") or "/bin/true")
+    result = subprocess.run([MICROAGENT, "--json", "start", "net"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PATH": str(bin_dir)})
+    assert result.returncode == 1, result
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "host" and "passt not found" in error["message"]
+    assert "install the passt package" in error["message"]
+    assert [e.state for e in read_events(layout.workspace_events("net"))] == ["prepared"]

@@ -17,75 +17,73 @@ from microagent.errors import ConflictError
 from microagent.events import append_event, read_events
 from microagent.launch import unlaunched
 from microagent.layout import StateLayout
-from microagent.quarantine import NETDEV, host_forwards, quarantine_workspace, sever_network
-from microagent.store import ensure_dir
+from microagent.network import PublishedPort
+from microagent.quarantine import NETDEV, quarantine_workspace, sever_network
+from microagent.store import ensure_dir, read_json, write_json_atomic
+from microagent.workspaces import Workspace, get_workspace
 from tests.support.workspaces import make_workspace
-
-USERNET = """Hub -1 (net0):
-  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
-  TCP[HOST_FORWARD]  11       127.0.0.1 45671       10.0.2.15    80     0     0
-  TCP[HOST_FORWARD]   9               * 45672       10.0.2.15    22     0     0
-  UDP[HOST_FORWARD]   8       127.0.0.1 45673       10.0.2.15    53     0     0
-  TCP[ESTABLISHED]   15       127.0.0.1 45671       10.0.2.15    80     0     0
-"""
-EMPTY_USERNET = """Hub -1 (net0):
-  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
-"""
 
 
 class FakeQmp:
-    """Answers like QEMU 7.2's monitor (the strings are what it printed here)."""
+    """Answers set_link like QEMU 7.2's monitor, or refuses it."""
 
-    def __init__(self, usernet: str = USERNET, removable: bool = True) -> None:
-        self.usernet = usernet
-        self.removable = removable
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
         self.commands: list[tuple[str, dict[str, Any] | None]] = []
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float = 10.0) -> Any:
         self.commands.append((command, arguments))
-        if command == "set_link":
+        if command == "set_link" and not self.refuse:
             return {}
-        line = str((arguments or {}).get("command-line", ""))
-        if line == "info usernet":
-            return self.usernet
-        if line.startswith("hostfwd_remove "):
-            rule = line.split()[-1]
-            if not self.removable:
-                return f"host forwarding rule for {rule} not found\r\n"
-            self.usernet = "\n".join(x for x in self.usernet.splitlines()
-                                     if "HOST_FORWARD" not in x or
-                                     x.split()[3] != rule.split(":")[-1])
-            return f"host forwarding rule for {rule} removed\r\n"
-        raise QmpError(f"unexpected {command} {arguments}")
+        raise QmpError(f"{command}: refused")
 
 
-def test_host_forwards_are_read_from_info_usernet() -> None:
-    assert host_forwards(USERNET) == ["tcp:127.0.0.1:45671", "tcp::45672",
-                                      "udp:127.0.0.1:45673"]
-    assert host_forwards(EMPTY_USERNET) == []
+class FakeHelper:
+    """passt and its relay, as the supervisor holds them."""
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def stop(self) -> None:
+        self.stopped += 1
 
 
-def test_sever_network_takes_the_link_down_and_removes_every_forward() -> None:
-    qmp = FakeQmp()
-    detail = asyncio.run(sever_network(qmp, "user"))  # type: ignore[arg-type]
+def _workspace(layout: StateLayout, network: str = "user", ports: int = 0) -> Workspace:
+    make_workspace(layout, "q")
+    record = read_json(layout.workspace_record("q"))
+    write_json_atomic(layout.workspace_record("q"), {
+        **record, "network": network,
+        "ports": [PublishedPort("127.0.0.1", 8000 + i, 80 + i).to_json() for i in range(ports)]})
+    return get_workspace(layout, "q")
+
+
+def test_sever_network_takes_the_link_down_then_ends_passt(layout: StateLayout) -> None:
+    qmp, helper = FakeQmp(), FakeHelper()
+    detail = asyncio.run(sever_network(qmp, helper, _workspace(layout, ports=3)))  # type: ignore[arg-type]
     assert detail == "network severed (link down, 3 published ports closed)"
-    assert qmp.commands[0] == ("set_link", {"name": NETDEV, "up": False})
-    removed = [a["command-line"] for c, a in qmp.commands
-               if a and str(a.get("command-line", "")).startswith("hostfwd_remove")]
-    assert removed == [f"hostfwd_remove {NETDEV} tcp:127.0.0.1:45671",
-                       f"hostfwd_remove {NETDEV} tcp::45672",
-                       f"hostfwd_remove {NETDEV} udp:127.0.0.1:45673"]
-    assert asyncio.run(sever_network(FakeQmp(EMPTY_USERNET), "user")) == \
-        "network severed (link down, 0 published ports closed)"  # type: ignore[arg-type]
+    assert qmp.commands == [("set_link", {"name": NETDEV, "up": False})]
+    assert helper.stopped == 1
 
 
-def test_sever_network_fails_loudly() -> None:
-    with pytest.raises(QmpError, match="not found"):
-        asyncio.run(sever_network(FakeQmp(removable=False), "user"))  # type: ignore[arg-type]
+def test_sever_network_counts_ports_in_words(layout: StateLayout) -> None:
+    workspace = _workspace(layout, "user:host-loopback", ports=1)
+    assert asyncio.run(sever_network(FakeQmp(), FakeHelper(), workspace)) == \
+        "network severed (link down, 1 published port closed)"  # type: ignore[arg-type]
+
+
+def test_sever_network_fails_loudly_and_leaves_passt_alone(layout: StateLayout) -> None:
+    helper = FakeHelper()
+    workspace = _workspace(layout)
+    with pytest.raises(QmpError, match="refused"):
+        asyncio.run(sever_network(FakeQmp(refuse=True), helper, workspace))  # type: ignore[arg-type]
     with pytest.raises(QmpError, match="not connected"):
-        asyncio.run(sever_network(None, "user"))
-    assert "network none" in asyncio.run(sever_network(None, "none"))
+        asyncio.run(sever_network(None, helper, workspace))
+    assert helper.stopped == 0
+
+
+def test_a_workspace_without_network_has_nothing_to_sever(layout: StateLayout) -> None:
+    assert "network none" in asyncio.run(sever_network(None, None, _workspace(layout, "none")))
 
 
 def test_the_netdev_id_is_the_one_qemu_is_given() -> None:
@@ -93,7 +91,7 @@ def test_the_netdev_id_is_the_one_qemu_is_given() -> None:
     from tests.unit.test_backends import SPEC
 
     argv = QemuBackend().plan(SPEC).argv
-    assert argv[argv.index("-netdev") + 1].startswith(f"user,id={NETDEV}")
+    assert argv[argv.index("-netdev") + 1].startswith(f"stream,id={NETDEV},")
 
 
 def test_quarantine_refuses_a_workspace_that_is_not_running(layout: StateLayout) -> None:
@@ -157,12 +155,13 @@ def test_supervisor_quarantine_refuses_sessions_and_cuts_those_in_flight(
         layout: StateLayout, tmp_path: Path) -> None:
     from microagent.supervisor import Supervisor
 
-    make_workspace(layout, "q")
+    _workspace(layout, ports=3)
     append_event(layout.workspace_events("q"), "running", "ready")
     ensure_dir(layout.run_files("q").dir)
     supervisor = Supervisor(layout, "q", 10, unlaunched(layout, "q"))
-    qmp = FakeQmp()
+    qmp, helper = FakeQmp(), FakeHelper()
     supervisor.vmm, supervisor.qmp = FakeVmm(), qmp  # type: ignore[assignment]
+    supervisor.network = helper  # type: ignore[assignment]
     supervisor.channel = FakeChannel()  # type: ignore[assignment]
     supervisor.status["vmm_pid"] = FakeVmm.pid  # as boot_once records it
     path = str(tmp_path / "control.sock")
@@ -195,6 +194,7 @@ def test_supervisor_quarantine_refuses_sessions_and_cuts_those_in_flight(
 
     asyncio.run(scenario())
     assert supervisor.channel.relays == 1  # type: ignore[attr-defined]
+    assert helper.stopped == 1  # passt ended: the published ports refuse
     last = read_events(layout.workspace_events("q"))[-1]
     assert last.state == "quarantined"
     assert last.detail == ("network severed (link down, 3 published ports closed); "
@@ -234,7 +234,8 @@ def test_supervisor_quarantine_rolls_back_when_the_network_cannot_be_severed(
     append_event(layout.workspace_events("q"), "running", "ready")
     ensure_dir(layout.run_files("q").dir)
     supervisor = Supervisor(layout, "q", 10, unlaunched(layout, "q"))
-    supervisor.vmm, supervisor.qmp = FakeVmm(), FakeQmp(removable=False)  # type: ignore[assignment]
+    supervisor.vmm, supervisor.qmp = FakeVmm(), FakeQmp(refuse=True)  # type: ignore[assignment]
+    supervisor.network = FakeHelper()  # type: ignore[assignment]
     supervisor.channel = FakeChannel()  # type: ignore[assignment]
 
     async def scenario() -> dict[str, Any]:
@@ -243,4 +244,5 @@ def test_supervisor_quarantine_rolls_back_when_the_network_cannot_be_severed(
     with pytest.raises(Exception, match="could not sever the network"):
         asyncio.run(scenario())
     assert not supervisor.quarantined
+    assert supervisor.network.stopped == 0  # type: ignore[attr-defined]
     assert read_events(layout.workspace_events("q"))[-1].state == "running"

@@ -97,3 +97,16 @@ def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
     yield home
     for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
         ma(home, "kill", ws.name)
+
+
+@pytest.fixture
+def own_home(tmp_path: Path, guest_kernel: KernelBundle) -> Path:
+    """A state directory of the test's own (0700), with the cached kernel bundle as its
+    default, installed as microagent installs one (directories 0700, files 0600)."""
+    home = tmp_path / "state"
+    bundle = home / "kernels" / guest_kernel.version
+    shutil.copytree(guest_kernel.path, bundle)
+    for path in (home, home / "kernels", bundle, *bundle.rglob("*")):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
+    return home

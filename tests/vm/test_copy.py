@@ -158,3 +158,36 @@ def test_a_halted_workspace_through_its_disk(home: Path, busybox_image: PushedIm
         assert missing.returncode == 1 and f"no such file: {name}:/nope" in missing.stderr
     finally:
         ma(home, "kill", name)
+
+
+def test_setuid_and_setgid_stay_in_the_guest_unless_archive(home: Path, running: str,
+                                                           tmp_path: Path) -> None:
+    """Through the agent: a single file (get) and a tree (tar through exec)."""
+    ok(ma(home, "exec", running, "--", "sh", "-c",
+          "mkdir -p /root/priv/sgid && cp /bin/busybox /root/priv/suid && "
+          "chmod 4755 /root/priv/suid && echo x > /root/priv/sgid/both && "
+          "chown 1000:1000 /root/priv/sgid/both && chmod 6755 /root/priv/sgid/both && "
+          "echo y > /root/priv/sgid/sticky && chmod 1644 /root/priv/sgid/sticky && "
+          "chmod 2775 /root/priv/sgid"))
+
+    def bits(path: Path) -> tuple[int, int]:
+        st = path.lstat()
+        return stat.S_IMODE(st.st_mode), st.st_uid
+
+    me = os.geteuid()
+    ok(ma(home, "cp", f"{running}:/root/priv/suid", str(tmp_path / "plain")))
+    assert bits(tmp_path / "plain") == (0o755, me)
+    ok(ma(home, "cp", f"{running}:/root/priv", str(tmp_path / "tree")))
+    tree = tmp_path / "tree"
+    assert [bits(tree / "suid"), bits(tree / "sgid"), bits(tree / "sgid" / "both"),
+            bits(tree / "sgid" / "sticky")] == [(0o755, me), (0o775, me), (0o755, me),
+                                                (0o644, me)]
+    if me != 0:
+        return  # keeping owners, and with them setuid, needs root on the host
+    ok(ma(home, "cp", "-a", f"{running}:/root/priv/suid", str(tmp_path / "kept")))
+    assert bits(tmp_path / "kept") == (0o4755, 0)
+    ok(ma(home, "cp", "--archive", f"{running}:/root/priv", str(tmp_path / "archive")))
+    archive = tmp_path / "archive"
+    assert [bits(archive / "suid"), bits(archive / "sgid"), bits(archive / "sgid" / "both"),
+            bits(archive / "sgid" / "sticky")] == [(0o4755, 0), (0o2775, 0), (0o6755, 1000),
+                                                   (0o1644, 0)]

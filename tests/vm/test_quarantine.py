@@ -1,15 +1,17 @@
 """``microagent quarantine`` on real microVMs: the guest is cut off the network (a loop in
-the guest stops reaching a server on the host, a published port stops accepting), exec,
-cp and console input are refused, the VM process keeps running with its disk, logs and
-events, and halt, stop and kill end the quarantine.
+the guest stops reaching a server beside the host, a published port stops accepting),
+exec, cp and console input are refused, the VM process keeps running with its disk, logs
+and events, and halt, stop and kill end the quarantine.
+
+The server the guest loop reaches is in a network namespace the test makes
+(tests/support/netns.py): a workspace reaches what the host reaches except the host's
+loopback.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,43 +20,19 @@ from pathlib import Path
 import pytest
 
 from tests.support.fixtures import PushedImage
+from tests.support.netns import Netns, NetnsHttpServer
 from tests.vm.cli import events, ma, ok, qemu_pids
 
 pytestmark = pytest.mark.slow
 
 
-class CountingServer:
-    """An HTTP server on the host's loopback that counts the guest's requests."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests += 1
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"pong\n")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def host_server() -> Iterator[CountingServer]:
-    server = CountingServer()
-    yield server
-    server.close()
+def host_server(tmp_path: Path) -> Iterator[NetnsHttpServer]:
+    netns = Netns()
+    try:
+        yield NetnsHttpServer(netns, tmp_path / "requests.log")
+    finally:
+        netns.close()
 
 
 def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -89,7 +67,7 @@ def serve_in_guest(home: Path, name: str) -> None:
 
 
 def test_quarantine_contains_a_running_workspace(home: Path, busybox_image: PushedImage,
-                                                 host_server: CountingServer,
+                                                 host_server: NetnsHttpServer,
                                                  tmp_path: Path) -> None:
     name, published = "suspect", free_port()
     ok(ma(home, "create", name, "--image", busybox_image.ref, "--profile", "tiny",
@@ -99,11 +77,11 @@ def test_quarantine_contains_a_running_workspace(home: Path, busybox_image: Push
     until(lambda: _answers(published), 30, "the published port to answer")
     # a guest loop started before the quarantine, outliving its exec (own session)
     loop = (f"while true; do if timeout 3 wget -q -O /dev/null "
-            f"http://10.0.2.2:{host_server.port}/ping; then echo ok; else echo fail; fi "
+            f"{host_server.url}/ping; then echo ok; else echo fail; fi "
             f">> /root/net.log; sleep 1; done")
     ok(ma(home, "exec", name, "--", "sh", "-c",
           f"setsid sh -c '{loop}' </dev/null >/dev/null 2>&1 &"))
-    until(lambda: host_server.requests >= 2, 60, "the guest loop to reach the host")
+    until(lambda: len(host_server.requests()) >= 2, 60, "the guest loop to reach the server")
     before = status(home, name)
     history = events(home, name)
 
@@ -121,9 +99,9 @@ def test_quarantine_contains_a_running_workspace(home: Path, busybox_image: Push
     assert row[0][1] == "quarantined"
     # network severed: the loop's requests stop, the published port refuses
     time.sleep(1.5)  # a request in flight at the quarantine may still land
-    count = host_server.requests
+    count = len(host_server.requests())
     time.sleep(6)
-    assert host_server.requests == count, "the guest still reaches the host"
+    assert len(host_server.requests()) == count, "the guest still reaches the server"
     with pytest.raises(OSError):
         fetch(published)
     # exec (125), cp and console input are refused, saying why
@@ -158,7 +136,7 @@ def test_quarantine_contains_a_running_workspace(home: Path, busybox_image: Push
     log = ok(ma(home, "exec", name, "--", "cat", "/root/net.log")).stdout.split()
     assert "ok" in log and "fail" in log and log.index("fail") > log.index("ok")
     assert ok(ma(home, "exec", name, "--", "wget", "-q", "-O", "-",
-                 f"http://10.0.2.2:{host_server.port}/")).stdout == "pong\n"
+                 f"{host_server.url}/")).stdout == "pong\n"
     serve_in_guest(home, name)
     until(lambda: _answers(published), 30, "the published port to answer again")
     ok(ma(home, "kill", name))

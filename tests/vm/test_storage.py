@@ -58,6 +58,10 @@ def test_seed_example_volume_bundle_and_disk(home: Path, busybox_image: PushedIm
                     "--bundle", f"tools={tools}:/opt/tools", "--disk",
                     f"scratch={disk}:/mnt/scratch"))
     assert created.stdout.splitlines()[:2] == ["Workspace: research", "State: prepared"]
+    # create built the bundle disks (checking them); no start builds them again
+    bundle_dir = home / "workspaces" / "research" / "bundles"
+    built = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bundle_dir.glob("*/*")}
+    assert sorted(p.parent.name for p in built) == ["config", "tools"]
     assert ok(ma(home, "volume", "list")).stdout.splitlines()[1].split() == ["data", "1024", "-"]
     ok(ma(home, "start", "research"))
 
@@ -92,10 +96,12 @@ def test_seed_example_volume_bundle_and_disk(home: Path, busybox_image: PushedIm
     ok(ma(home, "delete", "third", "--yes"))
     assert "Disk: /config bundle config (ro)" in ok(ma(home, "status", "research")).stdout
 
-    # a rw bundle is rebuilt at each start; the volume and the --disk keep their data
+    # a rw bundle is a fresh copy at each start; the volume and the --disk keep their data
     ok(ma(home, "halt", "research"))
     ok(ma(home, "start", "research"))
     assert sh(home, "research", "cat /opt/tools/written").returncode != 0
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in bundle_dir.glob("*/*")} == built
     assert ok(sh(home, "research", "cat /work/notes.txt /mnt/scratch/w")).stdout == \
         "notes from run 1\nmore\n"
     ok(ma(home, "halt", "research"))
@@ -202,3 +208,38 @@ def test_a_read_only_disk_with_an_unreplayed_journal(home: Path, busybox_image: 
     ok(ma(home, "halt", "dreader"))
     for name in ("dwriter", "dreader"):
         ok(ma(home, "delete", name, "--yes"))
+
+
+def test_a_volume_in_use_is_kept_and_never_recreated_at_start(home: Path,
+                                                              busybox_image: PushedImage) -> None:
+    """``volume delete`` of a halted workspace's volume used to succeed, and the next start
+    silently attached a new, empty one."""
+    ok(ma(home, "create", "keeper", "--image", busybox_image.ref, "--volume", "kept:/kept"))
+    ok(ma(home, "start", "keeper"))
+    ok(sh(home, "keeper", "echo precious > /kept/f"))
+    ok(ma(home, "halt", "keeper"))
+    refused = ma(home, "volume", "delete", "kept")
+    assert refused.returncode == 1, refused.stderr
+    assert "cannot delete volume kept: the workspace keeper uses it" in refused.stderr
+    assert "--force" in refused.stderr
+    ok(ma(home, "create", "second", "--image", busybox_image.ref, "--volume", "kept:/k:ro"))
+    refused = ma(home, "--json", "volume", "delete", "kept")
+    assert json.loads(refused.stdout)["error"]["message"] == \
+        "cannot delete volume kept: the workspaces keeper, second use it"
+    assert (home / "volumes" / "kept.ext4").exists()
+
+    ok(ma(home, "volume", "delete", "kept", "--force"))
+    failed = ma(home, "start", "keeper")
+    assert failed.returncode == 1, failed.stderr
+    assert "volume kept of workspace keeper does not exist (it was deleted)" in failed.stderr
+    assert "microagent volume create kept" in failed.stderr
+    assert not (home / "volumes" / "kept.ext4").exists()
+    assert json.loads(ok(ma(home, "--json", "status", "keeper")).stdout)["state"] == "halted"
+
+    ok(ma(home, "volume", "create", "kept", "--size-mib", "64"))  # the way back: empty
+    ok(ma(home, "start", "keeper"))
+    assert ok(sh(home, "keeper", "ls -A /kept")).stdout.split() == ["lost+found"]
+    ok(ma(home, "halt", "keeper"))
+    for name in ("keeper", "second"):
+        ok(ma(home, "delete", name, "--yes"))
+    ok(ma(home, "volume", "delete", "kept"))

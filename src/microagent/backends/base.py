@@ -36,7 +36,7 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class PortSpec:
-    """A host TCP port forwarded to a guest port (``--publish``)."""
+    """A host TCP port forwarded to a guest port (``--publish``; passt forwards it)."""
 
     host_ip: str
     host_port: int
@@ -55,9 +55,9 @@ class LaunchSpec:
     cmdline: str
     disks: tuple[DiskSpec, ...]
     run_dir: Path
-    network: str = "user"
+    network: str = "user"  # a user-mode network (passt, on net_fd) or "none"
     accel: str = "tcg"
-    ports: tuple[PortSpec, ...] = ()
+    net_fd: int | None = None  # QEMU's end of the link to the network helper, inherited
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def choose_accel(environ: dict[str, str] | None = None, *, kvm_device: Path = Pa
     return AccelChoice("kvm", "KVM is usable")
 
 
-# QEMU's user-mode network: the guest's address, the gateway (the host) and its DNS.
+# The user-mode network (microagent.passt): the guest's address, the gateway and its DNS.
 USER_NET_IP = "10.0.2.15/24"
 USER_NET_GATEWAY = "10.0.2.2"
 USER_NET_DNS = "10.0.2.3"
@@ -148,7 +148,7 @@ def guest_cmdline(*, hostname: str, network: str, accel: str, tsc_khz: int | Non
     """
     params = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4",
               f"microagent.hostname={hostname}"]
-    if network == "user":
+    if network != "none":
         params += [f"microagent.ip={USER_NET_IP}", f"microagent.gw={USER_NET_GATEWAY}",
                    f"microagent.dns={USER_NET_DNS}"]
     if accel == "tcg" and tsc_khz:

@@ -26,7 +26,8 @@ class QemuBackend:
     name = "qemu"
 
     def check_host(self) -> list[str]:
-        """A missing QEMU binary is the only hard problem here."""
+        """A missing QEMU binary is the only hard problem here (passt, the network's
+        helper, is checked by :func:`microagent.passt.passt_problems`)."""
         if shutil.which(QEMU_BINARY) is None:
             return [f"{QEMU_BINARY} not found: install the qemu-system-x86 package"]
         return []
@@ -73,11 +74,12 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
         if disk.serial:  # how the guest finds an attached disk: probe order is not fixed
             device += f",serial={_escape(disk.serial)}"
         argv += ["-drive", drive, "-device", device]
-    if spec.network == "user":
-        netdev = "user,id=net0"
-        for port in spec.ports:  # published ports; the empty guest address is 10.0.2.15
-            rule = f"tcp:{port.host_ip}:{port.host_port}-:{port.guest_port}"
-            netdev += f",hostfwd={_escape(rule)}"
+    if spec.network != "none":
+        if spec.net_fd is None:
+            raise ValueError("a user-mode network needs the link's descriptor (net_fd)")
+        # the link to passt (microagent.passt) is a socket QEMU inherits, already
+        # connected: nothing in the run directory, no moment where QEMU waits for passt
+        netdev = f"stream,id=net0,server=off,addr.type=fd,addr.str={spec.net_fd}"
         argv += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     argv += [
         # port 0 is for consoles: the agent channel is port 1, the output port 2

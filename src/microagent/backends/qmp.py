@@ -12,7 +12,9 @@ disk full: ``werror=enospc``, its default) and why (:mod:`microagent.vmm`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -81,13 +83,24 @@ class QmpClient:
                 if "event" in message:
                     if message["event"] == "SHUTDOWN":
                         self.shutdown_reason = str(message.get("data", {}).get("reason", ""))
-                    if self.on_event is not None:
-                        self.on_event(message)
+                    self._hand_over(message)
                     await self.events.put(message)
                 else:
                     await self.replies.put(message)
         except (QmpError, ConnectionError, ValueError):
             return
+
+    def _hand_over(self, message: dict[str, Any]) -> None:
+        """``on_event(message)``; its failure is logged, and the replies keep flowing."""
+        handler = self.on_event
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception as e:
+            with contextlib.suppress(OSError):  # stderr may be on the full disk itself
+                print(f"microagent supervisor: QMP event {message.get('event')}: {e!r}",
+                      file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.pump is not None:

@@ -11,26 +11,36 @@ inside the handlers so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 from microagent import __version__
 from microagent.cli import console, doctor, images, lifecycle, observe, run, volumes, workspaces
 from microagent.cli import copy as copy_verbs
 from microagent.cli import exec as exec_verbs
-from microagent.cli.output import Handler, Output, Parser, add_verb, table
+from microagent.cli.output import Handler, Output, Parser, add_verb, layout_of, table
 from microagent.config import DEFAULT_PROFILE, PROFILES
 from microagent.errors import (
     EXIT_EXEC_FAILED,
     EXIT_FAILURE,
     EXIT_OK,
-    Interrupted,
     MicroagentError,
     PausedError,
+    Terminated,
     UsageError,
+    interrupted_exit_code,
 )
+from microagent.layout import PRIVATE_UMASK
+from microagent.store import check_state_dir_usable
 
 __all__ = ["build_parser", "main"]
+
+# they never read the state directory; doctor reports a bad one as one of its checks
+STATELESS_VERBS = frozenset({"version", "profiles", "doctor"})
 
 
 def cmd_version(args: argparse.Namespace, out: Output) -> int:
@@ -72,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = "--json" in raw[: _verb_position(raw)]
     debug = "--debug" in raw[: _verb_position(raw)]
     out = Output(as_json)
+    umask = os.umask(PRIVATE_UMASK)  # what this command and its tools create: owner only
+    previous = _terminate_as_interrupt()
     try:
         parser = build_parser()
         args = parser.parse_args(raw)
@@ -79,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         handler: Handler = args.handler
+        if args.verb not in STATELESS_VERBS:
+            check_state_dir_usable(layout_of(args, check=False).root)
         return handler(args, out)
     except MicroagentError as e:
         if debug:
@@ -89,12 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_exec(raw) and not isinstance(e, UsageError | PausedError):
             return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
         return e.exit_code
-    except Interrupted as e:  # SIGTERM, SIGHUP, or a forwarded signal the guest ignored
-        sys.stderr.write(f"microagent: {e.message}\n")
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) and e.message:  # e.g. a guest deaf to a signal
+            sys.stderr.write(f"microagent: {e.message}\n")
+        else:
+            sys.stderr.write("terminated\n" if isinstance(e, Terminated) else "interrupted\n")
+        return interrupted_exit_code(e)
     except BrokenPipeError:
         return EXIT_FAILURE
     except Exception as e:
@@ -103,6 +117,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(out, MicroagentError(f"internal error: {type(e).__name__}: {e}",
                                     hint="rerun with --debug for a traceback"))
         return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        os.umask(umask)
+
+
+def _terminate_as_interrupt() -> signal.Handlers | Callable[..., object] | int | None:
+    """SIGTERM unwinds the command as Ctrl-C does (staging removed, locks released,
+    children killed), then exit 143; returns the previous handler (None off the main
+    thread, where Python cannot set one)."""
+    def terminate(signum: int, _frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _is_exec(raw: Sequence[str]) -> bool:

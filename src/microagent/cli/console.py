@@ -11,18 +11,14 @@ from microagent.cli.output import (
     add_name,
     add_verb,
     layout_of,
+    positive_seconds,
     text_field,
     workspace_name,
 )
-from microagent.errors import EXIT_OK, UsageError, signals_interrupt
+from microagent.errors import EXIT_OK, UsageError
 
 
 def cmd_connect(args: argparse.Namespace, out: Output) -> int:
-    with signals_interrupt():  # SIGTERM, SIGHUP: the terminal restored, exit 143, 129
-        return _connect(args, out)
-
-
-def _connect(args: argparse.Namespace, out: Output) -> int:
     from microagent.connect import DEFAULT_SEND_TIMEOUT, attach_console, send_line
 
     name = workspace_name(args)
@@ -54,6 +50,6 @@ def register(verbs: Verbs) -> None:
     add_name(p)
     p.add_argument("--send", metavar="LINE",
                    help="send one line, print what the command printed, and exit")
-    p.add_argument("--timeout", type=float, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, metavar="S",
                    help="with --send: give up (and interrupt the line) after S seconds "
                         "(default 10)")

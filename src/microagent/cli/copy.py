@@ -6,14 +6,13 @@ import argparse
 import sys
 
 from microagent.cli.output import Output, Verbs, add_verb, layout_of
-from microagent.errors import EXIT_OK, signals_interrupt
+from microagent.errors import EXIT_OK
 
 
 def cmd_cp(args: argparse.Namespace, out: Output) -> int:
     from microagent.copy import copy
 
-    with signals_interrupt():  # SIGTERM and SIGHUP end it as Ctrl-C does: 143, 129
-        result = copy(layout_of(args), args.source, args.destination)
+    result = copy(layout_of(args), args.source, args.destination, archive=args.archive)
     for skipped in result.skipped:
         sys.stderr.write(f"microagent: skipped {skipped} (devices and sockets are not "
                          "copied)\n")
@@ -37,3 +36,7 @@ def register(verbs: Verbs) -> None:
                  "workspace (NAME:/path)")
     p.add_argument("source", metavar="SRC", help="NAME:/path or a local path")
     p.add_argument("destination", metavar="DST", help="a local path or NAME:/path")
+    p.add_argument("--archive", "-a", action="store_true",
+                   help="archive mode: keep owners (uid/gid) and, on the host, setuid and "
+                        "setgid bits (a plain copy gives files to the user at the "
+                        "destination and drops those bits on the host)")

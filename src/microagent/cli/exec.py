@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from microagent.cli.output import Output, Parser, Verbs, add_verb, layout_of, text_field
-from microagent.errors import UsageError, signals_interrupt
+from microagent.cli.output import (
+    Output,
+    Parser,
+    Verbs,
+    add_verb,
+    layout_of,
+    seconds,
+    text_field,
+)
+from microagent.errors import UsageError
 
 if TYPE_CHECKING:
     from microagent.agent import ExecResult
@@ -17,6 +26,7 @@ Sink = Callable[[bytes], None]
 
 
 def cmd_exec(args: argparse.Namespace, out: Output) -> int:
+    from microagent.config import parse_env
     from microagent.execution import ExecOptions, run_exec
 
     argv = list(args.argv)
@@ -30,12 +40,12 @@ def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     if not argv:
         raise UsageError("exec needs a command after the workspace name",
                          hint="microagent exec NAME -- COMMAND [ARGS...]")
-    options = ExecOptions(argv=tuple(argv), env=tuple(args.env), workdir=args.workdir or "",
+    env = parse_env(args.env, os.environ, "-e")
+    options = ExecOptions(argv=tuple(argv), env=env, workdir=args.workdir or "",
                           user=args.user or "", interactive=args.interactive, tty=args.tty,
                           timeout=args.timeout or 0.0)
     stdout, stderr, captured = output_sinks(out)
-    with signals_interrupt():  # until the command runs (then forwarded): 143, 129
-        result = run_exec(layout_of(args), args.name, options, stdout=stdout, stderr=stderr)
+    result = run_exec(layout_of(args), args.name, options, stdout=stdout, stderr=stderr)
     return report_result(out, result, captured, args.timeout)
 
 
@@ -77,12 +87,14 @@ def add_exec_options(parser: argparse.ArgumentParser, *, env: bool = True) -> No
     """The command's options, for ``exec`` and ``run`` (whose ``--env`` is create's)."""
     if env:
         parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
-                            help="set an environment variable (repeatable)")
+                            help="set an environment variable (repeatable); K alone "
+                                 "passes the host's value (none if unset)")
     parser.add_argument("-w", "--workdir", metavar="DIR", help="working directory")
     parser.add_argument("-u", "--user", metavar="USER", help="user name or UID[:GID]")
     parser.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
     parser.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    parser.add_argument("--timeout", type=float, metavar="S", help="kill the command after S s")
+    parser.add_argument("--timeout", type=seconds, metavar="S",
+                        help="kill the command after S seconds (0: no limit, the default)")
 
 
 def register(verbs: Verbs) -> None:

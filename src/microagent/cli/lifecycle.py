@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from microagent.cli.output import Output, Verbs, add_name, add_verb, layout_of, workspace_name
+from microagent.cli.output import (
+    Output,
+    Verbs,
+    add_name,
+    add_verb,
+    layout_of,
+    positive_seconds,
+    workspace_name,
+)
 from microagent.errors import EXIT_OK
 
 
@@ -62,7 +70,7 @@ def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
 def register(verbs: Verbs) -> None:
     p = add_verb(verbs, "start", cmd_start, "boot a workspace and wait until it is ready")
     add_name(p)
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S",
                    help="seconds to wait for the guest (default 120)")
     for name, handler, text in (
         ("halt", cmd_halt, "clean, disk-preserving shutdown"),

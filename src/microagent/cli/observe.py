@@ -11,13 +11,19 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from microagent.cli.output import Output, Verbs, add_name, add_verb, layout_of, workspace_name
-from microagent.errors import EXIT_OK, UsageError
+from microagent.cli.output import (
+    Output,
+    Verbs,
+    add_name,
+    add_verb,
+    layout_of,
+    seconds,
+    workspace_name,
+)
+from microagent.errors import EXIT_OK, UsageError, interrupted_exit_code
 
 if TYPE_CHECKING:
     from microagent.events import Event
-
-EXIT_INTERRUPTED = 130
 
 
 def cmd_logs(args: argparse.Namespace, out: Output) -> int:
@@ -44,8 +50,8 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
             if chunk:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     return EXIT_OK
 
 
@@ -69,8 +75,8 @@ def cmd_events(args: argparse.Namespace, out: Output) -> int:
             sys.stdout.write((json.dumps(event.to_json(), sort_keys=True) if out.as_json
                               else event_line(event)) + "\n")
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     return EXIT_OK
 
 
@@ -78,12 +84,10 @@ def cmd_wait(args: argparse.Namespace, out: Output) -> int:
     from microagent.watch import wait_for_state
 
     name = workspace_name(args)
-    if args.timeout is not None and args.timeout < 0:
-        raise UsageError(f"--timeout {args.timeout:g} is negative")
     try:
         state = wait_for_state(layout_of(args), name, args.state, timeout=args.timeout)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     out.emit({"name": name, "state": state.state, "detail": state.detail}, state.state)
     return EXIT_OK
 
@@ -124,5 +128,5 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--state", action="append", metavar="S",
                    help="a state to wait for, repeatable (default: halted, stopped or "
                         "failed)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up after S seconds (exit 75)")
+    p.add_argument("--timeout", type=seconds, default=None, metavar="S",
+                   help="give up after S seconds (exit 75; 0: look once)")

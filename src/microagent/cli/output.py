@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -13,6 +14,7 @@ from microagent.errors import MicroagentError, UsageError
 from microagent.layout import StateLayout
 
 Handler = Callable[[argparse.Namespace, "Output"], int]
+MAX_SECONDS = 1_000_000_000  # ~31 years: below the agent's 2**40 ms and threading's limit
 
 
 class Output:
@@ -70,8 +72,42 @@ def workspace_name(args: argparse.Namespace) -> str:
     return str(name)
 
 
-def layout_of(args: argparse.Namespace) -> StateLayout:
-    return StateLayout.resolve(args.state_dir)
+def seconds(text: str) -> float:
+    """argparse type of a duration where 0 means something (no limit, or look once):
+    a finite number of seconds from 0 to :data:`MAX_SECONDS`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a negative number of seconds: {text}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} seconds is more than the most allowed, "
+                                         f"{MAX_SECONDS}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of a time to wait for something: as :func:`seconds`, but more than 0."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 seconds leaves no time to wait; give more than 0")
+    return value
+
+
+def layout_of(args: argparse.Namespace, *, check: bool = True) -> StateLayout:
+    """The state directory of ``--state-dir`` (or the default), refused if another user
+    can write in it (``store.check_state_dir``, once per command; ``doctor`` passes
+    ``check=False`` and reports it as one of its checks instead)."""
+    layout = StateLayout.resolve(args.state_dir)
+    if check and getattr(args, "checked_state_dir", None) != layout.root:
+        from microagent.store import check_state_dir
+
+        check_state_dir(layout.root)
+        args.checked_state_dir = layout.root
+    return layout
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from microagent.cli.exec import add_exec_options, output_sinks, report_result
-from microagent.cli.output import Output, Verbs, add_verb, layout_of
+from microagent.cli.output import Output, Verbs, add_verb, layout_of, positive_seconds
 from microagent.cli.workspaces import add_create_options, spec_from_args
 
 
@@ -41,7 +41,7 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--keep", action="store_true",
                    help="keep the workspace (halted) and print its name")
     add_exec_options(p, env=False)
-    p.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
+    p.add_argument("--start-timeout", type=positive_seconds, default=120.0, metavar="S",
                    help="seconds to wait for the guest to boot (default 120)")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="ARGV",

@@ -29,13 +29,11 @@ def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_volume_status(args: argparse.Namespace, out: Output) -> int:
-    from microagent.volumes import get_volume
-    from microagent.workspaces import list_workspaces
+    from microagent.volumes import get_volume, volume_users
 
     layout = layout_of(args)
     volume = get_volume(layout, args.name)
-    users = [w.name for w in list_workspaces(layout)
-             if any(d.kind == "volume" and d.name == volume.name for d in w.disks)]
+    users = volume_users(layout, volume.name)
     document = {**volume.to_json(), "workspaces": users}
     out.emit(document, "\n".join([
         f"Volume: {volume.name}",
@@ -51,7 +49,7 @@ def cmd_volume_status(args: argparse.Namespace, out: Output) -> int:
 def cmd_volume_delete(args: argparse.Namespace, out: Output) -> int:
     from microagent.volumes import delete_volume
 
-    existed = delete_volume(layout_of(args), args.name)
+    existed = delete_volume(layout_of(args), args.name, force=args.force)
     text = (f"Deleted volume {args.name}" if existed
             else f"No volume named {args.name}; nothing to delete.")
     out.emit({"name": args.name, "deleted": existed}, text)
@@ -75,9 +73,12 @@ def register(verbs: Verbs) -> None:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(handler=cmd_volume_status)
     p = volume_verbs.add_parser("delete", aliases=["rm"],
-                                help="delete a volume and its data (refused while attached "
-                                     "to a running workspace)")
+                                help="delete a volume and its data (refused while a workspace "
+                                     "uses it, unless --force; always while it runs)")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="delete it even though halted workspaces use it (their next start "
+                        "fails until the volume is created again)")
     p.add_argument("--yes", "-y", action="store_true",
                    help="accepted for symmetry with delete; volume delete does not prompt")
     p.set_defaults(handler=cmd_volume_delete)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from microagent.cli.output import (
     Output,
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 def spec_from_args(args: argparse.Namespace, name: str, image: str) -> WorkspaceSpec:
     """The workspace spec that create's options (shared with ``run``) describe."""
     from microagent.attachments import parse_bundle, parse_disk, parse_volume
-    from microagent.config import resolve_resources
+    from microagent.config import parse_env, resolve_resources
     from microagent.network import parse_publish
     from microagent.workspaces import WorkspaceSpec
 
@@ -38,12 +40,13 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
         backend=args.backend,
         network=args.network,
         restart=args.restart,
-        env=tuple(args.env),
+        env=parse_env(args.env, os.environ, "--env"),
         hostname=args.hostname or "",
         setup=tuple(args.setup),
         disks=(*map(parse_volume, args.volume), *map(parse_disk, args.disk),
                *map(parse_bundle, args.bundle)),
         ports=tuple(map(parse_publish, args.publish)),
+        kernel=str(Path(args.kernel).expanduser().absolute()) if args.kernel else "",
     )
 
 
@@ -82,6 +85,11 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
 
     name = workspace_name(args)
     doc = workspace_status(layout_of(args), name, probe=out.as_json)
+    if doc.get("error"):  # broken: its record cannot be read
+        out.emit(doc, "\n".join([f"Workspace: {doc['name']}", f"State: {doc['state']}",
+                                 f"Error: {doc['error']}", f"Hint: {doc['detail']}",
+                                 f"Rootfs: {doc['rootfs']}"]))
+        return EXIT_OK
     lines = [
         f"Workspace: {doc['name']}",
         f"State: {doc['state']}" + (f" ({doc['detail']})" if doc["detail"] else ""),
@@ -94,6 +102,7 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
         + (f" (guest {doc['guest_address']})" if doc.get("guest_address") else ""),
         f"Restart: {doc['restart']}",
         f"Rootfs: {doc['rootfs']}",
+        _kernel_line(doc),
     ]
     for disk in doc.get("disks", []):
         lines.append(f"Disk: {disk['dest']} {disk['kind']} {disk['name']} "
@@ -120,6 +129,13 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
             lines += [f"  {line}" for line in failure["output"].splitlines()[-15:]]
     out.emit(doc, "\n".join(lines))
     return EXIT_OK
+
+
+def _kernel_line(doc: dict[str, Any]) -> str:
+    own = doc.get("own_kernel")
+    if own:
+        return f"Kernel: {own['version']} (own, from {own['source']})"
+    return "Kernel: default" + (f" ({doc['kernel']})" if doc.get("kernel") else "")
 
 
 def cmd_ps(args: argparse.Namespace, out: Output) -> int:
@@ -165,9 +181,12 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs")
     p.add_argument("--size-mib", type=int, metavar="MIB", help="root disk size in MiB")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="environment for commands (repeatable)")
+                   help="environment for commands (repeatable); K alone passes the host's "
+                        "value (none if unset)")
     p.add_argument("--hostname", metavar="H", help="guest hostname (default: the name)")
-    p.add_argument("--network", default="user", metavar="MODE", help="user (default) or none")
+    p.add_argument("--network", default="user", metavar="MODE",
+                   help="user (default: NAT to what the host reaches, not its loopback), "
+                        "user:host-loopback (also the host's 127.0.0.1 at 10.0.2.2) or none")
     p.add_argument("--publish", "-p", action="append", default=[],
                    metavar="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]",
                    help="forward a host TCP port to a guest port (repeatable); the host "
@@ -182,8 +201,13 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="attach an existing ext4 image at DST (repeatable)")
     p.add_argument("--bundle", action="append", default=[],
                    metavar="NAME=TAR:/DST[:ro|rw]",
-                   help="attach a disk built from a .tar/.tar.gz/.tgz at each start "
-                        "(repeatable; writes do not persist)")
+                   help="attach a disk built from a .tar/.tar.gz/.tgz once per archive "
+                        "content, fresh at each start (repeatable; writes do not "
+                        "persist; at most 2048 MiB)")
+    p.add_argument("--kernel", metavar="PATH",
+                   help="boot this kernel instead of the default, at every start: a bzImage "
+                        "(its modules beside it), a kernel bundle directory or its vmlinuz, "
+                        "an unpacked kernel package or a .deb")
     p.add_argument("--setup", action="append", default=[], metavar="CMD",
                    help="a command run with /bin/sh -c once before the first start "
                         "(repeatable, in order)")
