@@ -46,6 +46,7 @@ from microagent.workspaces import Workspace
 
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
+HELPER_EXIT_GRACE = 2.0  # passt ended during boot: QEMU may be exiting too (see boot_once)
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
@@ -185,9 +186,14 @@ class Supervisor:
                 await waiter
                 return self._classify()
             if helper_exit in done and waiter not in done and ready not in done:
-                await self._kill_vmm()
-                await waiter
-                return Outcome("failed", self._network_failure())
+                # passt also ends when QEMU closes the link: a guest that powered off
+                # (a fatal error) is then the cause, and QEMU is about to exit
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), HELPER_EXIT_GRACE)
+                if not waiter.done():
+                    await self._kill_vmm()
+                    await waiter
+                return Outcome("failed", await self._guest_fatal() or self._network_failure())
             if waiter in done and self.intent == "kill":
                 return Outcome("stopped", "killed")
             if waiter in done:
