@@ -2,12 +2,15 @@
 
 ``microagent start`` spawns it detached. It does not go through the CLI: it needs none of
 the argument tree, and ``start`` waits for it to boot the VM. It launches the first boot's
-VMM before it imports the event loop's modules (:mod:`microagent.launch`).
+VMM before it imports the event loop's modules (:mod:`microagent.launch`). SIGTERM,
+SIGINT and SIGHUP that come before the event loop are kept for it: they halt the
+workspace once it can be halted (:meth:`microagent.supervisor.Supervisor.run`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +46,9 @@ def parse(argv: list[str]) -> tuple[Path, float, str]:
 
 def main() -> int:
     state_dir, timeout, name = parse(sys.argv[1:])
+    early_signals: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda received, _frame: early_signals.append(received))
     from microagent.launch import first_boot, take_supervisor_lock
     from microagent.layout import PRIVATE_UMASK, StateLayout
     from microagent.store import check_state_dir, ensure_dir
@@ -59,7 +65,7 @@ def main() -> int:
         first = first_boot(layout, name)
         from microagent.supervisor import run_supervisor
 
-        return run_supervisor(layout, name, timeout, first)
+        return run_supervisor(layout, name, timeout, first, early_signals)
     except MicroagentError as e:
         print(f"microagent supervisor: {e.message}", file=sys.stderr)
         return e.exit_code

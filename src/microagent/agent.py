@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from microagent import __version__
-from microagent.errors import MicroagentError
+from microagent.errors import MicroagentError, UnresponsiveError
 from microagent.protocol import (
     DEFAULT_WINDOW,
     FLAG_END,
@@ -37,6 +37,7 @@ from microagent.protocol import (
 )
 
 PORT_DRAIN_TIMEOUT = 60.0  # after EXIT, for the output port's last bytes
+IDLE_LIMIT = 60.0  # a get or put with no frame for this long: the guest is unresponsive
 EXIT_TIMED_OUT = 124
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -244,7 +245,11 @@ class AgentClient:
             "max_payload": MAX_PAYLOAD, "window": self.window}))
         deadline = time.monotonic() + timeout
         while True:
-            frame = self.read_frame(deadline)
+            try:
+                frame = self.read_frame(deadline)
+            except TimeoutError as e:
+                raise UnresponsiveError(f"no HELLO within {timeout:g}s: the guest agent "
+                                        "(or the supervisor relaying it) is unresponsive") from e
             if frame.type == FrameType.HELLO and frame.stream == 0:
                 break
             if frame.type == FrameType.ERROR and frame.stream == 0:
@@ -319,14 +324,17 @@ class AgentClient:
     def exec(self, request: ExecRequest, *, stdout: Sink, stderr: Sink,
              stdin_fd: int | None = None,
              poll: Callable[[], list[bytes]] | None = None,
-             stdout_port: socket.socket | None = None) -> ExecResult:
+             stdout_port: socket.socket | None = None,
+             deadline: float | None = None) -> ExecResult:
         """Run ``request``; stream output to the sinks; return how it ended.
 
         ``stdin_fd`` is read (when ``request.stdin``) and forwarded within the guest's
         credit; EOF closes the guest's stdin. ``poll`` is called between reads and may
         return extra frames to send (signals, resizes) built with :meth:`signal_frame`.
         ``stdout_port``, a connection to the VM's output port, carries stdout when the
-        agent takes it (not with a tty; one exec at a time).
+        agent takes it (not with a tty; one exec at a time). Past ``deadline``
+        (monotonic) without the command's end, UnresponsiveError: the host's bound on a
+        guest that may be frozen (the request's own timeout is the guest's to keep).
         """
         stream_id = self.next_stream
         self.next_stream += 2
@@ -356,6 +364,8 @@ class AgentClient:
                 if state.done is not None:
                     break
                 self._return_credit(stream_id, state)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UnresponsiveError("the guest did not end the command in time")
                 ready = selector.select(timeout=0.2)
                 if poll is not None:
                     # signals and resizes that arrived while waiting go out before the
@@ -483,9 +493,14 @@ def _open(client: AgentClient, operation: dict[str, Any]) -> int:
 
 
 def _frame_of(client: AgentClient, stream_id: int) -> Frame:
-    """The next frame of ``stream_id``, answering pings and raising on a channel error."""
+    """The next frame of ``stream_id``, answering pings and raising on a channel error;
+    UnresponsiveError when none comes for IDLE_LIMIT seconds."""
     while True:
-        frame = client.read_frame(None)
+        try:
+            frame = client.read_frame(time.monotonic() + IDLE_LIMIT)
+        except TimeoutError as e:
+            raise UnresponsiveError(f"the guest sent nothing for {IDLE_LIMIT:g}s: it is "
+                                    "unresponsive (frozen, or paused)") from e
         if frame.stream == 0:
             if frame.type == FrameType.PING:
                 client.send(encode(FrameType.PONG, 0, frame.payload))

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class AgentChannel:
         self.routes: dict[int, LocalRequest | ClientRoute] = {}
         self.clients: set[ClientRelay] = set()
         self.error: str | None = None
+        self.pongs: dict[bytes, asyncio.Future[None]] = {}  # by the PING's payload
 
     # --- the guest side -------------------------------------------------------------
 
@@ -240,6 +242,10 @@ class AgentChannel:
             self.hello_event.set()
         elif frame.type == FrameType.PING:
             self.write(encode(FrameType.PONG, 0, frame.payload))
+        elif frame.type == FrameType.PONG:
+            waiter = self.pongs.get(bytes(frame.payload))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         elif frame.type == FrameType.ERROR:
             self.error = frame.payload.decode(errors="replace")
 
@@ -271,6 +277,21 @@ class AgentChannel:
         finally:
             self.routes.pop(stream, None)
         return frame, bytes(route.output)
+
+    async def ping(self, timeout: float) -> bool:
+        """Whether the guest agent answers a PING within ``timeout`` seconds (the
+        cheapest sign of a live guest: the agent's loop answers it, no process runs)."""
+        nonce = os.urandom(8).hex().encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pongs[nonce] = waiter
+        self.write(encode(FrameType.PING, 0, nonce))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.pongs.pop(nonce, None)
 
     def send_only(self, operation: dict[str, Any]) -> None:
         """Open a stream whose answer nobody waits for (shutdown)."""

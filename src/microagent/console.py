@@ -3,8 +3,11 @@
 :class:`ConsoleCapture` connects to the VMM's console socket and appends everything to
 ``serial.log``; past :data:`LOG_LIMIT` the file is rotated to ``serial.log.1`` (the older
 one dropped), so the capture keeps at least the most recent ``LOG_LIMIT`` bytes and never
-more than twice that. Each boot starts a fresh capture; the previous one stays readable
-until the next boot, so a failed boot can be read afterwards.
+more than twice that. The unit of ``logs --previous`` is a boot, not a size: each boot
+(a start, or a restart by policy) starts a fresh capture and moves the one before it,
+both halves, to ``serial.previous.log`` (and ``.1``), so the console of a boot that
+panicked is still there after the restart. Output the host cannot write (its disk is
+full) is counted and the loss is noted in the log once writes succeed again.
 
 :class:`ConsoleBroker` hands the console to one session at a time: an interactive
 ``connect`` (bytes both ways until it detaches), or a scripted ``--send`` of one line,
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microagent.errors import BusyError
-from microagent.logs import rotated
+from microagent.logs import keep_previous, rotated
 
 LOG_LIMIT = 4 * 1024 * 1024
 CHUNK = 400  # bytes of a long --send line per shell assignment: well under N_TTY's 4095
@@ -45,26 +48,45 @@ class ConsoleCapture:
     def __init__(self, path: Path, limit: int = LOG_LIMIT) -> None:
         self.path = path
         self.limit = limit
-        for part in (rotated(path), path):
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+        keep_previous(path)  # the last boot's capture becomes `logs --previous`
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = 0
+        self.lost = 0  # bytes the host could not write (ENOSPC...) since the last write
+        self.lost_why = ""
         self.partial = b""
         self.writer: asyncio.StreamWriter | None = None
         self.listeners: set[Callable[[bytes], None]] = set()
         self.closed = asyncio.Event()
 
     def write(self, data: bytes) -> None:
-        """Append ``data``, rotating when the file passes the limit."""
-        if self.size + len(data) > self.limit and self.size:
-            os.close(self.fd)
-            os.replace(self.path, rotated(self.path))
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                              0o600)
-            self.size = 0
-        os.write(self.fd, data)
-        self.size += len(data)
+        """Append ``data``, rotating when the file passes the limit. Never raises: what
+        cannot be written is counted, and noted in the log once writes work again."""
+        written = 0
+        try:
+            if self.size + len(data) > self.limit and self.size:
+                if self.fd >= 0:
+                    os.close(self.fd)
+                self.fd = -1
+                os.replace(self.path, rotated(self.path))
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                  | os.O_CLOEXEC, 0o600)
+                self.size = 0
+            if self.lost:
+                note = (f"\r\n[microagent: {self.lost} bytes of console output were lost: "
+                        f"{self.lost_why}]\r\n").encode()
+                self.size += os.write(self.fd, note)
+                self.lost = 0
+            written = os.write(self.fd, data)
+            self.size += written
+            if written < len(data):
+                raise OSError(28, os.strerror(28))  # the rest: ENOSPC
+        except OSError as e:
+            self.lost += len(data) - written
+            self.lost_why = e.strerror or str(e)
+            if self.fd < 0:
+                with contextlib.suppress(OSError):
+                    self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                      | os.O_CLOEXEC, 0o600)
 
     def send(self, data: bytes) -> None:
         """Type ``data`` into the console (dropped when the console is not connected)."""
@@ -94,7 +116,8 @@ class ConsoleCapture:
                     on_line(line.decode("utf-8", errors="replace"))
         finally:
             self.closed.set()
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             self.fd = os.open(os.devnull, os.O_WRONLY)
 
 

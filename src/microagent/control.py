@@ -15,7 +15,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from microagent.errors import BusyError, ConflictError, MicroagentError
+from microagent.errors import (
+    BusyError,
+    ConflictError,
+    MicroagentError,
+    PausedError,
+    UnresponsiveError,
+)
 from microagent.layout import RunFiles
 
 
@@ -115,7 +121,9 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
             chunk = sock.recv(1)  # byte by byte: what follows the line belongs to the relay
             line += chunk
     except TimeoutError as e:
-        raise MicroagentError(f"the supervisor of {workspace} did not answer in time") from e
+        raise UnresponsiveError(f"the supervisor of {workspace} did not answer within "
+                                f"{sock.gettimeout():g}s: it is unresponsive",
+                                hint=f"microagent kill {workspace} ends it") from e
     except OSError as e:
         raise MicroagentError(f"the supervisor of {workspace} went away: {e.strerror}") from e
     if not line:
@@ -123,6 +131,8 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
     answer = json.loads(line)
     if not answer.get("ok"):
         error = answer.get("error", {})
+        if error.get("kind") == "paused":
+            raise PausedError(workspace, str(answer.get("reason") or error.get("message")))
         kind = BusyError if error.get("kind") == "busy" else ConflictError
         raise kind(f"workspace {workspace}: {error.get('message', 'request refused')}",
                    hint=error.get("hint", ""))

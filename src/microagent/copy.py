@@ -13,8 +13,8 @@ How, by the workspace's derived state (:func:`microagent.runtime.runtime_state`)
   says what the guest paths are.
 - **prepared, halted, stopped, failed** (no live process): on the root disk with
   debugfs (:mod:`microagent.diskfiles`), under the workspace lock so no start races it.
-- **quarantined** is refused; so are ``starting``/``halting`` and a failed workspace
-  whose VM process still runs.
+- **quarantined** and **paused** are refused; so are ``starting``/``halting`` and a
+  failed workspace whose VM process still runs.
 
 On the host every write goes through :class:`~microagent.hostfiles.HostWriter`: what
 comes from the guest never makes the host write outside the destination the user named.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,21 @@ from microagent.agent import AgentClient, AgentFileError, ExecRequest, get_file,
 from microagent.config import validate_name
 from microagent.control import SupervisorClient
 from microagent.copytar import GUEST_PATH, tar_from_guest, tar_into_guest, write_tar
-from microagent.errors import ConflictError, MicroagentError, NotFoundError, UsageError
+from microagent.errors import (
+    ConflictError,
+    MicroagentError,
+    NotFoundError,
+    PausedError,
+    UsageError,
+)
 from microagent.hostfiles import HostWriter, Meta, host_entries
 from microagent.layout import StateLayout
 from microagent.runtime import runtime_state
 from microagent.store import file_lock
 from microagent.workspaces import get_workspace
 
+PROBE_TIMEOUT = 30.0  # the path probe is one `sh`: a guest that takes longer is stuck
+PROBE_GRACE = 10.0  # beyond the guest's own timeout, before the host gives up
 FROM_GUEST = "from-guest"
 TO_GUEST = "to-guest"
 # one line per path: what it is (dir/file/link/other/missing); $1 says whether to follow
@@ -117,6 +126,8 @@ def copy(layout: StateLayout, source: str, destination: str, *,
 def _run(layout: StateLayout, name: str,
          work: Callable[[AgentClient | None], CopyResult]) -> CopyResult:
     state = runtime_state(layout, name)
+    if state.state == "paused":
+        raise PausedError(name, state.detail)
     if state.state == "quarantined":
         raise ConflictError(f"workspace {name} is quarantined: cp is refused",
                             hint="halt, stop or kill it to end the quarantine")
@@ -226,8 +237,10 @@ def probe(client: AgentClient, paths: list[str], *, follow: bool) -> list[str]:
     out = bytearray()
     err = bytearray()
     result = client.exec(ExecRequest(argv=("sh", "-c", _PROBE, "sh", "y" if follow else "n",
-                                           *paths), env=(GUEST_PATH,)),
-                         stdout=out.extend, stderr=err.extend)
+                                           *paths), env=(GUEST_PATH,),
+                                     timeout_ms=int(PROBE_TIMEOUT * 1000)),
+                         stdout=out.extend, stderr=err.extend,
+                         deadline=time.monotonic() + PROBE_TIMEOUT + PROBE_GRACE)
     kinds = out.decode(errors="replace").split()
     if result.host_exit_code != 0 or len(kinds) != len(paths):
         detail = err.decode(errors="replace").strip() or str(result.error or "")

@@ -9,6 +9,7 @@ The CLI turns these into text or ``--json`` in one place::
     ├── UsageError                  exit 2   "usage"        bad names, references, flags
     ├── NotFoundError               exit 1   "not-found"    unknown image, workspace, blob
     ├── ConflictError               exit 1   "conflict"     exists already, wrong state
+    │   └── PausedError             exit 1   "conflict"     the VM is paused (also for exec)
     ├── RetryableError              exit 75  "retryable"
     │   ├── BusyError               exit 75  "busy"         a lock is held by another command
     │   ├── UnreachableError        exit 75  "unreachable"  registry down, network failure
@@ -20,6 +21,7 @@ The CLI turns these into text or ``--json`` in one place::
     ├── UnsafeImageError            exit 1   "unsafe-image" a layer entry escapes the tree
     ├── DiskTooSmallError           exit 1   "disk-too-small"
     ├── HostError                   exit 1   "host"         a host tool or file system failed
+    ├── UnresponsiveError           exit 1   "unresponsive" the guest or supervisor did not answer
     ├── StartError                  exit 1   "start-failed" a boot failed (lifecycle.py)
     ├── SetupFailedError            exit N   "setup-failed" a --setup command's code (provision.py)
     ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
@@ -32,6 +34,9 @@ The CLI turns these into text or ``--json`` in one place::
 Signals are not errors: Ctrl-C is Python's ``KeyboardInterrupt`` and the CLI turns SIGTERM
 into :class:`Terminated`, a ``KeyboardInterrupt`` too, so that the same cleanup runs;
 the exit code is 128 + the signal's number (:func:`interrupted_exit_code`).
+``exec`` and ``run`` return 125 for every error but a usage error and PausedError
+(CLI.md); :class:`Terminated` also ends an exec whose guest did not act on a forwarded
+signal in time, with its own message.
 """
 
 from __future__ import annotations
@@ -78,6 +83,16 @@ class ConflictError(MicroagentError):
     """The thing exists already, or is in a state that refuses the verb."""
 
     kind = "conflict"
+
+
+class PausedError(ConflictError):
+    """The workspace's VM is paused (e.g. its host disk is full): exec, cp and console
+    input wait for ``resume``. Exit 1 also for exec and run (CLI.md, "Memory state")."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"workspace {name} is paused: {reason}; resume it first",
+                         hint=f"microagent resume {name}")
+        self.reason = reason
 
 
 class RetryableError(MicroagentError):
@@ -135,13 +150,21 @@ class HostError(MicroagentError):
     kind = "host"
 
 
+class UnresponsiveError(MicroagentError):
+    """A bounded wait for the guest or the supervisor passed without an answer (a frozen
+    or hung VM, a stopped process)."""
+
+    kind = "unresponsive"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (or another terminating signal) raised in the main thread as Ctrl-C's
     KeyboardInterrupt is, so that every cleanup that Ctrl-C runs runs too."""
 
-    def __init__(self, signum: int = signal.SIGTERM) -> None:
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int = signal.SIGTERM, message: str = "") -> None:
+        super().__init__(message or signal.Signals(signum).name)
         self.signum = int(signum)
+        self.message = message  # what to say instead of "terminated"
 
 
 def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:

@@ -32,16 +32,68 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+def _line(event: Event) -> bytes:
+    return (json.dumps(event.to_json(), sort_keys=True) + "\n").encode()
+
+
 def append_event(path: Path, state: str, detail: str = "") -> Event:
     """Append one event to ``path`` and return it."""
     event = Event(now_iso(), state, detail)
-    line = (json.dumps(event.to_json(), sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, line)
+        os.write(fd, _line(event))
     finally:
         os.close(fd)
     return event
+
+
+class EventLog:
+    """The supervisor's writer of ``events.jsonl``, which must outlive a full host disk.
+
+    An event that cannot be written (ENOSPC, EDQUOT, any OSError) is kept and written
+    before the next one, in order and with its own time, once the disk takes it again
+    (:meth:`flush`). A line cut short by the full disk is ended before the next one, so
+    that only it is lost to the reader, not the line after it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.backlog: list[Event] = []
+        self.torn = False  # a write failed: the file may end inside a line
+
+    def append(self, state: str, detail: str = "") -> Event:
+        """Record one event now (or as soon as the disk takes it)."""
+        event = Event(now_iso(), state, detail)
+        self.backlog.append(event)
+        self.flush()
+        return event
+
+    def flush(self) -> bool:
+        """Write what is kept; whether nothing is left."""
+        if not self.backlog:
+            return True
+        lines = [_line(event) for event in self.backlog]
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            if self.torn and os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) \
+                    != b"\n":
+                os.write(fd, b"\n")
+            self.torn = False
+            data = b"".join(lines)
+            written = os.write(fd, data)
+        except OSError:
+            self.torn = True
+            return False
+        finally:
+            os.close(fd)
+        while self.backlog and written >= len(lines[0]):
+            written -= len(lines.pop(0))
+            self.backlog.pop(0)
+        self.torn = bool(self.backlog)
+        return not self.backlog
 
 
 def read_events(path: Path) -> list[Event]:

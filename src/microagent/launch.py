@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from microagent.attachments import BootDisks, prepare_boot_disks
 from microagent.backends.base import (
@@ -60,6 +61,7 @@ class Launched:
     started: float  # time.monotonic() at the launch
     vmm_log_start: int  # where this boot's lines begin in the VMM's log
     network: NetworkHelper | None = None  # passt and the relay, with a network
+    disks: tuple[Path, ...] = ()  # the images, in QEMU's drive order (disk0, disk1...)
 
 
 @dataclass
@@ -158,8 +160,8 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
                                   layout.workspace_bundles_dir(workspace.name))
     links = _socketpairs() if has_network(workspace.network) else None
     net_fd = links[0].fileno() if links is not None else None
-    plan = QemuBackend().plan(launch_spec(workspace, files, kernel, accel, tsc_khz, attached,
-                                          net_fd))
+    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd)
+    plan = QemuBackend().plan(spec)
     if cancelled():
         _close(links)
         return None
@@ -190,7 +192,8 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             process.wait()
             raise
         _close((links[0], links[3]))  # the children's ends: theirs now
-    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network)
+    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network,
+                    tuple(Path(disk.path) for disk in spec.disks))
 
 
 def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
@@ -262,6 +265,18 @@ def workspace_kernel(layout: StateLayout, workspace: Workspace, *,
     from microagent.kernels import default_kernel
 
     return default_kernel(layout, install_if_missing=install_if_missing)
+
+
+def vmm_said(vmm_log: Path, offset: int) -> str:
+    """The VMM's own last words of one boot, from ``offset`` in its log (e.g. QEMU
+    refusing a locked image); "" when it said nothing."""
+    try:
+        with open(vmm_log, "rb") as f:
+            f.seek(offset)
+            lines = f.read(65536).decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return (": " + " ".join(line.strip() for line in lines[-2:])) if lines else ""
 
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,

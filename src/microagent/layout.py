@@ -10,8 +10,9 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
     kernels/default.json        which bundle is the default
     kernels/by-digest/<hex>/    workspaces' own kernels (create --kernel), by content
     volumes/<name>.ext4         named volumes, with their records volumes/<name>.json
-    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log,
-                                supervisor.log, bundles/ (built bundle disks),
+    workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log
+                                (+ .1), serial.previous.log (+ .1: the boot before the
+                                last), supervisor.log, bundles/ (built bundle disks),
                                 run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
     tmp/                        staging; same file system, so renames are atomic

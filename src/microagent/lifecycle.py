@@ -1,11 +1,13 @@
-"""The verbs of a booted workspace: start, exec, status, halt, stop, kill.
+"""The verbs of a booted workspace: start, exec, status, halt, stop, kill, resume.
 
 ``start`` checks the host, installs the default kernel if missing, records ``starting``
 and spawns the supervisor (``python -m microagent._supervise NAME``) detached, then waits
 for the supervisor to report ``running`` or a failure. The other verbs talk to the
 supervisor over its control socket (:mod:`microagent.control`). State is always derived
 (:func:`microagent.runtime.runtime_state`), so a dead supervisor never leaves a workspace
-looking alive.
+looking alive. ``paused`` (QEMU stopped the vCPUs, e.g. on a full host disk) is derived
+the same way, from the supervisor's ``paused`` event, or from the supervisor itself when
+that event could not be written yet (the disk is full).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Any
 
 from microagent.config import validate_name
 from microagent.control import SupervisorClient
-from microagent.errors import ConflictError, HostError, MicroagentError
+from microagent.errors import (
+    ConflictError,
+    HostError,
+    MicroagentError,
+    PausedError,
+    UnresponsiveError,
+)
 from microagent.events import append_event, read_events
 from microagent.layout import PRIVATE_UMASK, StateLayout
 from microagent.logs import capture_tail
@@ -35,6 +43,8 @@ DEFAULT_START_TIMEOUT = 120.0
 RUNNING = frozenset({"starting", "running", "halting"})
 SETTLED = frozenset({"running", "failed", "stopped", "halted"})
 SUPERVISOR_END_WAIT = 5.0  # after a failed boot's final event
+STATUS_WAIT = 30.0  # the supervisor's status probe is bounded well within this
+HALTABLE = frozenset({"running", "quarantined", "paused"})
 
 
 class StartError(MicroagentError):
@@ -87,11 +97,19 @@ def _boot(layout: StateLayout, name: str, *, timeout: float,
     with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
         workspace = get_workspace(layout, name)
         current = runtime_state(layout, name)
+        paused = supervisor_pause(layout, name, current) if current.state in RUNNING \
+            else None
+        if paused is not None:  # not in its events yet: the disk is full
+            raise ConflictError(f"workspace {name} is paused: {paused}; it runs already",
+                                hint=f"resume it: microagent resume {name}")
         if current.state in RUNNING:
             raise ConflictError(f"workspace {name} is already running")
         if current.state == "quarantined":
             raise ConflictError(f"workspace {name} is quarantined",
                                 hint="halt, stop or kill it first")
+        if current.state == "paused":
+            raise ConflictError(f"workspace {name} is paused: {current.detail}; it runs "
+                                "already", hint=f"resume it: microagent resume {name}")
         if current.has_live_process:
             raise ConflictError(f"workspace {name} still has a VM process "
                                 f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
@@ -185,6 +203,8 @@ def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
     validate_name(name)
     get_workspace(layout, name)
     state = runtime_state(layout, name)
+    if state.state == "paused":
+        raise PausedError(name, state.detail)
     if state.state == "quarantined" and verb in ("exec", "cp", "connect"):
         raise ConflictError(f"workspace {name} is quarantined: {verb} is refused",
                             hint="halt, stop or kill it to end the quarantine")
@@ -199,7 +219,7 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
     validate_name(name)
     require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
-    if state.state not in ("running", "quarantined"):
+    if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
     answer = SupervisorClient(layout.run_files(name), name).request(
         "halt", timeout=grace_ms / 1000 + 60, grace_ms=grace_ms)
@@ -216,7 +236,7 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
     validate_name(name)
     require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
-    if state.state not in ("running", "quarantined"):
+    if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
     answer = SupervisorClient(layout.run_files(name), name).request("stop", timeout=30)
     if answer.get("state") != "stopped":
@@ -225,6 +245,32 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
                               hint=f"end it with: microagent kill {name}")
     _wait_supervisor_gone(layout, name, 30)
     return "stopped"
+
+
+def resume_workspace(layout: StateLayout, name: str) -> str:
+    """``paused`` → ``running``: the vCPUs run again (QEMU retries the disk writes that
+    failed). Refused when it is not paused; an error when it pauses again at once (the
+    host disk is still full)."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state != "paused" and supervisor_pause(layout, name, state) is None:
+        raise ConflictError(f"workspace {name} is not paused (state {state.state})")
+    SupervisorClient(layout.run_files(name), name).request("resume", timeout=30)
+    return "running"
+
+
+def supervisor_pause(layout: StateLayout, name: str, state: RuntimeState) -> str | None:
+    """Why the VM is paused, when the supervisor knows of a pause that its event could not
+    record yet (a full disk); None when it is not."""
+    if not state.supervisor_alive or state.state != "running":
+        return None
+    with contextlib.suppress(MicroagentError, OSError):
+        answer = SupervisorClient(layout.run_files(name), name).request("status", timeout=10)
+        paused = answer.get("status", {}).get("paused")
+        if isinstance(paused, dict):
+            return str(paused.get("reason", "paused"))
+    return None
 
 
 def kill_workspace(layout: StateLayout, name: str) -> str:
@@ -272,23 +318,32 @@ def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> d
             x.to_json() for x in read_events(layout.workspace_events(name))[-5:]]}
     state = runtime_state(layout, name)
     status = state.status
-    if state.supervisor_alive and state.state == "running":
-        with contextlib.suppress(MicroagentError, OSError):
+    current, detail = state.state, state.detail
+    if state.supervisor_alive and state.state in ("running", "paused"):
+        try:
             status = SupervisorClient(layout.run_files(name), name).request(
-                "status", timeout=30, probe=probe)["status"]
-    live = state.state in RUNNING | {"quarantined"}
+                "status", timeout=STATUS_WAIT, probe=probe)["status"]
+        except UnresponsiveError as e:  # a frozen supervisor: say so, from its record
+            status = {**status, "readiness": {**status.get("readiness", {}), "execReady": {
+                "ok": False, "detail": e.message}}}
+        except (MicroagentError, OSError):
+            pass
+        paused = status.get("paused")
+        if isinstance(paused, dict):  # perhaps not in the events yet: the disk is full
+            current, detail = "paused", str(paused.get("reason", ""))
+    live = current in RUNNING | {"quarantined", "paused"}
     readiness = status.get("readiness", {}) if live else {}
 
     def signal_of(key: str) -> dict[str, Any]:
         value = readiness.get(key)
         if isinstance(value, dict):
             return value
-        return {"ok": False, "detail": "not yet" if live else f"workspace is {state.state}"}
+        return {"ok": False, "detail": "not yet" if live else f"workspace is {current}"}
 
     document = ws.to_json()
     document.update(
-        state=state.state,
-        detail=state.detail,
+        state=current,
+        detail=detail,
         pid=state.vmm_pid if state.vmm_alive else None,
         supervisor_pid=state.supervisor_pid if state.supervisor_alive else None,
         uptime_seconds=_uptime(status) if state.vmm_alive else None,

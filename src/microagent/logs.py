@@ -2,9 +2,11 @@
 
 The supervisor captures the serial console into ``serial.log``, rotated to
 ``serial.log.1`` past a size limit (:class:`microagent.console.ConsoleCapture`); each boot
-unlinks both and starts afresh, and the capture stays after the VM is gone, so a failed
-boot can be read. The console speaks a terminal's CR LF: it is given back with LF line
-ends (a lone CR is kept) and otherwise byte for byte.
+starts afresh and moves the boot before it to ``serial.previous.log`` (and ``.1``), read
+by ``logs --previous``. The capture stays after the VM is gone, so a failed boot can be
+read, and after a restart by policy so can the boot that failed. The console speaks a
+terminal's CR LF: it is given back with LF line ends (a lone CR is kept) and otherwise
+byte for byte.
 
 Following reads the current file through an open descriptor and notices, by inode, when
 the path names another file: a rotation (the old file became ``serial.log.1``; what was
@@ -30,6 +32,27 @@ READ_SIZE = 1 << 20
 def rotated(path: Path) -> Path:
     """The older half of a capture."""
     return path.with_name(path.name + ".1")
+
+
+def previous_capture(path: Path) -> Path:
+    """Where the capture of the boot before the last one is kept (``logs --previous``)."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def keep_previous(path: Path) -> None:
+    """At the start of a boot: the last boot's capture (both halves) becomes the previous
+    one, replacing the one before. Nothing moves when the last boot left no capture."""
+    previous = previous_capture(path)
+    if not path.exists():
+        with contextlib.suppress(FileNotFoundError):
+            rotated(path).unlink()  # a half without its current file: not a capture
+        return
+    os.replace(path, previous)
+    try:
+        os.replace(rotated(path), rotated(previous))
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            rotated(previous).unlink()
 
 
 def read_capture(path: Path) -> bytes:
@@ -65,14 +88,17 @@ def last_lines(data: bytes, count: int) -> bytes:
     return data[start + 1:]
 
 
-def read_log(layout: StateLayout, name: str, *, tail: int | None = None) -> bytes:
-    """The captured console of ``name``'s last boot, or its last ``tail`` lines.
+def read_log(layout: StateLayout, name: str, *, tail: int | None = None,
+             previous: bool = False) -> bytes:
+    """The captured console of ``name``'s last boot (with ``previous``, of the boot
+    before it), or its last ``tail`` lines.
 
-    Empty when the workspace has never booted. Raises UsageError for a bad name and
-    NotFoundError for an unknown workspace.
+    Empty when the workspace has never booted (or booted once, with ``previous``).
+    Raises UsageError for a bad name and NotFoundError for an unknown workspace.
     """
     require_workspace(layout, name)
-    data = normalise(read_capture(layout.workspace_serial_log(name)))
+    path = layout.workspace_serial_log(name)
+    data = normalise(read_capture(previous_capture(path) if previous else path))
     return data if tail is None else last_lines(data, tail)
 
 

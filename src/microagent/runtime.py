@@ -20,7 +20,7 @@ from microagent.events import Event, last_event
 from microagent.layout import RunFiles, StateLayout
 from microagent.store import read_json
 
-LIVE_STATES = frozenset({"starting", "running", "halting", "quarantined"})
+LIVE_STATES = frozenset({"starting", "running", "halting", "quarantined", "paused"})
 
 
 @dataclass(frozen=True)

@@ -2,34 +2,38 @@
 
 It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
 serial console into ``serial.log``, holds the agent channel, serves the control socket
-(status, halt, stop, kill, quarantine, relayed exec streams, console sessions through
-:class:`~microagent.console.ConsoleBroker`), computes readiness, appends the
+(:mod:`microagent.control_server`: status, halt, stop, kill, quarantine, resume, relayed
+exec streams, console sessions through :class:`~microagent.console.ConsoleBroker`),
+computes readiness, appends the
 lifecycle events, applies the restart policy and records the final state. Only the
 supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
 only when the supervisor is gone.
+
+SIGTERM, SIGINT and SIGHUP halt the workspace as ``halt`` does (the guest syncs and
+powers off, with the usual grace and fallbacks; the events say which signal), then the
+supervisor exits: process managers stop things with SIGTERM. A VM that QEMU pauses (its
+host disk is full) is ``paused`` with the reason (:class:`~microagent.vmm.PauseWatch`)
+until ``resume``; halt, stop and kill work from there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import os
-import socket
-import subprocess
-import sys
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from microagent.attachments import remove_bundle_disks
-from microagent.backends.qmp import QmpClient
+from microagent.backends.qmp import QmpClient, QmpError
 from microagent.channel import AgentChannel
-from microagent.console import ConsoleBroker, ConsoleCapture, Holder
-from microagent.errors import BusyError, ConflictError, MicroagentError
-from microagent.events import append_event, now_iso
-from microagent.launch import FirstBoot, Launched, launch_vmm
+from microagent.console import ConsoleBroker, ConsoleCapture
+from microagent.control_server import QUARANTINE_HINT, ControlServer
+from microagent.errors import ConflictError, MicroagentError, PausedError
+from microagent.events import EventLog, append_event, now_iso
+from microagent.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.layout import StateLayout
 from microagent.network import port_failure
 from microagent.passt import NetworkHelper
@@ -37,16 +41,17 @@ from microagent.protocol import FrameType
 from microagent.quarantine import sever_network
 from microagent.runtime import process_start_time
 from microagent.store import write_json_atomic
+from microagent.vmm import PauseWatch, VmmProcess, connect_qmp
 from microagent.workspaces import Workspace
 
-QUARANTINE_HINT = "halt, stop or kill it to end the quarantine"
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
 HELPER_EXIT_GRACE = 2.0  # passt ended during boot: QEMU may be exiting too (see boot_once)
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
-CONSOLE_RECHECK_AFTER = 30.0  # status --json asks the shell again when older than this
+RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
+HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -57,55 +62,15 @@ class Outcome:
     detail: str
 
 
-class VmmProcess:
-    """The VMM child, started outside the event loop (:mod:`microagent.launch`) and
-    awaited through a pidfd (a thread on kernels before 5.3)."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.returncode
-
-    async def wait(self) -> int:
-        if self.popen.returncode is not None:
-            return self.popen.returncode
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            return await asyncio.to_thread(self.popen.wait)
-        loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not ended.done():
-                ended.set_result(None)
-
-        loop.add_reader(pidfd, readable)
-        try:
-            await ended
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-        return self.popen.wait()
-
-    def kill(self) -> None:
-        self.popen.kill()
-
-    def send_signal(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-
 class Supervisor:
     """Boots one workspace and watches it until it is halted, stopped or killed."""
 
     def __init__(self, layout: StateLayout, name: str, boot_timeout: float,
-                 first: FirstBoot) -> None:
+                 first: FirstBoot, early_signals: list[int] | None = None) -> None:
         self.layout = layout
         self.name = name
         self.files = layout.run_files(name)
+        self.events = EventLog(layout.workspace_events(name))  # survives a full disk
         self.boot_timeout = boot_timeout
         self.first = first  # what _supervise did before the event loop
         self.workspace: Workspace = first.workspace
@@ -125,21 +90,37 @@ class Supervisor:
         self.guest_fatal: str | None = None  # the agent's "fatal:" line of this boot
         self.exited = asyncio.Event()
         self.ending = False  # kill was asked: boot nothing more, end the VMM if any
+        self.booted = False  # the current boot's guest is ready
         self.finished = asyncio.Event()  # the supervisor is winding down
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
         self.quarantined = False  # see microagent.quarantine; ends with the VM
         self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
         self.out_socket: str | None = None  # the output port's socket, if the VMM has one
-        self.out_lease: socket.socket | None = None  # lent to one client at a time
+        self.control = ControlServer(self)
+        self.pause = PauseWatch()  # whether QEMU has stopped the vCPUs, and why
+        self.early_signals = early_signals if early_signals is not None else []
+        self.signalled: str | None = None  # "SIGTERM to the supervisor": halting for it
+        self.halt_cause = ""  # what asked for the halt, when not a `halt` command
+        self.wake = asyncio.Event()  # ends a restart's back-off early (kill, a signal)
+        self.tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget, kept referenced
 
     # --- status -----------------------------------------------------------------------
 
     def _event(self, state: str, detail: str = "") -> None:
-        append_event(self.layout.workspace_events(self.name), state, detail)
+        self.events.append(state, detail)
 
     def _save_status(self) -> None:
-        write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
+        # a full disk (a HostError that says so): the next save writes it whole, and
+        # `status` asks the supervisor anyway
+        with contextlib.suppress(OSError, MicroagentError):
+            write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
+        self.events.flush()  # what a full disk held back, now that it may take it
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _ready(self, signal_name: str, ok: bool, detail: str) -> None:
         self.status.setdefault("readiness", {})[signal_name] = {"ok": ok, "detail": detail}
@@ -163,8 +144,10 @@ class Supervisor:
         started, vmm_log_start = launched.started, launched.vmm_log_start
         self.vmm = VmmProcess(launched.process)
         self.network = launched.network
+        self.pause = PauseWatch(launched.disks)
         self.guest_fatal = None
         self.intent, self.outcome = None, None
+        self.booted = False
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
                            accel=self.accel.accel, accel_reason=self.accel.reason)
@@ -191,12 +174,15 @@ class Supervisor:
                                      return_when=asyncio.FIRST_COMPLETED)
         try:
             if ready in done and ready.exception() is None:
+                self.booted = True
                 self.status["ready_seconds"] = round(time.monotonic() - started, 3)
                 self._save_status()
                 note = ("; the root file system's journal was recovered (the last shutdown "
                         "was not clean)" if recovery else "")
                 self._event("running", f"ready in {self.status['ready_seconds']:.1f}s "
                                        f"({self.accel.accel}){note}")
+                if self.signalled is not None and self.intent is None:
+                    self._spawn(self._halt({"cause": self.signalled}))  # came while booting
                 await waiter
                 return self._classify()
             if helper_exit in done and waiter not in done and ready not in done:
@@ -212,13 +198,15 @@ class Supervisor:
                 return Outcome("stopped", "killed")
             if waiter in done:
                 fatal = await self._guest_fatal()  # e.g. a disk that cannot be mounted
-                said = self._vmm_said(vmm_log_start)
+                said = vmm_said(self.files.vmm_log, vmm_log_start)
                 taken = port_failure(said)  # a --publish port taken since the check
                 if taken is not None:
                     return Outcome("failed", taken.message)
                 return Outcome("failed", fatal or f"the VM exited during boot "
                                                   f"(status {self.vmm.returncode})" + said)
             reason = (f"the guest agent failed: {ready.exception()}" if ready in done
+                      else f"the VM was paused while booting: {self.pause.reason}"
+                      if self.pause.paused
                       else f"the guest did not become ready within {self.boot_timeout:.0f}s")
             await self._kill_vmm()
             await waiter
@@ -254,16 +242,6 @@ class Supervisor:
         return (f"the network helper (passt) exited during boot (status "
                 f"{helper.process.returncode})" + (": " + " ".join(lines[-2:]) if lines else ""))
 
-    def _vmm_said(self, offset: int) -> str:
-        """The VMM's own last words of this boot (e.g. QEMU refusing a locked image)."""
-        try:
-            with open(self.files.vmm_log, "rb") as f:
-                f.seek(offset)
-                lines = f.read(65536).decode(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return (": " + " ".join(line.strip() for line in lines[-2:])) if lines else ""
-
     async def _guest_fatal(self) -> str | None:
         """The agent's ``fatal:`` console line of this boot, once the console is drained."""
         if self.guest_fatal is None and self.console is not None:
@@ -280,14 +258,14 @@ class Supervisor:
         deadline = time.monotonic() + self.boot_timeout
         self.channel = AgentChannel()
         await self.channel.connect(agent_socket, deadline)
-        self.qmp = await _connect_qmp(qmp_socket, deadline)
+        self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
         self.channel_task = asyncio.create_task(self.channel.serve())
         hello = await self.channel.handshake()
         self.status["agent"] = hello.get("software", "")
         self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
         await asyncio.gather(self.probe_exec(), self._probe_network())
 
-    async def probe_exec(self) -> bool:
+    async def probe_exec(self, timeout: float = 15) -> bool:
         """A no-op exec round trip; sets execReady."""
         if self.channel is None or self.channel.closed.is_set():
             self._ready("execReady", False, "no agent channel")
@@ -297,8 +275,12 @@ class Supervisor:
             frame, _ = await self.channel.request(
                 {"op": "exec", "argv": ["true"], "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
                  "cwd": "/", "user": "", "tty": None, "stdin": False, "timeout_ms": 10_000},
-                timeout=15)
-        except (TimeoutError, Exception) as e:
+                timeout=timeout)
+        except TimeoutError:
+            self._ready("execReady", False, f"a no-op exec got no answer within {timeout:g}s: "
+                                            "the guest is unresponsive")
+            return False
+        except Exception as e:
             self._ready("execReady", False, f"exec round trip failed: {e}")
             return False
         ms = (time.monotonic() - start) * 1000
@@ -351,7 +333,13 @@ class Supervisor:
         code = self.vmm.returncode if self.vmm is not None else None
         reason = self.qmp.shutdown_reason if self.qmp is not None else None
         if self.intent == "halt":
-            return Outcome("halted", "halted cleanly")
+            return Outcome("halted", "halted cleanly" + (f" ({self.halt_cause})"
+                                                         if self.halt_cause else ""))
+        if self.intent == "halt-timeout":
+            return Outcome("failed", "the guest did not halt in time; the VM was ended")
+        if self.intent == "halt-paused":
+            return Outcome("failed", f"the guest could not halt: {self.pause.reason}; the "
+                                     "VM was ended")
         if self.intent == "kill":
             return Outcome("stopped", "killed")
         if self.intent == "stop":
@@ -367,164 +355,112 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 self.vmm.kill()
 
-    # --- control socket ---------------------------------------------------------------
-
     async def serve_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
-        """One control connection: a JSON line request, a JSON line answer (or a relay)."""
-        try:
-            request = json.loads(await reader.readline() or b"{}")
-            verb = request.get("request")
-            if verb == "channel":
-                if self.quarantined:
-                    await _answer(writer, error="quarantined: exec and cp are refused",
-                                  kind="conflict", hint=QUARANTINE_HINT)
-                    return
-                if self.channel is None or self.channel.hello is None:
-                    await _answer(writer, error="the guest agent is not ready yet")
-                    return
-                lease = self._lend_out_port() if request.get("stdout_port") else None
-                try:
-                    # no drain: relay() reads from here on
-                    _send_answer(writer, _answer_line(), lease)
-                    self.sessions.add(writer)
-                    await self.channel.relay(writer.transport)  # type: ignore[arg-type]
-                finally:
-                    self.sessions.discard(writer)
-                    if lease is not None:
-                        self._end_out_port(lease)
-                return
-            if verb == "console":
-                await self._attach_console(request, reader, writer)
-                return
-            handlers = {"status": self._status, "halt": self._halt, "stop": self._stop,
-                        "kill": self._kill, "console-send": self._console_send,
-                        "console-size": self._console_size,
-                        "quarantine": self._quarantine}
-            handler = handlers.get(verb)
-            if handler is None:
-                await _answer(writer, error=f"unknown request {verb!r}")
-                return
-            try:
-                fields = await handler(request)
-            except MicroagentError as e:
-                await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
-                return
-            await _answer(writer, **fields)
-        except (ConnectionError, ValueError):
-            pass
-        finally:
-            writer.close()
+        """One control connection (:class:`~microagent.control_server.ControlServer`)."""
+        await self.control.serve(reader, writer)
 
-    def _lend_out_port(self) -> socket.socket | None:
-        """A connection to the VM's output port for one client, if it is free
-        (docs/protocol.md, "The output port"); None otherwise."""
-        if self.out_lease is not None or self.out_socket is None:
-            return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(1.0)  # QEMU listens; a connection waits in its backlog at most
-            sock.connect(self.out_socket)  # relative: the supervisor runs in run/
-        except OSError:
-            sock.close()
-            return None
-        self.out_lease = sock
-        return sock
+    # --- paused -----------------------------------------------------------------------
 
-    def _end_out_port(self, sock: socket.socket) -> None:
-        """Cut the lent connection (the client's copy too), so that the VMM sees the
-        port's host go and the next lease starts clean."""
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-        if self.out_lease is sock:
-            self.out_lease = None
-
-    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request.get("probe") and self.outcome is None and self.channel is not None \
-                and not self.quarantined:  # its readiness says "refused"; keep it
-            await self.probe_exec()
-            stale = time.monotonic() - self.console_checked > CONSOLE_RECHECK_AFTER
-            if self.console_shell and stale and (self.console_probe is None
-                                                 or self.console_probe.done()):
-                await self._probe_console(5.0)
-        return {"status": self.status}
-
-    # --- the console ------------------------------------------------------------------
-
-    def _console_refusal(self) -> str | None:
-        if self.quarantined:
-            return "quarantined: console input is refused"
-        if self.console is None or self.console.closed.is_set():
-            return "the VM is not running"
-        if self.console_shell is False:
-            return "the console has no shell (the image has none)"
-        return None
-
-    async def _attach_console(self, request: dict[str, Any], reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-        """An interactive session: after the ``ok`` line, raw bytes both ways."""
-        refusal = self._console_refusal()
-        if refusal is not None:
-            await _answer(writer, error=refusal)
+    def _vmm_event(self, message: dict[str, Any]) -> None:
+        """A QMP event: the VM paused (e.g. host disk full) or resumed."""
+        change = self.pause.event(message)
+        if change is None or (self.qmp is not None and self.qmp.shutdown_reason):
             return
-        holder = Holder("interactive", int(request.get("pid") or 0), now_iso())
+        quiet = self.intent is not None  # halt or stop resumes it on the way out
+        if change == "paused":
+            reason = str(self.pause.reason)
+            self.status["paused"] = {"reason": reason, "time": now_iso()}
+            self._ready("execReady", False, f"paused: {reason}")
+            if not quiet:
+                self._event("paused", reason)
+            return
+        self.status.pop("paused", None)
+        self._save_status()
+        if not quiet:
+            self._event("running", "resumed")
+        if not self.quarantined:
+            self._spawn(self.probe_exec())
 
-        async def ready() -> None:
-            await _answer(writer)
-            if request.get("rows") and request.get("cols"):
-                await self._console_size(request)
+    async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``cont``: the vCPUs run again; QEMU retries the writes that failed."""
+        if not self.pause.paused or self.intent is not None or self.outcome is not None:
+            raise ConflictError("the workspace is not paused")
+        if not await self._unpause():
+            raise ConflictError(f"it paused again at once: {self.pause.reason}",
+                                hint="make room there, then resume it again")
+        return {"state": "running"}
 
-        self.sessions.add(writer)
+    async def _unpause(self) -> bool:
+        """``cont``, then whether it stays running (a disk still full stops it again)."""
+        before = self.pause.pauses
+        await self._cont()
+        await asyncio.sleep(RESUME_SETTLE)
+        return not (self.pause.paused and self.pause.pauses > before)
+
+    async def _cont(self) -> None:
+        if self.qmp is None:
+            raise MicroagentError("the VM cannot be resumed: there is no QEMU monitor",
+                                  hint=f"microagent kill {self.name}")
         try:
-            await self.broker.attach(reader, writer, holder, ready)
-        except BusyError as e:
-            await _answer(writer, error=e.message, kind=e.kind, hint=e.hint)
-        finally:
-            self.sessions.discard(writer)
+            await self.qmp.execute("cont")
+        except (QmpError, TimeoutError, ConnectionError) as e:
+            raise MicroagentError(f"QEMU did not resume the VM: {e}") from e
 
-    async def _console_send(self, request: dict[str, Any]) -> dict[str, Any]:
-        refusal = self._console_refusal()
-        if refusal is not None:
-            raise ConflictError(refusal)
-        holder = Holder("send", int(request.get("pid") or 0), now_iso())
-        result = await self.broker.send_line(str(request["line"]),
-                                             float(request.get("wait") or 10), holder)
-        if not result.timed_out:
-            self.console_checked = time.monotonic()
-        return {"output": base64.b64encode(result.output).decode(),
-                "exit_code": result.exit_code, "timed_out": result.timed_out,
-                "incomplete": result.incomplete}
-
-    async def _console_size(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Tell the agent the console's size (the shell gets SIGWINCH)."""
-        if self.channel is None or self.channel.closed.is_set():
-            return {"applied": False}
-        operation = {"op": "console_size", "rows": int(request["rows"]),
-                     "cols": int(request["cols"])}
-        try:
-            frame, _ = await self.channel.request(operation, timeout=5)
-        except Exception:
-            return {"applied": False}
-        return {"applied": frame.type == FrameType.EXIT}
+    async def _until_exit(self, timeout: float, pauses: int) -> str:
+        """``exited``, ``paused`` (again since the ``pauses``-th pause: the disk is still
+        full) or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.exited.is_set():
+            if self.pause.paused and self.pause.pauses > pauses:
+                return "paused"
+            if time.monotonic() > deadline:
+                return "timeout"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), 0.1)
+        return "exited"
 
     async def _halt(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The clean shutdown (``halt``, or a signal to the supervisor: ``cause``).
+
+        A paused guest must run to sync and power off: it is resumed first. If it pauses
+        again at once (its disk is still full), ``halt`` is refused and the VM stays
+        paused, its unsynced writes kept; a signal ends it anyway (the supervisor must
+        exit), and the workspace is ``failed``."""
+        cause = str(request.get("cause") or "")
+        if self.pause.paused and not cause:
+            try:
+                resumed = await self._unpause()
+            except MicroagentError:
+                resumed = False
+            if not resumed:
+                raise ConflictError(
+                    f"it cannot halt cleanly while paused: {self.pause.reason}",
+                    hint=f"make room there and halt it again; `microagent kill "
+                         f"{self.name}` ends it now (its unsynced writes are lost)")
         self.intent = "halt"
-        self._event("halting", "halt requested")
+        self.halt_cause = cause
+        self._event("halting", f"{cause}: halting" if cause else "halt requested")
         grace = int(request.get("grace_ms", HALT_GRACE_MS))
+        pauses = self.pause.pauses
+        if self.pause.paused:
+            with contextlib.suppress(MicroagentError):
+                await self._cont()
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.send_only({"op": "shutdown", "grace_ms": grace, "mode": "poweroff"})
-        try:
-            await asyncio.wait_for(self.exited.wait(), grace / 1000 + 20)
-        except TimeoutError:
-            self.intent = "halt-timeout"
+        ended = await self._until_exit(grace / 1000 + 20, pauses)
+        if ended != "exited":  # paused again (disk still full) or no answer: end it
+            self.intent = "halt-paused" if ended == "paused" else "halt-timeout"
             await self._kill_vmm()
             await self.exited.wait()
-            return {"state": "failed", "detail": "the guest did not halt in time; VM ended"}
+            return {"state": "failed", "detail": self._classify().detail}
         return {"state": "halted"}
 
     async def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
         self.intent = "stop"
+        if self.pause.paused:
+            with contextlib.suppress(MicroagentError):
+                await self._cont()
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.send_only({"op": "shutdown", "grace_ms": int(STOP_WAIT * 800),
                                     "mode": "poweroff"})
@@ -544,6 +480,8 @@ class Supervisor:
         """Sever the network, then refuse exec, cp and console input (see quarantine.py)."""
         if self.quarantined:
             raise ConflictError("the workspace is already quarantined", hint=QUARANTINE_HINT)
+        if self.pause.paused:
+            raise PausedError(self.name, str(self.pause.reason))
         if self.intent is not None or self.vmm is None or self.vmm.returncode is not None \
                 or self.channel is None or self.channel.hello is None:
             raise ConflictError("the workspace is not running")
@@ -570,6 +508,7 @@ class Supervisor:
         # boot, launching QEMU, a restart's back-off), no VMM is left behind
         self.intent = "kill"
         self.ending = True
+        self.wake.set()
         await self._kill_vmm()
         await self.finished.wait()
         return {"state": "stopped"}
@@ -580,6 +519,11 @@ class Supervisor:
         """Boot, apply the restart policy, record the final state."""
         server = await asyncio.start_unix_server(self.serve_client,
                                                  path=self.files.control_socket)
+        loop = asyncio.get_running_loop()
+        for halt_signal in HALT_SIGNALS:
+            loop.add_signal_handler(halt_signal, self._on_signal, int(halt_signal))
+        for early in self.early_signals:  # came before the loop (see _supervise)
+            self._on_signal(early)
         failures = 0
         holds = self.first.holds  # the volumes, held for the supervisor's life
         launched, failure = self.first.launched, self.first.failure  # the first boot's
@@ -603,7 +547,7 @@ class Supervisor:
                     outcome = Outcome("stopped", "the guest exited after a failed stop")
                 self.outcome = outcome
                 self._event(outcome.state, outcome.detail)
-                if self.intent is not None or self.quarantined \
+                if self.intent is not None or self.quarantined or self.ending \
                         or not self._should_restart(outcome):
                     return 0 if outcome.state != "failed" else 1
                 failures = 0 if time.monotonic() - began > STABLE_AFTER else failures + 1
@@ -611,7 +555,14 @@ class Supervisor:
                 self.status["restarts"] += 1
                 self._event("starting", f"restart {self.status['restarts']} "
                                         f"(policy {self.workspace.restart}) after {delay:.0f}s")
-                await asyncio.sleep(delay)
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                if self.signalled is not None:  # no VM to halt: end here
+                    self.outcome = Outcome("stopped", f"{self.signalled} during the "
+                                                      "restart's back-off; not restarted")
+                    self._event(self.outcome.state, self.outcome.detail)
+                    return 0
         finally:
             await self._kill_vmm()
             if self.vmm is not None and self.vmm.returncode is None:
@@ -623,60 +574,32 @@ class Supervisor:
             holds.close()
             remove_bundle_disks(self.files, self.workspace.disks)
 
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM, SIGINT, SIGHUP: halt as ``halt`` does, then end (``run`` returns once
+        the VM is down). A second signal changes nothing: the halt has its own bounds."""
+        if self.signalled is not None or self.finished.is_set():
+            return
+        self.signalled = f"{signal.Signals(signum).name} to the supervisor"
+        self.ending = True  # boot nothing more
+        self.wake.set()
+        if self.vmm is not None and self.vmm.returncode is None and self.booted \
+                and self.intent in (None, "stop-failed"):
+            self._spawn(self._halt({"cause": self.signalled}))
+        # else: booting (boot_once halts once the guest is ready, or the boot fails), or
+        # between boots (run ends), or a halt, stop or kill is under way already
+
     def _should_restart(self, outcome: Outcome) -> bool:
         policy = self.workspace.restart
         return policy == "always" or (policy == "on-failure" and outcome.state == "failed")
 
 
-async def _connect_qmp(path: str, deadline: float) -> QmpClient | None:
-    """QMP (shutdown reasons, quarantine, power button), retried while its socket is not
-    there yet. Without it the boot goes on; why is in the supervisor's log."""
-    while True:
-        try:
-            return await QmpClient.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            if time.monotonic() > deadline:
-                print(f"microagent supervisor: no QMP: {e}", file=sys.stderr, flush=True)
-                return None
-            await asyncio.sleep(0.05)
-        except Exception as e:
-            print(f"microagent supervisor: no QMP: {e!r}", file=sys.stderr, flush=True)
-            return None
-
-
-async def _answer(writer: asyncio.StreamWriter, error: str | None = None,
-                  kind: str = "supervisor", hint: str = "", **fields: Any) -> None:
-    writer.write(_answer_line(error, kind, hint, **fields))
-    await writer.drain()
-
-
-def _send_answer(writer: asyncio.StreamWriter, line: bytes, lent: socket.socket | None) -> None:
-    """Write the answer ``line``, with ``lent``'s descriptor attached when there is one."""
-    if lent is None:
-        writer.write(line)
-        return
-    transport_socket = writer.get_extra_info("socket")
-    # The dup shares the transport's open file, O_NONBLOCK included: its mode is left as
-    # it is (blocking it would block the event loop's later writes). A short first line
-    # on a fresh connection goes out at once.
-    with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
-        socket.send_fds(sock, [line], [lent.fileno()])
-
-
-def _answer_line(error: str | None = None, kind: str = "supervisor", hint: str = "",
-                 **fields: Any) -> bytes:
-    document = {"ok": error is None, **fields}
-    if error is not None:
-        document["error"] = {"kind": kind, "message": error, "hint": hint}
-    return json.dumps(document).encode() + b"\n"
-
-
 def run_supervisor(layout: StateLayout, name: str, boot_timeout: float,
-                   first: FirstBoot) -> int:
+                   first: FirstBoot, early_signals: list[int] | None = None) -> int:
     """The supervisor's work once ``_supervise`` has the lock and launched the first
-    boot (``first``). Never returns while the workspace runs."""
+    boot (``first``); ``early_signals`` were received before (they halt it at once).
+    Never returns while the workspace runs."""
     files = layout.run_files(name)
-    supervisor = Supervisor(layout, name, boot_timeout, first)
+    supervisor = Supervisor(layout, name, boot_timeout, first, early_signals)
     try:
         return asyncio.run(supervisor.run())
     except BaseException as e:

@@ -26,7 +26,7 @@ from microagent.runtime import LIVE_STATES, RuntimeState, lock_held, runtime_sta
 from microagent.workspaces import get_workspace
 
 STATES = ("prepared", "starting", "running", "halting", "halted", "stopped", "failed",
-          "quarantined")
+          "quarantined", "paused")
 TERMINAL_STATES = ("halted", "stopped", "failed")
 POLL = 0.1  # seconds between looks at the files
 SUPERVISOR_EXIT_GRACE = 5.0  # how long wait lets a supervisor finish after a final event

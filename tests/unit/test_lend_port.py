@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from microagent.supervisor import _send_answer
+from microagent.control_server import send_answer
 
 
 def test_the_lent_descriptor_comes_with_the_line_and_the_loop_keeps_its_mode(
@@ -22,7 +22,7 @@ def test_the_lent_descriptor_comes_with_the_line_and_the_loop_keeps_its_mode(
         lent, kept = socket.socketpair()
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            _send_answer(writer, b'{"ok": true}\n', lent)
+            send_answer(writer, b'{"ok": true}\n', lent)
             fd = writer.get_extra_info("socket").fileno()
             seen["nonblocking"] = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
             writer.close()

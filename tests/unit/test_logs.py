@@ -170,3 +170,43 @@ def test_follow_reports_a_deleted_workspace(layout: StateLayout, tmp_path: Path)
         holder.release()
     assert b"".join(chunks) == b"hello\n"
     assert "was deleted" in info.value.message
+
+
+def test_previous_is_the_boot_before_the_last_one_both_halves(layout: StateLayout) -> None:
+    """``logs --previous``: a boot is the unit, however often its capture rotated."""
+    make_workspace(layout, "w")
+    path = layout.workspace_serial_log("w")
+    assert read_log(layout, "w", previous=True) == b""  # never booted
+    first = ConsoleCapture(path, limit=64)
+    for i in range(6):
+        first.write(f"first boot line {i}\r\n".encode())
+    first.write(b"Kernel panic - not syncing\r\n")
+    assert rotated(path).exists()
+    assert read_log(layout, "w", previous=True) == b""  # booted once: no previous yet
+    second = ConsoleCapture(path, limit=64)  # the restart
+    second.write(b"second boot\r\n")
+    previous = read_log(layout, "w", previous=True)
+    assert previous.endswith(b"Kernel panic - not syncing\n") and b"second" not in previous
+    assert b"first boot line" in previous  # the older half came along
+    assert read_log(layout, "w") == b"second boot\n"
+    assert not rotated(path).exists()  # the new boot has not rotated yet
+    ConsoleCapture(path, limit=64)  # a third boot: the second is previous now, alone
+    assert read_log(layout, "w", previous=True) == b"second boot\n"
+    assert read_log(layout, "w") == b""
+
+
+def test_capture_outlives_a_full_disk_and_says_what_it_lost(tmp_path: Path) -> None:
+    """Writes that fail (here on /dev/full, which answers ENOSPC) are counted, not raised;
+    the log says how much was lost once writes work again."""
+    path = tmp_path / "serial.log"
+    capture = ConsoleCapture(path)
+    capture.write(b"before\r\n")
+    kept = capture.fd
+    capture.fd = os.open("/dev/full", os.O_WRONLY)
+    capture.write(b"lost 1\r\n")
+    capture.write(b"lost 2\r\n")
+    os.close(capture.fd)
+    capture.fd = kept
+    capture.write(b"after\r\n")
+    assert path.read_bytes() == (b"before\r\n\r\n[microagent: 16 bytes of console output "
+                                 b"were lost: No space left on device]\r\nafter\r\n")

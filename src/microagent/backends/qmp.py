@@ -3,13 +3,19 @@
 The supervisor uses QMP to ask the guest to power down (``system_powerdown``, the ACPI
 power button) and to learn why QEMU is shutting down: with ``-no-reboot`` a guest reboot
 or a panic (``panic=-1``) ends QEMU with status 0 just like a power-off, and only the
-SHUTDOWN event's ``reason`` tells ``guest-shutdown`` from ``guest-reset``.
+SHUTDOWN event's ``reason`` tells ``guest-shutdown`` from ``guest-reset``. Every event is
+also handed to ``on_event`` as it arrives: the supervisor learns from STOP, RESUME and
+BLOCK_IO_ERROR that the VM was paused (QEMU stops a VM whose disk write found the host
+disk full: ``werror=enospc``, its default) and why (:mod:`microagent.vmm`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from microagent.errors import MicroagentError
@@ -24,19 +30,23 @@ class QmpError(MicroagentError):
 class QmpClient:
     """One QMP connection; events are collected while commands run."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.reader = reader
         self.writer = writer
+        self.on_event = on_event
         self.shutdown_reason: str | None = None
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.pump: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, path: str) -> QmpClient:
-        """Connect to QMP at ``path``, read the greeting and enable commands."""
+    async def connect(cls, path: str,
+                      on_event: Callable[[dict[str, Any]], None] | None = None) -> QmpClient:
+        """Connect to QMP at ``path``, read the greeting and enable commands; events go
+        to ``on_event`` too."""
         reader, writer = await asyncio.open_unix_connection(path)
-        client = cls(reader, writer)
+        client = cls(reader, writer, on_event)
         greeting = await client._read()
         if "QMP" not in greeting:
             raise QmpError(f"unexpected QMP greeting: {greeting}")
@@ -73,11 +83,24 @@ class QmpClient:
                 if "event" in message:
                     if message["event"] == "SHUTDOWN":
                         self.shutdown_reason = str(message.get("data", {}).get("reason", ""))
+                    self._hand_over(message)
                     await self.events.put(message)
                 else:
                     await self.replies.put(message)
         except (QmpError, ConnectionError, ValueError):
             return
+
+    def _hand_over(self, message: dict[str, Any]) -> None:
+        """``on_event(message)``; its failure is logged, and the replies keep flowing."""
+        handler = self.on_event
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception as e:
+            with contextlib.suppress(OSError):  # stderr may be on the full disk itself
+                print(f"microagent supervisor: QMP event {message.get('event')}: {e!r}",
+                      file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.pump is not None:

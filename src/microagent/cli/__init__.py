@@ -29,6 +29,7 @@ from microagent.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     MicroagentError,
+    PausedError,
     Terminated,
     UsageError,
     interrupted_exit_code,
@@ -99,11 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         report(out, e)
-        if _is_exec(raw) and not isinstance(e, UsageError):
+        if _is_exec(raw) and not isinstance(e, UsageError | PausedError):
             return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
         return e.exit_code
     except KeyboardInterrupt as e:
-        sys.stderr.write("terminated\n" if isinstance(e, Terminated) else "interrupted\n")
+        if isinstance(e, Terminated) and e.message:  # e.g. a guest deaf to a signal
+            sys.stderr.write(f"microagent: {e.message}\n")
+        else:
+            sys.stderr.write("terminated\n" if isinstance(e, Terminated) else "interrupted\n")
         return interrupted_exit_code(e)
     except BrokenPipeError:
         return EXIT_FAILURE

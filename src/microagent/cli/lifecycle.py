@@ -1,4 +1,4 @@
-"""``start``, ``halt``, ``stop``, ``kill`` and ``quarantine``:
+"""``start``, ``halt``, ``stop``, ``kill``, ``resume`` and ``quarantine``:
 a VM's life."""
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def cmd_kill(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_resume(args: argparse.Namespace, out: Output) -> int:
+    from microagent.lifecycle import resume_workspace
+
+    name = workspace_name(args)
+    out.emit({"name": name, "state": resume_workspace(layout_of(args), name)})
+    return EXIT_OK
+
+
 def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
     from microagent.quarantine import quarantine_workspace
 
@@ -68,6 +76,8 @@ def register(verbs: Verbs) -> None:
         ("halt", cmd_halt, "clean, disk-preserving shutdown"),
         ("stop", cmd_stop, "ask the guest to shut down; failed if it has not within 5s"),
         ("kill", cmd_kill, "end the VM process at once"),
+        ("resume", cmd_resume, "let a paused workspace run again (e.g. once its host disk "
+                               "has room)"),
         ("quarantine", cmd_quarantine,
          "sever network, exec, cp and console input; keep the VM running"),
     ):

@@ -33,9 +33,12 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
     if args.follow and out.as_json:
         raise UsageError("logs -f streams text and --json prints one document",
                          hint="use one of them")
+    if args.follow and args.previous:
+        raise UsageError("logs --previous shows a boot that has ended: there is nothing "
+                         "to follow", hint="drop -f")
     layout = layout_of(args)
     if not args.follow:
-        data = read_log(layout, name, tail=args.tail)
+        data = read_log(layout, name, tail=args.tail, previous=args.previous)
         if out.as_json:
             out.emit({"name": name, "log": data.decode("utf-8", errors="replace")})
         else:
@@ -110,6 +113,9 @@ def register(verbs: Verbs) -> None:
                    help="keep printing until the workspace stops (or Ctrl-C)")
     p.add_argument("-n", "--tail", type=_tail, default=None, metavar="N",
                    help="only the last N lines (default all)")
+    p.add_argument("-p", "--previous", action="store_true",
+                   help="the console of the boot before the last one (e.g. the boot that "
+                        "panicked before a restart)")
 
     p = add_verb(verbs, "events", cmd_events, "print the lifecycle history: TIME STATE DETAIL")
     add_name(p)
