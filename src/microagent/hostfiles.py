@@ -65,6 +65,7 @@ def check_name(name: str, where: str) -> str:
 
 
 _PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
+MAX_DEPTH = 256  # as an image's (layers.py): Python 3.11's rmtree recurses per level
 
 
 def host_mode(mode: int, *, is_dir: bool) -> int:
@@ -180,13 +181,18 @@ class HostWriter:
         """``parts`` as a hard link to the already copied ``target``."""
         if not target:
             raise UnsafeCopyError(f"refusing {self.where(parts)}: a hard link to the top")
-        tfd, tname = self._parent_of(target)
-        pfd, name = self._parent_of(parts)
-        st = os.stat(tname, dir_fd=tfd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            raise UnsafeCopyError(f"refusing {self.where(parts)}: a hard link to a directory")
-        tmp = self._temp_name(name)
-        os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        target_dir, tname = self._parent_of(target)
+        tfd = os.dup(target_dir)  # the next lookup may close the cached one (see _dir_fd)
+        try:
+            pfd, name = self._parent_of(parts)
+            st = os.stat(tname, dir_fd=tfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise UnsafeCopyError(f"refusing {self.where(parts)}: a hard link to a "
+                                      "directory")
+            tmp = self._temp_name(name)
+            os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(tfd)
         self._replace(pfd, tmp, name, parts)
         self.files += 1
 
@@ -228,6 +234,7 @@ class HostWriter:
 
     def _parent_of(self, parts: tuple[str, ...]) -> tuple[int, str]:
         """The fd of the directory holding ``parts`` and the entry's own name."""
+        self._check_depth(parts)
         for part in parts:
             check_name(part, "/".join(parts))
         if not parts:
@@ -235,21 +242,42 @@ class HostWriter:
         return self._dir_fd(parts[:-1], create=True), parts[-1]
 
     def _dir_fd(self, parts: tuple[str, ...], *, create: bool) -> int:
-        """The directory at ``parts``, opened component by component with O_NOFOLLOW."""
+        """The directory at ``parts``, opened component by component with O_NOFOLLOW.
+
+        Only the fds of ``parts``'s own chain stay open (entries come depth first, so
+        the next one mostly shares it): a wide tree does not use up the fd limit, and a
+        deep one is walked without recursion, up to MAX_DEPTH."""
         if not parts:
             return self._open_top()
         fd = self.fds.get(parts)
         if fd is not None:
             return fd
+        self._check_depth(parts)
         for part in parts:
             check_name(part, "/".join(parts))
-        parent = self._dir_fd(parts[:-1], create=create)
+        for cached in [key for key in self.fds if key != parts[:len(key)]]:
+            os.close(self.fds.pop(cached))
+        depth = len(parts) - 1
+        while depth and parts[:depth] not in self.fds:
+            depth -= 1
+        fd = self.fds[parts[:depth]] if depth else self._open_top()
+        for end in range(depth + 1, len(parts) + 1):
+            fd = self._open_child(fd, parts[:end], create=create)
+            self.fds[parts[:end]] = fd
+        return fd
+
+    def _check_depth(self, parts: tuple[str, ...]) -> None:
+        if len(parts) > MAX_DEPTH:
+            raise UnsafeCopyError(f"refusing {self.where(parts[:4])}/...: it is nested deeper "
+                                  f"than {MAX_DEPTH} directories")
+
+    def _open_child(self, parent: int, parts: tuple[str, ...], *, create: bool) -> int:
         name = parts[-1]
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o700, dir_fd=parent)
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as e:
             st = None
             with contextlib.suppress(OSError):
@@ -262,8 +290,6 @@ class HostWriter:
                 raise MicroagentError(f"cannot overwrite the non-directory "
                                       f"{self.where(parts)} with a directory") from e
             raise
-        self.fds[parts] = fd
-        return fd
 
     def _temp_name(self, name: str) -> str:
         return f".{name[:100]}.cp-{secrets.token_hex(4)}"

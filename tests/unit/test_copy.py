@@ -152,6 +152,52 @@ def test_a_host_symlink_at_the_destination_is_replaced_not_followed(tmp_path: Pa
         w.directory((), _meta())
 
 
+def test_a_wide_tree_keeps_few_fds_open(tmp_path: Path) -> None:
+    """Only the current path's directories stay open: 400 directories copy under an fd
+    limit of 64 (every directory's fd used to stay open until the end: EMFILE)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        with HostWriter(tmp_path, "wide", archive=False) as writer:
+            writer.directory((), _meta())
+            for i in range(400):
+                writer.directory((f"d{i}",), _meta())
+                writer.file((f"d{i}", "f"), lambda fd: (os.write(fd, b"x"), _meta())[1])
+            writer.commit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(list((tmp_path / "wide").iterdir())) == 400
+    assert (tmp_path / "wide" / "d399" / "f").read_bytes() == b"x"
+
+
+def test_a_hard_link_across_directories(tmp_path: Path) -> None:
+    with HostWriter(tmp_path, "t", archive=False) as writer:
+        writer.directory((), _meta())
+        writer.file(("a", "b", "f"), lambda fd: (os.write(fd, b"data"), _meta())[1])
+        writer.hard_link(("c", "g"), ("a", "b", "f"))
+        writer.commit()
+    out = tmp_path / "t"
+    assert (out / "c" / "g").stat().st_ino == (out / "a" / "b" / "f").stat().st_ino
+
+
+def test_a_tree_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
+    from microagent.hostfiles import MAX_DEPTH
+
+    deep = tuple("x" for _ in range(MAX_DEPTH + 1))
+    with pytest.raises(UnsafeCopyError, match=f"deeper than {MAX_DEPTH}"), \
+            HostWriter(tmp_path, "deep", archive=False) as writer:
+        writer.directory((), _meta())
+        writer.file(deep, lambda fd: (os.write(fd, b"x"), _meta())[1])
+    assert list(tmp_path.iterdir()) == []  # the staged top was removed
+    with HostWriter(tmp_path, "ok", archive=False) as writer:  # at the limit: copied
+        writer.directory((), _meta())
+        writer.file(deep[:-1], lambda fd: (os.write(fd, b"x"), _meta())[1])
+        writer.commit()
+    assert (tmp_path / "ok" / "/".join(deep[:-1])).read_bytes() == b"x"
+
+
 def _meta() -> object:
     from microagent.hostfiles import Meta
 
