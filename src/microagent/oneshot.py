@@ -74,7 +74,13 @@ def run_once(layout: StateLayout, spec: WorkspaceSpec, argv: tuple[str, ...],
     kept = False
     try:
         with _terminating_raises_interrupt():
-            create_workspace(layout, spec, progress=progress)
+            try:
+                create_workspace(layout, spec, progress=progress)
+            except KeyboardInterrupt:
+                # interrupted after its final rename: the scratch workspace is there, and
+                # it is ours (a name another had taken is a ConflictError, before that)
+                created = layout.workspace_dir(spec.name).exists()
+                raise
             created = True
             start_workspace(layout, spec.name, timeout=timeout, progress=progress,
                             setup_output=stderr)
