@@ -7,14 +7,15 @@ The CLI turns these into text or ``--json`` in one place::
 
     MicroagentError                 exit 1   "error"
     ├── UsageError                  exit 2   "usage"        bad names, references, flags
+    │                                                       (also a ValueError)
     ├── NotFoundError               exit 1   "not-found"    unknown image, workspace, blob
     ├── ConflictError               exit 1   "conflict"     exists already, wrong state
     │   └── PausedError             exit 1   "conflict"     the VM is paused (also for exec)
     ├── RetryableError              exit 75  "retryable"
     │   ├── BusyError               exit 75  "busy"         a lock is held by another command
     │   ├── UnreachableError        exit 75  "unreachable"  registry down, network failure
-    │   ├── WaitTimeoutError        exit 75  "timed-out"    wait: the state did not come (watch.py)
-    │   └── ConsoleTimeoutError     exit 75  "timed-out"    connect --send (connect.py)
+    │   ├── WaitTimeoutError        exit 75  "timed-out"    wait: the state did not come
+    │   └── ConsoleTimeoutError     exit 75  "timed-out"    connect --send
     ├── RegistryError               exit 1   "registry"     the registry answered wrongly
     │   └── AuthError               exit 1   "auth"         credentials refused
     ├── IntegrityError              exit 1   "integrity"    digest mismatch, corrupt layer
@@ -22,14 +23,14 @@ The CLI turns these into text or ``--json`` in one place::
     ├── DiskTooSmallError           exit 1   "disk-too-small"
     ├── HostError                   exit 1   "host"         a host tool or file system failed
     ├── UnresponsiveError           exit 1   "unresponsive" the guest or supervisor did not answer
-    ├── StartError                  exit 1   "start-failed" a boot failed (lifecycle.py)
-    ├── SetupFailedError            exit N   "setup-failed" a --setup command's code (provision.py)
-    ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
+    ├── StartError                  exit 1   "start-failed" a boot failed (the console's tail)
+    ├── SetupFailedError            exit N   "setup-failed" a --setup command's code
+    ├── CommandFailedError          exit N   "command-failed" the API's check=True: the result
+    ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes
     ├── BrokenWorkspaceError        exit 1   "broken"       a workspace.json that cannot be read
-    │                                                       (workspaces.py)
-    ├── AgentFileError              exit 1   "guest-file"   get/put refused by the agent (agent.py)
-    ├── ProtocolError               exit 1   "protocol"     a malformed frame (protocol.py)
-    └── QmpError                    exit 1   "vmm"          QEMU's monitor failed (backends/qmp.py)
+    ├── AgentFileError              exit 1   "guest-file"   a file operation the agent refused
+    ├── ProtocolError               exit 1   "protocol"     a malformed frame
+    └── QmpError                    exit 1   "vmm"          QEMU's monitor failed
 
 Signals are not errors: Ctrl-C is Python's ``KeyboardInterrupt`` and the CLI turns SIGTERM
 into :class:`Terminated`, a ``KeyboardInterrupt`` too, so that the same cleanup runs;
@@ -41,7 +42,9 @@ signal in time, with its own message.
 
 from __future__ import annotations
 
-import signal
+TYPE_CHECKING = False  # typing is not imported at run time: `import microagent` stays light
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -66,8 +69,9 @@ class MicroagentError(Exception):
         return {"kind": self.kind, "message": self.message, "hint": self.hint}
 
 
-class UsageError(MicroagentError):
-    """The command line or an argument is malformed; nothing was done."""
+class UsageError(MicroagentError, ValueError):
+    """The command line or an argument is malformed; nothing was done. Also a
+    ``ValueError``, as a Python caller expects of a bad argument."""
 
     exit_code = EXIT_USAGE
     kind = "usage"
@@ -157,11 +161,97 @@ class UnresponsiveError(MicroagentError):
     kind = "unresponsive"
 
 
+class WaitTimeoutError(RetryableError):
+    """``wait`` gave up before the workspace reached the state it waited for."""
+
+    kind = "timed-out"
+
+
+class ConsoleTimeoutError(RetryableError):
+    """``--send`` saw no end of its command in time; the command was interrupted."""
+
+    kind = "timed-out"
+
+
+class StartError(MicroagentError):
+    """A boot that failed; the message carries the console's last lines."""
+
+    kind = "start-failed"
+
+
+class SetupFailedError(MicroagentError):
+    """A setup command exited non-zero; the CLI exits with the command's code."""
+
+    kind = "setup-failed"
+
+    def __init__(self, message: str, exit_code: int, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code if 0 < exit_code < 256 else 1
+
+
+class CommandFailedError(MicroagentError):
+    """A command run with ``check=True`` (or ``ExecResult.check()``) did not exit 0.
+    ``result`` is its :class:`microagent.ExecResult`; the exit code is the command's."""
+
+    kind = "command-failed"
+
+    def __init__(self, message: str, result: Any, exit_code: int) -> None:
+        super().__init__(message)
+        self.result = result
+        self.exit_code = exit_code if 0 < exit_code < 256 else 1
+
+
+class UnsafeCopyError(MicroagentError):
+    """A copied entry would make the host write outside the destination; refused."""
+
+    kind = "unsafe-path"
+
+
+class BrokenWorkspaceError(MicroagentError):
+    """The workspace's record cannot be read (truncated, not JSON, fields missing).
+
+    ``workspace`` is what ``list`` and ``status`` show for it (the state's record type):
+    state ``broken``, the reason in ``error``.
+    """
+
+    kind = "broken"
+
+    def __init__(self, name: str, error: str, workspace: Any = None) -> None:
+        super().__init__(f"workspace {name} is broken: {error}",
+                         hint=f"delete it (microagent delete {name}), or restore "
+                              "its workspace.json")
+        self.workspace = workspace
+
+
+class AgentFileError(MicroagentError):
+    """The guest agent refused a file operation (its ERROR frame's code and message)."""
+
+    kind = "guest-file"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProtocolError(MicroagentError):
+    """The peer sent something the protocol does not allow."""
+
+    kind = "protocol"
+
+
+class QmpError(MicroagentError):
+    """QEMU's monitor refused a command or went away."""
+
+    kind = "vmm"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (or another terminating signal) raised in the main thread as Ctrl-C's
     KeyboardInterrupt is, so that every cleanup that Ctrl-C runs runs too."""
 
-    def __init__(self, signum: int = signal.SIGTERM, message: str = "") -> None:
+    def __init__(self, signum: int = 15, message: str = "") -> None:  # SIGTERM
+        import signal
+
         super().__init__(message or signal.Signals(signum).name)
         self.signum = int(signum)
         self.message = message  # what to say instead of "terminated"
@@ -169,4 +259,4 @@ class Terminated(KeyboardInterrupt):
 
 def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
     """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
-    return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)
+    return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else 2)  # SIGINT

@@ -34,15 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microagent.errors import MicroagentError
+from microagent.errors import UnsafeCopyError as UnsafeCopyError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnsafeCopyError(MicroagentError):
-    """A copied entry would make the host write outside the destination; refused."""
-
-    kind = "unsafe-path"
 
 
 @dataclass(frozen=True)

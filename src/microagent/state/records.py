@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from microagent.config import Resources, check_fits_host, resolve_resources, validate_name
 from microagent.disks.attachments import Attachment, validate_attachments
+from microagent.errors import BrokenWorkspaceError as BrokenWorkspaceError
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, UsageError
 from microagent.events import Event, append_event, now_iso
 from microagent.layout import StateLayout
@@ -244,22 +245,6 @@ def _record(spec: WorkspaceSpec, image: Image, own_kernel: OwnKernel | None) -> 
     }
 
 
-class BrokenWorkspaceError(MicroagentError):
-    """The workspace's record cannot be read (truncated, not JSON, fields missing).
-
-    ``workspace`` is what ``list`` and ``status`` show for it: state ``broken``, the
-    reason in ``error``.
-    """
-
-    kind = "broken"
-
-    def __init__(self, workspace: Workspace) -> None:
-        super().__init__(f"workspace {workspace.name} is broken: {workspace.error}",
-                         hint=f"delete it (microagent delete {workspace.name}), or restore "
-                              "its workspace.json")
-        self.workspace = workspace
-
-
 def get_workspace(layout: StateLayout, name: str) -> Workspace:
     """Load one workspace; NotFoundError, or BrokenWorkspaceError for an unreadable record."""
     validate_name(name)
@@ -270,16 +255,14 @@ def get_workspace(layout: StateLayout, name: str) -> Workspace:
         raise NotFoundError(f"no workspace named {name}",
                             hint="`microagent list` shows the saved workspaces") from None
     except MicroagentError as e:
-        raise BrokenWorkspaceError(_broken(layout, name, e.message)) from e
+        raise _broken_error(layout, name, e.message) from e
     try:
         return _from_record(layout, name, record)
     except KeyError as e:
-        raise BrokenWorkspaceError(_broken(layout, name, f"record {path} has no field "
-                                                         f"{e.args[0]!r}")) from e
+        raise _broken_error(layout, name, f"record {path} has no field {e.args[0]!r}") from e
     except (TypeError, ValueError, AttributeError, MicroagentError) as e:
         detail = e.message if isinstance(e, MicroagentError) else f"{type(e).__name__}: {e}"
-        raise BrokenWorkspaceError(_broken(layout, name, f"record {path} is malformed: "
-                                                         f"{detail}")) from e
+        raise _broken_error(layout, name, f"record {path} is malformed: {detail}") from e
 
 
 def _from_record(layout: StateLayout, name: str, record: dict[str, Any]) -> Workspace:
@@ -307,6 +290,10 @@ def _from_record(layout: StateLayout, name: str, record: dict[str, Any]) -> Work
         ports=tuple(PublishedPort.from_json(p) for p in record.get("ports", ())),
         own_kernel=OwnKernel.from_json(record["kernel"]) if record.get("kernel") else None,
     )
+
+
+def _broken_error(layout: StateLayout, name: str, error: str) -> BrokenWorkspaceError:
+    return BrokenWorkspaceError(name, error, _broken(layout, name, error))
 
 
 def _broken(layout: StateLayout, name: str, error: str) -> Workspace:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from microagent import __version__
-from microagent.errors import MicroagentError, UnresponsiveError
+from microagent.errors import AgentFileError as AgentFileError
+from microagent.errors import UnresponsiveError
 from microagent.vm.protocol import (
     DEFAULT_WINDOW,
     FLAG_END,
@@ -467,16 +468,6 @@ class AgentClient:
 
 
 # --- files: the put and get operations (microagent cp) -----------------------------
-
-
-class AgentFileError(MicroagentError):
-    """The guest agent refused a ``put`` or ``get`` (its ERROR frame's code and message)."""
-
-    kind = "guest-file"
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _file_error(frame: Frame) -> AgentFileError:

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from microagent.errors import MicroagentError
+from microagent.errors import ProtocolError as ProtocolError
 
 VERSION = 1
 MAX_PAYLOAD = 65536
@@ -45,12 +45,6 @@ class FrameType(enum.IntEnum):
 
 
 DATA_TYPES = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR, FrameType.FILE})
-
-
-class ProtocolError(MicroagentError):
-    """The peer sent something the protocol does not allow."""
-
-    kind = "protocol"
 
 
 @dataclass(frozen=True)

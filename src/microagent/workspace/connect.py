@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass
 from types import FrameType
 
-from microagent.errors import ConflictError, MicroagentError, RetryableError, UsageError
+from microagent.errors import ConflictError, MicroagentError, UsageError
+from microagent.errors import ConsoleTimeoutError as ConsoleTimeoutError
 from microagent.layout import StateLayout
 from microagent.vm.control import SupervisorClient
 from microagent.workspace.execution import local_terminal, terminal_size
@@ -26,12 +27,6 @@ from microagent.workspace.lifecycle import require_running
 ESCAPE = 0x1D  # Ctrl-], as telnet and virsh console
 MAX_LINE = 256 * 1024
 DEFAULT_SEND_TIMEOUT = 10.0
-
-
-class ConsoleTimeoutError(RetryableError):
-    """``--send`` saw no end of its command in time; the command was interrupted."""
-
-    kind = "timed-out"
 
 
 @dataclass(frozen=True)

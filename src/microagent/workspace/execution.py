@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -97,8 +98,14 @@ def build_request(layout: StateLayout, name: str, options: ExecOptions,
 
 
 def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
-             stdout: Callable[[bytes], None], stderr: Callable[[bytes], None]) -> ExecResult:
-    """Run one command in ``name``; stream its output; return how it ended."""
+             stdout: Callable[[bytes], None], stderr: Callable[[bytes], None],
+             stdin_fd: int | None = None, forward_signals: bool = True) -> ExecResult:
+    """Run one command in ``name``; stream its output; return how it ended.
+
+    With ``options.interactive``, the command's stdin is read from ``stdin_fd`` (default:
+    this process's). ``forward_signals`` (the CLI's) installs the signal handlers of the
+    module docstring, which only the main thread may; the library runs without them.
+    """
     require_running(layout, name, "exec")
     if options.tty and not any(item.startswith("TERM=") for item in options.env):
         # like docker: a pty session gets the local terminal's type
@@ -111,15 +118,22 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
     client = AgentClient(sock)
     try:
         client.hello()
-        watch = _SignalWatch(client, options.tty)
-        stdin_fd = sys.stdin.fileno() if options.interactive else None
+        # signal handlers belong to the main thread: elsewhere, none are installed
+        watch = (_SignalWatch(client, options.tty)
+                 if forward_signals and threading.current_thread() is threading.main_thread()
+                 else None)
+        if not options.interactive:
+            stdin_fd = None
+        elif stdin_fd is None:
+            stdin_fd = sys.stdin.fileno()
         deadline = (time.monotonic() + options.timeout + EXEC_GRACE if options.timeout > 0
                     else None)
         with local_terminal(options.tty and stdin_fd is not None and os.isatty(stdin_fd)), \
-                watch.installed():
+                (watch.installed() if watch is not None else contextlib.nullcontext()):
             try:
                 result = client.exec(request, stdout=stdout, stderr=stderr,
-                                     stdin_fd=stdin_fd, poll=watch.poll,
+                                     stdin_fd=stdin_fd,
+                                     poll=watch.poll if watch is not None else None,
                                      stdout_port=stdout_port, deadline=deadline)
             except UnresponsiveError as e:
                 raise _unanswered(layout, name, options.timeout) from e

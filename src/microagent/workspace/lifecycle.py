@@ -30,6 +30,7 @@ from microagent.errors import (
     PausedError,
     UnresponsiveError,
 )
+from microagent.errors import StartError as StartError
 from microagent.events import append_event, read_events
 from microagent.layout import PRIVATE_UMASK, StateLayout
 from microagent.progress import NullProgress, Progress
@@ -45,12 +46,6 @@ SETTLED = frozenset({"running", "failed", "stopped", "halted"})
 SUPERVISOR_END_WAIT = 5.0  # after a failed boot's final event
 STATUS_WAIT = 30.0  # the supervisor's status probe is bounded well within this
 HALTABLE = frozenset({"running", "quarantined", "paused"})
-
-
-class StartError(MicroagentError):
-    """A boot that failed; the message carries the console's last lines."""
-
-    kind = "start-failed"
 
 
 def stderr_sink(data: bytes) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -73,7 +74,7 @@ def run_once(layout: StateLayout, spec: WorkspaceSpec, argv: tuple[str, ...],
     created = False
     kept = False
     try:
-        with _terminating_raises_interrupt():
+        with terminating_raises_interrupt():
             try:
                 create_workspace(layout, spec, progress=progress)
             except KeyboardInterrupt:
@@ -96,7 +97,7 @@ def run_once(layout: StateLayout, spec: WorkspaceSpec, argv: tuple[str, ...],
         return RunOutcome(spec.name, result, kept)
     finally:
         if created and not kept:
-            with _ignoring_interrupts():
+            with ignoring_interrupts():
                 discard_workspace(layout, spec.name)
 
 
@@ -126,10 +127,15 @@ def discard_workspace(layout: StateLayout, name: str,
 
 
 @contextlib.contextmanager
-def _terminating_raises_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does, so the scratch workspace goes."""
+def terminating_raises_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C does, so the scratch workspace goes
+    (in the main thread, which alone receives signals; elsewhere, nothing changes)."""
     def interrupt(signum: int, _frame: FrameType | None) -> None:
         raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     previous = {signum: signal.signal(signum, interrupt)
                 for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -141,8 +147,11 @@ def _terminating_raises_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _ignoring_interrupts() -> Iterator[None]:
+def ignoring_interrupts() -> Iterator[None]:
     """Cleanup runs to the end: a second Ctrl-C must not leave a VM behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {signum: signal.signal(signum, signal.SIG_IGN)
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

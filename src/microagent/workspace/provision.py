@@ -17,22 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from microagent.errors import MicroagentError
+from microagent.errors import SetupFailedError as SetupFailedError
 from microagent.events import append_event
 from microagent.layout import StateLayout
 from microagent.state.setup import SetupState, read_setup, write_setup
 
 OUTPUT_TAIL = 4096  # bytes of a failed command's output kept for status
 Sink = Callable[[bytes], None]
-
-
-class SetupFailedError(MicroagentError):
-    """A setup command exited non-zero; the CLI exits with the command's code."""
-
-    kind = "setup-failed"
-
-    def __init__(self, message: str, exit_code: int, hint: str = "") -> None:
-        super().__init__(message, hint)
-        self.exit_code = exit_code if 0 < exit_code < 256 else 1
 
 
 class PrefixedLines:

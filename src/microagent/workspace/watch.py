@@ -19,7 +19,8 @@ import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from microagent.errors import NotFoundError, RetryableError, UsageError
+from microagent.errors import NotFoundError, UsageError
+from microagent.errors import WaitTimeoutError as WaitTimeoutError
 from microagent.events import Event
 from microagent.layout import StateLayout
 from microagent.state.records import get_workspace
@@ -30,12 +31,6 @@ STATES = ("prepared", "starting", "running", "halting", "halted", "stopped", "fa
 TERMINAL_STATES = ("halted", "stopped", "failed")
 POLL = 0.1  # seconds between looks at the files
 SUPERVISOR_EXIT_GRACE = 5.0  # how long wait lets a supervisor finish after a final event
-
-
-class WaitTimeoutError(RetryableError):
-    """``wait`` gave up before the workspace reached the state it waited for."""
-
-    kind = "timed-out"
 
 
 def require_workspace(layout: StateLayout, name: str) -> None:

@@ -18,13 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from microagent.errors import MicroagentError
-
-
-class QmpError(MicroagentError):
-    """QEMU's monitor refused a command or went away."""
-
-    kind = "vmm"
+from microagent.errors import QmpError as QmpError
 
 
 class QmpClient:

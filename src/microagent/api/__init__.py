@@ -1,0 +1,1 @@
+"""The public Python API (``docs/python.md``): re-exported by ``microagent`` itself."""
