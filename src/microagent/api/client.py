@@ -291,6 +291,12 @@ class Volumes:
 
         return list_volumes(self._client.layout)
 
+    def users(self, name: str) -> builtins.list[str]:
+        """The workspaces, running or not, whose records attach the volume ``name``."""
+        from microagent.disks.volumes import volume_users
+
+        return volume_users(self._client.layout, _text(name, "volume name"))
+
     def delete(self, name: str, *, force: bool = False) -> bool:
         """Delete ``name`` (refused while a workspace records it, unless ``force``;
         always while a running one holds it); False when there was none."""
