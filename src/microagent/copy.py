@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microagent.agent import AgentClient, AgentFileError, ExecRequest, get_file, put_file
+from microagent.agent import AgentClient, ExecRequest
+from microagent.agentfiles import AgentFileError, get_file, put_file
 from microagent.config import validate_name
 from microagent.control import SupervisorClient
 from microagent.copytar import GUEST_PATH, tar_from_guest, tar_into_guest, write_tar

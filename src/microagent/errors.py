@@ -27,7 +27,8 @@ The CLI turns these into text or ``--json`` in one place::
     ├── UnsafeCopyError             exit 1   "unsafe-path"  cp: a path escapes (hostfiles.py)
     ├── BrokenWorkspaceError        exit 1   "broken"       a workspace.json that cannot be read
     │                                                       (workspaces.py)
-    ├── AgentFileError              exit 1   "guest-file"   get/put refused by the agent (agent.py)
+    ├── AgentFileError              exit 1   "guest-file"   a file operation refused by the agent
+    │                                                       (agentfiles.py)
     ├── ProtocolError               exit 1   "protocol"     a malformed frame (protocol.py)
     └── QmpError                    exit 1   "vmm"          QEMU's monitor failed (backends/qmp.py)
 
