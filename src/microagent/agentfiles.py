@@ -1,6 +1,6 @@
 """Files in the guest through its agent: the ``get``, ``put``, ``stat``, ``list``,
 ``remove`` and ``mkdir`` operations of ``docs/protocol.md``, one stream each over an
-:class:`~microagent.agent.AgentClient` (to the agent, or through the supervisor's relay).
+:class:`~microagent.vm.agent.AgentClient` (to the agent, or through the supervisor's relay).
 
 File contents stream both ways within the peer's credit, one frame (at most 64 KiB) at a
 time, so neither side holds more than a window of a file whatever its size; a listing
@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from microagent.agent import AgentClient, Sink
 from microagent.errors import (
     ConflictError,
     MicroagentError,
@@ -26,7 +25,8 @@ from microagent.errors import (
     UnresponsiveError,
     UsageError,
 )
-from microagent.protocol import (
+from microagent.vm.agent import AgentClient, Sink
+from microagent.vm.protocol import (
     FLAG_END,
     Frame,
     FrameType,

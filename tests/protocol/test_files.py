@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from microagent.protocol import MAX_PAYLOAD, FrameType, encode
+from microagent.vm.protocol import MAX_PAYLOAD, FrameType, encode
 from tests.protocol.driver import AgentProcess, Session, StreamState
 from tests.protocol.test_ops import put
 
