@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microagent.agentfiles import AgentFileError, get_file, put_file
 from microagent.config import validate_name
 from microagent.disks.hostfiles import HostWriter, Meta, host_entries
 from microagent.errors import (
@@ -51,6 +50,7 @@ from microagent.state.records import get_workspace
 from microagent.state.runtime import runtime_state
 from microagent.store import file_lock
 from microagent.vm.agent import AgentClient, ExecRequest
+from microagent.vm.agentfiles import AgentFileError, get_file, put_file
 from microagent.vm.control import SupervisorClient
 from microagent.workspace.copytar import GUEST_PATH, tar_from_guest, tar_into_guest, write_tar
 
