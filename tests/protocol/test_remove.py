@@ -4,6 +4,7 @@ never followed; a tree deeper than PATH_MAX and than the agent's open levels."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -87,26 +88,29 @@ def test_a_deep_tree_beyond_path_max_and_the_open_levels(agent: AgentProcess,
     session.hello()
     outside = outside_tree(tmp_path)
     depth = 3000
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for _ in range(depth):
-            os.mkdir("dd", dir_fd=fd)
-            os.close(os.open("file", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
-            os.symlink(str(outside), "link", dir_fd=fd)
-            next_fd = os.open("dd", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                os.mkdir("dd", dir_fd=fd)
+                os.close(os.open("file", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+                os.symlink(str(outside), "link", dir_fd=fd)
+                next_fd = os.open("dd", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        finally:
             os.close(fd)
-            fd = next_fd
-    finally:
-        os.close(fd)
-    os.remove(tmp_path / "file")
-    os.remove(tmp_path / "link")
-    fds = open_fds(agent)
-    # per level: the directory, its file and its symlink; the deepest has neither
-    assert removed(session, tmp_path / "dd", recursive=True) == 3 * depth - 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
-    assert (outside / "keep").read_text() == "keep"
-    assert open_fds(agent) == fds
+        os.remove(tmp_path / "file")
+        os.remove(tmp_path / "link")
+        fds = open_fds(agent)
+        # per level: the directory, its file and its symlink; the deepest has neither
+        assert removed(session, tmp_path / "dd", recursive=True) == 3 * depth - 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
+        assert (outside / "keep").read_text() == "keep"
+        assert open_fds(agent) == fds
 
+    finally:  # not left to pytest: its clean-up recurses once per level
+        subprocess.run(["rm", "-rf", "--", str(tmp_path / "dd")], check=False)
 
 def test_a_tree_wide_at_every_level(session: Session, tmp_path: Path) -> None:
     """Directories with many subdirectories, some deeper than the open levels."""

@@ -310,6 +310,14 @@ int remove_open(struct stream *s, const struct json_doc *doc, int req)
         free_removal(r);
         return -1; /* done at once: the slot is free again */
     }
+    /* A mount point: refused before anything in it goes (rm -rf would empty it). */
+    struct stat above;
+    if (fstat(r->parent, &above) != 0)
+        goto fail;
+    if (above.st_dev != st.st_dev) {
+        errno = EBUSY;
+        goto fail;
+    }
     r->tree_dev = st.st_dev;
     if (push(r, r->parent, name, &st) != 0)
         goto fail;
@@ -319,8 +327,9 @@ int remove_open(struct stream *s, const struct json_doc *doc, int req)
 fail:;
     int err = errno;
     channel_send_error(s->id, errno_name(err), err, "remove %s: %s", r->path,
-                       err == EBUSY && strcmp(r->path, "/") == 0 ? "the root cannot be removed"
-                                                                 : strerror(err));
+                       err != EBUSY                ? strerror(err)
+                       : strcmp(r->path, "/") == 0 ? "the root cannot be removed"
+                                                   : "a mount point (or busy): not removed");
     free_removal(r);
     return -1;
 }

@@ -5,7 +5,8 @@ agent directly (the supervisor, the protocol tests) or to a supervisor that rela
 same frames (the CLI's ``exec``). One exec per call; streams stdout and stderr to
 callbacks as they arrive, forwards stdin within the guest's credit, returns credit as
 output is consumed, and forwards signals and terminal resizes. The file operations
-(get, put, stat, list, remove, mkdir) are in :mod:`microagent.vm.agentfiles`.
+(get, put, stat, list, remove, mkdir) are in :mod:`microagent.vm.agentfiles`, whose
+:class:`~microagent.vm.agentfiles.GuestFiles` makes them methods of the client.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from microagent import __version__
 from microagent.errors import UnresponsiveError
+from microagent.vm.agentfiles import GuestFiles
 from microagent.vm.protocol import (
     DEFAULT_WINDOW,
     FLAG_END,
@@ -219,7 +221,7 @@ class _PortReader:
         self.ended = True
 
 
-class AgentClient:
+class AgentClient(GuestFiles):
     """A connection to a guest agent (or a supervisor relaying one)."""
 
     def __init__(self, sock: socket.socket, *, window: int = DEFAULT_WINDOW) -> None:

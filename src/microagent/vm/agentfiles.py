@@ -11,12 +11,13 @@ turns it into the class of the error tree a caller of the public API expects.
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from microagent.errors import (
     ConflictError,
@@ -25,7 +26,6 @@ from microagent.errors import (
     UnresponsiveError,
     UsageError,
 )
-from microagent.vm.agent import AgentClient, Sink
 from microagent.vm.protocol import (
     FLAG_END,
     Frame,
@@ -39,6 +39,22 @@ from microagent.vm.protocol import (
 
 IDLE_LIMIT = 60.0  # no frame of the stream for this long: the guest is unresponsive
 KINDS = frozenset({"file", "dir", "symlink", "other"})
+Sink = Callable[[bytes], None]
+
+
+class Channel(Protocol):
+    """What the file operations need of a connection to the agent: the
+    :class:`~microagent.vm.agent.AgentClient` after its HELLO."""
+
+    peer: dict[str, Any]
+    peer_window: int
+    max_payload: int
+    next_stream: int
+    pending: list[Frame]
+
+    def send(self, data: bytes) -> None: ...
+
+    def read_frame(self, deadline: float | None) -> Frame: ...
 
 
 class AgentFileError(MicroagentError):
@@ -115,7 +131,7 @@ class GuestEntry:
         return cls(name, path, kind, size, mode, uid, gid, mtime_ns, target)
 
 
-def _require(client: AgentClient, feature: str) -> None:
+def _require(client: Channel, feature: str) -> None:
     """AgentFileError ENOTSUP when the agent's HELLO lists features without ``feature``
     (an agent older than this microagent, in a workspace started before an upgrade)."""
     features = client.peer.get("features")
@@ -130,7 +146,7 @@ def _file_error(frame: Frame) -> AgentFileError:
     return AgentFileError(str(doc.get("code", "EIO")), str(doc.get("message", "failed")))
 
 
-def _open(client: AgentClient, operation: dict[str, Any]) -> int:
+def _open(client: Channel, operation: dict[str, Any]) -> int:
     """Send OPEN for ``operation`` on a new stream; its id."""
     stream_id = client.next_stream
     client.next_stream += 2
@@ -138,7 +154,7 @@ def _open(client: AgentClient, operation: dict[str, Any]) -> int:
     return stream_id
 
 
-def _frame_of(client: AgentClient, stream_id: int) -> Frame:
+def _frame_of(client: Channel, stream_id: int) -> Frame:
     """The next frame of ``stream_id``, answering pings and raising on a channel error;
     UnresponsiveError when none comes for IDLE_LIMIT seconds."""
     while True:
@@ -156,7 +172,7 @@ def _frame_of(client: AgentClient, stream_id: int) -> Frame:
             return frame
 
 
-def _answer(client: AgentClient, operation: dict[str, Any]) -> dict[str, Any]:
+def _answer(client: Channel, operation: dict[str, Any]) -> dict[str, Any]:
     """Run an operation that answers with EXIT alone (STARTED frames, a long removal's
     progress, only show that the guest works); the EXIT document."""
     stream_id = _open(client, operation)
@@ -176,7 +192,7 @@ def _clean(path: str) -> str:
 # --- contents ----------------------------------------------------------------------
 
 
-def get_file(client: AgentClient, path: str, sink: Sink) -> dict[str, Any]:
+def get_file(client: Channel, path: str, sink: Sink) -> dict[str, Any]:
     """Read the regular file ``path`` of the guest into ``sink``; return its metadata.
 
     The metadata is the ``STARTED`` document (``size``, ``mode``, ``uid``, ``gid``,
@@ -204,7 +220,7 @@ def get_file(client: AgentClient, path: str, sink: Sink) -> dict[str, Any]:
             raise _file_error(frame)
 
 
-def put_file(client: AgentClient, path: str, read: Callable[[int], bytes], *, mode: int,
+def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: int,
              uid: int | None = None, gid: int | None = None, parents: bool = False) -> None:
     """Write the guest file ``path`` (atomically, by the agent) from ``read(n)`` until it
     returns ``b""``; ``mode`` the permission bits, ``uid``/``gid`` None for root's;
@@ -250,7 +266,7 @@ def put_file(client: AgentClient, path: str, read: Callable[[int], bytes], *, mo
 # --- the tree ----------------------------------------------------------------------
 
 
-def stat_path(client: AgentClient, path: str, *, follow: bool = False) -> GuestEntry:
+def stat_path(client: Channel, path: str, *, follow: bool = False) -> GuestEntry:
     """What ``path`` is (lstat: a symlink is described, not followed, unless ``follow``).
     AgentFileError ``ENOENT`` when it does not exist, ``ENOTDIR`` when a component above
     is no directory."""
@@ -260,7 +276,7 @@ def stat_path(client: AgentClient, path: str, *, follow: bool = False) -> GuestE
     return GuestEntry.from_json(doc.get("entry"), posixpath.dirname(path))
 
 
-def list_dir(client: AgentClient, path: str) -> list[GuestEntry]:
+def list_dir(client: Channel, path: str) -> list[GuestEntry]:
     """The entries of the directory ``path`` (a symlink to one is followed; the entries
     are not), sorted by name (their bytes), without ``.`` and ``..``.
 
@@ -306,7 +322,7 @@ def _entry_line(line: bytes, directory: str) -> GuestEntry:
     return GuestEntry.from_json(doc, directory)
 
 
-def remove_path(client: AgentClient, path: str, *, recursive: bool = False) -> int:
+def remove_path(client: Channel, path: str, *, recursive: bool = False) -> int:
     """Remove ``path``: a file, a symlink (never what it points to), an empty directory,
     or with ``recursive`` a whole tree (symlinks in it removed, not followed; a mount
     point in it not entered). Returns how many entries went. AgentFileError
@@ -317,7 +333,7 @@ def remove_path(client: AgentClient, path: str, *, recursive: bool = False) -> i
     return int(doc.get("removed", 0))
 
 
-def make_dir(client: AgentClient, path: str, *, mode: int = 0o755,
+def make_dir(client: Channel, path: str, *, mode: int = 0o755,
              parents: bool = False) -> bool:
     """Make the directory ``path`` with exactly ``mode``; with ``parents`` the missing
     ones above it too (0755) and an existing directory is fine, as ``mkdir -p``. Returns
@@ -328,3 +344,64 @@ def make_dir(client: AgentClient, path: str, *, mode: int = 0o755,
     doc = _answer(client, {"op": "mkdir", "path": _clean(path), "mode": mode,
                            "parents": parents})
     return bool(doc.get("created", False))
+
+
+# --- the client's methods ----------------------------------------------------------
+
+
+class GuestFiles:
+    """The file operations as methods of :class:`~microagent.vm.agent.AgentClient` (a
+    mixin), with the error tree's classes: what the guest refuses is raised as
+    :func:`as_api_error` says (``NotFoundError`` for a missing path, ``ConflictError``,
+    ``UsageError``, else :class:`AgentFileError` with the guest's errno text), chained to
+    the :class:`AgentFileError` that carries the errno name. A guest that stops
+    answering is ``UnresponsiveError``, a broken channel ``ProtocolError``."""
+
+    def stat(self: Channel, path: str, *, follow: bool = False) -> GuestEntry:
+        """What ``path`` is; a symlink is described, not followed, unless ``follow``."""
+        try:
+            return stat_path(self, path, follow=follow)
+        except AgentFileError as e:
+            raise as_api_error(e) from e
+
+    def list_dir(self: Channel, path: str) -> list[GuestEntry]:
+        """The entries of the directory ``path``, sorted by name, without ``.`` and
+        ``..``; ``ConflictError`` when it is not a directory."""
+        try:
+            return list_dir(self, path)
+        except AgentFileError as e:
+            raise as_api_error(e) from e
+
+    def remove(self: Channel, path: str, *, recursive: bool = False) -> int:
+        """Remove the file, symlink or empty directory ``path`` (with ``recursive``: a
+        tree); symlinks are never followed. How many entries went."""
+        try:
+            return remove_path(self, path, recursive=recursive)
+        except AgentFileError as e:
+            raise as_api_error(e) from e
+
+    def mkdir(self: Channel, path: str, *, parents: bool = True, mode: int = 0o755) -> bool:
+        """Make the directory ``path`` with exactly ``mode``; with ``parents`` (the
+        default) as ``mkdir -p``. Whether ``path`` was made."""
+        try:
+            return make_dir(self, path, mode=mode, parents=parents)
+        except AgentFileError as e:
+            raise as_api_error(e) from e
+
+    def read_file(self: Channel, path: str, sink: Sink) -> None:
+        """Stream the regular file ``path`` into ``sink``, a frame at a time."""
+        try:
+            get_file(self, path, sink)
+        except AgentFileError as e:
+            raise as_api_error(e) from e
+
+    def write_file(self: Channel, path: str, data: bytes | Callable[[int], bytes], *,
+                   mode: int = 0o644, parents: bool = True) -> None:
+        """Write the file ``path`` (atomically: it appears whole or not at all; root's,
+        with exactly ``mode``) from ``data``, or from ``read(n)`` until it returns
+        ``b""``; with ``parents`` the missing directories above it are made (0755)."""
+        read = io.BytesIO(data).read if isinstance(data, bytes) else data
+        try:
+            put_file(self, path, read, mode=mode, parents=parents)
+        except AgentFileError as e:
+            raise as_api_error(e) from e
