@@ -224,12 +224,12 @@ class BrokenWorkspaceError(MicroagentError):
 
 
 class AgentFileError(MicroagentError):
-    """The guest agent refused a file operation (its ERROR frame's code and message)."""
+    """The guest agent refused a file operation: ``code`` is its errno name (ENOENT...)."""
 
     kind = "guest-file"
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
         self.code = code
 
 

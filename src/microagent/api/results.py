@@ -163,9 +163,19 @@ class FileEntry:
     kind: str  # file, dir, symlink, other
     size: int
     mode: int  # permission bits
-    mtime: float
+    mtime: float  # seconds since the epoch
+    uid: int = 0
+    gid: int = 0
+    target: str | None = None  # a symlink's target
+
+    @classmethod
+    def from_guest(cls, entry: Any) -> FileEntry:
+        """From the agent client's ``GuestEntry``."""
+        return cls(entry.name, entry.path, entry.kind, entry.size, entry.mode, entry.mtime,
+                   entry.uid, entry.gid, entry.target)
 
     def to_json(self) -> dict[str, Any]:
         """As JSON."""
         return {"name": self.name, "path": self.path, "kind": self.kind, "size": self.size,
-                "mode": self.mode, "mtime": self.mtime}
+                "mode": self.mode, "mtime": self.mtime, "uid": self.uid, "gid": self.gid,
+                "target": self.target}

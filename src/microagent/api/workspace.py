@@ -286,20 +286,22 @@ class Files:
 
         if not 0 <= mode <= 0o7777:
             raise UsageError(f"invalid mode {mode:o}: permission bits, at most 0o7777")
-        content = data.encode() if isinstance(data, str) else data
+        content = (data.encode() if isinstance(data, str) else
+                   bytes(data) if isinstance(data, bytes | bytearray | memoryview) else data.read)
         write_file(self._ws._layout, self._ws.name, _guest(path), content, mode=mode)
 
     def list(self, path: str) -> list[FileEntry]:
         """The entries of the guest directory ``path``, sorted by name."""
         from microagent.workspace.guestfiles import list_dir
 
-        return list_dir(self._ws._layout, self._ws.name, _guest(path))
+        return [FileEntry.from_guest(e)
+                for e in list_dir(self._ws._layout, self._ws.name, _guest(path))]
 
     def stat(self, path: str) -> FileEntry:
         """What ``path`` is (a symlink itself, not its target); NotFoundError if missing."""
         from microagent.workspace.guestfiles import stat
 
-        return stat(self._ws._layout, self._ws.name, _guest(path))
+        return FileEntry.from_guest(stat(self._ws._layout, self._ws.name, _guest(path)))
 
     def exists(self, path: str) -> bool:
         """Whether ``path`` exists in the guest (a dangling symlink does)."""
@@ -311,19 +313,19 @@ class Files:
             return False
         return True
 
-    def remove(self, path: str, *, recursive: bool = False) -> None:
+    def remove(self, path: str, *, recursive: bool = False) -> int:
         """Remove a file, a symlink or an empty directory (``recursive``: a tree; links
-        are never followed); NotFoundError if missing."""
+        are never followed); NotFoundError if missing. How many entries went."""
         from microagent.workspace.guestfiles import remove
 
-        remove(self._ws._layout, self._ws.name, _guest(path), recursive=recursive)
+        return remove(self._ws._layout, self._ws.name, _guest(path), recursive=recursive)
 
-    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> None:
+    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> bool:
         """Make the guest directory ``path`` (with its parents, unless ``parents`` is
-        False); an existing directory is fine."""
+        False); an existing directory is fine. Whether it was made."""
         from microagent.workspace.guestfiles import mkdir
 
-        mkdir(self._ws._layout, self._ws.name, _guest(path), mode=mode, parents=parents)
+        return mkdir(self._ws._layout, self._ws.name, _guest(path), mode=mode, parents=parents)
 
 
 def _guest(path: str) -> str:
