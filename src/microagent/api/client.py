@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from microagent.layout import StateLayout
     from microagent.progress import Progress
     from microagent.state.records import WorkspaceSpec
+    from microagent.workspace.copy import CopyResult
     from microagent.workspace.doctor import Check
 
 DEFAULT_START_TIMEOUT = 120.0
@@ -150,6 +151,15 @@ class Microagent:
             attrs = e.workspace.to_json() if e.workspace is not None else {}
         return Workspace(self.layout, name, attrs)
 
+    def handle(self, name: str) -> Workspace:
+        """A handle on ``name`` without reading anything: each call on it checks that the
+        workspace exists (NotFoundError) as it needs to (halt, stop, kill, logs and
+        events also work on a broken record)."""
+        from microagent.api.workspace import Workspace
+        from microagent.config import validate_name
+
+        return Workspace(self.layout, validate_name(_text(name, "workspace name")))
+
     def list(self, *, running: bool = False) -> list[Workspace]:
         """Every workspace, sorted by name (``running``: those with a live VM, as ``ps``)."""
         from microagent.api.workspace import Workspace
@@ -167,6 +177,14 @@ class Microagent:
         from microagent.api.workspace import Workspace
 
         return Workspace(self.layout, name).delete()
+
+    def copy(self, source: str, destination: str, *, archive: bool = False) -> CopyResult:
+        """``cp``: copy between the host and a workspace, exactly one side given as
+        ``NAME:/path`` (running: through the agent; otherwise: its disk)."""
+        from microagent.workspace.copy import copy
+
+        return copy(self.layout, _text(source, "source"), _text(destination, "destination"),
+                    archive=archive)
 
     # --- one-shot and scratch ---------------------------------------------------------
 

@@ -7,11 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from microagent.errors import CommandFailedError
-
-EXIT_TIMED_OUT = 124
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
+from microagent.errors import EXIT_TIMED_OUT, CommandFailedError
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from microagent.api.results import (
-    EXIT_CANNOT_EXECUTE,
-    EXIT_NOT_FOUND,
     ExecResult,
     FileEntry,
     WorkspaceStatus,
@@ -165,13 +163,17 @@ class Workspace:
              timeout: float | None = 60.0) -> WorkspaceStatus:
         """Block until the workspace is in ``state`` (one or several); WaitTimeoutError
         after ``timeout`` seconds (None: no limit)."""
+        import dataclasses
+
         from microagent.workspace.watch import wait_for_state
 
         if timeout is not None:
             check_timeout(timeout, "wait timeout", zero=True)
         states = [state] if isinstance(state, str) else list(state)
-        wait_for_state(self._layout, self.name, states, timeout=timeout)
-        return self.status(probe=False)
+        reached = wait_for_state(self._layout, self.name, states, timeout=timeout)
+        # the state waited for, even if it has moved on since (a restart policy)
+        return dataclasses.replace(self.status(probe=False), state=reached.state,
+                                   detail=reached.detail)
 
     # --- commands ---------------------------------------------------------------------
 
@@ -207,9 +209,7 @@ class Workspace:
             if stdin_fd is not None:
                 os.close(stdin_fd)
         if raw.error is not None:
-            code = (EXIT_NOT_FOUND if raw.error.get("code") == "ENOENT"
-                    else EXIT_CANNOT_EXECUTE)
-            exit_code: int | None = code
+            exit_code: int | None = raw.host_exit_code  # 127 or 126
             error = str(raw.error.get("message", raw.error))
         else:
             exit_code = None if (raw.timed_out or raw.signal) else raw.exit_code
@@ -243,21 +243,35 @@ class Workspace:
 
     def logs(self, tail: int | None = None, *, previous: bool = False) -> str:
         """The console captured during the last boot (``previous``: the one before),
-        or its last ``tail`` lines."""
+        or its last ``tail`` lines, as text."""
+        return self.log_bytes(tail, previous=previous).decode("utf-8", "replace")
+
+    def log_bytes(self, tail: int | None = None, *, previous: bool = False) -> bytes:
+        """:meth:`logs` as the bytes the console wrote (line ends as LF)."""
         from microagent.workspace.logs import read_log
 
-        if tail is not None and (isinstance(tail, bool) or tail < 0):
-            raise UsageError(f"invalid tail {tail!r}: a number of lines, 0 or more")
-        return read_log(self._layout, self.name, tail=tail,
-                        previous=previous).decode("utf-8", "replace")
+        _check_tail(tail)
+        return read_log(self._layout, self.name, tail=tail, previous=previous)
+
+    def follow_logs(self, tail: int | None = None) -> Iterator[bytes]:
+        """The console as it is written, across boots, until the caller stops (an empty
+        chunk now and then lets it look at the clock); starts with the last ``tail``
+        lines (None: all of the current boot's)."""
+        from microagent.workspace.logs import follow_log
+
+        _check_tail(tail)
+        return follow_log(self._layout, self.name, tail=tail)
 
     def events(self) -> list[Event]:
         """Every lifecycle event of the workspace, oldest first."""
-        from microagent.events import read_events
-        from microagent.state.records import require_workspace
+        return list(self.follow_events(follow=False))
 
-        require_workspace(self._layout, self.name)
-        return read_events(self._layout.workspace_events(self.name))
+    def follow_events(self, *, follow: bool = True) -> Iterator[Event]:
+        """The events so far, then (with ``follow``) each new one as it is recorded,
+        until the caller stops or the workspace is deleted."""
+        from microagent.workspace.watch import follow_events
+
+        return follow_events(self._layout, self.name, follow=follow)
 
 
 class Files:
@@ -326,6 +340,11 @@ class Files:
         from microagent.workspace.guestfiles import mkdir
 
         return mkdir(self._ws._layout, self._ws.name, _guest(path), mode=mode, parents=parents)
+
+
+def _check_tail(tail: int | None) -> None:
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+        raise UsageError(f"invalid tail {tail!r}: a number of lines, 0 or more")
 
 
 def _guest(path: str) -> str:

@@ -64,9 +64,7 @@ def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
 def _handle(args: argparse.Namespace, name: str) -> Workspace:
     """The workspace's handle without reading its record: these verbs also work on a
     broken one, whose processes they only talk to."""
-    from microagent.api.workspace import Workspace
-
-    return Workspace(client_of(args).layout, name)
+    return client_of(args).handle(name)
 
 
 def register(verbs: Verbs) -> None:

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from microagent import __version__
-from microagent.errors import UnresponsiveError
+from microagent.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    EXIT_TIMED_OUT,
+    UnresponsiveError,
+)
 from microagent.vm.agentfiles import GuestFiles
 from microagent.vm.protocol import (
     DEFAULT_WINDOW,
@@ -40,9 +45,6 @@ from microagent.vm.protocol import (
 )
 
 PORT_DRAIN_TIMEOUT = 60.0  # after EXIT, for the output port's last bytes
-EXIT_TIMED_OUT = 124
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 Sink = Callable[[bytes], None]
 
 
