@@ -28,7 +28,10 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing system packages: ${missing[*]}" >&2
   as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  # No recommends: QEMU's alone pull in hundreds of MB of desktop and GStreamer libraries
+  # that a headless microVM never uses; every package the suite needs is named above.
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
   # The registry package starts a system service; the tests start their own on loopback.
   if [ -d /run/systemd/system ]; then
     as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
@@ -39,8 +42,11 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
+# pip installs the package as it does for a user (`pip install .`), its build compiling
+# the guest agent (setup.py); here editable (-e: the venv runs this tree's code) with the
+# test tools. pip runs again only when the build's definition changes.
 stamp=.venv/.microagent-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
@@ -50,7 +56,8 @@ fi
 # supervisor start compiles the package again: ~0.2 s of each `start`, ~30 ms of `exec`).
 .venv/bin/python -m compileall -q src/microagent
 
-# The guest agent is C, built from source here (static, libc only); never committed.
+# The editable install built the agent in place (src/microagent/guest/build/); make
+# rebuilds it after an edit of its C sources (nothing to do when it is current).
 make -s -C src/microagent/guest
 
 if [ "$demo" = 1 ]; then
