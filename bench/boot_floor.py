@@ -29,8 +29,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from tests.vm.qemu import qemu_argv  # noqa: E402
 
-from microagent.initramfs import build_boot_initramfs  # noqa: E402
-from microagent.kernels import KernelBundle, default_kernel  # noqa: E402
+from microagent.kernel.initramfs import build_boot_initramfs  # noqa: E402
+from microagent.kernel.kernels import KernelBundle, default_kernel  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402
 
 FLOOR_MARKER = "microagent-floor: init"

@@ -14,7 +14,7 @@ same memory and one vCPU (TCG here):
   (``of=/dev/vportXpY``, started with exec) and this script reads that port's socket,
   timed from sending OPEN to the last byte. Same producer, same QEMU chardev path.
 - Also shown, in the bench VM: exec's STDOUT frames read by
-  :class:`microagent.agent.AgentClient` straight from the agent's socket (the framed
+  :class:`microagent.vm.agent.AgentClient` straight from the agent's socket (the framed
   path: what a tty exec, a second exec at once, or an agent without the port uses,
   there through the supervisor's relay); ``dd | dd of=/dev/vportXpY``, a pipe hop
   without the agent; busybox ``head -c``, which writes 4 KiB blocks and is itself the
@@ -52,10 +52,10 @@ from boot_floor import (  # noqa: E402
 )
 from tests.vm.qemu import RunningVM, accel_args  # noqa: E402
 
-from microagent.agent import AgentClient, ExecRequest  # noqa: E402
-from microagent.initramfs import build_boot_initramfs  # noqa: E402
-from microagent.kernels import default_kernel  # noqa: E402
+from microagent.kernel.initramfs import build_boot_initramfs  # noqa: E402
+from microagent.kernel.kernels import default_kernel  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402
+from microagent.vm.agent import AgentClient, ExecRequest  # noqa: E402
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 

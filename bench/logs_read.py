@@ -26,8 +26,8 @@ sys.path[:0] = [str(REPO)]
 
 from tests.support.workspaces import make_workspace  # noqa: E402
 
-from microagent.console import LOG_LIMIT, rotated  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402
+from microagent.vm.console import LOG_LIMIT, rotated  # noqa: E402
 
 RUNS = 10
 TARGET_MS = 300.0

@@ -31,8 +31,8 @@ sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 from tests.support import distro  # noqa: E402
 
-from microagent.layers import LayerFile  # noqa: E402
-from microagent.rootfs import build_root_disk  # noqa: E402
+from microagent.disks.rootfs import build_root_disk  # noqa: E402
+from microagent.images.layers import LayerFile  # noqa: E402
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 TARGET = 1.5

@@ -6,7 +6,7 @@ Not a bench: :class:`SlirpVM` boots a copy of a created (never started) workspac
 disk with the backend's own argv (``backends/qemu.py``: same machine, CPUs, memory,
 kernel, agent and guest addressing) where only ``-netdev`` differs: ``user`` with
 ``hostfwd`` rules instead of the stream to passt. Commands run through the agent's socket
-(:class:`microagent.agent.AgentClient`), with no supervisor.
+(:class:`microagent.vm.agent.AgentClient`), with no supervisor.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from microagent.agent import AgentClient, ExecRequest
-from microagent.attachments import BootDisks
-from microagent.backends.base import choose_accel, host_tsc_khz
-from microagent.backends.qemu import qemu_argv
+from microagent.disks.attachments import BootDisks
 from microagent.guest import agent_binary
-from microagent.initramfs import build_boot_initramfs
-from microagent.kernels import default_kernel
-from microagent.launch import launch_spec
+from microagent.kernel.initramfs import build_boot_initramfs
+from microagent.kernel.kernels import default_kernel
 from microagent.layout import RunFiles, StateLayout
-from microagent.workspaces import get_workspace
+from microagent.state.records import get_workspace
+from microagent.vm.agent import AgentClient, ExecRequest
+from microagent.vm.backends.base import choose_accel, host_tsc_khz
+from microagent.vm.backends.qemu import qemu_argv
+from microagent.vm.launch import launch_spec
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 

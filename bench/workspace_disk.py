@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src")]
 
-from microagent.layers import LayerFile  # noqa: E402
-from microagent.rootfs import build_root_disk, copy_disk  # noqa: E402
+from microagent.disks.rootfs import build_root_disk, copy_disk  # noqa: E402
+from microagent.images.layers import LayerFile  # noqa: E402
 
 TARGET_S = 1.0
 FICLONE = 0x40049409

@@ -30,19 +30,19 @@ sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 from boot_floor import FLOOR_MARKER, build_floor_init, install_cached_kernel  # noqa: E402
 from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
 
-from microagent.agent import AgentClient, ExecRequest  # noqa: E402
-from microagent.backends.base import (  # noqa: E402
-    DiskSpec,
+from microagent.disks.attachments import DiskSpec  # noqa: E402
+from microagent.kernel.initramfs import build_boot_initramfs  # noqa: E402
+from microagent.kernel.kernels import default_kernel  # noqa: E402
+from microagent.layout import StateLayout  # noqa: E402
+from microagent.vm.agent import AgentClient, ExecRequest  # noqa: E402
+from microagent.vm.backends.base import (  # noqa: E402
     LaunchSpec,
     choose_accel,
     guest_cmdline,
     host_tsc_khz,
 )
-from microagent.backends.qemu import qemu_argv  # noqa: E402
-from microagent.control import SupervisorClient  # noqa: E402
-from microagent.initramfs import build_boot_initramfs  # noqa: E402
-from microagent.kernels import default_kernel  # noqa: E402
-from microagent.layout import StateLayout  # noqa: E402
+from microagent.vm.backends.qemu import qemu_argv  # noqa: E402
+from microagent.vm.control import SupervisorClient  # noqa: E402
 
 MICROAGENT = str(Path(sys.executable).parent / "microagent")
 

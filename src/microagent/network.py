@@ -4,8 +4,8 @@
 10.0.2.15 behind passt's user-mode NAT and reaches what the host reaches, except the
 host's loopback), ``user:host-loopback`` (the same, and the gateway 10.0.2.2 is the
 host's 127.0.0.1, as QEMU's slirp made it for every workspace before) and ``none``
-(loopback only). How the modes are built is :mod:`microagent.passt` and
-:mod:`microagent.netfilter`.
+(loopback only). How the modes are built is :mod:`microagent.vm.passt` and
+:mod:`microagent.vm.netfilter`.
 
 Each ``--publish`` becomes a :class:`PublishedPort`, recorded with the workspace. passt
 listens on the host address and port and forwards each connection to the guest's port.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from ocilayout import OCI_CONFIG, OCI_MANIFEST, Blobs, ImageSpec, Layer, build_layout
 
-from microagent.layers import LayerFile
+from microagent.images.layers import LayerFile
 from tests.e2e.conftest import microagent
 from tests.support.distro import read_file
 from tests.support.push import push_layout

@@ -117,7 +117,7 @@ def test_mkfs_on_a_full_host_is_a_host_error(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from microagent import ext4\n"
+        "from microagent.disks import ext4\n"
         "from microagent.errors import MicroagentError\n"
         "image = Path(sys.argv[1]) / 'disk.ext4'\n"
         "image.touch()\n"

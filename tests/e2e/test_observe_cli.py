@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from microagent.console import ConsoleCapture
 from microagent.events import append_event
 from microagent.layout import StateLayout
+from microagent.vm.console import ConsoleCapture
 from tests.support.fixtures import MICROAGENT, microagent
 from tests.support.workspaces import LockHolder, make_workspace
 

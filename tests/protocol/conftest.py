@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.agent import AgentClient
+from microagent.vm.agent import AgentClient
 from tests.protocol.driver import AgentProcess, Session
 from tests.support.agent import build_guest_agent
 

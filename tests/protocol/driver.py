@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microagent.protocol import (
+from microagent.vm.protocol import (
     DEFAULT_WINDOW,
     FLAG_END,
     Frame,
@@ -108,7 +108,7 @@ class StreamState:
 
     @property
     def host_exit_code(self) -> int:
-        from microagent.agent import ExecResult
+        from microagent.vm.agent import ExecResult
 
         if self.error is not None:
             return ExecResult(None, error=self.error).host_exit_code

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from microagent.protocol import DEFAULT_WINDOW, FrameType
+from microagent.vm.protocol import DEFAULT_WINDOW, FrameType
 from tests.protocol.driver import AgentProcess, Session
 
 

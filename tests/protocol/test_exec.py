@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.agent import AgentClient, ExecRequest, ExecResult
+from microagent.vm.agent import AgentClient, ExecRequest, ExecResult
 from tests.protocol.driver import Session
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from microagent.protocol import FrameType, encode
+from microagent.vm.protocol import FrameType, encode
 from tests.protocol.driver import Session, StreamState
 
 SEEDS = [

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from microagent.agent import AgentClient
-from microagent.protocol import FrameType, ProtocolError, encode
+from microagent.vm.agent import AgentClient
+from microagent.vm.protocol import FrameType, ProtocolError, encode
 from tests.protocol.driver import AgentProcess, Session
 
 
@@ -35,7 +35,7 @@ def test_version_mismatch_is_refused_clearly(agent: AgentProcess) -> None:
 
 def test_agent_client_reports_the_refusal(agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
-    monkeypatch.setattr("microagent.agent.VERSION", 7)
+    monkeypatch.setattr("microagent.vm.agent.VERSION", 7)
     with pytest.raises(ProtocolError, match="protocol version 1"):
         AgentClient(agent.sock).hello()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from microagent.protocol import FrameType, encode
+from microagent.vm.protocol import FrameType, encode
 from tests.protocol.driver import Session
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.protocol import FLAG_END, FrameType, encode
+from microagent.vm.protocol import FLAG_END, FrameType, encode
 from tests.protocol.driver import AgentProcess, Session
 
 

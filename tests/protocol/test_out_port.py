@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from microagent.agent import AgentClient, ExecRequest
-from microagent.protocol import FrameType, ProtocolError
+from microagent.vm.agent import AgentClient, ExecRequest
+from microagent.vm.protocol import FrameType, ProtocolError
 from tests.protocol.driver import AgentProcess, Session, StreamState
 
 PATH = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin",)

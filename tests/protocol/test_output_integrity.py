@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.protocol import FrameType
+from microagent.vm.protocol import FrameType
 from tests.protocol.driver import AgentProcess, Session
 
 SIZE = 3 * 1024 * 1024 + 4097  # not a multiple of a page or a frame

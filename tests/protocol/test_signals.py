@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 
-from microagent.agent import AgentClient, ExecRequest
-from microagent.protocol import FrameType
+from microagent.vm.agent import AgentClient, ExecRequest
+from microagent.vm.protocol import FrameType
 from tests.protocol.driver import Session
 
 

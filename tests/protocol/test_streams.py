@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from microagent.agent import AgentClient, ExecRequest
-from microagent.protocol import DEFAULT_WINDOW, FrameType, encode
+from microagent.vm.agent import AgentClient, ExecRequest
+from microagent.vm.protocol import DEFAULT_WINDOW, FrameType, encode
 from tests.protocol.driver import AgentProcess, Session
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from microagent.protocol import FrameType
+from microagent.vm.protocol import FrameType
 from tests.protocol.driver import Session
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from microagent.blobs import BlobStore
-from microagent.credentials import Credentials, load_credentials
 from microagent.errors import EXIT_FAILURE, AuthError
+from microagent.images.blobs import BlobStore
+from microagent.images.credentials import Credentials, load_credentials
+from microagent.images.registry import RegistryClient
 from microagent.layout import StateLayout
-from microagent.registry import RegistryClient
 from tests.support.push import push_layout
 from tests.support.registry import RunningRegistry
 

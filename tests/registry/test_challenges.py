@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from microagent.credentials import Challenge, parse_www_authenticate
+from microagent.images.credentials import Challenge, parse_www_authenticate
 
 
 def test_docker_hub_bearer_challenge() -> None:

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from microagent.credentials import (
+from microagent.errors import EXIT_USAGE, UsageError
+from microagent.images.credentials import (
     Credentials,
     credential_files,
     find_auth_key,
     load_credentials,
     normalize_registry_host,
 )
-from microagent.errors import EXIT_USAGE, UsageError
 
 
 def _auth(username: str, password: str) -> dict[str, str]:

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from microagent.blobs import BlobStore
-from microagent.credentials import Credentials
 from microagent.errors import (
     EXIT_FAILURE,
     EXIT_RETRYABLE,
@@ -24,8 +22,10 @@ from microagent.errors import (
     RetryableError,
     UnreachableError,
 )
+from microagent.images.blobs import BlobStore
+from microagent.images.credentials import Credentials
+from microagent.images.registry import OCI_MANIFEST, RegistryClient
 from microagent.layout import StateLayout
-from microagent.registry import OCI_MANIFEST, RegistryClient
 from tests.support.push import push_layout
 from tests.support.registry import FakeRegistry, RunningRegistry
 

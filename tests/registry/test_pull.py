@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from ocilayout import read_layout
 
-from microagent.blobs import BlobStore
-from microagent.layout import StateLayout
-from microagent.registry import (
+from microagent.images.blobs import BlobStore
+from microagent.images.registry import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
     RegistryClient,
 )
+from microagent.layout import StateLayout
 from tests.support.push import push_layout
 from tests.support.registry import RunningRegistry
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.layers import LayerFile
-from microagent.rootfs import build_root_disk
+from microagent.disks.rootfs import build_root_disk
+from microagent.images.layers import LayerFile
 from tests.rootfs.unprivileged import build_as_nobody, require_setpriv, share_layer, shared_dir
 from tests.support.distro import DebianTree, fsck, list_dirs, read_file, stat_paths
 

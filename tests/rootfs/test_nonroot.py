@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.layers import LayerFile
+from microagent.images.layers import LayerFile
 from tests.rootfs.unprivileged import (
     NOBODY,
     build_as_nobody,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import microagent
-from microagent.layers import LayerFile
+from microagent.images.layers import LayerFile
 
 NOBODY = 65534
 SRC = str(Path(microagent.__file__).resolve().parents[1])
@@ -26,8 +26,8 @@ import json, sys, time
 args = json.loads(sys.argv[1])
 sys.path[:0] = args["path"]
 from pathlib import Path
-from microagent.layers import LayerFile
-from microagent.rootfs import build_root_disk
+from microagent.images.layers import LayerFile
+from microagent.disks.rootfs import build_root_disk
 layers = [LayerFile(Path(p), m, d, i) for p, m, d, i in args["layers"]]
 started = time.perf_counter()
 build_root_disk(layers, Path(args["dest"]), size_mib=args["size_mib"],

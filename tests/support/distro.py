@@ -12,7 +12,7 @@ Run ``python -m tests.support.distro`` to build the cache ahead of a test run.
 Helpers: :func:`debugfs` runs read-only commands against an image in one session,
 :func:`stat_paths` and :func:`list_dirs` parse ``stat`` and ``ls -l -p`` output, and
 :func:`read_xattr` fetches an xattr's raw value. They are written independently of
-``microagent.ext4`` so that the tests check its work rather than repeat it.
+``microagent.disks.ext4`` so that the tests check its work rather than repeat it.
 """
 
 from __future__ import annotations

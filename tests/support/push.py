@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from ocilayout import read_layout
 
-from microagent.credentials import parse_www_authenticate
+from microagent.images.credentials import parse_www_authenticate
 
 DOCKER_TYPES = {
     "application/vnd.oci.image.manifest.v1+json":

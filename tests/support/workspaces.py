@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from microagent.events import append_event
+from microagent.images.manifests import ImageConfig
 from microagent.layout import StateLayout
-from microagent.manifests import ImageConfig
 from microagent.store import ensure_dir, write_json_atomic
 
 HOLD_LOCK = """

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.attachments import (
+from microagent.cli import main
+from microagent.disks.attachments import (
     Attachment,
     boot_disks,
     encode_dest,
@@ -23,12 +24,8 @@ from microagent.attachments import (
     parse_volume,
     validate_attachments,
 )
-from microagent.backends.base import guest_cmdline
-from microagent.bundles import build_bundle
-from microagent.cli import main
-from microagent.errors import ConflictError, UnsafeImageError, UsageError
-from microagent.layout import StateLayout
-from microagent.volumes import (
+from microagent.disks.bundles import build_bundle
+from microagent.disks.volumes import (
     create_volume,
     delete_volume,
     get_volume,
@@ -36,6 +33,9 @@ from microagent.volumes import (
     list_volumes,
     volume_holder,
 )
+from microagent.errors import ConflictError, UnsafeImageError, UsageError
+from microagent.layout import StateLayout
+from microagent.vm.backends.base import guest_cmdline
 
 
 def make_tar(path: Path, members: dict[str, bytes | str], *, gz: bool = False) -> Path:
@@ -298,7 +298,7 @@ def test_volume_held_by_a_running_workspace(layout: StateLayout) -> None:
 def test_a_killed_holder_leaves_no_stale_hold(layout: StateLayout) -> None:
     create_volume(layout, "data", 32)
     code = ("import sys, time; from microagent.layout import StateLayout; "
-            "from microagent.volumes import hold_volumes\n"
+            "from microagent.disks.volumes import hold_volumes\n"
             f"with hold_volumes(StateLayout.resolve({str(layout.root)!r}), 'alpha', ['data']):\n"
             "    print('held', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -346,7 +346,7 @@ def test_a_volume_a_workspace_uses_is_not_deleted_unless_forced(
 
 
 def test_start_never_creates_a_volume(layout: StateLayout) -> None:
-    from microagent.attachments import check_before_start
+    from microagent.disks.attachments import check_before_start
     from microagent.errors import NotFoundError
 
     with pytest.raises(NotFoundError) as info:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from microagent.backends.base import DiskSpec, LaunchSpec, choose_accel
-from microagent.backends.qemu import QemuBackend
+from microagent.disks.attachments import DiskSpec
+from microagent.vm.backends.base import LaunchSpec, choose_accel
+from microagent.vm.backends.qemu import QemuBackend
 
 SPEC = LaunchSpec(
     name="research", memory_mib=2048, cpus=2, kernel=Path("/k/vmlinuz"),
@@ -59,8 +60,8 @@ PASST_GOLDEN = [
 
 
 def test_passt_argv_is_golden() -> None:
-    from microagent.backends.base import PortSpec, guest_cmdline
-    from microagent.passt import PasstSpec, passt_argv
+    from microagent.vm.backends.base import PortSpec, guest_cmdline
+    from microagent.vm.passt import PasstSpec, passt_argv
 
     assert passt_argv(PasstSpec(5)) == [*PASST_GOLDEN, "--no-map-gw", "--udp-ports", "none"]
     ports = (PortSpec("127.0.0.1", 8080, 80), PortSpec("0.0.0.0", 2222, 22))
@@ -119,7 +120,7 @@ def test_this_host_uses_tcg() -> None:
 
 def test_the_tsc_frequency_is_measured_once_per_host_boot(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from microagent.backends import base
+    from microagent.vm.backends import base
 
     if platform.machine() != "x86_64":
         pytest.skip("the TSC is x86-64's")

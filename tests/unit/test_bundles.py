@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from microagent import bundles
-from microagent.attachments import check_sources, parse_bundle, prepare_boot_disks
+from microagent.disks import bundles
+from microagent.disks.attachments import check_sources, parse_bundle, prepare_boot_disks
 from microagent.errors import DiskTooSmallError, UnsafeImageError
-from microagent.layers import MAX_DEPTH
+from microagent.images.layers import MAX_DEPTH
 from microagent.layout import StateLayout
 from tests.support.distro import read_file
 from tests.unit.test_attachments import files_under, make_tar

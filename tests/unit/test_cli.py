@@ -122,11 +122,11 @@ def test_exec_options_before_and_after_the_name(monkeypatch: pytest.MonkeyPatch)
 
     def fake_run_exec(layout: object, name: str, options: object, **_: object) -> object:
         seen["name"], seen["options"] = name, options
-        from microagent.agent import ExecResult
+        from microagent.vm.agent import ExecResult
 
         return ExecResult(exit_code=0)
 
-    monkeypatch.setattr("microagent.execution.run_exec", fake_run_exec)
+    monkeypatch.setattr("microagent.workspace.execution.run_exec", fake_run_exec)
     assert main(["exec", "ws", "--timeout", "1", "-e", "A=b", "-w", "/tmp", "--", "sleep",
                  "30"]) == 0
     options = seen["options"]
@@ -195,17 +195,17 @@ def test_more_memory_than_the_host_has_is_refused(state_dir: Path,
 @pytest.mark.parametrize(("value", "expected_ms"), [("0", 0), ("0.0001", 1), ("2.5", 2500)])
 def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept_faked_exec(
         value: str, expected_ms: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from microagent.execution import ExecOptions, build_request
+    from microagent.workspace.execution import ExecOptions, build_request
 
     seen: dict[str, object] = {}
 
     def fake_run_exec(layout: object, name: str, options: ExecOptions, **_: object) -> object:
         seen["options"] = options
-        from microagent.agent import ExecResult
+        from microagent.vm.agent import ExecResult
 
         return ExecResult(exit_code=0)
 
-    monkeypatch.setattr("microagent.execution.run_exec", fake_run_exec)
+    monkeypatch.setattr("microagent.workspace.execution.run_exec", fake_run_exec)
     assert main(["exec", "ws", "--timeout", value, "--", "true"]) == 0
     options = seen["options"]
     assert isinstance(options, ExecOptions)
@@ -218,7 +218,7 @@ def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept_faked_exec(
         image_config = Config()
         env: tuple[str, ...] = ()
 
-    monkeypatch.setattr("microagent.execution.get_workspace", lambda *_: Workspace())
+    monkeypatch.setattr("microagent.workspace.execution.get_workspace", lambda *_: Workspace())
     assert build_request(None, "ws", options, None).timeout_ms == expected_ms  # type: ignore[arg-type]
 
 
@@ -231,7 +231,7 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     seen: dict[str, object] = {}
 
     def fake_run_exec(layout: object, name: str, options: object, **_: object) -> object:
-        from microagent.agent import ExecResult
+        from microagent.vm.agent import ExecResult
 
         seen["exec"] = options.env  # type: ignore[attr-defined]
         return ExecResult(exit_code=0)
@@ -244,9 +244,9 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
         seen["run"] = spec.env  # type: ignore[attr-defined]
         raise SystemExit(0)
 
-    monkeypatch.setattr("microagent.execution.run_exec", fake_run_exec)
-    monkeypatch.setattr("microagent.workspaces.create_workspace", fake_create)
-    monkeypatch.setattr("microagent.oneshot.run_once", fake_run_once)
+    monkeypatch.setattr("microagent.workspace.execution.run_exec", fake_run_exec)
+    monkeypatch.setattr("microagent.state.records.create_workspace", fake_create)
+    monkeypatch.setattr("microagent.workspace.oneshot.run_once", fake_run_once)
     return seen
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.console import ConsoleBroker, ConsoleCapture, Holder, SendResult, _body
+from microagent.vm.console import ConsoleBroker, ConsoleCapture, Holder, SendResult, _body
 
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-i"], "dash": ["dash", "-i"],
           "busybox": ["busybox", "sh", "-i"]}

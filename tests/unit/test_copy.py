@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from microagent.copy import Endpoint, copy, parse_endpoint
-from microagent.copytar import archive_parts, extract_tar
+from microagent.disks.hostfiles import HostWriter, UnsafeCopyError
 from microagent.errors import MicroagentError, NotFoundError, UsageError
-from microagent.hostfiles import HostWriter, UnsafeCopyError
 from microagent.layout import StateLayout
+from microagent.workspace.copy import Endpoint, copy, parse_endpoint
+from microagent.workspace.copytar import archive_parts, extract_tar
 from tests.support.workspaces import make_workspace
 
 
@@ -71,8 +71,8 @@ def test_unknown_workspace(layout: StateLayout, tmp_path: Path) -> None:
 
 def test_quarantined_is_refused(layout: StateLayout, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from microagent import copy as copy_module
-    from microagent.runtime import RuntimeState
+    from microagent.state.runtime import RuntimeState
+    from microagent.workspace import copy as copy_module
 
     make_workspace(layout, "q")
     monkeypatch.setattr(copy_module, "runtime_state", lambda *_: RuntimeState(
@@ -183,7 +183,7 @@ def test_a_hard_link_across_directories(tmp_path: Path) -> None:
 
 
 def test_a_tree_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
-    from microagent.hostfiles import MAX_DEPTH
+    from microagent.disks.hostfiles import MAX_DEPTH
 
     deep = tuple("x" for _ in range(MAX_DEPTH + 1))
     with pytest.raises(UnsafeCopyError, match=f"deeper than {MAX_DEPTH}"), \
@@ -199,7 +199,7 @@ def test_a_tree_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
 
 
 def _meta() -> object:
-    from microagent.hostfiles import Meta
+    from microagent.disks.hostfiles import Meta
 
     return Meta(0o640)
 
@@ -344,7 +344,7 @@ def test_an_archive_copy_out_keeps_them(layout: StateLayout, privileged: str,
 def test_into_the_guest_owners_are_roots_unless_archive(layout: StateLayout,
                                                          privileged: str,
                                                          tmp_path: Path) -> None:
-    from microagent.diskfiles import stat_path
+    from microagent.disks.diskfiles import stat_path
 
     src = tmp_path / "mine"
     src.write_text("x")

@@ -9,13 +9,13 @@ import subprocess
 
 import pytest
 
-from microagent.agent import AgentClient
 from microagent.cli import main
 from microagent.errors import Terminated
 from microagent.events import append_event
-from microagent.execution import _SignalWatch
 from microagent.layout import StateLayout
-from microagent.protocol import FrameDecoder, FrameType
+from microagent.vm.agent import AgentClient
+from microagent.vm.protocol import FrameDecoder, FrameType
+from microagent.workspace.execution import _SignalWatch
 from tests.support.fixtures import MICROAGENT
 from tests.support.workspaces import LockHolder, make_workspace
 

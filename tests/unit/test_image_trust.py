@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from ocilayout import ImageSpec, Layer, build_layout
 
-from microagent.blobs import BlobStore
+from microagent.disks.basedisks import ensure_base_disk
 from microagent.errors import IntegrityError
-from microagent.images import (
-    ensure_base_disk,
+from microagent.images.blobs import BlobStore
+from microagent.images.catalog import (
     find_image,
     list_images,
     pull_image,

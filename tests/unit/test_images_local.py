@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from ocilayout import ImageSpec, Layer, build_layout
 
-from microagent.blobs import BlobStore
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
-from microagent.images import find_image, list_images, pull_image, remove_image
+from microagent.images.blobs import BlobStore
+from microagent.images.catalog import find_image, list_images, pull_image, remove_image
+from microagent.images.manifests import Platform
 from microagent.layout import StateLayout
-from microagent.manifests import Platform
 from tests.support.images import docker_archive, layer_of, simple_layout
 
 

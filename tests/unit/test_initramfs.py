@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from microagent.initramfs import (
+from microagent.kernel.cpio import (
     CpioEntry,
     append_cpio,
-    build_boot_initramfs,
     char_device,
     directory,
     regular_file,
     symlink,
     write_cpio,
 )
-from microagent.kernels import KernelBundle
+from microagent.kernel.initramfs import build_boot_initramfs
+from microagent.kernel.kernels import KernelBundle
 
 needs_cpio = pytest.mark.skipif(shutil.which("cpio") is None,
                                 reason="GNU cpio is not installed (apt-get install cpio)")

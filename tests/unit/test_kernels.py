@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from microagent import kernels
 from microagent.errors import MicroagentError, NotFoundError
-from microagent.kernels import default_kernel, install_kernel, list_kernels
-from microagent.kmodules import (
+from microagent.kernel import kernels
+from microagent.kernel.kernels import default_kernel, install_kernel, list_kernels
+from microagent.kernel.modules import (
     bzimage_version,
     extract_vmlinux,
     nop_ftrace_sites,

@@ -14,10 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from microagent.disks.rootfs import build_root_disk
 from microagent.errors import DiskTooSmallError, IntegrityError, UnsafeImageError
-from microagent.layers import MAX_DEPTH, READ_FACTOR, ExtractLimitError, LayerFile, apply_layers
-from microagent.rootfs import build_root_disk
-from microagent.tarstream import MAX_META_BYTES, MAX_TRAILER_BYTES
+from microagent.images.layers import (
+    MAX_DEPTH,
+    READ_FACTOR,
+    ExtractLimitError,
+    LayerFile,
+    apply_layers,
+)
+from microagent.images.tarstream import MAX_META_BYTES, MAX_TRAILER_BYTES
 from tests.unit.test_layers import GZIP, PLAIN, ZSTD, E, compress, d, sym, tar_of
 
 MIB = 1 << 20

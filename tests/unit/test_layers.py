@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from microagent import layers
 from microagent.errors import HostError, IntegrityError, UnsafeImageError
-from microagent.layers import Kind, LayerFile, Tree, apply_layers
+from microagent.images import layers
+from microagent.images.layers import Kind, LayerFile, Tree, apply_layers
 
 MTIME = 1_700_000_000
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from microagent.control_server import send_answer
+from microagent.vm.control_server import send_answer
 
 
 def test_the_lent_descriptor_comes_with_the_line_and_the_loop_keeps_its_mode(

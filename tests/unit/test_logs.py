@@ -1,6 +1,6 @@
 """logs.py: reading and following the console capture, written by the real ConsoleCapture.
 
-Captures are written with :class:`microagent.console.ConsoleCapture` and a small limit,
+Captures are written with :class:`microagent.vm.console.ConsoleCapture` and a small limit,
 so rotation and the fresh capture of a new boot happen as the supervisor makes them.
 """
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from microagent.console import ConsoleCapture, rotated
 from microagent.errors import NotFoundError, UsageError
 from microagent.events import append_event
 from microagent.layout import StateLayout
-from microagent.logs import CaptureReader, LineEnds, follow_log, last_lines, read_log
+from microagent.state.captures import rotated
+from microagent.vm.console import ConsoleCapture
+from microagent.workspace.logs import CaptureReader, LineEnds, follow_log, last_lines, read_log
 from tests.support.workspaces import LockHolder, later, make_workspace
 
 

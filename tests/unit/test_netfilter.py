@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from microagent.netfilter import (
+from microagent.vm.netfilter import (
     TCP_ACK,
     TCP_RST,
     TCP_SYN,
@@ -201,7 +201,7 @@ def passt_behind_relay(request: pytest.FixtureRequest
                        ) -> Iterator[tuple[socket.socket, FrameRelay]]:
     """A real passt (``request.param``: host loopback opted in or not) behind a relay;
     yields QEMU's end."""
-    from microagent.passt import PasstSpec, passt_argv
+    from microagent.vm.passt import PasstSpec, passt_argv
 
     if shutil.which("passt") is None:
         pytest.skip("passt is not installed (install.sh installs it)")

@@ -11,9 +11,14 @@ import pytest
 
 from microagent.cli import main
 from microagent.errors import UsageError
-from microagent.kernels import install_kernel, list_kernels
+from microagent.kernel.kernels import install_kernel, list_kernels
+from microagent.kernel.ownkernels import (
+    bundle_digest,
+    check_kernel_path,
+    install_own_kernel,
+    own_kernel,
+)
 from microagent.layout import StateLayout
-from microagent.ownkernels import bundle_digest, check_kernel_path, install_own_kernel, own_kernel
 from tests.support.images import simple_layout
 from tests.unit.test_kernels import VERSION, check_bundle, package_tree
 

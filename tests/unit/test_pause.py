@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from microagent.vmm import PauseWatch, process_stopped
+from microagent.vm.vmm import PauseWatch, process_stopped
 
 
 def io_error(device: str, nospace: bool = True) -> dict[str, object]:

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from microagent.agent import _PortReader
-from microagent.protocol import ProtocolError
+from microagent.vm.agent import _PortReader
+from microagent.vm.protocol import ProtocolError
 
 NONCE = "5" * 32
 PREAMBLE = f"microagent-out {NONCE}\n".encode()

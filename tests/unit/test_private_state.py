@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from microagent.blobs import BlobStore
+from microagent.disks.basedisks import ensure_base_disk
+from microagent.disks.volumes import create_volume
 from microagent.events import append_event
-from microagent.images import ensure_base_disk, pull_image
+from microagent.images.blobs import BlobStore
+from microagent.images.catalog import pull_image
 from microagent.layout import StateLayout
 from microagent.store import ensure_dir, file_lock, write_json_atomic
-from microagent.volumes import create_volume
 from tests.rootfs.unprivileged import NOBODY, require_setpriv
 from tests.support.images import simple_layout
 

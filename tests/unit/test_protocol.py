@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from microagent.protocol import (
+from microagent.vm.protocol import (
     FLAG_END,
     MAX_PAYLOAD,
     Frame,

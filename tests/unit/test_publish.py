@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from microagent.backends.base import PortSpec
 from microagent.errors import ConflictError, UsageError
 from microagent.network import (
     PublishedPort,
@@ -22,6 +21,7 @@ from microagent.network import (
     port_failure,
     validate_ports,
 )
+from microagent.vm.backends.base import PortSpec
 
 MICROAGENT = str(Path(sys.executable).parent / "microagent")
 
@@ -107,7 +107,7 @@ def test_passts_refusal_becomes_the_same_message() -> None:
 
 
 def test_a_real_passt_refuses_a_taken_port_in_those_words(listener: int) -> None:
-    from microagent.passt import PasstSpec, passt_argv
+    from microagent.vm.passt import PasstSpec, passt_argv
 
     link, theirs = socket.socketpair()
     try:

@@ -12,15 +12,16 @@ from typing import Any
 
 import pytest
 
-from microagent.backends.qmp import QmpError
 from microagent.errors import ConflictError
 from microagent.events import append_event, read_events
-from microagent.launch import unlaunched
 from microagent.layout import StateLayout
 from microagent.network import PublishedPort
-from microagent.quarantine import NETDEV, quarantine_workspace, sever_network
+from microagent.state.records import Workspace, get_workspace
 from microagent.store import ensure_dir, read_json, write_json_atomic
-from microagent.workspaces import Workspace, get_workspace
+from microagent.vm.backends.qmp import QmpError
+from microagent.vm.containment import NETDEV, sever_network
+from microagent.vm.launch import unlaunched
+from microagent.workspace.quarantine import quarantine_workspace
 from tests.support.workspaces import make_workspace
 
 
@@ -87,7 +88,7 @@ def test_a_workspace_without_network_has_nothing_to_sever(layout: StateLayout) -
 
 
 def test_the_netdev_id_is_the_one_qemu_is_given() -> None:
-    from microagent.backends.qemu import QemuBackend
+    from microagent.vm.backends.qemu import QemuBackend
     from tests.unit.test_backends import SPEC
 
     argv = QemuBackend().plan(SPEC).argv
@@ -153,7 +154,7 @@ async def _ask(path: str, request: dict[str, Any]) -> tuple[dict[str, Any],
 
 def test_supervisor_quarantine_refuses_sessions_and_cuts_those_in_flight(
         layout: StateLayout, tmp_path: Path) -> None:
-    from microagent.supervisor import Supervisor
+    from microagent.vm.supervisor import Supervisor
 
     _workspace(layout, ports=3)
     append_event(layout.workspace_events("q"), "running", "ready")
@@ -204,7 +205,7 @@ def test_supervisor_quarantine_refuses_sessions_and_cuts_those_in_flight(
 def test_a_quarantined_workspace_is_never_restarted(layout: StateLayout,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from microagent.store import read_json, write_json_atomic
-    from microagent.supervisor import Outcome, Supervisor
+    from microagent.vm.supervisor import Outcome, Supervisor
 
     make_workspace(layout, "q")
     record = read_json(layout.workspace_record("q"))
@@ -228,7 +229,7 @@ def test_a_quarantined_workspace_is_never_restarted(layout: StateLayout,
 
 def test_supervisor_quarantine_rolls_back_when_the_network_cannot_be_severed(
         layout: StateLayout, tmp_path: Path) -> None:
-    from microagent.supervisor import Supervisor
+    from microagent.vm.supervisor import Supervisor
 
     make_workspace(layout, "q")
     append_event(layout.workspace_events("q"), "running", "ready")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from microagent.errors import EXIT_USAGE, UsageError
-from microagent.references import (
+from microagent.images.references import (
     ImageReference,
     LocalImageSource,
     is_loopback_host,

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from microagent import ext4, layers, rootfs
+from microagent.disks import ext4, rootfs
+from microagent.disks.rootfs import build_root_disk, copy_disk
 from microagent.errors import DiskTooSmallError, HostError, IntegrityError
-from microagent.layers import LayerFile
-from microagent.rootfs import build_root_disk, copy_disk
+from microagent.images import layers
+from microagent.images.layers import LayerFile
 from tests.support.distro import fsck, list_dirs, read_file, read_xattr, stat_paths
 from tests.unit.test_layers import GZIP, E, d, hard, sym, tar_of
 

@@ -17,7 +17,7 @@ from microagent.errors import NotFoundError, RetryableError, UsageError
 from microagent.events import append_event
 from microagent.layout import StateLayout
 from microagent.store import file_lock
-from microagent.watch import (
+from microagent.workspace.watch import (
     EventTail,
     WaitTimeoutError,
     follow_events,
@@ -158,7 +158,7 @@ def test_wait_times_out_naming_both_states(layout: StateLayout,
 
 
 def test_wait_reports_a_deleted_workspace(layout: StateLayout) -> None:
-    from microagent.workspaces import delete_workspace
+    from microagent.state.records import delete_workspace
 
     make_workspace(layout, "w")
     thread = later(0.2, lambda: delete_workspace(layout, "w"))

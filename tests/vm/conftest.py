@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
+from microagent.kernel.kernels import KernelBundle
 from microagent.store import write_json_atomic
 from tests.support.agent import build_guest_agent
 from tests.support.distro import cache_dir
@@ -30,7 +30,7 @@ DISK_MIB = 64
 def guest_kernel() -> KernelBundle:
     """The default kernel bundle, installed into the test cache on first use."""
     from microagent.errors import NotFoundError
-    from microagent.kernels import default_kernel
+    from microagent.kernel.kernels import default_kernel
     from microagent.layout import StateLayout
 
     layout = StateLayout(cache_dir() / KERNEL_STATE)
@@ -50,7 +50,7 @@ def guest_agent() -> Path:
 def boot_initramfs(guest_kernel: KernelBundle, guest_agent: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Path:
     """modules.cpio followed by the agent as /init, as a start builds it."""
-    from microagent.initramfs import build_boot_initramfs
+    from microagent.kernel.initramfs import build_boot_initramfs
 
     return build_boot_initramfs(guest_kernel, guest_agent,
                                 tmp_path_factory.mktemp("initramfs") / "boot.cpio")
@@ -61,8 +61,8 @@ def busybox_disk(busybox_layer: Path, tmp_path_factory: pytest.TempPathFactory) 
     """A pristine ext4 root disk of the busybox image (tests boot copies of it)."""
     base = tmp_path_factory.mktemp("busybox-disk")
     disk = base / "rootfs.ext4"
-    from microagent.layers import LayerFile
-    from microagent.rootfs import build_root_disk
+    from microagent.disks.rootfs import build_root_disk
+    from microagent.images.layers import LayerFile
 
     digest = "sha256:" + hashlib.sha256(busybox_layer.read_bytes()).hexdigest()
     layer = LayerFile(busybox_layer, "application/vnd.oci.image.layer.v1.tar", digest)

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from microagent.backends.base import choose_accel
-from microagent.backends.base import host_tsc_khz as measure_host_tsc_khz
+from microagent.vm.backends.base import choose_accel
+from microagent.vm.backends.base import host_tsc_khz as measure_host_tsc_khz
 
 BOOT_TIMEOUT = 60.0
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from microagent.agent import AgentClient, ExecRequest, ExecResult
-from microagent.kernels import KernelBundle
-from microagent.protocol import FrameType, encode_json
+from microagent.kernel.kernels import KernelBundle
+from microagent.vm.agent import AgentClient, ExecRequest, ExecResult
+from microagent.vm.protocol import FrameType, encode_json
 from tests.vm.qemu import NETWORK_APPEND, RunningVM
 
 pytestmark = pytest.mark.slow

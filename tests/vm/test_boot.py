@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
+from microagent.kernel.kernels import KernelBundle
 from tests.vm.qemu import Boot, boot
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.kernels import KernelBundle
+from microagent.kernel.kernels import KernelBundle
 from tests.support.fixtures import PushedImage
 from tests.vm.cli import ma, ok
 

@@ -171,13 +171,13 @@ def test_refusals_before_any_boot(home: Path, busybox_image: PushedImage,
 
 def test_a_killed_writer_then_a_read_only_reader(home: Path,
                                                  busybox_image: PushedImage) -> None:
-    from microagent.launch import root_needs_recovery
+    from microagent.disks.ext4 import journal_needs_recovery
 
     ok(ma(home, "create", "writer", "--image", busybox_image.ref, "--volume", "j:/j"))
     ok(ma(home, "start", "writer"))
     ok(sh(home, "writer", "echo journaled > /j/f; sync"))
     ok(ma(home, "kill", "writer"))
-    assert root_needs_recovery(home / "volumes" / "j.ext4")  # killed while mounted
+    assert journal_needs_recovery(home / "volumes" / "j.ext4")  # killed while mounted
     # a read-only device cannot replay the journal: the host replays it first
     ok(ma(home, "create", "reader", "--image", busybox_image.ref, "--volume", "j:/j:ro"))
     ok(ma(home, "start", "reader"))
@@ -190,7 +190,7 @@ def test_a_killed_writer_then_a_read_only_reader(home: Path,
 
 def test_a_read_only_disk_with_an_unreplayed_journal(home: Path, busybox_image: PushedImage,
                                                      tmp_path: Path) -> None:
-    from microagent.launch import root_needs_recovery
+    from microagent.disks.ext4 import journal_needs_recovery
 
     disk = tmp_path / "d.ext4"
     subprocess.run(["mkfs.ext4", "-q", str(disk), "32M"], check=True,
@@ -199,7 +199,7 @@ def test_a_read_only_disk_with_an_unreplayed_journal(home: Path, busybox_image: 
     ok(ma(home, "start", "dwriter"))
     ok(sh(home, "dwriter", "echo x > /d/f; sync"))
     ok(ma(home, "kill", "dwriter"))
-    assert root_needs_recovery(disk)
+    assert journal_needs_recovery(disk)
     # microagent does not touch a user's image: the guest mounts it without the journal
     ok(ma(home, "create", "dreader", "--image", busybox_image.ref, "--disk", f"d={disk}:/d:ro"))
     ok(ma(home, "start", "dreader"))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.agent import AgentClient, ExecRequest
-from microagent.kernels import KernelBundle
+from microagent.kernel.kernels import KernelBundle
+from microagent.vm.agent import AgentClient, ExecRequest
 from tests.vm.qemu import RunningVM
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from microagent.errors import EXIT_OK, UsageError
 
 
 def cmd_connect(args: argparse.Namespace, out: Output) -> int:
-    from microagent.connect import DEFAULT_SEND_TIMEOUT, attach_console, send_line
+    from microagent.workspace.connect import DEFAULT_SEND_TIMEOUT, attach_console, send_line
 
     name = workspace_name(args)
     if args.send is not None:

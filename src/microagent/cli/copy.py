@@ -10,7 +10,7 @@ from microagent.errors import EXIT_OK
 
 
 def cmd_cp(args: argparse.Namespace, out: Output) -> int:
-    from microagent.copy import copy
+    from microagent.workspace.copy import copy
 
     result = copy(layout_of(args), args.source, args.destination, archive=args.archive)
     for skipped in result.skipped:

@@ -9,7 +9,7 @@ from microagent.errors import EXIT_FAILURE, EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace, out: Output) -> int:
-    from microagent.doctor import healthy, run_checks
+    from microagent.workspace.doctor import healthy, run_checks
 
     checks = run_checks(layout_of(args, check=False))  # reported as a check instead
     ok = healthy(checks)

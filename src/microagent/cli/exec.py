@@ -20,14 +20,14 @@ from microagent.cli.output import (
 from microagent.errors import UsageError
 
 if TYPE_CHECKING:
-    from microagent.agent import ExecResult
+    from microagent.vm.agent import ExecResult
 
 Sink = Callable[[bytes], None]
 
 
 def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     from microagent.config import parse_env
-    from microagent.execution import ExecOptions, run_exec
+    from microagent.workspace.execution import ExecOptions, run_exec
 
     argv = list(args.argv)
     if "--" in argv:

@@ -9,7 +9,7 @@ from microagent.errors import EXIT_OK, UsageError
 
 
 def cmd_image_pull(args: argparse.Namespace, out: Output) -> int:
-    from microagent.images import pull_image
+    from microagent.images.catalog import pull_image
 
     image = pull_image(layout_of(args), args.reference, progress=out.progress())
     out.emit(image.to_json(), f"{image.reference} {image.digest}")
@@ -17,7 +17,7 @@ def cmd_image_pull(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_image_list(args: argparse.Namespace, out: Output) -> int:
-    from microagent.images import list_images
+    from microagent.images.catalog import list_images
     from microagent.progress import format_size
 
     images = list_images(layout_of(args))
@@ -28,7 +28,7 @@ def cmd_image_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_image_rm(args: argparse.Namespace, out: Output) -> int:
-    from microagent.images import remove_image
+    from microagent.images.catalog import remove_image
 
     image = remove_image(layout_of(args), args.reference)
     out.emit({"removed": image.to_json()}, f"Removed {image.reference}")
@@ -38,7 +38,7 @@ def cmd_image_rm(args: argparse.Namespace, out: Output) -> int:
 def cmd_kernel_install(args: argparse.Namespace, out: Output) -> int:
     from pathlib import Path
 
-    from microagent.kernels import install_kernel
+    from microagent.kernel.kernels import install_kernel
 
     bundle = install_kernel(
         layout_of(args),
@@ -52,7 +52,7 @@ def cmd_kernel_install(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_kernel_list(args: argparse.Namespace, out: Output) -> int:
-    from microagent.kernels import list_kernels
+    from microagent.kernel.kernels import list_kernels
 
     bundles = list_kernels(layout_of(args))
     rows = [[b.version, "yes" if b.default else "", b.source, str(len(b.modules))]

@@ -18,7 +18,7 @@ from microagent.errors import EXIT_OK
 
 
 def cmd_start(args: argparse.Namespace, out: Output) -> int:
-    from microagent.lifecycle import start_workspace
+    from microagent.workspace.start import start_workspace
 
     name = workspace_name(args)
     state = start_workspace(layout_of(args), name, timeout=args.timeout,
@@ -28,7 +28,7 @@ def cmd_start(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_halt(args: argparse.Namespace, out: Output) -> int:
-    from microagent.lifecycle import halt_workspace
+    from microagent.workspace.lifecycle import halt_workspace
 
     name = workspace_name(args)
     out.emit({"name": name, "state": halt_workspace(layout_of(args), name)})
@@ -36,7 +36,7 @@ def cmd_halt(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_stop(args: argparse.Namespace, out: Output) -> int:
-    from microagent.lifecycle import stop_workspace
+    from microagent.workspace.lifecycle import stop_workspace
 
     name = workspace_name(args)
     out.emit({"name": name, "state": stop_workspace(layout_of(args), name)})
@@ -44,7 +44,7 @@ def cmd_stop(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_kill(args: argparse.Namespace, out: Output) -> int:
-    from microagent.lifecycle import kill_workspace
+    from microagent.workspace.lifecycle import kill_workspace
 
     name = workspace_name(args)
     out.emit({"name": name, "state": kill_workspace(layout_of(args), name)})
@@ -52,7 +52,7 @@ def cmd_kill(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_resume(args: argparse.Namespace, out: Output) -> int:
-    from microagent.lifecycle import resume_workspace
+    from microagent.workspace.lifecycle import resume_workspace
 
     name = workspace_name(args)
     out.emit({"name": name, "state": resume_workspace(layout_of(args), name)})
@@ -60,7 +60,7 @@ def cmd_resume(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
-    from microagent.quarantine import quarantine_workspace
+    from microagent.workspace.quarantine import quarantine_workspace
 
     name = workspace_name(args)
     out.emit({"name": name, "state": quarantine_workspace(layout_of(args), name)})

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def cmd_logs(args: argparse.Namespace, out: Output) -> int:
-    from microagent.logs import follow_log, read_log
+    from microagent.workspace.logs import follow_log, read_log
 
     name = workspace_name(args)
     if args.follow and out.as_json:
@@ -61,7 +61,7 @@ def event_line(event: Event) -> str:
 
 
 def cmd_events(args: argparse.Namespace, out: Output) -> int:
-    from microagent.watch import follow_events
+    from microagent.workspace.watch import follow_events
 
     name = workspace_name(args)
     stream = follow_events(layout_of(args), name, follow=args.follow)
@@ -81,7 +81,7 @@ def cmd_events(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wait(args: argparse.Namespace, out: Output) -> int:
-    from microagent.watch import wait_for_state
+    from microagent.workspace.watch import wait_for_state
 
     name = workspace_name(args)
     try:

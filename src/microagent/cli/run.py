@@ -12,8 +12,8 @@ from microagent.cli.workspaces import add_create_options, spec_from_args
 
 def cmd_run(args: argparse.Namespace, out: Output) -> int:
     from microagent.config import validate_name
-    from microagent.execution import ExecOptions
-    from microagent.oneshot import run_once, scratch_name
+    from microagent.workspace.execution import ExecOptions
+    from microagent.workspace.oneshot import run_once, scratch_name
 
     layout = layout_of(args)
     name = validate_name(args.name) if args.name else scratch_name(layout)

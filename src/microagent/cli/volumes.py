@@ -11,7 +11,7 @@ from microagent.errors import EXIT_OK
 
 
 def cmd_volume_create(args: argparse.Namespace, out: Output) -> int:
-    from microagent.volumes import create_volume
+    from microagent.disks.volumes import create_volume
 
     volume = create_volume(layout_of(args), args.name, args.size_mib)
     out.emit(volume.to_json(), f"Created volume {volume.name} ({volume.size_mib} MiB)")
@@ -19,7 +19,7 @@ def cmd_volume_create(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
-    from microagent.volumes import list_volumes
+    from microagent.disks.volumes import list_volumes
 
     volumes = list_volumes(layout_of(args))
     rows = [[v.name, str(v.size_mib), v.attached_to or "-"] for v in volumes]
@@ -29,7 +29,7 @@ def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_volume_status(args: argparse.Namespace, out: Output) -> int:
-    from microagent.volumes import get_volume, volume_users
+    from microagent.disks.volumes import get_volume, volume_users
 
     layout = layout_of(args)
     volume = get_volume(layout, args.name)
@@ -47,7 +47,7 @@ def cmd_volume_status(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_volume_delete(args: argparse.Namespace, out: Output) -> int:
-    from microagent.volumes import delete_volume
+    from microagent.disks.volumes import delete_volume
 
     existed = delete_volume(layout_of(args), args.name, force=args.force)
     text = (f"Deleted volume {args.name}" if existed

@@ -22,15 +22,15 @@ from microagent.config import DEFAULT_PROFILE, DEFAULT_VOLUME_MIB
 from microagent.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
-    from microagent.workspaces import WorkspaceSpec
+    from microagent.state.records import WorkspaceSpec
 
 
 def spec_from_args(args: argparse.Namespace, name: str, image: str) -> WorkspaceSpec:
     """The workspace spec that create's options (shared with ``run``) describe."""
-    from microagent.attachments import parse_bundle, parse_disk, parse_volume
     from microagent.config import parse_env, resolve_resources
+    from microagent.disks.attachments import parse_bundle, parse_disk, parse_volume
     from microagent.network import parse_publish
-    from microagent.workspaces import WorkspaceSpec
+    from microagent.state.records import WorkspaceSpec
 
     return WorkspaceSpec(
         name=name,
@@ -51,7 +51,7 @@ def spec_from_args(args: argparse.Namespace, name: str, image: str) -> Workspace
 
 
 def cmd_create(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspaces import create_workspace
+    from microagent.state.records import create_workspace
 
     name = workspace_name(args)
     if not args.image:
@@ -59,10 +59,10 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
     spec = spec_from_args(args, name, args.image)
     ws = create_workspace(layout_of(args), spec, progress=out.progress())
     if spec.setup:
-        from microagent.provision import provision_at_create
+        from microagent.workspace.provision import provision_at_create
 
         provision_at_create(layout_of(args), name, _stderr, progress=out.progress())
-        from microagent.workspaces import get_workspace
+        from microagent.state.records import get_workspace
 
         ws = get_workspace(layout_of(args), name)
     out.emit(ws.to_json(), "\n".join([
@@ -81,7 +81,7 @@ def _stderr(data: bytes) -> None:
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
-    from microagent.lifecycle import workspace_status
+    from microagent.workspace.lifecycle import workspace_status
 
     name = workspace_name(args)
     doc = workspace_status(layout_of(args), name, probe=out.as_json)
@@ -147,7 +147,7 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def render_workspaces(args: argparse.Namespace, out: Output, *, running_only: bool) -> int:
-    from microagent.workspaces import list_workspaces
+    from microagent.state.records import list_workspaces
 
     workspaces = list_workspaces(layout_of(args))
     if running_only:
@@ -163,7 +163,7 @@ def render_workspaces(args: argparse.Namespace, out: Output, *, running_only: bo
 
 def cmd_delete(args: argparse.Namespace, out: Output) -> int:
     from microagent.config import validate_name
-    from microagent.workspaces import delete_workspace
+    from microagent.state.records import delete_workspace
 
     name = validate_name(workspace_name(args))
     if not args.yes:

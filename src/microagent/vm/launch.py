@@ -1,0 +1,285 @@
+"""One boot's VMM, prepared and started without asyncio: the supervisor's first half.
+
+``python -m microagent.vm._supervise`` takes the workspace's supervisor lock, holds its
+volumes and launches the first boot's QEMU (:func:`first_boot`) before it imports asyncio
+and the modules of its event loop (:mod:`microagent.vm.supervisor`): QEMU starts ~40 ms
+sooner and those imports overlap the guest's boot. Restarts go through
+:func:`launch_vmm` from the event loop.
+
+A workspace with a network gets its passt with each boot (:func:`start_network`): QEMU's
+and passt's ends of two socketpairs, the supervisor's frame filter between them
+(:class:`microagent.vm.netfilter.FrameRelay`, two threads of the supervisor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from microagent.disks.attachments import BootDisks, DiskSpec, prepare_boot_disks
+from microagent.disks.ext4 import journal_needs_recovery
+from microagent.errors import ConflictError, MicroagentError
+from microagent.kernel.kernels import KernelBundle
+from microagent.layout import PRIVATE_UMASK, RunFiles, StateLayout
+from microagent.state.records import Workspace, get_workspace
+from microagent.store import open_private
+from microagent.vm.backends.base import (
+    AccelChoice,
+    LaunchPlan,
+    LaunchSpec,
+    choose_accel,
+    guest_cmdline,
+    host_tsc_khz,
+)
+from microagent.vm.backends.qemu import QemuBackend
+from microagent.vm.passt import NetworkHelper
+
+PR_SET_PDEATHSIG = 1
+LINK_BUFFER = 4 << 20  # each socket of the link to passt (see _socketpairs)
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; Python 3.11 does not name them
+
+
+@dataclass
+class Launched:
+    """A VMM just started for one boot."""
+
+    process: subprocess.Popen[bytes]
+    plan: LaunchPlan
+    kernel: KernelBundle
+    recovery: bool  # the root disk's journal needed replaying (the last VM was killed)
+    started: float  # time.monotonic() at the launch
+    vmm_log_start: int  # where this boot's lines begin in the VMM's log
+    network: NetworkHelper | None = None  # passt and the relay, with a network
+    disks: tuple[Path, ...] = ()  # the images, in QEMU's drive order (disk0, disk1...)
+
+
+@dataclass
+class FirstBoot:
+    """What ``_supervise`` did before the event loop, handed to the supervisor."""
+
+    workspace: Workspace
+    accel: AccelChoice
+    tsc_khz: int | None
+    holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    launched: Launched | None = None
+    failure: str | None = None  # why nothing was launched
+    volumes_failed: bool = False  # the failure was holding the volumes: no boot at all
+
+
+def take_supervisor_lock(files: RunFiles) -> int | None:
+    """The workspace's supervisor lock (held for the process's life), or None when
+    another supervisor has it."""
+    lock = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    return lock
+
+
+def unlaunched(layout: StateLayout, name: str) -> FirstBoot:
+    """What a first boot needs to know, nothing held or launched yet."""
+    workspace = get_workspace(layout, name)
+    accel = choose_accel()
+    tsc_khz = host_tsc_khz(layout.tsc_record) if accel.accel == "tcg" else None
+    return FirstBoot(workspace, accel, tsc_khz)
+
+
+def first_boot(layout: StateLayout, name: str) -> FirstBoot:
+    """Hold the workspace's volumes and launch its first boot (the caller holds the
+    supervisor lock and is in the run directory). Failures are recorded, not raised:
+    the supervisor reports them as the boot's outcome."""
+    from microagent.disks.volumes import hold_volumes
+
+    first = unlaunched(layout, name)
+    workspace, accel, tsc_khz = first.workspace, first.accel, first.tsc_khz
+    volumes = [d.name for d in workspace.disks if d.kind == "volume"]
+    try:  # held for the supervisor's life (see volumes.py)
+        first.holds.enter_context(hold_volumes(layout, name, volumes))
+    except MicroagentError as e:
+        first.failure, first.volumes_failed = e.message, True
+        return first
+    try:
+        first.launched = launch_vmm(layout, workspace, accel, tsc_khz)
+    except ConflictError as e:
+        first.failure = e.message
+    except Exception as e:
+        first.failure = f"could not boot: {e}"
+    return first
+
+
+def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, tsc_khz: int | None,
+               cancelled: Callable[[], bool] = lambda: False) -> Launched | None:
+    """Prepare one boot (initramfs, attached disks, the VMM's argv) and start the VMM and,
+    with a network, its passt.
+
+    None when ``cancelled()`` says a kill came while preparing. Raises ConflictError for
+    a published port that is taken."""
+    from microagent.guest import agent_binary
+    from microagent.kernel.initramfs import build_boot_initramfs
+    from microagent.network import check_ports_free, has_network
+
+    files = layout.run_files(workspace.name)
+    kernel = workspace_kernel(layout, workspace)
+    recovery = journal_needs_recovery(workspace.rootfs)
+    # at every boot: a restart finds a port taken while the guest was down
+    check_ports_free(workspace.ports)
+    build_boot_initramfs(kernel, agent_binary(), files.initramfs)
+    # a fresh copy of each rw bundle's disk at every boot: its writes do not persist
+    attached = prepare_boot_disks(layout, files, workspace.disks,
+                                  layout.workspace_bundles_dir(workspace.name))
+    links = _socketpairs() if has_network(workspace.network) else None
+    net_fd = links[0].fileno() if links is not None else None
+    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd)
+    plan = QemuBackend().plan(spec)
+    if cancelled():
+        _close(links)
+        return None
+    for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
+                        *([plan.out_socket] if plan.out_socket else [])):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(files.dir / socket_name)
+    parent = os.getpid()
+    try:
+        with os.fdopen(open_private(files.vmm_log, os.O_WRONLY | os.O_APPEND),
+                       "ab") as vmm_log:
+            vmm_log_start = vmm_log.tell()
+            process = subprocess.Popen(
+                plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
+                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
+                start_new_session=True, umask=PRIVATE_UMASK,  # its sockets: owner only
+                pass_fds=() if net_fd is None else (net_fd,))
+    except BaseException:
+        _close(links)
+        raise
+    network = None
+    if links is not None:
+        try:
+            network = start_network(files, workspace, links, parent)
+        except BaseException:
+            _close(links)
+            process.kill()
+            process.wait()
+            raise
+        _close((links[0], links[3]))  # the children's ends: theirs now
+    return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network,
+                    tuple(Path(disk.path) for disk in spec.disks))
+
+
+def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """QEMU's end, the relay's two ends, passt's end, with 4 MiB buffers each way.
+
+    passt drops the frames it cannot write at once and lets TCP retransmit them: with a
+    socketpair's default 208 KiB, a download into a TCG guest ran at 2.3 MB/s against
+    33 MB/s with 8 MiB (and 16-17 MB/s with 1 MiB or 4 MiB under other load). passt sets
+    the same on the sockets it accepts; as root the size does not depend on
+    ``net.core.wmem_max``."""
+    vmm, relay_vmm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay_helper, helper = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (vmm, relay_vmm, relay_helper, helper):
+        for forced, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                              (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, forced, LINK_BUFFER)
+            except PermissionError:  # not root: up to net.core.[rw]mem_max
+                sock.setsockopt(socket.SOL_SOCKET, plain, LINK_BUFFER)
+    return vmm, relay_vmm, relay_helper, helper
+
+
+def _close(sockets: tuple[socket.socket, ...] | None) -> None:
+    for sock in sockets or ():
+        sock.close()
+
+
+def start_network(files: RunFiles, workspace: Workspace,
+                  links: tuple[socket.socket, socket.socket, socket.socket, socket.socket],
+                  parent: int) -> NetworkHelper:
+    """Start passt on its end of ``links`` and the frame filter between it and QEMU's end.
+    Raises HostError when passt cannot be run."""
+    from microagent.errors import HostError
+    from microagent.network import reaches_host_loopback
+    from microagent.vm.backends.base import PortSpec
+    from microagent.vm.netfilter import FramePolicy, FrameRelay
+    from microagent.vm.passt import DNS_ADDRESS, GATEWAY, PasstSpec, passt_argv, passt_problems
+
+    _, relay_vmm, relay_helper, helper = links
+    host_loopback = reaches_host_loopback(workspace.network)
+    spec = PasstSpec(helper.fileno(), host_loopback,
+                     tuple(PortSpec(p.host_ip, p.host_port, p.guest_port)
+                           for p in workspace.ports))
+    try:
+        with os.fdopen(open_private(files.network_log, os.O_WRONLY | os.O_APPEND),
+                       "ab") as log:
+            log_start = log.tell()
+            process = subprocess.Popen(
+                passt_argv(spec), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
+                start_new_session=True, umask=PRIVATE_UMASK, pass_fds=(helper.fileno(),))
+    except OSError as e:
+        problems = passt_problems()
+        raise HostError(problems[0] if problems else f"cannot start passt: {e}") from e
+    policy = FramePolicy(gateway=None if host_loopback else socket.inet_aton(GATEWAY),
+                         dns=socket.inet_aton(DNS_ADDRESS))
+    relay = FrameRelay(relay_vmm, relay_helper, policy)
+    relay.start()
+    return NetworkHelper(process, relay, log_start)
+
+
+def workspace_kernel(layout: StateLayout, workspace: Workspace, *,
+                     install_if_missing: bool = False) -> KernelBundle:
+    """The bundle ``workspace`` boots: its own (``create --kernel``), else the default."""
+    if workspace.own_kernel is not None:
+        from microagent.kernel.ownkernels import own_kernel
+
+        return own_kernel(layout, workspace.own_kernel.digest)
+    from microagent.kernel.kernels import default_kernel
+
+    return default_kernel(layout, install_if_missing=install_if_missing)
+
+
+def vmm_said(vmm_log: Path, offset: int) -> str:
+    """The VMM's own last words of one boot, from ``offset`` in its log (e.g. QEMU
+    refusing a locked image); "" when it said nothing."""
+    try:
+        with open(vmm_log, "rb") as f:
+            f.seek(offset)
+            lines = f.read(65536).decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return (": " + " ".join(line.strip() for line in lines[-2:])) if lines else ""
+
+
+def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
+                tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None
+                ) -> LaunchSpec:
+    """What the backend is asked to boot for ``workspace``."""
+    from microagent.network import has_network
+
+    image = kernel.vmlinux if kernel.vmlinux is not None else kernel.vmlinuz
+    network = "user" if has_network(workspace.network) else "none"
+    return LaunchSpec(
+        name=workspace.name, memory_mib=workspace.resources.memory_mib,
+        cpus=workspace.resources.cpus, kernel=image, initramfs=files.initramfs,
+        cmdline=guest_cmdline(hostname=workspace.hostname, network=network,
+                              accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
+        disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
+        network=network, accel=accel.accel, net_fd=net_fd,
+    )
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the VMM child before exec: die with the supervisor (SIGKILL on its death)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)

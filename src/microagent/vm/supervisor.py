@@ -1,0 +1,615 @@
+"""The supervisor: one detached process per running workspace (``start`` spawns it).
+
+It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
+serial console into ``serial.log``, holds the agent channel, serves the control socket
+(:mod:`microagent.vm.control_server`: status, halt, stop, kill, quarantine, resume, relayed
+exec streams, console sessions through :class:`~microagent.vm.console.ConsoleBroker`),
+computes readiness, appends the
+lifecycle events, applies the restart policy and records the final state. Only the
+supervisor starts or ends a VMM process; the CLI's ``kill`` reaches for the VMM itself
+only when the supervisor is gone.
+
+SIGTERM, SIGINT and SIGHUP halt the workspace as ``halt`` does (the guest syncs and
+powers off, with the usual grace and fallbacks; the events say which signal), then the
+supervisor exits: process managers stop things with SIGTERM. A VM that QEMU pauses (its
+host disk is full) is ``paused`` with the reason (:class:`~microagent.vm.vmm.PauseWatch`)
+until ``resume``; halt, stop and kill work from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from microagent.disks.attachments import remove_bundle_disks
+from microagent.errors import ConflictError, MicroagentError, PausedError
+from microagent.events import EventLog, append_event, now_iso
+from microagent.layout import StateLayout
+from microagent.network import port_failure
+from microagent.state.records import Workspace
+from microagent.state.runtime import process_start_time
+from microagent.store import write_json_atomic
+from microagent.vm.backends.qmp import QmpClient, QmpError
+from microagent.vm.channel import AgentChannel
+from microagent.vm.console import ConsoleBroker, ConsoleCapture
+from microagent.vm.containment import sever_network
+from microagent.vm.control_server import QUARANTINE_HINT, ControlServer
+from microagent.vm.launch import FirstBoot, Launched, launch_vmm, vmm_said
+from microagent.vm.passt import NetworkHelper
+from microagent.vm.protocol import FrameType
+from microagent.vm.vmm import PauseWatch, VmmProcess, connect_qmp
+
+HALT_GRACE_MS = 10_000
+STOP_WAIT = 5.0
+HELPER_EXIT_GRACE = 2.0  # passt ended during boot: QEMU may be exiting too (see boot_once)
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0
+CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
+RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
+HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one boot ended."""
+
+    state: str  # halted, stopped or failed
+    detail: str
+
+
+class Supervisor:
+    """Boots one workspace and watches it until it is halted, stopped or killed."""
+
+    def __init__(self, layout: StateLayout, name: str, boot_timeout: float,
+                 first: FirstBoot, early_signals: list[int] | None = None) -> None:
+        self.layout = layout
+        self.name = name
+        self.files = layout.run_files(name)
+        self.events = EventLog(layout.workspace_events(name))  # survives a full disk
+        self.boot_timeout = boot_timeout
+        self.first = first  # what _supervise did before the event loop
+        self.workspace: Workspace = first.workspace
+        self.accel = first.accel
+        self.intent: str | None = None
+        self.vmm: VmmProcess | None = None
+        self.network: NetworkHelper | None = None  # this boot's passt and frame relay
+        self.channel: AgentChannel | None = None
+        self.channel_task: asyncio.Task[None] | None = None
+        self.tsc_khz = first.tsc_khz
+        self.qmp: QmpClient | None = None
+        self.console: ConsoleCapture | None = None
+        self.broker = ConsoleBroker()
+        self.console_shell: bool | None = None  # None: not known yet
+        self.console_checked = 0.0  # monotonic time of the last answer
+        self.console_probe: asyncio.Task[None] | None = None
+        self.guest_fatal: str | None = None  # the agent's "fatal:" line of this boot
+        self.exited = asyncio.Event()
+        self.ending = False  # kill was asked: boot nothing more, end the VMM if any
+        self.booted = False  # the current boot's guest is ready
+        self.finished = asyncio.Event()  # the supervisor is winding down
+        self.outcome: Outcome | None = None
+        self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
+        self.quarantined = False  # see microagent.workspace.quarantine; ends with the VM
+        self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
+        self.out_socket: str | None = None  # the output port's socket, if the VMM has one
+        self.control = ControlServer(self)
+        self.pause = PauseWatch()  # whether QEMU has stopped the vCPUs, and why
+        self.early_signals = early_signals if early_signals is not None else []
+        self.signalled: str | None = None  # "SIGTERM to the supervisor": halting for it
+        self.halt_cause = ""  # what asked for the halt, when not a `halt` command
+        self.wake = asyncio.Event()  # ends a restart's back-off early (kill, a signal)
+        self.tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget, kept referenced
+
+    # --- status -----------------------------------------------------------------------
+
+    def _event(self, state: str, detail: str = "") -> None:
+        self.events.append(state, detail)
+
+    def _save_status(self) -> None:
+        # a full disk (a HostError that says so): the next save writes it whole, and
+        # `status` asks the supervisor anyway
+        with contextlib.suppress(OSError, MicroagentError):
+            write_json_atomic(self.files.status, self.status, durable=False)  # gone at exit
+        self.events.flush()  # what a full disk held back, now that it may take it
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _ready(self, signal_name: str, ok: bool, detail: str) -> None:
+        self.status.setdefault("readiness", {})[signal_name] = {"ok": ok, "detail": detail}
+        self._save_status()
+
+    # --- one boot ---------------------------------------------------------------------
+
+    async def boot_once(self, launched: Launched | None = None) -> Outcome:
+        """Start the VMM (unless ``launched`` already), wait for readiness, then for its
+        exit; say how it ended."""
+        if launched is None:
+            try:
+                # killed while preparing this boot (or in a restart's back-off): none
+                launched = launch_vmm(self.layout, self.workspace, self.accel, self.tsc_khz,
+                                      cancelled=lambda: self.ending)
+            except ConflictError as e:
+                return Outcome("failed", e.message)
+            if launched is None:
+                return Outcome("stopped", "killed")
+        plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
+        started, vmm_log_start = launched.started, launched.vmm_log_start
+        self.vmm = VmmProcess(launched.process)
+        self.network = launched.network
+        self.pause = PauseWatch(launched.disks)
+        self.guest_fatal = None
+        self.intent, self.outcome = None, None
+        self.booted = False
+        self.exited.clear()
+        self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
+                           accel=self.accel.accel, accel_reason=self.accel.reason)
+        self.out_socket = plan.out_socket
+        self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
+        self.broker.capture = self.console
+        self.console_shell, self.console_checked = None, 0.0
+        self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid))
+        if self.network is not None:
+            self.status["network_helper"] = {"program": "passt", "pid": self.network.pid}
+        self._save_status()
+        if self.ending:  # a kill arrived while QEMU was being launched
+            await self._kill_vmm()
+        waiter = asyncio.create_task(self._wait_vmm())
+        helpers = [asyncio.create_task(self.console.capture(plan.console_socket,
+                                                            time.monotonic() + 10,
+                                                            self._console_line))]
+        ready = asyncio.create_task(self._become_ready(plan.agent_socket, plan.monitor_socket))
+        # passt exits at once when it cannot bind a published port: that fails the boot
+        helper_exit = (asyncio.create_task(VmmProcess(self.network.process).wait())
+                       if self.network is not None else None)
+        done, _ = await asyncio.wait({waiter, ready, *filter(None, [helper_exit])},
+                                     timeout=self.boot_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if ready in done and ready.exception() is None:
+                self.booted = True
+                self.status["ready_seconds"] = round(time.monotonic() - started, 3)
+                self._save_status()
+                note = ("; the root file system's journal was recovered (the last shutdown "
+                        "was not clean)" if recovery else "")
+                self._event("running", f"ready in {self.status['ready_seconds']:.1f}s "
+                                       f"({self.accel.accel}){note}")
+                if self.signalled is not None and self.intent is None:
+                    self._spawn(self._halt({"cause": self.signalled}))  # came while booting
+                await waiter
+                return self._classify()
+            if helper_exit in done and waiter not in done and ready not in done:
+                # passt also ends when QEMU closes the link: a guest that powered off
+                # (a fatal error) is then the cause, and QEMU is about to exit
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), HELPER_EXIT_GRACE)
+                if not waiter.done():
+                    await self._kill_vmm()
+                    await waiter
+                return Outcome("failed", await self._guest_fatal() or self._network_failure())
+            if waiter in done and self.intent == "kill":
+                return Outcome("stopped", "killed")
+            if waiter in done:
+                fatal = await self._guest_fatal()  # e.g. a disk that cannot be mounted
+                said = vmm_said(self.files.vmm_log, vmm_log_start)
+                taken = port_failure(said)  # a --publish port taken since the check
+                if taken is not None:
+                    return Outcome("failed", taken.message)
+                return Outcome("failed", fatal or f"the VM exited during boot "
+                                                  f"(status {self.vmm.returncode})" + said)
+            reason = (f"the guest agent failed: {ready.exception()}" if ready in done
+                      else f"the VM was paused while booting: {self.pause.reason}"
+                      if self.pause.paused
+                      else f"the guest did not become ready within {self.boot_timeout:.0f}s")
+            await self._kill_vmm()
+            await waiter
+            return Outcome("failed", await self._guest_fatal() or reason)
+        finally:
+            for task in (ready, helper_exit, *helpers, self.channel_task, self.console_probe):
+                if task is not None:
+                    task.cancel()
+            self.channel_task = None
+            if self.network is not None:  # ended by pid; it also ends with QEMU's link
+                await asyncio.to_thread(self.network.stop)
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
+
+    def _network_failure(self) -> str:
+        """Why passt ended during the boot: a published port taken since the check, or
+        its own last words."""
+        helper = self.network
+        if helper is None:
+            return "the network helper ended"
+        try:
+            with open(self.files.network_log, "rb") as f:
+                f.seek(helper.log_start)
+                said = f.read(65536).decode(errors="replace")
+        except OSError:
+            said = ""
+        taken = port_failure(said)
+        if taken is not None:
+            return taken.message
+        lines = [line.strip() for line in said.splitlines()
+                 if line.strip() and "to syslog" not in line]
+        return (f"the network helper (passt) exited during boot (status "
+                f"{helper.process.returncode})" + (": " + " ".join(lines[-2:]) if lines else ""))
+
+    async def _guest_fatal(self) -> str | None:
+        """The agent's ``fatal:`` console line of this boot, once the console is drained."""
+        if self.guest_fatal is None and self.console is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.console.closed.wait(), 2.0)
+        return self.guest_fatal
+
+    async def _wait_vmm(self) -> None:
+        if self.vmm is not None:
+            await self.vmm.wait()
+        self.exited.set()
+
+    async def _become_ready(self, agent_socket: str, qmp_socket: str) -> None:
+        deadline = time.monotonic() + self.boot_timeout
+        self.channel = AgentChannel()
+        await self.channel.connect(agent_socket, deadline)
+        self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
+        self.channel_task = asyncio.create_task(self.channel.serve())
+        hello = await self.channel.handshake()
+        self.status["agent"] = hello.get("software", "")
+        self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
+        await asyncio.gather(self.probe_exec(), self._probe_network())
+
+    async def probe_exec(self, timeout: float = 15) -> bool:
+        """A no-op exec round trip; sets execReady."""
+        if self.channel is None or self.channel.closed.is_set():
+            self._ready("execReady", False, "no agent channel")
+            return False
+        start = time.monotonic()
+        try:
+            frame, _ = await self.channel.request(
+                {"op": "exec", "argv": ["true"], "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                 "cwd": "/", "user": "", "tty": None, "stdin": False, "timeout_ms": 10_000},
+                timeout=timeout)
+        except TimeoutError:
+            self._ready("execReady", False, f"a no-op exec got no answer within {timeout:g}s: "
+                                            "the guest is unresponsive")
+            return False
+        except Exception as e:
+            self._ready("execReady", False, f"exec round trip failed: {e}")
+            return False
+        ms = (time.monotonic() - start) * 1000
+        # a missing `true` still proves the exec path: the agent forked and answered
+        self._ready("execReady", frame.type in (FrameType.EXIT, FrameType.ERROR),
+                    f"no-op exec round trip in {ms:.0f} ms")
+        return True
+
+    async def _probe_network(self) -> None:
+        if self.workspace.network == "none":
+            self._ready("networkReady", True, "network none: loopback only")
+            return
+        if self.channel is None:
+            return
+        try:
+            frame, _ = await self.channel.request({"op": "info"}, timeout=10)
+            info = frame.json().get("info", {}) if frame.type == FrameType.EXIT else {}
+        except Exception as e:
+            self._ready("networkReady", False, f"agent info failed: {e}")
+            return
+        net = info.get("network", {}) if isinstance(info, dict) else {}
+        self.status["network"] = net
+        self._ready("networkReady", bool(net.get("configured")),
+                    str(net.get("detail") or net.get("address") or "not configured"))
+
+    def _console_line(self, line: str) -> None:
+        if "microagent-init: fatal: " in line and self.guest_fatal is None:
+            self.guest_fatal = line.split("microagent-init: fatal: ", 1)[1].strip()
+        if "microagent-init: console shell" in line and not self.quarantined:
+            self.console_shell = True
+            self._ready("consoleReady", False, "the console shell is starting")
+            if self.console_probe is None or self.console_probe.done():
+                self.console_probe = asyncio.create_task(
+                    self._probe_console(CONSOLE_PROBE_TIMEOUT))
+        elif "console has no shell" in line:
+            self.console_shell = False
+            self._ready("consoleReady", False, "the image has no shell for the console")
+
+    async def _probe_console(self, timeout: float) -> None:
+        """consoleReady: a line typed into the console shell is answered."""
+        answer = await self.broker.probe(timeout)
+        if answer is None:  # a session holds the console: keep what is known
+            return
+        ok, detail = answer
+        if ok:
+            self.console_checked = time.monotonic()
+        self._ready("consoleReady", ok, detail)
+
+    def _classify(self) -> Outcome:
+        code = self.vmm.returncode if self.vmm is not None else None
+        reason = self.qmp.shutdown_reason if self.qmp is not None else None
+        if self.intent == "halt":
+            return Outcome("halted", "halted cleanly" + (f" ({self.halt_cause})"
+                                                         if self.halt_cause else ""))
+        if self.intent == "halt-timeout":
+            return Outcome("failed", "the guest did not halt in time; the VM was ended")
+        if self.intent == "halt-paused":
+            return Outcome("failed", f"the guest could not halt: {self.pause.reason}; the "
+                                     "VM was ended")
+        if self.intent == "kill":
+            return Outcome("stopped", "killed")
+        if self.intent == "stop":
+            return Outcome("stopped", "stopped by request")
+        if code == 0 and reason in (None, "guest-shutdown"):
+            return Outcome("stopped", "the guest powered off")
+        if reason in ("guest-reset", "guest-panic"):
+            return Outcome("failed", f"the guest rebooted or panicked ({reason})")
+        return Outcome("failed", f"the VM process ended unexpectedly (status {code})")
+
+    async def _kill_vmm(self) -> None:
+        if self.vmm is not None and self.vmm.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.vmm.kill()
+
+    async def serve_client(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """One control connection (:class:`~microagent.vm.control_server.ControlServer`)."""
+        await self.control.serve(reader, writer)
+
+    # --- paused -----------------------------------------------------------------------
+
+    def _vmm_event(self, message: dict[str, Any]) -> None:
+        """A QMP event: the VM paused (e.g. host disk full) or resumed."""
+        change = self.pause.event(message)
+        if change is None or (self.qmp is not None and self.qmp.shutdown_reason):
+            return
+        quiet = self.intent is not None  # halt or stop resumes it on the way out
+        if change == "paused":
+            reason = str(self.pause.reason)
+            self.status["paused"] = {"reason": reason, "time": now_iso()}
+            self._ready("execReady", False, f"paused: {reason}")
+            if not quiet:
+                self._event("paused", reason)
+            return
+        self.status.pop("paused", None)
+        self._save_status()
+        if not quiet:
+            self._event("running", "resumed")
+        if not self.quarantined:
+            self._spawn(self.probe_exec())
+
+    async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``cont``: the vCPUs run again; QEMU retries the writes that failed."""
+        if not self.pause.paused or self.intent is not None or self.outcome is not None:
+            raise ConflictError("the workspace is not paused")
+        if not await self._unpause():
+            raise ConflictError(f"it paused again at once: {self.pause.reason}",
+                                hint="make room there, then resume it again")
+        return {"state": "running"}
+
+    async def _unpause(self) -> bool:
+        """``cont``, then whether it stays running (a disk still full stops it again)."""
+        before = self.pause.pauses
+        await self._cont()
+        await asyncio.sleep(RESUME_SETTLE)
+        return not (self.pause.paused and self.pause.pauses > before)
+
+    async def _cont(self) -> None:
+        if self.qmp is None:
+            raise MicroagentError("the VM cannot be resumed: there is no QEMU monitor",
+                                  hint=f"microagent kill {self.name}")
+        try:
+            await self.qmp.execute("cont")
+        except (QmpError, TimeoutError, ConnectionError) as e:
+            raise MicroagentError(f"QEMU did not resume the VM: {e}") from e
+
+    async def _until_exit(self, timeout: float, pauses: int) -> str:
+        """``exited``, ``paused`` (again since the ``pauses``-th pause: the disk is still
+        full) or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.exited.is_set():
+            if self.pause.paused and self.pause.pauses > pauses:
+                return "paused"
+            if time.monotonic() > deadline:
+                return "timeout"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), 0.1)
+        return "exited"
+
+    async def _halt(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The clean shutdown (``halt``, or a signal to the supervisor: ``cause``).
+
+        A paused guest must run to sync and power off: it is resumed first. If it pauses
+        again at once (its disk is still full), ``halt`` is refused and the VM stays
+        paused, its unsynced writes kept; a signal ends it anyway (the supervisor must
+        exit), and the workspace is ``failed``."""
+        cause = str(request.get("cause") or "")
+        if self.pause.paused and not cause:
+            try:
+                resumed = await self._unpause()
+            except MicroagentError:
+                resumed = False
+            if not resumed:
+                raise ConflictError(
+                    f"it cannot halt cleanly while paused: {self.pause.reason}",
+                    hint=f"make room there and halt it again; `microagent kill "
+                         f"{self.name}` ends it now (its unsynced writes are lost)")
+        self.intent = "halt"
+        self.halt_cause = cause
+        self._event("halting", f"{cause}: halting" if cause else "halt requested")
+        grace = int(request.get("grace_ms", HALT_GRACE_MS))
+        pauses = self.pause.pauses
+        if self.pause.paused:
+            with contextlib.suppress(MicroagentError):
+                await self._cont()
+        if self.channel is not None and not self.channel.closed.is_set():
+            self.channel.send_only({"op": "shutdown", "grace_ms": grace, "mode": "poweroff"})
+        ended = await self._until_exit(grace / 1000 + 20, pauses)
+        if ended != "exited":  # paused again (disk still full) or no answer: end it
+            self.intent = "halt-paused" if ended == "paused" else "halt-timeout"
+            await self._kill_vmm()
+            await self.exited.wait()
+            return {"state": "failed", "detail": self._classify().detail}
+        return {"state": "halted"}
+
+    async def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.intent = "stop"
+        if self.pause.paused:
+            with contextlib.suppress(MicroagentError):
+                await self._cont()
+        if self.channel is not None and not self.channel.closed.is_set():
+            self.channel.send_only({"op": "shutdown", "grace_ms": int(STOP_WAIT * 800),
+                                    "mode": "poweroff"})
+        elif self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.execute("system_powerdown")
+        try:
+            await asyncio.wait_for(self.exited.wait(), STOP_WAIT)
+        except TimeoutError:
+            self.intent = "stop-failed"
+            self._event("failed", "stop: the guest did not exit within 5s; the VM is left "
+                                  "running for `kill`")
+            return {"state": "failed", "detail": "the guest did not exit within 5s"}
+        return {"state": "stopped"}
+
+    async def _quarantine(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Sever the network, then refuse exec, cp and console input (see quarantine.py)."""
+        if self.quarantined:
+            raise ConflictError("the workspace is already quarantined", hint=QUARANTINE_HINT)
+        if self.pause.paused:
+            raise PausedError(self.name, str(self.pause.reason))
+        if self.intent is not None or self.vmm is None or self.vmm.returncode is not None \
+                or self.channel is None or self.channel.hello is None:
+            raise ConflictError("the workspace is not running")
+        self.quarantined = True  # refuse new sessions while QMP is being asked
+        try:
+            detail = await sever_network(self.qmp, self.network, self.workspace)
+        except (MicroagentError, TimeoutError, ConnectionError) as e:
+            self.quarantined = False
+            raise MicroagentError(f"could not sever the network: {e}; not quarantined",
+                                  hint=f"microagent kill {self.name}") from e
+        for writer in list(self.sessions):  # exec, cp and console sessions in flight
+            writer.transport.abort()
+        refused = "quarantined: refused"
+        self._ready("execReady", False, refused)
+        self._ready("consoleReady", False, refused)
+        self._ready("networkReady", False, f"quarantined: {detail}")
+        self.status["quarantined"] = {"time": now_iso(), "detail": detail}
+        self._save_status()
+        self._event("quarantined", f"{detail}; exec, cp and console input refused")
+        return {"state": "quarantined", "detail": detail}
+
+    async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
+        # answered once the supervisor winds down: whatever it was doing (preparing a
+        # boot, launching QEMU, a restart's back-off), no VMM is left behind
+        self.intent = "kill"
+        self.ending = True
+        self.wake.set()
+        await self._kill_vmm()
+        await self.finished.wait()
+        return {"state": "stopped"}
+
+    # --- the whole life ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Boot, apply the restart policy, record the final state."""
+        server = await asyncio.start_unix_server(self.serve_client,
+                                                 path=self.files.control_socket)
+        loop = asyncio.get_running_loop()
+        for halt_signal in HALT_SIGNALS:
+            loop.add_signal_handler(halt_signal, self._on_signal, int(halt_signal))
+        for early in self.early_signals:  # came before the loop (see _supervise)
+            self._on_signal(early)
+        failures = 0
+        holds = self.first.holds  # the volumes, held for the supervisor's life
+        launched, failure = self.first.launched, self.first.failure  # the first boot's
+        try:
+            if self.first.volumes_failed:
+                self.outcome = Outcome("failed", failure or "")
+                self._event("failed", self.outcome.detail)
+                return 1
+            while True:
+                began = time.monotonic()
+                try:
+                    if failure is not None:
+                        outcome = Outcome("failed", failure)
+                    else:
+                        outcome = await self.boot_once(launched)
+                except Exception as e:
+                    await self._kill_vmm()
+                    outcome = Outcome("failed", f"could not boot: {e}")
+                launched, failure = None, None  # restarts launch their own
+                if self.intent == "stop-failed":
+                    outcome = Outcome("stopped", "the guest exited after a failed stop")
+                self.outcome = outcome
+                self._event(outcome.state, outcome.detail)
+                if self.intent is not None or self.quarantined or self.ending \
+                        or not self._should_restart(outcome):
+                    return 0 if outcome.state != "failed" else 1
+                failures = 0 if time.monotonic() - began > STABLE_AFTER else failures + 1
+                delay = min(BACKOFF_MAX, 2.0 ** max(0, failures - 1))
+                self.status["restarts"] += 1
+                self._event("starting", f"restart {self.status['restarts']} "
+                                        f"(policy {self.workspace.restart}) after {delay:.0f}s")
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                if self.signalled is not None:  # no VM to halt: end here
+                    self.outcome = Outcome("stopped", f"{self.signalled} during the "
+                                                      "restart's back-off; not restarted")
+                    self._event(self.outcome.state, self.outcome.detail)
+                    return 0
+        finally:
+            await self._kill_vmm()
+            if self.vmm is not None and self.vmm.returncode is None:
+                with contextlib.suppress(TimeoutError):  # gone before kill answers
+                    await asyncio.wait_for(self.vmm.wait(), 10)
+            self.finished.set()
+            await asyncio.sleep(0.05)  # let a waiting kill request answer
+            server.close()
+            holds.close()
+            remove_bundle_disks(self.files, self.workspace.disks)
+
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM, SIGINT, SIGHUP: halt as ``halt`` does, then end (``run`` returns once
+        the VM is down). A second signal changes nothing: the halt has its own bounds."""
+        if self.signalled is not None or self.finished.is_set():
+            return
+        self.signalled = f"{signal.Signals(signum).name} to the supervisor"
+        self.ending = True  # boot nothing more
+        self.wake.set()
+        if self.vmm is not None and self.vmm.returncode is None and self.booted \
+                and self.intent in (None, "stop-failed"):
+            self._spawn(self._halt({"cause": self.signalled}))
+        # else: booting (boot_once halts once the guest is ready, or the boot fails), or
+        # between boots (run ends), or a halt, stop or kill is under way already
+
+    def _should_restart(self, outcome: Outcome) -> bool:
+        policy = self.workspace.restart
+        return policy == "always" or (policy == "on-failure" and outcome.state == "failed")
+
+
+def run_supervisor(layout: StateLayout, name: str, boot_timeout: float,
+                   first: FirstBoot, early_signals: list[int] | None = None) -> int:
+    """The supervisor's work once ``_supervise`` has the lock and launched the first
+    boot (``first``); ``early_signals`` were received before (they halt it at once).
+    Never returns while the workspace runs."""
+    files = layout.run_files(name)
+    supervisor = Supervisor(layout, name, boot_timeout, first, early_signals)
+    try:
+        return asyncio.run(supervisor.run())
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            append_event(layout.workspace_events(name), "failed", f"supervisor error: {e!r}")
+        raise
+    finally:
+        for leftover in (files.status, files.initramfs, files.dir / "agent.sock",
+                         files.dir / "agent-out.sock", files.dir / "console.sock",
+                         files.dir / "qmp.sock",
+                         files.dir / files.control_socket):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()

@@ -1,0 +1,363 @@
+"""The verbs of a booted workspace: boot, status, halt, stop, kill, resume.
+
+:func:`boot_workspace` (``start``; a pending setup then runs: workspace/start.py) checks
+the host, installs the default kernel if missing, records ``starting``
+and spawns the supervisor (``python -m microagent.vm._supervise NAME``) detached, then waits
+for the supervisor to report ``running`` or a failure. The other verbs talk to the
+supervisor over its control socket (:mod:`microagent.vm.control`). State is always derived
+(:func:`microagent.state.runtime.runtime_state`), so a dead supervisor never leaves a workspace
+looking alive. ``paused`` (QEMU stopped the vCPUs, e.g. on a full host disk) is derived
+the same way, from the supervisor's ``paused`` event, or from the supervisor itself when
+that event could not be written yet (the disk is full).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from microagent.config import validate_name
+from microagent.errors import (
+    ConflictError,
+    HostError,
+    MicroagentError,
+    PausedError,
+    UnresponsiveError,
+)
+from microagent.events import append_event, read_events
+from microagent.layout import PRIVATE_UMASK, StateLayout
+from microagent.progress import NullProgress, Progress
+from microagent.state.records import BrokenWorkspaceError, get_workspace, require_workspace
+from microagent.state.runtime import RuntimeState, runtime_state, supervisor_alive
+from microagent.store import ensure_dir, file_lock, open_private
+from microagent.vm.control import SupervisorClient
+from microagent.workspace.logs import capture_tail
+
+DEFAULT_START_TIMEOUT = 120.0
+RUNNING = frozenset({"starting", "running", "halting"})
+SETTLED = frozenset({"running", "failed", "stopped", "halted"})
+SUPERVISOR_END_WAIT = 5.0  # after a failed boot's final event
+STATUS_WAIT = 30.0  # the supervisor's status probe is bounded well within this
+HALTABLE = frozenset({"running", "quarantined", "paused"})
+
+
+class StartError(MicroagentError):
+    """A boot that failed; the message carries the console's last lines."""
+
+    kind = "start-failed"
+
+
+def stderr_sink(data: bytes) -> None:
+    """Write ``data`` to stderr at once (the default for setup output)."""
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def boot_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,
+                   progress: Progress | None = None) -> RuntimeState:
+    """Boot ``name`` and return once the guest is ready for exec (``start`` without a
+    pending setup: workspace/start.py)."""
+    from microagent.disks.attachments import check_before_start
+    from microagent.guest import agent_binary
+    from microagent.network import check_ports_free, has_network
+    from microagent.vm.backends.base import choose_accel
+    from microagent.vm.backends.qemu import QemuBackend
+    from microagent.vm.launch import workspace_kernel
+    from microagent.vm.passt import passt_problems
+
+    progress = progress or NullProgress()
+    validate_name(name)
+    with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
+        workspace = get_workspace(layout, name)
+        current = runtime_state(layout, name)
+        paused = supervisor_pause(layout, name, current) if current.state in RUNNING \
+            else None
+        if paused is not None:  # not in its events yet: the disk is full
+            raise ConflictError(f"workspace {name} is paused: {paused}; it runs already",
+                                hint=f"resume it: microagent resume {name}")
+        if current.state in RUNNING:
+            raise ConflictError(f"workspace {name} is already running")
+        if current.state == "quarantined":
+            raise ConflictError(f"workspace {name} is quarantined",
+                                hint="halt, stop or kill it first")
+        if current.state == "paused":
+            raise ConflictError(f"workspace {name} is paused: {current.detail}; it runs "
+                                "already", hint=f"resume it: microagent resume {name}")
+        if current.has_live_process:
+            raise ConflictError(f"workspace {name} still has a VM process "
+                                f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
+        # volumes there (never re-created) and not held elsewhere; --disk and bundle files
+        check_before_start(layout, name, workspace.disks)
+        check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
+        problems = QemuBackend().check_host()
+        if has_network(workspace.network):
+            problems += passt_problems()
+        if problems:
+            raise HostError("; ".join(problems))
+        workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use
+        agent_binary()
+        accel = choose_accel()
+        if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):
+            progress.step(f"notice: {accel.reason}")
+        files = layout.run_files(name)
+        shutil.rmtree(files.dir, ignore_errors=True)
+        ensure_dir(files.dir)
+        events_before = len(read_events(layout.workspace_events(name)))
+        append_event(layout.workspace_events(name), "starting", f"boot ({accel.accel})")
+        supervisor = _spawn_supervisor(layout, name, timeout)
+        deadline = time.monotonic() + 10
+        while not supervisor_alive(files) and supervisor.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _wait_started(layout, name, supervisor, events_before + 1, timeout)
+
+
+def _spawn_supervisor(layout: StateLayout, name: str, timeout: float) -> subprocess.Popen[bytes]:
+    log = layout.workspace_supervisor_log(name)
+    with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "microagent.vm._supervise", "--state-dir", str(layout.root),
+             "--timeout", str(timeout), name],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            close_fds=True, cwd="/", umask=PRIVATE_UMASK,
+        )
+
+
+def _wait_started(layout: StateLayout, name: str, supervisor: subprocess.Popen[bytes],
+                  skip: int, timeout: float) -> RuntimeState:
+    deadline = time.monotonic() + timeout + 30
+    while time.monotonic() < deadline:
+        events = read_events(layout.workspace_events(name))[skip:]
+        settled = [e for e in events if e.state in SETTLED]
+        if settled and settled[0].state == "running":
+            return runtime_state(layout, name)
+        if settled:
+            _wait_supervisor_end(layout, name, supervisor, skip + events.index(settled[0]))
+            raise _boot_failure(layout, name, settled[0].detail)
+        if supervisor.poll() is not None and not supervisor_alive(layout.run_files(name)):
+            state = runtime_state(layout, name)
+            if state.state == "running":
+                return state
+            raise _boot_failure(layout, name, "the supervisor exited: " +
+                                _tail(layout.workspace_supervisor_log(name), 5))
+        time.sleep(0.01)  # a few small reads per poll: start returns as soon as it can
+    raise _boot_failure(layout, name, "timed out waiting for the supervisor")
+
+
+def _wait_supervisor_end(layout: StateLayout, name: str,
+                         supervisor: subprocess.Popen[bytes], failed_at: int) -> None:
+    """After a failed boot the supervisor still cleans up (sockets, held volumes) for a
+    moment: return once it has exited, so that the caller may delete the workspace at
+    once; or when a restart policy boots again (a newer ``starting`` event)."""
+    deadline = time.monotonic() + SUPERVISOR_END_WAIT
+    while supervisor.poll() is None and time.monotonic() < deadline:
+        later = read_events(layout.workspace_events(name))[failed_at + 1:]
+        if any(e.state == "starting" for e in later):
+            return
+        time.sleep(0.01)
+
+
+def _tail(path: Any, lines: int) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _boot_failure(layout: StateLayout, name: str, detail: str) -> StartError:
+    tail = capture_tail(layout.workspace_serial_log(name), 25)
+    message = f"workspace {name} failed to start: {detail}\nlast console lines:\n"
+    message += ("\n".join(f"  {x}" for x in tail.splitlines()) if tail.strip()
+                else "  (none: the guest printed nothing on its console yet)")
+    return StartError(message, hint=f"the full console is in `microagent logs {name}`")
+
+
+def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
+    """The runtime state of ``name`` if it is running, else a clear refusal."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state == "paused":
+        raise PausedError(name, state.detail)
+    if state.state == "quarantined" and verb in ("exec", "cp", "connect"):
+        raise ConflictError(f"workspace {name} is quarantined: {verb} is refused",
+                            hint="halt, stop or kill it to end the quarantine")
+    if state.state != "running":
+        raise ConflictError(f"workspace {name} is not running (state {state.state})",
+                            hint=f"start it first: microagent start {name}")
+    return state
+
+
+def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) -> str:
+    """The clean, disk-preserving shutdown; returns the final state."""
+    validate_name(name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
+    state = runtime_state(layout, name)
+    if state.state not in HALTABLE:
+        raise ConflictError(f"workspace {name} is not running (state {state.state})")
+    answer = SupervisorClient(layout.run_files(name), name).request(
+        "halt", timeout=grace_ms / 1000 + 60, grace_ms=grace_ms)
+    _wait_supervisor_gone(layout, name, 30)
+    final = str(answer.get("state", "halted"))
+    if final != "halted":
+        raise MicroagentError(f"workspace {name} did not halt cleanly: "
+                              f"{answer.get('detail', final)}")
+    return final
+
+
+def stop_workspace(layout: StateLayout, name: str) -> str:
+    """Ask the guest to shut down; ``stopped`` within five seconds, else ``failed``."""
+    validate_name(name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
+    state = runtime_state(layout, name)
+    if state.state not in HALTABLE:
+        raise ConflictError(f"workspace {name} is not running (state {state.state})")
+    answer = SupervisorClient(layout.run_files(name), name).request("stop", timeout=30)
+    if answer.get("state") != "stopped":
+        raise MicroagentError(f"workspace {name} did not stop within 5 seconds; "
+                              "it is marked failed and its VM is left running",
+                              hint=f"end it with: microagent kill {name}")
+    _wait_supervisor_gone(layout, name, 30)
+    return "stopped"
+
+
+def resume_workspace(layout: StateLayout, name: str) -> str:
+    """``paused`` → ``running``: the vCPUs run again (QEMU retries the disk writes that
+    failed). Refused when it is not paused; an error when it pauses again at once (the
+    host disk is still full)."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state != "paused" and supervisor_pause(layout, name, state) is None:
+        raise ConflictError(f"workspace {name} is not paused (state {state.state})")
+    SupervisorClient(layout.run_files(name), name).request("resume", timeout=30)
+    return "running"
+
+
+def supervisor_pause(layout: StateLayout, name: str, state: RuntimeState) -> str | None:
+    """Why the VM is paused, when the supervisor knows of a pause that its event could not
+    record yet (a full disk); None when it is not."""
+    if not state.supervisor_alive or state.state != "running":
+        return None
+    with contextlib.suppress(MicroagentError, OSError):
+        answer = SupervisorClient(layout.run_files(name), name).request("status", timeout=10)
+        paused = answer.get("status", {}).get("paused")
+        if isinstance(paused, dict):
+            return str(paused.get("reason", "paused"))
+    return None
+
+
+def kill_workspace(layout: StateLayout, name: str) -> str:
+    """End the VM process at once; state ``stopped``."""
+    validate_name(name)
+    require_workspace(layout, name)  # a broken record will do: only processes matter
+    state = runtime_state(layout, name)
+    if state.supervisor_alive:
+        with contextlib.suppress(MicroagentError):
+            SupervisorClient(layout.run_files(name), name).request("kill", timeout=30)
+        if _wait_supervisor_gone(layout, name, 30):
+            return "stopped"
+        if state.supervisor_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.supervisor_pid, signal.SIGKILL)
+    if state.vmm_alive and state.vmm_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.vmm_pid, signal.SIGKILL)
+        append_event(layout.workspace_events(name), "stopped",
+                     f"killed VM process {state.vmm_pid} (its supervisor was gone)")
+        return "stopped"
+    if state.supervisor_alive:
+        append_event(layout.workspace_events(name), "stopped", "killed")
+        return "stopped"
+    raise ConflictError(f"workspace {name} has no live VM process to kill "
+                        f"(state {state.state})")
+
+
+def _wait_supervisor_gone(layout: StateLayout, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while supervisor_alive(layout.run_files(name)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> dict[str, Any]:
+    """One workspace in full: record, derived state, pids, readiness, last events; for a
+    broken workspace, its name, state ``broken``, the error and its last events."""
+    try:
+        ws = get_workspace(layout, name)
+    except BrokenWorkspaceError as e:
+        return {**e.workspace.to_json(), "detail": e.hint, "last_events": [
+            x.to_json() for x in read_events(layout.workspace_events(name))[-5:]]}
+    state = runtime_state(layout, name)
+    status = state.status
+    current, detail = state.state, state.detail
+    if state.supervisor_alive and state.state in ("running", "paused"):
+        try:
+            status = SupervisorClient(layout.run_files(name), name).request(
+                "status", timeout=STATUS_WAIT, probe=probe)["status"]
+        except UnresponsiveError as e:  # a frozen supervisor: say so, from its record
+            status = {**status, "readiness": {**status.get("readiness", {}), "execReady": {
+                "ok": False, "detail": e.message}}}
+        except (MicroagentError, OSError):
+            pass
+        paused = status.get("paused")
+        if isinstance(paused, dict):  # perhaps not in the events yet: the disk is full
+            current, detail = "paused", str(paused.get("reason", ""))
+    live = current in RUNNING | {"quarantined", "paused"}
+    readiness = status.get("readiness", {}) if live else {}
+
+    def signal_of(key: str) -> dict[str, Any]:
+        value = readiness.get(key)
+        if isinstance(value, dict):
+            return value
+        return {"ok": False, "detail": "not yet" if live else f"workspace is {current}"}
+
+    document = ws.to_json()
+    document.update(
+        state=current,
+        detail=detail,
+        pid=state.vmm_pid if state.vmm_alive else None,
+        supervisor_pid=state.supervisor_pid if state.supervisor_alive else None,
+        uptime_seconds=_uptime(status) if state.vmm_alive else None,
+        accel=status.get("accel"),
+        kernel=status.get("kernel"),
+        guestReady=signal_of("guestReady"),
+        execReady=signal_of("execReady"),
+        consoleReady=signal_of("consoleReady"),
+        networkReady=signal_of("networkReady"),
+        network_info=status.get("network", {}),
+        guest_address=_guest_address(status) if live else None,
+        last_events=[e.to_json() for e in read_events(layout.workspace_events(name))[-5:]],
+    )
+    from microagent.state.setup import read_setup
+
+    setup = read_setup(layout, name)
+    document["setup"] = setup.to_json() if setup is not None else None
+    return document
+
+
+def _guest_address(status: dict[str, Any]) -> str | None:
+    """The guest's IPv4 address as its agent reported it (without the prefix length)."""
+    net = status.get("network")
+    if not isinstance(net, dict) or not net.get("configured") or not net.get("address"):
+        return None
+    return str(net["address"]).split("/")[0]
+
+
+def _uptime(status: dict[str, Any]) -> float | None:
+    import datetime as dt
+
+    started = status.get("boot_started")
+    if not started:
+        return None
+    with contextlib.suppress(ValueError):
+        begun = dt.datetime.fromisoformat(started)
+        return round((dt.datetime.now(dt.UTC) - begun).total_seconds(), 1)
+    return None
