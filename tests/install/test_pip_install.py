@@ -3,26 +3,34 @@
 Each test starts from a copy of the source tree without any build output, so the agent
 can only come from the package build (no install.sh, no make by hand). pip and build
 fetch the build backend and the dependencies from the package index.
+
+``fresh_install`` (one per module) is the venv that later tests of a user's first steps
+reuse: it has only what ``pip install`` put there.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import sysconfig
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from microagent.kernel.kernels import KernelBundle
 from tests.support.install import (
     Venv,
     build_wheel,
     copy_sources,
     elf_machine_and_interpreter,
+    install_sources,
     make_venv,
     pip,
 )
+from tests.support.kernel import give_default_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +49,50 @@ def check_static_agent_inside(venv: Venv) -> Path:
     return binary
 
 
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory: pytest.TempPathFactory) -> Venv:
+    """A fresh venv where ``pip install SOURCES`` installed the package, as a user does."""
+    return install_sources(tmp_path_factory.mktemp("fresh-install"))
+
+
+@pytest.fixture(scope="module")
+def fresh_home(fresh_install: Venv, guest_kernel: KernelBundle,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A state directory for the fresh install, with the tests' cached kernel as its
+    default (what `microagent kernel install` would have put there)."""
+    home = tmp_path_factory.mktemp("fresh-home")
+    give_default_kernel(home, guest_kernel)
+    yield home
+    for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
+        fresh_install.run("microagent", "--state-dir", home, "kill", ws.name)
+
+
 def test_pip_install_of_the_sources_builds_the_agent_into_the_venv(fresh_install: Venv
                                                                   ) -> None:
     binary = check_static_agent_inside(fresh_install)
     doctor = fresh_install.run("microagent", "--json", "doctor")
     agent = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}["agent"]
     assert agent["status"] == "ok" and str(binary) in agent["detail"], agent
+
+
+def test_a_fresh_install_boots_a_workspace_through_its_cli(
+        fresh_install: Venv, fresh_home: Path, busybox_layout: Path) -> None:
+    """The venv's own microagent, its own agent in the boot initramfs: create, start, exec,
+    halt, delete."""
+
+    def ma(*args: str) -> subprocess.CompletedProcess[str]:
+        done = fresh_install.run("microagent", "--state-dir", fresh_home, *args, timeout=600)
+        assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
+        return done
+
+    ma("create", "fresh", "--image", f"oci:{busybox_layout}:latest", "--profile", "tiny")
+    ma("start", "fresh")
+    assert ma("exec", "fresh", "--", "echo", "booted by pip's install").stdout == \
+        "booted by pip's install\n"
+    ma("halt", "fresh")
+    assert json.loads(ma("--json", "status", "fresh").stdout)["state"] == "halted"
+    ma("delete", "fresh", "--yes")
+    assert not (fresh_home / "workspaces" / "fresh").exists()
 
 
 @pytest.fixture(scope="module")

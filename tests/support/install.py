@@ -1,9 +1,8 @@
 """The package as a user gets it: a copy of the source tree, ``pip install``ed into a fresh
 venv (no install.sh, no make), or built into a wheel with ``python -m build``.
 
-Loaded as a pytest plugin by tests/conftest.py, so the install tests and the VM tests share
-one fresh install per session. pip fetches the build backend and the dependencies from
-the package index, as it does for a user.
+pip fetches the build backend and the dependencies from the configured package index, as
+it does for a user.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # what a checkout has beside its sources: environments, caches and build outputs
@@ -91,6 +88,17 @@ def pip(venv: Venv, *args: str | Path, env: dict[str, str] | None = None
                     env=env, timeout=PIP_TIMEOUT)
 
 
+def install_sources(base: Path) -> Venv:
+    """A fresh venv under ``base`` where ``pip install SOURCES`` installed a copy of this
+    repository's sources, as a user installs a checkout."""
+    sources = copy_sources(base / "src")
+    venv = make_venv(base / "venv")
+    installed = pip(venv, "install", sources)
+    if installed.returncode != 0:
+        raise AssertionError(f"pip install failed:\n{installed.stdout}\n{installed.stderr}")
+    return venv
+
+
 def build_wheel(sources: Path, outdir: Path, env: dict[str, str] | None = None
                 ) -> subprocess.CompletedProcess[str]:
     """``python -m build --wheel`` of ``sources`` (the test venv's ``build``)."""
@@ -111,15 +119,3 @@ def elf_machine_and_interpreter(path: Path) -> tuple[str, bool]:
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
     types = [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
     return ELF_MACHINES.get(machine, str(machine)), PT_INTERP in types
-
-
-@pytest.fixture(scope="session")
-def fresh_install(tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    """A fresh venv where ``pip install SOURCES`` installed the package, as a user does."""
-    base = tmp_path_factory.mktemp("fresh-install")
-    sources = copy_sources(base / "src")
-    venv = make_venv(base / "venv")
-    installed = pip(venv, "install", sources)
-    assert installed.returncode == 0, f"pip install failed:\n{installed.stdout}\n" \
-                                      f"{installed.stderr}"
-    return venv
