@@ -14,7 +14,7 @@ packages=(
   e2fsprogs zstd cpio
   qemu-system-x86 qemu-utils passt
   docker-registry apache2-utils openssl
-  busybox-static debootstrap tmux util-linux
+  busybox-static debootstrap debian-archive-keyring tmux util-linux
 )
 
 as_root() {
@@ -42,11 +42,18 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-# pip installs the package as it does for a user (`pip install .`), its build compiling
-# the guest agent (setup.py); here editable (-e: the venv runs this tree's code) with the
-# test tools. pip runs again only when the build's definition changes.
+# pip installs the package as a user installs a checkout: its build (setup.py) compiles
+# the guest agent; no make here. Editable (-e: the venv runs this tree's code, the agent is
+# built in place in src/microagent/guest/build/), with the dev extra for ./test.sh. pip
+# runs again when the build's definition or the agent's sources change.
 stamp=.venv/.microagent-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+agent=src/microagent/guest/build/microagent-init
+guest_changed() {
+  [ -n "$(find src/microagent/guest -maxdepth 1 -newer "$stamp" \
+            \( -name '*.[ch]' -o -name Makefile \) -print -quit)" ]
+}
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+   [ ! -x "$agent" ] || guest_changed; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
@@ -55,10 +62,6 @@ fi
 # first import, which never writes it under PYTHONDONTWRITEBYTECODE (then every CLI and
 # supervisor start compiles the package again: ~0.2 s of each `start`, ~30 ms of `exec`).
 .venv/bin/python -m compileall -q src/microagent
-
-# The editable install built the agent in place (src/microagent/guest/build/); make
-# rebuilds it after an edit of its C sources (nothing to do when it is current).
-make -s -C src/microagent/guest
 
 if [ "$demo" = 1 ]; then
   # the default guest kernel, into the user's state directory (Debian's kernel package)
