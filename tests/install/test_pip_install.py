@@ -14,6 +14,7 @@ import json
 import platform
 import subprocess
 import sysconfig
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from microagent.kernel.kernels import KernelBundle
 from tests.support.install import (
     Venv,
-    build_wheel,
+    build_dists,
     copy_sources,
     elf_machine_and_interpreter,
     install_sources,
@@ -96,12 +97,26 @@ def test_a_fresh_install_boots_a_workspace_through_its_cli(
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("wheel")
-    built = build_wheel(copy_sources(base / "src"), base / "dist")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python -m build``'s output directory: the sdist and the wheel built from it."""
+    base = tmp_path_factory.mktemp("dists")
+    built = build_dists(copy_sources(base / "src"), base / "dist")
     assert built.returncode == 0, f"python -m build failed:\n{built.stdout}\n{built.stderr}"
-    (found,) = (base / "dist").glob("*.whl")
+    return base / "dist"
+
+
+@pytest.fixture(scope="module")
+def wheel(dists: Path) -> Path:
+    (found,) = dists.glob("*.whl")
     return found
+
+
+def test_the_sdist_has_the_agent_sources_and_no_binary(dists: Path) -> None:
+    (sdist,) = dists.glob("*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.partition("/")[2] for name in archive.getnames()}
+    assert {"setup.py", "src/microagent/guest/Makefile", "src/microagent/guest/main.c"} <= names
+    assert not [n for n in names if n.endswith(("microagent-init", ".o"))], names
 
 
 def test_the_wheel_holds_the_agent_and_a_platform_tag(wheel: Path) -> None:
@@ -128,7 +143,7 @@ def test_the_wheel_installs_a_working_agent_into_a_fresh_venv(wheel: Path, tmp_p
 
 def failed_build(tmp_path: Path, env: dict[str, str]) -> str:
     """Build a wheel of fresh sources under ``env``; the build must fail. Its output."""
-    built = build_wheel(copy_sources(tmp_path / "src"), tmp_path / "dist", env=env)
+    built = build_dists(copy_sources(tmp_path / "src"), tmp_path / "dist", "--wheel", env=env)
     output = built.stdout + built.stderr
     assert built.returncode != 0, f"the build did not fail:\n{output}"
     assert not list((tmp_path / "dist").glob("*.whl"))

@@ -99,10 +99,11 @@ def install_sources(base: Path) -> Venv:
     return venv
 
 
-def build_wheel(sources: Path, outdir: Path, env: dict[str, str] | None = None
-                ) -> subprocess.CompletedProcess[str]:
-    """``python -m build --wheel`` of ``sources`` (the test venv's ``build``)."""
-    return subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(outdir),
+def build_dists(sources: Path, outdir: Path, *options: str,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m build`` of ``sources`` (the test venv's ``build``): by default an sdist,
+    then the wheel built from that sdist, as a release is made."""
+    return subprocess.run([sys.executable, "-m", "build", *options, "--outdir", str(outdir),
                            str(sources)], capture_output=True, text=True,
                           timeout=PIP_TIMEOUT, env={**user_env(), **(env or {})},
                           check=False)
