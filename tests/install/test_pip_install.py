@@ -174,3 +174,53 @@ def test_no_static_libc_fails_the_build_naming_libc6_dev_simulated(tmp_path: Pat
     assert "cannot link a static program" in output and "(libc6-dev)" in output
     assert f"sudo apt-get install --no-install-recommends {PACKAGES}" in output
     assert "undefined reference" in output  # what the compiler said
+
+
+API_SESSION = '''
+import sys, tempfile, pathlib
+from microagent import Microagent
+from microagent.errors import CommandFailedError, ConflictError
+
+ma = Microagent(sys.argv[1])
+ws = ma.create("api", sys.argv[2], profile="tiny")
+ws.start()
+r = ws.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\\n", b"err\\n"), r
+try:
+    ws.exec("exit 4", check=True)
+    raise SystemExit("check=True did not raise")
+except CommandFailedError as e:
+    assert e.result.exit_code == 4 and e.kind == "command-failed"
+assert ws.exec(["cat"], stdin=b"fed").stdout == b"fed"
+timed = ws.exec(["sleep", "30"], timeout=1)
+assert timed.timed_out and timed.exit_code is None, timed
+ws.files.write("/root/dir/notes.txt", "kept\\n")
+assert ws.files.read("/root/dir/notes.txt") == b"kept\\n"
+assert [e.name for e in ws.files.list("/root/dir")] == ["notes.txt"]
+out = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+ws.copy_out("/root/dir/notes.txt", out)
+assert out.read_text() == "kept\\n"
+try:
+    ws.delete()
+    raise SystemExit("delete of a running workspace did not raise")
+except ConflictError as e:
+    assert "running" in e.message
+ws.halt()
+ws.start()
+assert ws.files.read_text("/root/dir/notes.txt") == "kept\\n"
+ws.halt()
+assert ws.delete() is True
+print("api session ok")
+'''
+
+
+def test_a_fresh_install_runs_a_workspace_through_the_python_api(
+        fresh_install: Venv, fresh_home: Path, busybox_layout: Path) -> None:
+    """The acceptance path of the public API, in the venv pip made: create, start, exec
+    (exit code, stdout and stderr apart, check=True, stdin, a timeout), files, copy_out,
+    delete refused while running, halt, start, the file still there, delete."""
+    done = fresh_install.run("python", "-c", API_SESSION, fresh_home,
+                             f"oci:{busybox_layout}:latest", timeout=900)
+    assert done.returncode == 0 and "api session ok" in done.stdout, \
+        f"{done.stdout}\n{done.stderr}"
+    assert not (fresh_home / "workspaces" / "api").exists()
