@@ -208,16 +208,48 @@ class Workspace:
         finally:
             if stdin_fd is not None:
                 os.close(stdin_fd)
-        if raw.error is not None:
-            exit_code: int | None = raw.host_exit_code  # 127 or 126
-            error = str(raw.error.get("message", raw.error))
-        else:
-            exit_code = None if (raw.timed_out or raw.signal) else raw.exit_code
-            error = ""
-        result = ExecResult(exit_code=exit_code, stdout=bytes(out), stderr=bytes(err),
-                            signal=raw.signal, timed_out=raw.timed_out,
-                            duration_s=raw.duration_ms / 1000, error=error)
+        result = ExecResult.from_agent(raw, bytes(out), bytes(err))
         return result.check() if check else result
+
+    def exec_attached(self, command: str | Sequence[str], *,
+                      env: Mapping[str, str] | Sequence[str] | None = None,
+                      cwd: str | None = None, user: str | None = None,
+                      interactive: bool = False, tty: bool = False,
+                      timeout: float | None = None, stdout: Callback | None = None,
+                      stderr: Callback | None = None) -> ExecResult:
+        """Run ``command`` on this process's terminal, as ``microagent exec`` does:
+        output streamed to ``stdout``/``stderr`` (default: this process's), not kept;
+        with ``interactive`` this process's stdin is the command's; with ``tty`` a
+        pseudo-terminal (the local terminal goes raw meanwhile, and follows resizes).
+        In the main thread, SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to the
+        command. The result's ``host_exit_code`` is what the CLI exits with."""
+        from microagent.workspace.execution import ExecOptions, run_exec
+
+        if timeout is not None:
+            check_timeout(timeout, "exec timeout", zero=True)
+        options = ExecOptions(argv=argv_of(command), env=env_items(env, "env"),
+                              workdir=cwd or "", user=user or "", interactive=interactive,
+                              tty=tty, timeout=timeout or 0.0)
+        raw = run_exec(self._layout, self.name, options,
+                       stdout=stdout or _stream_writer(1), stderr=stderr or _stream_writer(2))
+        return ExecResult.from_agent(raw)
+
+    def console_send(self, line: str, *, timeout: float = 10.0) -> tuple[bytes, int | None]:
+        """Type one line into the console shell; return what it printed and the line's
+        exit status (None when the shell did not say). ConsoleTimeoutError past
+        ``timeout`` (the line is interrupted with Ctrl-C)."""
+        from microagent.workspace.connect import send_line
+
+        check_timeout(timeout, "console timeout", zero=False)
+        answer = send_line(self._layout, self.name, line, timeout=timeout)
+        return answer.output, answer.exit_code
+
+    def attach_console(self) -> str:
+        """Relay this process's terminal to the console shell until Ctrl-] (returns
+        ``"detached"``) or the VM ends (``"closed"``)."""
+        from microagent.workspace.connect import attach_console
+
+        return attach_console(self._layout, self.name)
 
     # --- files ------------------------------------------------------------------------
 
@@ -365,6 +397,17 @@ def check_timeout(value: float, what: str, *, zero: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         raise UsageError(f"invalid {what} {value!r}: a number of seconds above 0")
+
+
+def _stream_writer(fd: int) -> Callback:
+    import sys
+
+    stream = sys.stdout if fd == 1 else sys.stderr
+
+    def sink(data: bytes) -> None:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    return sink
 
 
 def _tee(buffer: bytearray, callback: Callback | None) -> Callback:

@@ -26,8 +26,10 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
     stdout, stderr, captured = output_sinks(out)
     outcome = run_once(layout, spec, argv, options, stdout=stdout, stderr=stderr,
                        keep=args.keep, progress=out.progress(), timeout=args.start_timeout)
-    code = report_result(out, outcome.result, captured, args.timeout, name=outcome.name,
-                         kept=outcome.kept)
+    from microagent.api.results import ExecResult
+
+    code = report_result(out, ExecResult.from_agent(outcome.result), captured, args.timeout,
+                         name=outcome.name, kept=outcome.kept)
     if outcome.kept and captured is None:
         sys.stderr.write(f"microagent: kept workspace {outcome.name} (halted)\n")
     return code
