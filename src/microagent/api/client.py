@@ -119,9 +119,9 @@ class Microagent:
         from microagent.network import parse_publish
         from microagent.state.records import WorkspaceSpec
 
-        for what, value in (("image", image), ("name", name)):
+        for what, value in (("an image", image), ("a name", name)):
             if not isinstance(value, str) or not value:
-                raise UsageError(f"create needs a {what}, a non-empty str")
+                raise UsageError(f"create needs {what}, a non-empty str")
         for what, items in (("setup", setup), ("publish", publish), ("volumes", volumes),
                             ("disks", disks), ("bundles", bundles)):
             if isinstance(items, str) or not all(isinstance(i, str) for i in items):
