@@ -256,6 +256,14 @@ class Microagent:
         return run_checks(StateLayout.resolve(self._given))
 
 
+def client_for(layout: StateLayout) -> Microagent:
+    """A client of ``layout``, a state directory its caller has checked already (the
+    CLI's ``layout_of``): the check is not repeated."""
+    client = Microagent(layout.root)
+    client._checked = layout
+    return client
+
+
 class Images:
     """The image cache (``ma.images``)."""
 

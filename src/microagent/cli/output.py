@@ -116,9 +116,9 @@ def layout_of(args: argparse.Namespace, *, check: bool = True) -> StateLayout:
 def client_of(args: argparse.Namespace) -> Microagent:
     """The public API's client for the command's state directory (checked as
     :func:`layout_of` checks it)."""
-    from microagent.api.client import Microagent
+    from microagent.api.client import client_for
 
-    return Microagent(layout_of(args).root)
+    return client_for(layout_of(args))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
