@@ -218,8 +218,7 @@ def test_exec_timeout_zero_is_no_limit_and_a_tiny_one_is_kept_faked_exec(
         image_config = Config()
         env: tuple[str, ...] = ()
 
-    monkeypatch.setattr("microagent.workspace.execution.get_workspace", lambda *_: Workspace())
-    assert build_request(None, "ws", options, None).timeout_ms == expected_ms  # type: ignore[arg-type]
+    assert build_request(Workspace(), options, None).timeout_ms == expected_ms  # type: ignore[arg-type]
 
 
 # --- -e/--env NAME passes the host's value, as docker does -------------------------------

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from microagent.progress import Progress
     from microagent.workspace.copy import CopyResult
 
-Callback = Callable[[bytes], None]
+Callback = Callable[[bytes], object]  # what it returns is ignored (file.write returns int)
 DEFAULT_START_TIMEOUT = 120.0
 
 

@@ -45,7 +45,7 @@ from microagent.vm.protocol import (
 )
 
 PORT_DRAIN_TIMEOUT = 60.0  # after EXIT, for the output port's last bytes
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes], object]
 
 
 @dataclass(frozen=True)

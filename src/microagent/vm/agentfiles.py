@@ -40,7 +40,7 @@ from microagent.vm.protocol import (
 
 IDLE_LIMIT = 60.0  # no frame of the stream for this long: the guest is unresponsive
 KINDS = frozenset({"file", "dir", "symlink", "other"})
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes], object]
 
 
 class Channel(Protocol):

@@ -36,12 +36,12 @@ from microagent.errors import (
 )
 from microagent.events import now_iso, read_events
 from microagent.layout import StateLayout
-from microagent.state.records import get_workspace
+from microagent.state.records import Workspace
 from microagent.state.runtime import runtime_state
 from microagent.vm.agent import AgentClient, ExecRequest, ExecResult
 from microagent.vm.control import SupervisorClient
 from microagent.vm.protocol import ProtocolError
-from microagent.workspace.lifecycle import require_running, supervisor_pause
+from microagent.workspace.lifecycle import running_record, supervisor_pause
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # with -t: end at once
@@ -77,13 +77,12 @@ def merge_env(*layers: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{k}={v}" for k, v in merged.items())
 
 
-def build_request(layout: StateLayout, name: str, options: ExecOptions,
+def build_request(ws: Workspace, options: ExecOptions,
                   tty_size: tuple[int, int] | None) -> ExecRequest:
-    """The request for ``options`` with the image's defaults applied."""
+    """The request for ``options`` with the image's defaults (of ``ws``'s record) applied."""
     if not math.isfinite(options.timeout) or options.timeout < 0:
         raise UsageError(f"invalid exec timeout {options.timeout}",
                          hint="a number of seconds, 0 for no limit")
-    ws = get_workspace(layout, name)
     config = ws.image_config
     return ExecRequest(
         argv=options.argv,
@@ -98,7 +97,7 @@ def build_request(layout: StateLayout, name: str, options: ExecOptions,
 
 
 def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
-             stdout: Callable[[bytes], None], stderr: Callable[[bytes], None],
+             stdout: Callable[[bytes], object], stderr: Callable[[bytes], object],
              stdin_fd: int | None = None, forward_signals: bool = True) -> ExecResult:
     """Run one command in ``name``; stream its output; return how it ended.
 
@@ -106,12 +105,12 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
     this process's). ``forward_signals`` (the CLI's) installs the signal handlers of the
     module docstring, which only the main thread may; the library runs without them.
     """
-    require_running(layout, name, "exec")
+    ws = running_record(layout, name, "exec")
     if options.tty and not any(item.startswith("TERM=") for item in options.env):
         # like docker: a pty session gets the local terminal's type
         options = replace(options, env=(f"TERM={os.environ.get('TERM') or 'xterm'}",
                                         *options.env))
-    request = build_request(layout, name, options, terminal_size() if options.tty else None)
+    request = build_request(ws, options, terminal_size() if options.tty else None)
     begun = now_iso()
     sock, stdout_port = SupervisorClient(layout.run_files(name), name).open_channel_with_port(
         not options.tty)

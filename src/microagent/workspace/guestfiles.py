@@ -41,7 +41,7 @@ def agent_session(layout: StateLayout, name: str, doing: str) -> Iterator[AgentC
 
 
 def read_file(layout: StateLayout, name: str, path: str,
-              sink: Callable[[bytes], None]) -> None:
+              sink: Callable[[bytes], object]) -> None:
     """Stream the guest file ``path`` of ``name`` into ``sink``."""
     with agent_session(layout, name, "reading a file") as client:
         client.read_file(path, sink)

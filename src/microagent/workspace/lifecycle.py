@@ -34,7 +34,12 @@ from microagent.errors import StartError as StartError
 from microagent.events import append_event, read_events
 from microagent.layout import PRIVATE_UMASK, StateLayout
 from microagent.progress import NullProgress, Progress
-from microagent.state.records import BrokenWorkspaceError, get_workspace, require_workspace
+from microagent.state.records import (
+    BrokenWorkspaceError,
+    Workspace,
+    get_workspace,
+    require_workspace,
+)
 from microagent.state.runtime import RuntimeState, runtime_state, supervisor_alive
 from microagent.store import ensure_dir, file_lock, open_private
 from microagent.vm.control import SupervisorClient
@@ -177,15 +182,29 @@ def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
     validate_name(name)
     get_workspace(layout, name)
     state = runtime_state(layout, name)
-    if state.state == "paused":
-        raise PausedError(name, state.detail)
-    if state.state == "quarantined" and verb in ("exec", "cp", "connect"):
+    _refuse_unless_running(name, verb, state.state, state.detail)
+    return state
+
+
+def running_record(layout: StateLayout, name: str, verb: str) -> Workspace:
+    """The record of ``name`` if it is running, else the refusal of
+    :func:`require_running` (one read of the record and of the state: exec's path)."""
+    validate_name(name)
+    ws = get_workspace(layout, name)
+    _refuse_unless_running(name, verb, ws.state,
+                           ws.last_event.detail if ws.last_event is not None else "")
+    return ws
+
+
+def _refuse_unless_running(name: str, verb: str, state: str, detail: str) -> None:
+    if state == "paused":
+        raise PausedError(name, detail)
+    if state == "quarantined" and verb in ("exec", "cp", "connect"):
         raise ConflictError(f"workspace {name} is quarantined: {verb} is refused",
                             hint="halt, stop or kill it to end the quarantine")
-    if state.state != "running":
-        raise ConflictError(f"workspace {name} is not running (state {state.state})",
+    if state != "running":
+        raise ConflictError(f"workspace {name} is not running (state {state})",
                             hint=f"start it first: microagent start {name}")
-    return state
 
 
 def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) -> str:

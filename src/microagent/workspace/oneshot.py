@@ -63,8 +63,8 @@ def command_of(spec_argv: tuple[str, ...], entrypoint: tuple[str, ...],
 
 
 def run_once(layout: StateLayout, spec: WorkspaceSpec, argv: tuple[str, ...],
-             options: ExecOptions, *, stdout: Callable[[bytes], None],
-             stderr: Callable[[bytes], None], keep: bool = False,
+             options: ExecOptions, *, stdout: Callable[[bytes], object],
+             stderr: Callable[[bytes], object], keep: bool = False,
              progress: Progress | None = None, timeout: float = 120.0) -> RunOutcome:
     """Create, start, run, remove (or halt and keep with ``keep``)."""
     from microagent.state.records import create_workspace, get_workspace

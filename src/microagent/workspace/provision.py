@@ -23,7 +23,7 @@ from microagent.layout import StateLayout
 from microagent.state.setup import SetupState, read_setup, write_setup
 
 OUTPUT_TAIL = 4096  # bytes of a failed command's output kept for status
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes], object]
 
 
 class PrefixedLines:

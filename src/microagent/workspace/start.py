@@ -22,7 +22,7 @@ from microagent.workspace.provision import run_pending_setup
 
 def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,
                     progress: Progress | None = None, run_setup: bool = True,
-                    setup_output: Callable[[bytes], None] | None = None) -> RuntimeState:
+                    setup_output: Callable[[bytes], object] | None = None) -> RuntimeState:
     """Boot ``name`` and return once the guest is ready for exec.
 
     A setup left pending by a failed ``create --setup`` runs first (output to
