@@ -7,6 +7,7 @@ failing example's traceback names the line of docs/python.md.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType
@@ -28,9 +29,20 @@ class Block:
         """False for a Python block marked ``# not run``."""
         return not self.source.lstrip().startswith(NOT_RUN)
 
-    def compiled(self, filename: str = str(PYTHON_DOC)) -> CodeType:
-        """The block as code whose line numbers are the page's."""
-        return compile("\n" * (self.line - 1) + self.source, filename, "exec")
+    def compiled(self, filename: str = str(PYTHON_DOC), *,
+                 tries_must_raise: bool = False) -> CodeType:
+        """The block as code whose line numbers are the page's. With
+        ``tries_must_raise``, a ``try`` without ``else`` whose body raises nothing
+        raises AssertionError: on the page, a ``try`` shows an error being raised."""
+        tree = ast.parse("\n" * (self.line - 1) + self.source, filename)
+        if tries_must_raise:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Try) and not node.orelse:
+                    message = f"{filename}:{node.lineno}: the try's body raised nothing"
+                    node.orelse = [ast.Raise(ast.Call(
+                        ast.Name("AssertionError", ast.Load()), [ast.Constant(message)], []))]
+            ast.fix_missing_locations(tree)
+        return compile(tree, filename, "exec")
 
 
 def fenced_blocks(text: str) -> list[Block]:

@@ -3,7 +3,9 @@ public API as a user's would, with the package found as an installed user has it
 venv's site-packages, its ``py.typed``), not as this repository's source tree.
 
 A second test breaks one annotation in a copy and expects mypy to fail on that line:
-the check must see the API's real types, not ``Any``.
+the check must see the API's real types, not ``Any``. A third checks docs/python.md's
+examples the same way (those marked ``# not run`` too), as one module whose line numbers
+are the page's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.pydocs import PYTHON_DOC, python_blocks
 
 CLIENT = Path(__file__).resolve().parents[1] / "typed_client" / "client.py"
 MYPY = Path(sys.executable).parent / "mypy"
@@ -50,3 +54,15 @@ def test_a_broken_type_in_it_fails(mypy_cache: Path, tmp_path: Path) -> None:
     assert run.returncode == 1
     assert f"client.py:{line}: error: Incompatible types in assignment" in run.stdout, \
         run.stdout + run.stderr
+
+
+def test_the_python_page_passes_mypy_strict(mypy_cache: Path, tmp_path: Path) -> None:
+    text = PYTHON_DOC.read_text()
+    lines = [""] * len(text.splitlines())  # prose as blank lines: the page's numbering
+    for block in python_blocks(text):
+        for i, line in enumerate(block.source.splitlines()):
+            lines[block.line - 1 + i] = line
+    module = tmp_path / "python_md.py"
+    module.write_text("\n".join(lines) + "\n")
+    run = strict(module, mypy_cache)
+    assert run.returncode == 0, f"docs/python.md (line numbers are the page's):\n{run.stdout}"

@@ -4,7 +4,8 @@ The page is written for a reader: it names a public image and a fixed host port.
 test swaps those for the session registry's busybox image and a free port, points
 ``Microagent()`` at the module's state directory (MICROAGENT_HOME) and runs in a fresh
 current directory, where the examples make their host files. Blocks marked ``# not run``
-are left to tests/unit/test_python_docs.py (compiled there).
+are left to tests/unit/test_python_docs.py (compiled there). A ``try`` on the page shows
+an error: one whose body raises nothing fails the test.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def test_the_python_page_runs(home: Path, busybox_image: PushedImage, tmp_path: 
     blocks = [b for b in python_blocks(text) if b.runs]
     assert len(blocks) > 20
     for block in blocks:
-        exec(block.compiled(), namespace)  # the page's own examples
+        exec(block.compiled(tries_must_raise=True), namespace)  # the page's own examples
 
     from microagent import Microagent
 
