@@ -14,7 +14,7 @@ packages=(
   e2fsprogs zstd cpio
   qemu-system-x86 qemu-utils passt
   docker-registry apache2-utils openssl
-  busybox-static debootstrap tmux util-linux
+  busybox-static debootstrap debian-archive-keyring tmux util-linux
 )
 
 as_root() {
@@ -28,7 +28,10 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing system packages: ${missing[*]}" >&2
   as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  # No recommends: QEMU's alone pull in hundreds of MB of desktop and GStreamer libraries
+  # that a headless microVM never uses; every package the suite needs is named above.
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
   # The registry package starts a system service; the tests start their own on loopback.
   if [ -d /run/systemd/system ]; then
     as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
@@ -39,8 +42,18 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
+# pip installs the package as a user installs a checkout: its build (setup.py) compiles
+# the guest agent; no make here. Editable (-e: the venv runs this tree's code, the agent is
+# built in place in src/microagent/guest/build/), with the dev extra for ./test.sh. pip
+# runs again when the build's definition or the agent's sources change.
 stamp=.venv/.microagent-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+agent=src/microagent/guest/build/microagent-init
+guest_changed() {
+  [ -n "$(find src/microagent/guest -maxdepth 1 -newer "$stamp" \
+            \( -name '*.[ch]' -o -name Makefile \) -print -quit)" ]
+}
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+   [ ! -x "$agent" ] || guest_changed; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
@@ -49,9 +62,6 @@ fi
 # first import, which never writes it under PYTHONDONTWRITEBYTECODE (then every CLI and
 # supervisor start compiles the package again: ~0.2 s of each `start`, ~30 ms of `exec`).
 .venv/bin/python -m compileall -q src/microagent
-
-# The guest agent is C, built from source here (static, libc only); never committed.
-make -s -C src/microagent/guest
 
 if [ "$demo" = 1 ]; then
   # the default guest kernel, into the user's state directory (Debian's kernel package)

@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.support.registry",
     "tests.support.distro",
     "tests.support.fixtures",
+    "tests.support.kernel",
 ]
 
 

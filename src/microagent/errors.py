@@ -51,6 +51,9 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_RETRYABLE = 75
 EXIT_EXEC_FAILED = 125  # exec and run: microagent itself failed, not the command
+EXIT_TIMED_OUT = 124  # exec and run: the command's --timeout ended it
+EXIT_CANNOT_EXECUTE = 126  # the command could not be executed
+EXIT_NOT_FOUND = 127  # the command was not found
 
 
 class MicroagentError(Exception):
@@ -224,12 +227,12 @@ class BrokenWorkspaceError(MicroagentError):
 
 
 class AgentFileError(MicroagentError):
-    """The guest agent refused a file operation (its ERROR frame's code and message)."""
+    """The guest agent refused a file operation: ``code`` is its errno name (ENOENT...)."""
 
     kind = "guest-file"
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
         self.code = code
 
 

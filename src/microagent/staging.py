@@ -12,16 +12,17 @@ another if not.
 
 Where staging lives (what :func:`sweep_abandoned` looks at)::
 
-    images/blobs/sha256/.incoming-*   blobs.py: a blob being fetched and verified
-    images/disks/.*.tmp               rootfs.py: a base disk being built
-    tmp/rootfs-*                      rootfs.py: the layers' staging tree
-    tmp/bundle-*                      attachments.py: a bundle built on trial
-    tmp/kernel-*                      kernels.py: a kernel package being unpacked
-    kernels/.new-*, kernels/.old-*    kernels.py: a bundle being assembled or replaced
-    kernels/by-digest/.new-*          ownkernels.py: a create --kernel bundle being stored
-    workspaces/.new-*                 workspaces.py: a workspace being created
-    workspaces/NAME/bundles/B/.*.tmp  bundles.py: a bundle disk (swept by its next build)
-    workspaces/.deleting-*            workspaces.py: a workspace being deleted
+    images/blobs/sha256/.incoming-*   images/blobs.py: a blob being fetched and verified
+    images/disks/.*.tmp               disks/rootfs.py: a base disk being built
+    tmp/rootfs-*                      disks/rootfs.py: the layers' staging tree
+    tmp/bundle-*                      disks/bundles.py: a bundle built on trial at create
+    tmp/kernel-*                      kernel/kernels.py, kernel/ownkernels.py: a kernel
+                                      package being unpacked
+    kernels/.new-*, kernels/.old-*    kernel/kernels.py: a bundle being assembled or replaced
+    kernels/by-digest/.new-*          kernel/ownkernels.py: a create --kernel bundle
+    workspaces/.new-*                 state/records.py: a workspace being created
+    workspaces/NAME/bundles/B/.*.tmp  disks/bundles.py: a bundle disk (swept by its next build)
+    workspaces/.deleting-*            state/records.py: a workspace being deleted
 
 Anything that stages under these names must do it through this module: an entry there
 whose lock is free is taken for abandoned. Ctrl-C and SIGTERM are held off for the

@@ -90,3 +90,15 @@ def test_delete_of_a_broken_workspace_works(one_broken: str, layout: StateLayout
     names = [w["name"] for w in json.loads(run("--json", "list").stdout)["workspaces"]]
     assert names == ["alpha", "gamma"]
     assert sorted(p.name for p in layout.workspaces_dir.iterdir()) == ["alpha", "gamma"]
+
+
+def test_logs_events_and_wait_read_a_broken_workspace(one_broken: str) -> None:
+    from microagent import Microagent
+
+    logs = run("logs", one_broken)
+    assert logs.returncode == 0, logs.stderr
+    events = run("--json", "events", one_broken)
+    assert events.returncode == 0, events.stderr
+    assert json.loads(events.stdout)["events"][-1]["state"] == "prepared"
+    ws = Microagent().handle(one_broken)
+    assert ws.logs() == "" and ws.events()[-1].state == "prepared"

@@ -1,9 +1,7 @@
 """Fixtures of the VM tests, staged: kernel and agent → boot initramfs → root disk.
 
-The kernel bundle is installed once into a state directory under
-``${XDG_CACHE_HOME:-~/.cache}/microagent-tests/`` (the .deb is downloaded on the first
-session only); the agent is built with make at every session (make is quick when nothing
-changed).
+The kernel bundle comes from ``guest_kernel`` (tests/support/kernel.py); the agent is
+built with make at every session (make is quick when nothing changed).
 """
 
 from __future__ import annotations
@@ -18,26 +16,11 @@ import pytest
 from microagent.kernel.kernels import KernelBundle
 from microagent.store import write_json_atomic
 from tests.support.agent import build_guest_agent
-from tests.support.distro import cache_dir
+from tests.support.kernel import give_default_kernel
 from tests.vm.cli import ma
 from tests.vm.qemu import SESSION_TMP
 
-KERNEL_STATE = "kernel-state-v4"
 DISK_MIB = 64
-
-
-@pytest.fixture(scope="session")
-def guest_kernel() -> KernelBundle:
-    """The default kernel bundle, installed into the test cache on first use."""
-    from microagent.errors import NotFoundError
-    from microagent.kernel.kernels import default_kernel
-    from microagent.layout import StateLayout
-
-    layout = StateLayout(cache_dir() / KERNEL_STATE)
-    try:
-        return default_kernel(layout)
-    except NotFoundError as e:
-        pytest.skip(f"no guest kernel can be had here: {e.message}")
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +75,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, guest_kernel: KernelBundle,
          guest_agent: Path) -> Iterator[Path]:
     """A state directory per test module, with the cached kernel bundle as its default."""
     home = tmp_path_factory.mktemp("vm-home")
-    shutil.copytree(guest_kernel.path, home / "kernels" / guest_kernel.version)
-    write_json_atomic(home / "kernels" / "default.json", {"version": guest_kernel.version})
+    give_default_kernel(home, guest_kernel)
     yield home
     for ws in (home / "workspaces").glob("*"):  # never leave a VM behind
         ma(home, "kill", ws.name)

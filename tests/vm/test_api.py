@@ -129,6 +129,27 @@ def test_files_read_write(running: Workspace) -> None:
         running.files.read("relative/path")
 
 
+def test_files_list_stat_remove_mkdir(running: Workspace) -> None:
+    files = running.files
+    assert files.mkdir("/root/tree/a/b", mode=0o750) is True
+    files.write("/root/tree/one.txt", b"1")
+    running.exec("ln -s one.txt /root/tree/link", check=True)
+    entries = files.list("/root/tree")
+    assert [(e.name, e.kind) for e in entries] == [("a", "dir"), ("link", "symlink"),
+                                                   ("one.txt", "file")]
+    one = entries[2]
+    assert (one.path, one.size, one.mode) == ("/root/tree/one.txt", 1, 0o644)
+    assert one.mtime > 1.6e9 and entries[1].target == "one.txt"
+    assert files.stat("/root/tree/a/b").mode == 0o750
+    assert files.exists("/root/tree/link") and not files.exists("/root/tree/none")
+    with pytest.raises(ConflictError):
+        files.remove("/root/tree")  # not empty
+    assert files.remove("/root/tree", recursive=True) == 5
+    assert not files.exists("/root/tree")
+    with pytest.raises(NotFoundError):
+        files.list("/root/tree")
+
+
 def test_status_and_listing(client: Microagent, running: Workspace) -> None:
     st = running.status()
     assert st.state == "running" and st.name == running.name

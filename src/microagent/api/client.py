@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from microagent.layout import StateLayout
     from microagent.progress import Progress
     from microagent.state.records import WorkspaceSpec
+    from microagent.workspace.copy import CopyResult
     from microagent.workspace.doctor import Check
 
 DEFAULT_START_TIMEOUT = 120.0
@@ -118,9 +119,9 @@ class Microagent:
         from microagent.network import parse_publish
         from microagent.state.records import WorkspaceSpec
 
-        for what, value in (("image", image), ("name", name)):
+        for what, value in (("an image", image), ("a name", name)):
             if not isinstance(value, str) or not value:
-                raise UsageError(f"create needs a {what}, a non-empty str")
+                raise UsageError(f"create needs {what}, a non-empty str")
         for what, items in (("setup", setup), ("publish", publish), ("volumes", volumes),
                             ("disks", disks), ("bundles", bundles)):
             if isinstance(items, str) or not all(isinstance(i, str) for i in items):
@@ -150,6 +151,15 @@ class Microagent:
             attrs = e.workspace.to_json() if e.workspace is not None else {}
         return Workspace(self.layout, name, attrs)
 
+    def handle(self, name: str) -> Workspace:
+        """A handle on ``name`` without reading anything: each call on it checks that the
+        workspace exists (NotFoundError) as it needs to (halt, stop, kill, logs and
+        events also work on a broken record)."""
+        from microagent.api.workspace import Workspace
+        from microagent.config import validate_name
+
+        return Workspace(self.layout, validate_name(_text(name, "workspace name")))
+
     def list(self, *, running: bool = False) -> list[Workspace]:
         """Every workspace, sorted by name (``running``: those with a live VM, as ``ps``)."""
         from microagent.api.workspace import Workspace
@@ -167,6 +177,14 @@ class Microagent:
         from microagent.api.workspace import Workspace
 
         return Workspace(self.layout, name).delete()
+
+    def copy(self, source: str, destination: str, *, archive: bool = False) -> CopyResult:
+        """``cp``: copy between the host and a workspace, exactly one side given as
+        ``NAME:/path`` (running: through the agent; otherwise: its disk)."""
+        from microagent.workspace.copy import copy
+
+        return copy(self.layout, _text(source, "source"), _text(destination, "destination"),
+                    archive=archive)
 
     # --- one-shot and scratch ---------------------------------------------------------
 
@@ -238,6 +256,14 @@ class Microagent:
         return run_checks(StateLayout.resolve(self._given))
 
 
+def client_for(layout: StateLayout) -> Microagent:
+    """A client of ``layout``, a state directory its caller has checked already (the
+    CLI's ``layout_of``): the check is not repeated."""
+    client = Microagent(layout.root)
+    client._checked = layout
+    return client
+
+
 class Images:
     """The image cache (``ma.images``)."""
 
@@ -290,6 +316,12 @@ class Volumes:
         from microagent.disks.volumes import list_volumes
 
         return list_volumes(self._client.layout)
+
+    def users(self, name: str) -> builtins.list[str]:
+        """The workspaces, running or not, whose records attach the volume ``name``."""
+        from microagent.disks.volumes import volume_users
+
+        return volume_users(self._client.layout, _text(name, "volume name"))
 
     def delete(self, name: str, *, force: bool = False) -> bool:
         """Delete ``name`` (refused while a workspace records it, unless ``force``;

@@ -7,11 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from microagent.errors import CommandFailedError
-
-EXIT_TIMED_OUT = 124
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
+from microagent.errors import EXIT_TIMED_OUT, CommandFailedError
 
 
 @dataclass(frozen=True)
@@ -29,6 +25,21 @@ class ExecResult:
     timed_out: bool = False
     duration_s: float = 0.0
     error: str = ""  # why the command could not start, when it could not
+    # the agent's error document (code, errno, message), for to_json
+    error_detail: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_agent(cls, raw: Any, stdout: bytes = b"", stderr: bytes = b"") -> ExecResult:
+        """From the agent client's result (``vm/agent.ExecResult``) and the output."""
+        if raw.error is not None:
+            exit_code: int | None = raw.host_exit_code  # 127 or 126
+            error = str(raw.error.get("message", raw.error))
+        else:
+            exit_code = None if (raw.timed_out or raw.signal) else raw.exit_code
+            error = ""
+        return cls(exit_code=exit_code, stdout=stdout, stderr=stderr, signal=raw.signal,
+                   timed_out=raw.timed_out, duration_s=raw.duration_ms / 1000, error=error,
+                   error_detail=dict(raw.error or {}))
 
     @property
     def ok(self) -> bool:
@@ -44,6 +55,11 @@ class ExecResult:
     def stderr_text(self) -> str:
         """stderr as UTF-8 (undecodable bytes replaced)."""
         return self.stderr.decode("utf-8", "replace")
+
+    @property
+    def duration_ms(self) -> int:
+        """The duration in whole milliseconds (as ``exec --json`` prints it)."""
+        return round(self.duration_s * 1000)
 
     @property
     def host_exit_code(self) -> int:
@@ -72,11 +88,11 @@ class ExecResult:
         """The document of ``exec --json``."""
         document: dict[str, Any] = {
             "exit_code": self.host_exit_code, "signal": self.signal,
-            "timed_out": self.timed_out, "duration_ms": round(self.duration_s * 1000)}
+            "timed_out": self.timed_out, "duration_ms": self.duration_ms}
         document.update(text_field("stdout", self.stdout))
         document.update(text_field("stderr", self.stderr))
         if self.error:
-            document["error"] = {"message": self.error}
+            document["error"] = dict(self.error_detail) or {"message": self.error}
         return document
 
 
@@ -163,9 +179,19 @@ class FileEntry:
     kind: str  # file, dir, symlink, other
     size: int
     mode: int  # permission bits
-    mtime: float
+    mtime: float  # seconds since the epoch
+    uid: int = 0
+    gid: int = 0
+    target: str | None = None  # a symlink's target
+
+    @classmethod
+    def from_guest(cls, entry: Any) -> FileEntry:
+        """From the agent client's ``GuestEntry``."""
+        return cls(entry.name, entry.path, entry.kind, entry.size, entry.mode, entry.mtime,
+                   entry.uid, entry.gid, entry.target)
 
     def to_json(self) -> dict[str, Any]:
         """As JSON."""
         return {"name": self.name, "path": self.path, "kind": self.kind, "size": self.size,
-                "mode": self.mode, "mtime": self.mtime}
+                "mode": self.mode, "mtime": self.mtime, "uid": self.uid, "gid": self.gid,
+                "target": self.target}

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from microagent.api.results import (
-    EXIT_CANNOT_EXECUTE,
-    EXIT_NOT_FOUND,
     ExecResult,
     FileEntry,
     WorkspaceStatus,
@@ -165,13 +163,17 @@ class Workspace:
              timeout: float | None = 60.0) -> WorkspaceStatus:
         """Block until the workspace is in ``state`` (one or several); WaitTimeoutError
         after ``timeout`` seconds (None: no limit)."""
+        import dataclasses
+
         from microagent.workspace.watch import wait_for_state
 
         if timeout is not None:
             check_timeout(timeout, "wait timeout", zero=True)
         states = [state] if isinstance(state, str) else list(state)
-        wait_for_state(self._layout, self.name, states, timeout=timeout)
-        return self.status(probe=False)
+        reached = wait_for_state(self._layout, self.name, states, timeout=timeout)
+        # the state waited for, even if it has moved on since (a restart policy)
+        return dataclasses.replace(self.status(probe=False), state=reached.state,
+                                   detail=reached.detail)
 
     # --- commands ---------------------------------------------------------------------
 
@@ -206,18 +208,48 @@ class Workspace:
         finally:
             if stdin_fd is not None:
                 os.close(stdin_fd)
-        if raw.error is not None:
-            code = (EXIT_NOT_FOUND if raw.error.get("code") == "ENOENT"
-                    else EXIT_CANNOT_EXECUTE)
-            exit_code: int | None = code
-            error = str(raw.error.get("message", raw.error))
-        else:
-            exit_code = None if (raw.timed_out or raw.signal) else raw.exit_code
-            error = ""
-        result = ExecResult(exit_code=exit_code, stdout=bytes(out), stderr=bytes(err),
-                            signal=raw.signal, timed_out=raw.timed_out,
-                            duration_s=raw.duration_ms / 1000, error=error)
+        result = ExecResult.from_agent(raw, bytes(out), bytes(err))
         return result.check() if check else result
+
+    def exec_attached(self, command: str | Sequence[str], *,
+                      env: Mapping[str, str] | Sequence[str] | None = None,
+                      cwd: str | None = None, user: str | None = None,
+                      interactive: bool = False, tty: bool = False,
+                      timeout: float | None = None, stdout: Callback | None = None,
+                      stderr: Callback | None = None) -> ExecResult:
+        """Run ``command`` on this process's terminal, as ``microagent exec`` does:
+        output streamed to ``stdout``/``stderr`` (default: this process's), not kept;
+        with ``interactive`` this process's stdin is the command's; with ``tty`` a
+        pseudo-terminal (the local terminal goes raw meanwhile, and follows resizes).
+        In the main thread, SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to the
+        command. The result's ``host_exit_code`` is what the CLI exits with."""
+        from microagent.workspace.execution import ExecOptions, run_exec
+
+        if timeout is not None:
+            check_timeout(timeout, "exec timeout", zero=True)
+        options = ExecOptions(argv=argv_of(command), env=env_items(env, "env"),
+                              workdir=cwd or "", user=user or "", interactive=interactive,
+                              tty=tty, timeout=timeout or 0.0)
+        raw = run_exec(self._layout, self.name, options,
+                       stdout=stdout or _stream_writer(1), stderr=stderr or _stream_writer(2))
+        return ExecResult.from_agent(raw)
+
+    def console_send(self, line: str, *, timeout: float = 10.0) -> tuple[bytes, int | None]:
+        """Type one line into the console shell; return what it printed and the line's
+        exit status (None when the shell did not say). ConsoleTimeoutError past
+        ``timeout`` (the line is interrupted with Ctrl-C)."""
+        from microagent.workspace.connect import send_line
+
+        check_timeout(timeout, "console timeout", zero=False)
+        answer = send_line(self._layout, self.name, line, timeout=timeout)
+        return answer.output, answer.exit_code
+
+    def attach_console(self) -> str:
+        """Relay this process's terminal to the console shell until Ctrl-] (returns
+        ``"detached"``) or the VM ends (``"closed"``)."""
+        from microagent.workspace.connect import attach_console
+
+        return attach_console(self._layout, self.name)
 
     # --- files ------------------------------------------------------------------------
 
@@ -243,21 +275,35 @@ class Workspace:
 
     def logs(self, tail: int | None = None, *, previous: bool = False) -> str:
         """The console captured during the last boot (``previous``: the one before),
-        or its last ``tail`` lines."""
+        or its last ``tail`` lines, as text."""
+        return self.log_bytes(tail, previous=previous).decode("utf-8", "replace")
+
+    def log_bytes(self, tail: int | None = None, *, previous: bool = False) -> bytes:
+        """:meth:`logs` as the bytes the console wrote (line ends as LF)."""
         from microagent.workspace.logs import read_log
 
-        if tail is not None and (isinstance(tail, bool) or tail < 0):
-            raise UsageError(f"invalid tail {tail!r}: a number of lines, 0 or more")
-        return read_log(self._layout, self.name, tail=tail,
-                        previous=previous).decode("utf-8", "replace")
+        _check_tail(tail)
+        return read_log(self._layout, self.name, tail=tail, previous=previous)
+
+    def follow_logs(self, tail: int | None = None) -> Iterator[bytes]:
+        """The console as it is written, across boots, until the caller stops (an empty
+        chunk now and then lets it look at the clock); starts with the last ``tail``
+        lines (None: all of the current boot's)."""
+        from microagent.workspace.logs import follow_log
+
+        _check_tail(tail)
+        return follow_log(self._layout, self.name, tail=tail)
 
     def events(self) -> list[Event]:
         """Every lifecycle event of the workspace, oldest first."""
-        from microagent.events import read_events
-        from microagent.state.records import require_workspace
+        return list(self.follow_events(follow=False))
 
-        require_workspace(self._layout, self.name)
-        return read_events(self._layout.workspace_events(self.name))
+    def follow_events(self, *, follow: bool = True) -> Iterator[Event]:
+        """The events so far, then (with ``follow``) each new one as it is recorded,
+        until the caller stops or the workspace is deleted."""
+        from microagent.workspace.watch import follow_events
+
+        return follow_events(self._layout, self.name, follow=follow)
 
 
 class Files:
@@ -286,20 +332,22 @@ class Files:
 
         if not 0 <= mode <= 0o7777:
             raise UsageError(f"invalid mode {mode:o}: permission bits, at most 0o7777")
-        content = data.encode() if isinstance(data, str) else data
+        content = (data.encode() if isinstance(data, str) else
+                   bytes(data) if isinstance(data, bytes | bytearray | memoryview) else data.read)
         write_file(self._ws._layout, self._ws.name, _guest(path), content, mode=mode)
 
     def list(self, path: str) -> list[FileEntry]:
         """The entries of the guest directory ``path``, sorted by name."""
         from microagent.workspace.guestfiles import list_dir
 
-        return list_dir(self._ws._layout, self._ws.name, _guest(path))
+        return [FileEntry.from_guest(e)
+                for e in list_dir(self._ws._layout, self._ws.name, _guest(path))]
 
     def stat(self, path: str) -> FileEntry:
         """What ``path`` is (a symlink itself, not its target); NotFoundError if missing."""
         from microagent.workspace.guestfiles import stat
 
-        return stat(self._ws._layout, self._ws.name, _guest(path))
+        return FileEntry.from_guest(stat(self._ws._layout, self._ws.name, _guest(path)))
 
     def exists(self, path: str) -> bool:
         """Whether ``path`` exists in the guest (a dangling symlink does)."""
@@ -311,19 +359,24 @@ class Files:
             return False
         return True
 
-    def remove(self, path: str, *, recursive: bool = False) -> None:
+    def remove(self, path: str, *, recursive: bool = False) -> int:
         """Remove a file, a symlink or an empty directory (``recursive``: a tree; links
-        are never followed); NotFoundError if missing."""
+        are never followed); NotFoundError if missing. How many entries went."""
         from microagent.workspace.guestfiles import remove
 
-        remove(self._ws._layout, self._ws.name, _guest(path), recursive=recursive)
+        return remove(self._ws._layout, self._ws.name, _guest(path), recursive=recursive)
 
-    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> None:
+    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> bool:
         """Make the guest directory ``path`` (with its parents, unless ``parents`` is
-        False); an existing directory is fine."""
+        False); an existing directory is fine. Whether it was made."""
         from microagent.workspace.guestfiles import mkdir
 
-        mkdir(self._ws._layout, self._ws.name, _guest(path), mode=mode, parents=parents)
+        return mkdir(self._ws._layout, self._ws.name, _guest(path), mode=mode, parents=parents)
+
+
+def _check_tail(tail: int | None) -> None:
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+        raise UsageError(f"invalid tail {tail!r}: a number of lines, 0 or more")
 
 
 def _guest(path: str) -> str:
@@ -344,6 +397,17 @@ def check_timeout(value: float, what: str, *, zero: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         raise UsageError(f"invalid {what} {value!r}: a number of seconds above 0")
+
+
+def _stream_writer(fd: int) -> Callback:
+    import sys
+
+    stream = sys.stdout if fd == 1 else sys.stderr
+
+    def sink(data: bytes) -> None:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    return sink
 
 
 def _tee(buffer: bytearray, callback: Callback | None) -> Callback:

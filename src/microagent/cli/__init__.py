@@ -19,7 +19,17 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from microagent import __version__
-from microagent.cli import console, doctor, images, lifecycle, observe, run, volumes, workspaces
+from microagent.cli import (
+    completion,
+    console,
+    doctor,
+    images,
+    lifecycle,
+    observe,
+    run,
+    volumes,
+    workspaces,
+)
 from microagent.cli import copy as copy_verbs
 from microagent.cli import exec as exec_verbs
 from microagent.cli.output import Handler, Output, Parser, add_verb, layout_of, table
@@ -40,7 +50,7 @@ from microagent.store import check_state_dir_usable
 __all__ = ["build_parser", "main"]
 
 # they never read the state directory; doctor reports a bad one as one of its checks
-STATELESS_VERBS = frozenset({"version", "profiles", "doctor"})
+STATELESS_VERBS = frozenset({"version", "profiles", "doctor", "completion"})
 
 
 def cmd_version(args: argparse.Namespace, out: Output) -> int:
@@ -71,7 +81,7 @@ def build_parser() -> Parser:
     add_verb(verbs, "version", cmd_version, "print the version")
     add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
     for group in (workspaces, lifecycle, exec_verbs, copy_verbs, run, console, images, observe,
-                  volumes, doctor):
+                  volumes, doctor, completion):
         group.register(verbs)
     return parser
 

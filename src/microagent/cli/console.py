@@ -10,7 +10,7 @@ from microagent.cli.output import (
     Verbs,
     add_name,
     add_verb,
-    layout_of,
+    client_of,
     positive_seconds,
     text_field,
     workspace_name,
@@ -19,18 +19,18 @@ from microagent.errors import EXIT_OK, UsageError
 
 
 def cmd_connect(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.connect import DEFAULT_SEND_TIMEOUT, attach_console, send_line
+    from microagent.workspace.connect import DEFAULT_SEND_TIMEOUT
 
     name = workspace_name(args)
+    ws = client_of(args).handle(name)
     if args.send is not None:
-        answer = send_line(layout_of(args), name, args.send,
-                           timeout=args.timeout or DEFAULT_SEND_TIMEOUT)
+        output, exit_code = ws.console_send(args.send,
+                                            timeout=args.timeout or DEFAULT_SEND_TIMEOUT)
         if out.as_json:
-            out.emit({"name": name, "exit_code": answer.exit_code,
-                      **text_field("output", answer.output)})
+            out.emit({"name": name, "exit_code": exit_code, **text_field("output", output)})
         else:
-            sys.stdout.buffer.write(answer.output)
-            if answer.output and not answer.output.endswith(b"\n"):
+            sys.stdout.buffer.write(output)
+            if output and not output.endswith(b"\n"):
                 sys.stdout.buffer.write(b"\n")
             sys.stdout.flush()
         return EXIT_OK
@@ -38,7 +38,7 @@ def cmd_connect(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("--json needs --send: an interactive session is not a document")
     if args.timeout is not None:
         raise UsageError("--timeout applies to --send")
-    ended = attach_console(layout_of(args), name)
+    ended = ws.attach_console()
     sys.stderr.write(f"\r\nDetached from {name}; it keeps running.\n" if ended == "detached"
                      else f"\r\nThe console of {name} closed (the VM stopped).\n")
     return EXIT_OK

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from microagent.cli.output import Output, Verbs, add_verb, layout_of
+from microagent.cli.output import Output, Verbs, add_verb, client_of
 from microagent.errors import EXIT_OK
 
 
 def cmd_cp(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.copy import copy
-
-    result = copy(layout_of(args), args.source, args.destination, archive=args.archive)
+    result = client_of(args).copy(args.source, args.destination, archive=args.archive)
     for skipped in result.skipped:
         sys.stderr.write(f"microagent: skipped {skipped} (devices and sockets are not "
                          "copied)\n")

@@ -9,9 +9,11 @@ from microagent.errors import EXIT_FAILURE, EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.doctor import healthy, run_checks
+    from microagent.api.client import Microagent
+    from microagent.workspace.doctor import healthy
 
-    checks = run_checks(layout_of(args, check=False))  # reported as a check instead
+    # the state directory is reported as one of the checks, not refused
+    checks = Microagent(layout_of(args, check=False).root).doctor()
     ok = healthy(checks)
     width = max(len(c.name) for c in checks)
     lines = []

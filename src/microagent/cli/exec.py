@@ -13,21 +13,20 @@ from microagent.cli.output import (
     Parser,
     Verbs,
     add_verb,
-    layout_of,
+    client_of,
     seconds,
     text_field,
 )
 from microagent.errors import UsageError
 
 if TYPE_CHECKING:
-    from microagent.vm.agent import ExecResult
+    from microagent.api.results import ExecResult
 
 Sink = Callable[[bytes], None]
 
 
 def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     from microagent.config import parse_env
-    from microagent.workspace.execution import ExecOptions, run_exec
 
     argv = list(args.argv)
     if "--" in argv:
@@ -41,11 +40,10 @@ def cmd_exec(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("exec needs a command after the workspace name",
                          hint="microagent exec NAME -- COMMAND [ARGS...]")
     env = parse_env(args.env, os.environ, "-e")
-    options = ExecOptions(argv=tuple(argv), env=env, workdir=args.workdir or "",
-                          user=args.user or "", interactive=args.interactive, tty=args.tty,
-                          timeout=args.timeout or 0.0)
     stdout, stderr, captured = output_sinks(out)
-    result = run_exec(layout_of(args), args.name, options, stdout=stdout, stderr=stderr)
+    result = client_of(args).handle(args.name).exec_attached(
+        argv, env=env, cwd=args.workdir, user=args.user, interactive=args.interactive,
+        tty=args.tty, timeout=args.timeout, stdout=stdout, stderr=stderr)
     return report_result(out, result, captured, args.timeout)
 
 
@@ -74,10 +72,10 @@ def report_result(out: Output, result: ExecResult, captured: dict[str, bytearray
         for key, data in captured.items():
             document.update(text_field(key, bytes(data)))
         if result.error:
-            document["error"] = result.error
+            document["error"] = dict(result.error_detail)
         out.emit(document)
     elif result.error:
-        sys.stderr.write(f"microagent: {result.error.get('message', result.error)}\n")
+        sys.stderr.write(f"microagent: {result.error}\n")
     elif result.timed_out:
         sys.stderr.write(f"microagent: command timed out after {timeout}s\n")
     return result.host_exit_code

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from microagent.cli.output import Output, Parser, Verbs, ago, layout_of, table
+from microagent.cli.output import Output, Parser, Verbs, ago, client_of, table
 from microagent.errors import EXIT_OK, UsageError
 
 
 def cmd_image_pull(args: argparse.Namespace, out: Output) -> int:
-    from microagent.images.catalog import pull_image
-
-    image = pull_image(layout_of(args), args.reference, progress=out.progress())
+    image = client_of(args).images.pull(args.reference, progress=out.progress())
     out.emit(image.to_json(), f"{image.reference} {image.digest}")
     return EXIT_OK
 
 
 def cmd_image_list(args: argparse.Namespace, out: Output) -> int:
-    from microagent.images.catalog import list_images
     from microagent.progress import format_size
 
-    images = list_images(layout_of(args))
+    images = client_of(args).images.list()
     rows = [[i.reference, i.digest[:19], format_size(i.size), ago(i.pulled)] for i in images]
     text = table(["REF", "DIGEST", "SIZE", "PULLED"], rows) if images else "No images."
     out.emit({"images": [i.to_json() for i in images]}, text)
@@ -28,33 +25,22 @@ def cmd_image_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_image_rm(args: argparse.Namespace, out: Output) -> int:
-    from microagent.images.catalog import remove_image
-
-    image = remove_image(layout_of(args), args.reference)
+    image = client_of(args).images.remove(args.reference)
     out.emit({"removed": image.to_json()}, f"Removed {image.reference}")
     return EXIT_OK
 
 
 def cmd_kernel_install(args: argparse.Namespace, out: Output) -> int:
-    from pathlib import Path
-
-    from microagent.kernel.kernels import install_kernel
-
-    bundle = install_kernel(
-        layout_of(args),
-        from_path=Path(args.from_path).expanduser() if args.from_path else None,
-        modules_dir=Path(args.modules).expanduser() if args.modules else None,
-        progress=out.progress(),
-    )
+    bundle = client_of(args).kernels.install(args.from_path or None,
+                                             modules=args.modules or None,
+                                             progress=out.progress())
     out.emit(bundle.to_json(), f"Installed kernel {bundle.version} ({bundle.source}) "
                                f"with {len(bundle.modules)} modules")
     return EXIT_OK
 
 
 def cmd_kernel_list(args: argparse.Namespace, out: Output) -> int:
-    from microagent.kernel.kernels import list_kernels
-
-    bundles = list_kernels(layout_of(args))
+    bundles = client_of(args).kernels.list()
     rows = [[b.version, "yes" if b.default else "", b.source, str(len(b.modules))]
             for b in bundles]
     text = table(["VERSION", "DEFAULT", "SOURCE", "MODULES"], rows) if bundles \

@@ -4,67 +4,67 @@ a VM's life."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from microagent.cli.output import (
     Output,
     Verbs,
     add_name,
     add_verb,
-    layout_of,
+    client_of,
     positive_seconds,
     workspace_name,
 )
 from microagent.errors import EXIT_OK
 
+if TYPE_CHECKING:
+    from microagent.api.workspace import Workspace
+
 
 def cmd_start(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.start import start_workspace
+    from microagent.workspace.lifecycle import stderr_sink
 
     name = workspace_name(args)
-    state = start_workspace(layout_of(args), name, timeout=args.timeout,
-                            progress=out.progress())
-    out.emit({"name": name, "state": state.state, "pid": state.vmm_pid})
+    status = client_of(args).get(name).start(args.timeout, setup_output=stderr_sink,
+                                             progress=out.progress())
+    out.emit({"name": name, "state": status.state, "pid": status.pid})
     return EXIT_OK
 
 
 def cmd_halt(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.lifecycle import halt_workspace
-
     name = workspace_name(args)
-    out.emit({"name": name, "state": halt_workspace(layout_of(args), name)})
+    out.emit({"name": name, "state": _handle(args, name).halt()})
     return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.lifecycle import stop_workspace
-
     name = workspace_name(args)
-    out.emit({"name": name, "state": stop_workspace(layout_of(args), name)})
+    out.emit({"name": name, "state": _handle(args, name).stop()})
     return EXIT_OK
 
 
 def cmd_kill(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.lifecycle import kill_workspace
-
     name = workspace_name(args)
-    out.emit({"name": name, "state": kill_workspace(layout_of(args), name)})
+    out.emit({"name": name, "state": _handle(args, name).kill()})
     return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.lifecycle import resume_workspace
-
     name = workspace_name(args)
-    out.emit({"name": name, "state": resume_workspace(layout_of(args), name)})
+    out.emit({"name": name, "state": _handle(args, name).resume()})
     return EXIT_OK
 
 
 def cmd_quarantine(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.quarantine import quarantine_workspace
-
     name = workspace_name(args)
-    out.emit({"name": name, "state": quarantine_workspace(layout_of(args), name)})
+    out.emit({"name": name, "state": _handle(args, name).quarantine()})
     return EXIT_OK
+
+
+def _handle(args: argparse.Namespace, name: str) -> Workspace:
+    """The workspace's handle without reading its record: these verbs also work on a
+    broken one, whose processes they only talk to."""
+    return client_of(args).handle(name)
 
 
 def register(verbs: Verbs) -> None:

@@ -16,7 +16,7 @@ from microagent.cli.output import (
     Verbs,
     add_name,
     add_verb,
-    layout_of,
+    client_of,
     seconds,
     workspace_name,
 )
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 
 def cmd_logs(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.logs import follow_log, read_log
-
     name = workspace_name(args)
     if args.follow and out.as_json:
         raise UsageError("logs -f streams text and --json prints one document",
@@ -36,9 +34,9 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
     if args.follow and args.previous:
         raise UsageError("logs --previous shows a boot that has ended: there is nothing "
                          "to follow", hint="drop -f")
-    layout = layout_of(args)
+    ws = client_of(args).handle(name)
     if not args.follow:
-        data = read_log(layout, name, tail=args.tail, previous=args.previous)
+        data = ws.log_bytes(args.tail, previous=args.previous)
         if out.as_json:
             out.emit({"name": name, "log": data.decode("utf-8", errors="replace")})
         else:
@@ -46,7 +44,7 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
             sys.stdout.flush()
         return EXIT_OK
     try:
-        for chunk in follow_log(layout, name, tail=args.tail):
+        for chunk in ws.follow_logs(args.tail):
             if chunk:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
@@ -61,10 +59,8 @@ def event_line(event: Event) -> str:
 
 
 def cmd_events(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.watch import follow_events
-
     name = workspace_name(args)
-    stream = follow_events(layout_of(args), name, follow=args.follow)
+    stream = client_of(args).handle(name).follow_events(follow=args.follow)
     if not args.follow:
         events = list(stream)
         out.emit({"name": name, "events": [e.to_json() for e in events]},
@@ -81,11 +77,9 @@ def cmd_events(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wait(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.watch import wait_for_state
-
     name = workspace_name(args)
     try:
-        state = wait_for_state(layout_of(args), name, args.state, timeout=args.timeout)
+        state = client_of(args).handle(name).wait(args.state or (), timeout=args.timeout)
     except KeyboardInterrupt as e:
         return interrupted_exit_code(e)  # 130, or 143 for SIGTERM
     out.emit({"name": name, "state": state.state, "detail": state.detail}, state.state)

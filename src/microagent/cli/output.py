@@ -8,10 +8,13 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from microagent.errors import MicroagentError, UsageError
 from microagent.layout import StateLayout
+
+if TYPE_CHECKING:
+    from microagent.api.client import Microagent
 
 Handler = Callable[[argparse.Namespace, "Output"], int]
 MAX_SECONDS = 1_000_000_000  # ~31 years: below the agent's 2**40 ms and threading's limit
@@ -108,6 +111,14 @@ def layout_of(args: argparse.Namespace, *, check: bool = True) -> StateLayout:
         check_state_dir(layout.root)
         args.checked_state_dir = layout.root
     return layout
+
+
+def client_of(args: argparse.Namespace) -> Microagent:
+    """The public API's client for the command's state directory (checked as
+    :func:`layout_of` checks it)."""
+    from microagent.api.client import client_for
+
+    return client_for(layout_of(args))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from microagent.cli.exec import add_exec_options, output_sinks, report_result
-from microagent.cli.output import Output, Verbs, add_verb, layout_of, positive_seconds
-from microagent.cli.workspaces import add_create_options, spec_from_args
+from microagent.cli.output import Output, Verbs, add_verb, client_of, positive_seconds
+from microagent.cli.workspaces import add_create_options, create_options
 
 
 def cmd_run(args: argparse.Namespace, out: Output) -> int:
@@ -15,9 +15,10 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
     from microagent.workspace.execution import ExecOptions
     from microagent.workspace.oneshot import run_once, scratch_name
 
-    layout = layout_of(args)
+    client = client_of(args)
+    layout = client.layout
     name = validate_name(args.name) if args.name else scratch_name(layout)
-    spec = spec_from_args(args, name, args.image)
+    spec = client.spec(name, args.image, **create_options(args))
     options = ExecOptions(argv=(), workdir=args.workdir or "", user=args.user or "",
                           interactive=args.interactive, tty=args.tty,
                           timeout=args.timeout or 0.0)
@@ -25,8 +26,10 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
     stdout, stderr, captured = output_sinks(out)
     outcome = run_once(layout, spec, argv, options, stdout=stdout, stderr=stderr,
                        keep=args.keep, progress=out.progress(), timeout=args.start_timeout)
-    code = report_result(out, outcome.result, captured, args.timeout, name=outcome.name,
-                         kept=outcome.kept)
+    from microagent.api.results import ExecResult
+
+    code = report_result(out, ExecResult.from_agent(outcome.result), captured, args.timeout,
+                         name=outcome.name, kept=outcome.kept)
     if outcome.kept and captured is None:
         sys.stderr.write(f"microagent: kept workspace {outcome.name} (halted)\n")
     return code

@@ -5,23 +5,19 @@ from __future__ import annotations
 import argparse
 
 from microagent.cli.images import usage_of
-from microagent.cli.output import Output, Parser, Verbs, layout_of, table
+from microagent.cli.output import Output, Parser, Verbs, client_of, table
 from microagent.config import DEFAULT_VOLUME_MIB as DEFAULT_SIZE_MIB
 from microagent.errors import EXIT_OK
 
 
 def cmd_volume_create(args: argparse.Namespace, out: Output) -> int:
-    from microagent.disks.volumes import create_volume
-
-    volume = create_volume(layout_of(args), args.name, args.size_mib)
+    volume = client_of(args).volumes.create(args.name, args.size_mib)
     out.emit(volume.to_json(), f"Created volume {volume.name} ({volume.size_mib} MiB)")
     return EXIT_OK
 
 
 def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
-    from microagent.disks.volumes import list_volumes
-
-    volumes = list_volumes(layout_of(args))
+    volumes = client_of(args).volumes.list()
     rows = [[v.name, str(v.size_mib), v.attached_to or "-"] for v in volumes]
     text = table(["NAME", "SIZE-MIB", "ATTACHED"], rows) if volumes else "No volumes."
     out.emit({"volumes": [v.to_json() for v in volumes]}, text)
@@ -29,11 +25,9 @@ def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_volume_status(args: argparse.Namespace, out: Output) -> int:
-    from microagent.disks.volumes import get_volume, volume_users
-
-    layout = layout_of(args)
-    volume = get_volume(layout, args.name)
-    users = volume_users(layout, volume.name)
+    volumes = client_of(args).volumes
+    volume = volumes.get(args.name)
+    users = volumes.users(volume.name)
     document = {**volume.to_json(), "workspaces": users}
     out.emit(document, "\n".join([
         f"Volume: {volume.name}",
@@ -47,9 +41,7 @@ def cmd_volume_status(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_volume_delete(args: argparse.Namespace, out: Output) -> int:
-    from microagent.disks.volumes import delete_volume
-
-    existed = delete_volume(layout_of(args), args.name, force=args.force)
+    existed = client_of(args).volumes.delete(args.name, force=args.force)
     text = (f"Deleted volume {args.name}" if existed
             else f"No volume named {args.name}; nothing to delete.")
     out.emit({"name": args.name, "deleted": existed}, text)

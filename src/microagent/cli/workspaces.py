@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent.cli.output import (
@@ -13,8 +12,8 @@ from microagent.cli.output import (
     Verbs,
     add_name,
     add_verb,
+    client_of,
     confirm,
-    layout_of,
     table,
     workspace_name,
 )
@@ -22,57 +21,46 @@ from microagent.config import DEFAULT_PROFILE, DEFAULT_VOLUME_MIB
 from microagent.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
-    from microagent.state.records import WorkspaceSpec
+    pass
 
 
-def spec_from_args(args: argparse.Namespace, name: str, image: str) -> WorkspaceSpec:
-    """The workspace spec that create's options (shared with ``run``) describe."""
-    from microagent.config import parse_env, resolve_resources
-    from microagent.disks.attachments import parse_bundle, parse_disk, parse_volume
-    from microagent.network import parse_publish
-    from microagent.state.records import WorkspaceSpec
+def create_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``Microagent.create`` that create's options (shared with
+    ``run``) give."""
+    from microagent.config import parse_env
 
-    return WorkspaceSpec(
-        name=name,
-        image=image,
-        resources=resolve_resources(args.profile, memory_mib=args.memory, cpus=args.cpus,
-                                    disk_mib=args.size_mib),
-        backend=args.backend,
-        network=args.network,
-        restart=args.restart,
-        env=parse_env(args.env, os.environ, "--env"),
-        hostname=args.hostname or "",
-        setup=tuple(args.setup),
-        disks=(*map(parse_volume, args.volume), *map(parse_disk, args.disk),
-               *map(parse_bundle, args.bundle)),
-        ports=tuple(map(parse_publish, args.publish)),
-        kernel=str(Path(args.kernel).expanduser().absolute()) if args.kernel else "",
-    )
+    return {
+        "profile": args.profile, "memory_mib": args.memory, "cpus": args.cpus,
+        "disk_mib": args.size_mib, "backend": args.backend, "network": args.network,
+        "restart": args.restart, "env": parse_env(args.env, os.environ, "--env"),
+        "hostname": args.hostname, "setup": args.setup, "volumes": args.volume,
+        "disks": args.disk, "bundles": args.bundle, "publish": args.publish,
+        "kernel": args.kernel,
+    }
 
 
 def cmd_create(args: argparse.Namespace, out: Output) -> int:
-    from microagent.state.records import create_workspace
-
     name = workspace_name(args)
     if not args.image:
         raise UsageError("create needs --image REF")
-    spec = spec_from_args(args, name, args.image)
-    ws = create_workspace(layout_of(args), spec, progress=out.progress())
-    if spec.setup:
-        from microagent.workspace.provision import provision_at_create
-
-        provision_at_create(layout_of(args), name, _stderr, progress=out.progress())
-        from microagent.state.records import get_workspace
-
-        ws = get_workspace(layout_of(args), name)
-    out.emit(ws.to_json(), "\n".join([
-        f"Workspace: {ws.name}",
-        f"State: {ws.state}",
-        f"Rootfs: {ws.rootfs}",
-        f"Profile: {ws.resources.profile}",
-        f"Resources: {ws.resources.describe()}",
+    ws = client_of(args).create(name, args.image, **create_options(args),
+                                setup_output=_stderr, progress=out.progress())
+    doc = ws.to_json()
+    out.emit(doc, "\n".join([
+        f"Workspace: {doc['name']}",
+        f"State: {doc['state']}",
+        f"Rootfs: {doc['rootfs']}",
+        f"Profile: {doc['profile']}",
+        f"Resources: {_describe(doc['resources'])}",
     ]))
     return EXIT_OK
+
+
+def _describe(resources: dict[str, int]) -> str:
+    from microagent.config import Resources
+
+    return Resources("", resources["memory_mib"], resources["cpus"],
+                     resources["disk_mib"]).describe()
 
 
 def _stderr(data: bytes) -> None:
@@ -81,10 +69,8 @@ def _stderr(data: bytes) -> None:
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
-    from microagent.workspace.lifecycle import workspace_status
-
     name = workspace_name(args)
-    doc = workspace_status(layout_of(args), name, probe=out.as_json)
+    doc = client_of(args).get(name).status(probe=out.as_json).to_json()
     if doc.get("error"):  # broken: its record cannot be read
         out.emit(doc, "\n".join([f"Workspace: {doc['name']}", f"State: {doc['state']}",
                                  f"Error: {doc['error']}", f"Hint: {doc['detail']}",
@@ -147,28 +133,23 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def render_workspaces(args: argparse.Namespace, out: Output, *, running_only: bool) -> int:
-    from microagent.state.records import list_workspaces
-
-    workspaces = list_workspaces(layout_of(args))
-    if running_only:
-        workspaces = [w for w in workspaces
-                      if w.state in ("starting", "running", "halting", "quarantined")]
-    rows = [[w.name, w.state, w.backend, w.resources.profile, w.network, w.restart]
+    workspaces = [w.to_json() for w in client_of(args).list(running=running_only)]
+    rows = [[w["name"], w["state"], *(str(w[k] or "-") for k in ("backend", "profile",
+                                                                 "network", "restart"))]
             for w in workspaces]
     text = (table(["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"], rows)
             if workspaces else "No workspaces.")
-    out.emit({"workspaces": [w.to_json() for w in workspaces]}, text)
+    out.emit({"workspaces": workspaces}, text)
     return EXIT_OK
 
 
 def cmd_delete(args: argparse.Namespace, out: Output) -> int:
     from microagent.config import validate_name
-    from microagent.state.records import delete_workspace
 
     name = validate_name(workspace_name(args))
     if not args.yes:
         confirm(f"Delete workspace {name} and its disk? [y/N] ")
-    existed = delete_workspace(layout_of(args), name)
+    existed = client_of(args).delete(name)
     text = f"Deleted {name}" if existed else f"No workspace named {name}; nothing to delete."
     out.emit({"name": name, "deleted": existed}, text)
     return EXIT_OK

@@ -1,8 +1,11 @@
 """The guest agent (``microagent-init``): C sources and their build.
 
-The agent is built by ``make -C src/microagent/guest`` (``./install.sh`` runs it) into
-``build/microagent-init``, a static binary the host puts into every boot initramfs as
-``/init``. ``MICROAGENT_AGENT`` names another binary (a development build).
+The package build compiles the agent (``setup.py``'s ``build_agent`` runs this directory's
+Makefile) into ``build/microagent-init`` beside this module: in the installed package for
+``pip install``, in the source tree for an editable install, where ``make -C
+src/microagent/guest`` rebuilds it after an edit. It is a static binary the host puts into
+every boot initramfs as ``/init``. ``MICROAGENT_AGENT`` names another binary (a
+development build).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def agent_binary() -> Path:
         where = f"{AGENT_ENV}={override}" if override else str(path)
         raise HostError(
             f"the guest agent is not built ({where} does not exist)",
-            hint=f"run ./install.sh (needs gcc), or `make -C {SOURCE_DIR}`",
+            hint=f"reinstall the package (`pip install` builds it; it needs gcc, libc6-dev "
+                 f"and make), or `make -C {SOURCE_DIR}`",
         )
     return path

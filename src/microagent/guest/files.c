@@ -1,13 +1,15 @@
-/* The put and get operations for `microagent cp`.
+/* The put and get operations (`microagent cp`, the API's files.read and files.write).
  *
  * put writes FILE frames into a temporary file beside the target (same directory, so the
- * final rename is atomic), sets owner and mode, fsyncs and renames at END. get sends a
+ * final rename is atomic), sets owner and mode, fsyncs and renames at END; with
+ * "parents" it first makes the missing directories above the target. get sends a
  * regular file's content within the host's credit. Both return credit per frame. */
 #include "channel.h"
 #include "errnames.h"
 #include "json.h"
 #include "log.h"
 #include "ops.h"
+#include "paths.h"
 #include "poller.h"
 #include "streams.h"
 
@@ -77,25 +79,6 @@ static void file_cancel(struct stream *s, int quiet)
                            f->put ? "put" : "get", f->path);
         stream_end(s);
     }
-}
-
-static int no_child(struct stream *s, pid_t pid, int status)
-{
-    (void)s;
-    (void)pid;
-    (void)status;
-    return 0;
-}
-
-static void no_tick(struct stream *s, long long now)
-{
-    (void)s;
-    (void)now;
-}
-
-static void no_watch(struct stream *s)
-{
-    (void)s;
 }
 
 /* Request fields shared by put and get: an absolute "path". */
@@ -195,20 +178,24 @@ static void put_frame(struct stream *s, uint8_t type, uint8_t flags, const uint8
 
 static const struct stream_ops put_ops = {
     .frame = put_frame,
-    .watch = no_watch,
-    .tick = no_tick,
-    .child_exited = no_child,
+    .watch = stream_no_watch,
+    .tick = stream_no_tick,
+    .child_exited = stream_no_child,
     .cancel = file_cancel,
     .release = file_release,
 };
 
-static int optional_int(const struct json_doc *doc, int req, const char *key, long long max,
-                        long long *out)
+/* put's "parents": make the directories above path that are missing. */
+static int make_parents(const char *path)
 {
-    int t = json_find(doc, req, key);
-    if (t < 0 || doc->tokens[t].type == JSON_NULL)
-        return 0;
-    return json_int(doc, t, 0, max, out);
+    char dir[PATH_MAX];
+    size_t len = (size_t)(strrchr(path, '/') - path);
+    memcpy(dir, path, len);
+    dir[len] = '\0';
+    while (len > 1 && dir[len - 1] == '/')
+        dir[--len] = '\0';
+    int created;
+    return path_make_dir(len == 0 ? "/" : dir, 0755, 1, &created);
 }
 
 int put_open(struct stream *s, const struct json_doc *doc, int req)
@@ -216,11 +203,20 @@ int put_open(struct stream *s, const struct json_doc *doc, int req)
     struct file_op *f = new_op(s, doc, req, 1);
     if (f == NULL)
         return -1;
-    if (optional_int(doc, req, "mode", 07777, &f->mode) != 0 ||
-        optional_int(doc, req, "uid", 4294967294LL, &f->uid) != 0 ||
-        optional_int(doc, req, "gid", 4294967294LL, &f->gid) != 0) {
+    int parents = 0;
+    if (request_int(doc, req, "mode", 07777, &f->mode) != 0 ||
+        request_int(doc, req, "uid", 4294967294LL, &f->uid) != 0 ||
+        request_int(doc, req, "gid", 4294967294LL, &f->gid) != 0 ||
+        request_bool(doc, req, "parents", &parents) != 0) {
         channel_send_error(s->id, "EINVAL", EINVAL, "put: \"mode\", \"uid\" and \"gid\" must "
-                           "be non-negative integers");
+                           "be non-negative integers, \"parents\" a boolean");
+        free(f);
+        return -1;
+    }
+    if (parents && make_parents(f->path) != 0) {
+        int err = errno;
+        channel_send_error(s->id, errno_name(err), err, "put %s: making its directory: %s",
+                           f->path, strerror(err));
         free(f);
         return -1;
     }
@@ -305,7 +301,7 @@ static const struct stream_ops get_ops = {
     .frame = get_frame,
     .watch = get_watch,
     .tick = get_tick,
-    .child_exited = no_child,
+    .child_exited = stream_no_child,
     .cancel = file_cancel,
     .release = file_release,
 };

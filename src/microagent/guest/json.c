@@ -433,6 +433,15 @@ int json_item(const struct json_doc *doc, int arr, uint32_t k)
     return t < doc->ntokens ? (int)t : -1;
 }
 
+int json_bool(const struct json_doc *doc, int tok, int *out)
+{
+    if (!valid_token(doc, tok) ||
+        (doc->tokens[tok].type != JSON_TRUE && doc->tokens[tok].type != JSON_FALSE))
+        return -1;
+    *out = doc->tokens[tok].type == JSON_TRUE;
+    return 0;
+}
+
 int json_int(const struct json_doc *doc, int tok, long long min, long long max,
              long long *out)
 {

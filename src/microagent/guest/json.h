@@ -51,6 +51,9 @@ int json_item(const struct json_doc *doc, int arr, uint32_t k);
 int json_int(const struct json_doc *doc, int tok, long long min, long long max,
              long long *out);
 
+/* A boolean value: *out 0 or 1. Returns 0, or -1 when tok is not true or false. */
+int json_bool(const struct json_doc *doc, int tok, int *out);
+
 /* Decode the string at tok into out (size bytes, NUL-terminated). Returns its length, or
  * -1 when tok is not a string, holds a NUL, or does not fit. */
 ssize_t json_string(const struct json_doc *doc, int tok, char *out, size_t size);

@@ -40,6 +40,25 @@ int streams_count(void)
     return n;
 }
 
+void stream_no_watch(struct stream *s)
+{
+    (void)s;
+}
+
+void stream_no_tick(struct stream *s, long long now)
+{
+    (void)s;
+    (void)now;
+}
+
+int stream_no_child(struct stream *s, pid_t pid, int status)
+{
+    (void)s;
+    (void)pid;
+    (void)status;
+    return 0;
+}
+
 void stream_end(struct stream *s)
 {
     s->ended = 1;
@@ -96,11 +115,21 @@ void streams_open(uint32_t id, const uint8_t *payload, size_t len)
         console_size_run(id, &doc, 0);
         return;
     }
+    if (strcmp(op, "stat") == 0) {
+        stat_run(id, &doc, 0);
+        return;
+    }
+    if (strcmp(op, "mkdir") == 0) {
+        mkdir_run(id, &doc, 0);
+        return;
+    }
     int (*open_op)(struct stream *, const struct json_doc *, int) =
-        strcmp(op, "exec") == 0  ? exec_open
-        : strcmp(op, "put") == 0 ? put_open
-        : strcmp(op, "get") == 0 ? get_open
-                                 : NULL;
+        strcmp(op, "exec") == 0     ? exec_open
+        : strcmp(op, "put") == 0    ? put_open
+        : strcmp(op, "get") == 0    ? get_open
+        : strcmp(op, "list") == 0   ? list_open
+        : strcmp(op, "remove") == 0 ? remove_open
+                                    : NULL;
     if (open_op == NULL) {
         channel_send_error(id, "ENOTSUP", 0, "unknown operation \"%s\"", op);
         return;

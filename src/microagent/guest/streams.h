@@ -37,6 +37,11 @@ struct stream {
     void *state;
 };
 
+/* Callbacks for operations that wait on no fd, no timer and no child. */
+void stream_no_watch(struct stream *s);
+void stream_no_tick(struct stream *s, long long now);
+int stream_no_child(struct stream *s, pid_t pid, int status);
+
 /* Handle OPEN for stream id. Answers errors itself. */
 void streams_open(uint32_t id, const uint8_t *payload, size_t len);
 

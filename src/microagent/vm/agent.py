@@ -4,7 +4,9 @@
 agent directly (the supervisor, the protocol tests) or to a supervisor that relays the
 same frames (the CLI's ``exec``). One exec per call; streams stdout and stderr to
 callbacks as they arrive, forwards stdin within the guest's credit, returns credit as
-output is consumed, and forwards signals and terminal resizes.
+output is consumed, and forwards signals and terminal resizes. The file operations
+(get, put, stat, list, remove, mkdir) are in :mod:`microagent.vm.agentfiles`, whose
+:class:`~microagent.vm.agentfiles.GuestFiles` makes them methods of the client.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from microagent import __version__
-from microagent.errors import AgentFileError as AgentFileError
-from microagent.errors import UnresponsiveError
+from microagent.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    EXIT_TIMED_OUT,
+    UnresponsiveError,
+)
+from microagent.vm.agentfiles import GuestFiles
 from microagent.vm.protocol import (
     DEFAULT_WINDOW,
     FLAG_END,
@@ -38,10 +45,6 @@ from microagent.vm.protocol import (
 )
 
 PORT_DRAIN_TIMEOUT = 60.0  # after EXIT, for the output port's last bytes
-IDLE_LIMIT = 60.0  # a get or put with no frame for this long: the guest is unresponsive
-EXIT_TIMED_OUT = 124
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 Sink = Callable[[bytes], None]
 
 
@@ -220,7 +223,7 @@ class _PortReader:
         self.ended = True
 
 
-class AgentClient:
+class AgentClient(GuestFiles):
     """A connection to a guest agent (or a supervisor relaying one)."""
 
     def __init__(self, sock: socket.socket, *, window: int = DEFAULT_WINDOW) -> None:
@@ -466,101 +469,3 @@ class AgentClient:
         elif frame.type == FrameType.ERROR:
             state.done = ExecResult(None, error=frame.json())
 
-
-# --- files: the put and get operations (microagent cp) -----------------------------
-
-
-def _file_error(frame: Frame) -> AgentFileError:
-    doc = frame.json()
-    return AgentFileError(str(doc.get("code", "EIO")), str(doc.get("message", "failed")))
-
-
-def _open(client: AgentClient, operation: dict[str, Any]) -> int:
-    """Send OPEN for ``operation`` on a new stream; its id."""
-    stream_id = client.next_stream
-    client.next_stream += 2
-    client.send(encode_json(FrameType.OPEN, stream_id, operation))
-    return stream_id
-
-
-def _frame_of(client: AgentClient, stream_id: int) -> Frame:
-    """The next frame of ``stream_id``, answering pings and raising on a channel error;
-    UnresponsiveError when none comes for IDLE_LIMIT seconds."""
-    while True:
-        try:
-            frame = client.read_frame(time.monotonic() + IDLE_LIMIT)
-        except TimeoutError as e:
-            raise UnresponsiveError(f"the guest sent nothing for {IDLE_LIMIT:g}s: it is "
-                                    "unresponsive (frozen, or paused)") from e
-        if frame.stream == 0:
-            if frame.type == FrameType.PING:
-                client.send(encode(FrameType.PONG, 0, frame.payload))
-            elif frame.type == FrameType.ERROR:
-                raise ProtocolError(f"guest agent reported: {frame.json().get('message', '')}")
-        elif frame.stream == stream_id:
-            return frame
-
-
-def get_file(client: AgentClient, path: str, sink: Sink) -> dict[str, Any]:
-    """Read the regular file ``path`` of the guest into ``sink``; return its metadata.
-
-    The metadata is the ``STARTED`` document (``size``, ``mode``, ``uid``, ``gid``,
-    ``mtime``). Raises AgentFileError with the guest's code (``ENOENT``, ``EISDIR``...).
-    Credit for the FILE channel is returned once per batch of frames read.
-    """
-    stream_id = _open(client, {"op": "get", "path": path})
-    started: dict[str, Any] = {}
-    owed = 0
-    while True:
-        if not client.pending and owed:
-            client.send(encode_credit(stream_id, FrameType.FILE, owed))
-            owed = 0
-        frame = _frame_of(client, stream_id)
-        if frame.type == FrameType.STARTED:
-            started = frame.json()
-        elif frame.type == FrameType.FILE:
-            if frame.payload:
-                sink(frame.payload)
-                owed += len(frame.payload)
-        elif frame.type == FrameType.EXIT:
-            return started
-        elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)
-
-
-def put_file(client: AgentClient, path: str, read: Callable[[int], bytes], *, mode: int,
-             uid: int | None = None, gid: int | None = None) -> None:
-    """Write the guest file ``path`` (atomically, by the agent) from ``read(n)`` until it
-    returns ``b""``; ``mode`` the permission bits, ``uid``/``gid`` None for root's.
-
-    Sends FILE frames within the guest's credit. Raises AgentFileError with the guest's
-    code (``ENOENT`` for a missing parent, ``EISDIR``...).
-    """
-    request: dict[str, Any] = {"op": "put", "path": path, "mode": mode}
-    if uid is not None:
-        request["uid"] = uid
-    if gid is not None:
-        request["gid"] = gid
-    stream_id = _open(client, request)
-    credit = client.peer_window
-    sent_end = False
-    while True:
-        while not sent_end and credit > 0 and not client.pending:
-            data = read(min(client.max_payload, credit))
-            if data:
-                credit -= len(data)
-                client.send(encode(FrameType.FILE, stream_id, data))
-            else:
-                client.send(encode(FrameType.FILE, stream_id, b"", FLAG_END))
-                sent_end = True
-        frame = _frame_of(client, stream_id)
-        if frame.type == FrameType.CREDIT:
-            data_type, increment = decode_credit(frame)
-            if data_type == FrameType.FILE:
-                credit += increment
-        elif frame.type == FrameType.EXIT:
-            if not sent_end:
-                raise ProtocolError(f"guest agent ended the put of {path} early")
-            return
-        elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)

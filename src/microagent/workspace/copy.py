@@ -49,7 +49,8 @@ from microagent.layout import StateLayout
 from microagent.state.records import get_workspace
 from microagent.state.runtime import runtime_state
 from microagent.store import file_lock
-from microagent.vm.agent import AgentClient, AgentFileError, ExecRequest, get_file, put_file
+from microagent.vm.agent import AgentClient, ExecRequest
+from microagent.vm.agentfiles import AgentFileError, get_file, put_file
 from microagent.vm.control import SupervisorClient
 from microagent.workspace.copytar import GUEST_PATH, tar_from_guest, tar_into_guest, write_tar
 

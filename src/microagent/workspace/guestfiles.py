@@ -1,22 +1,24 @@
 """Files in a running workspace, through its agent: the public API's ``ws.files``.
 
 Each call opens a relayed channel through the supervisor (as ``cp`` does while running),
-says hello and runs one file operation; reads and writes stream within the agent's flow
-control, whatever their size. A workspace that is not running is refused (``copy_in`` and
-``copy_out`` also work on a halted disk).
+says hello and runs one file operation (``vm/agentfiles.py``; the protocol's ``get``,
+``put``, ``stat``, ``list``, ``remove``, ``mkdir``); reads and writes stream within the
+agent's flow control, whatever their size. A workspace that is not running is refused
+(``copy_in`` and ``copy_out`` also work on a halted disk). What the guest refuses is the
+error tree's class: NotFoundError, ConflictError, UsageError, else AgentFileError.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Iterator
 
-from microagent.errors import AgentFileError, ConflictError, NotFoundError, PausedError
+from microagent.errors import ConflictError, PausedError
 from microagent.layout import StateLayout
 from microagent.state.records import get_workspace
 from microagent.state.runtime import runtime_state
-from microagent.vm.agent import AgentClient, get_file, put_file
+from microagent.vm.agent import AgentClient
+from microagent.vm.agentfiles import GuestEntry
 from microagent.vm.control import SupervisorClient
 
 
@@ -38,30 +40,41 @@ def agent_session(layout: StateLayout, name: str, doing: str) -> Iterator[AgentC
         client.close()
 
 
-def translate(error: AgentFileError, path: str) -> Exception:
-    """A missing path is NotFoundError; the rest stays the agent's error."""
-    if error.code == "ENOENT":
-        return NotFoundError(f"no such file in the guest: {path}")
-    return error
-
-
 def read_file(layout: StateLayout, name: str, path: str,
               sink: Callable[[bytes], None]) -> None:
     """Stream the guest file ``path`` of ``name`` into ``sink``."""
     with agent_session(layout, name, "reading a file") as client:
-        try:
-            get_file(client, path, sink)
-        except AgentFileError as e:
-            raise translate(e, path) from e
+        client.read_file(path, sink)
 
 
-def write_file(layout: StateLayout, name: str, path: str, data: bytes | io.BufferedIOBase,
-               *, mode: int = 0o644) -> None:
-    """Write ``data`` (bytes, or a binary stream read to its end) to the guest's ``path``
-    (replaced atomically by the agent; its parent directories created)."""
-    reader = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+def write_file(layout: StateLayout, name: str, path: str,
+               data: bytes | Callable[[int], bytes], *, mode: int = 0o644) -> None:
+    """Write ``data`` (bytes, or ``read(n)`` until it returns ``b""``) to the guest's
+    ``path``: replaced atomically, its missing parent directories made."""
     with agent_session(layout, name, "writing a file") as client:
-        try:
-            put_file(client, path, reader.read, mode=mode)
-        except AgentFileError as e:
-            raise translate(e, path) from e
+        client.write_file(path, data, mode=mode)
+
+
+def stat(layout: StateLayout, name: str, path: str) -> GuestEntry:
+    """What ``path`` is (a symlink itself, not its target)."""
+    with agent_session(layout, name, "stat") as client:
+        return client.stat(path)
+
+
+def list_dir(layout: StateLayout, name: str, path: str) -> list[GuestEntry]:
+    """The entries of the guest directory ``path``, by name."""
+    with agent_session(layout, name, "listing a directory") as client:
+        return client.list_dir(path)
+
+
+def remove(layout: StateLayout, name: str, path: str, *, recursive: bool = False) -> int:
+    """Remove ``path`` (a tree with ``recursive``; links never followed); how many went."""
+    with agent_session(layout, name, "removing a file") as client:
+        return client.remove(path, recursive=recursive)
+
+
+def mkdir(layout: StateLayout, name: str, path: str, *, mode: int = 0o755,
+          parents: bool = True) -> bool:
+    """Make the guest directory ``path``; whether it was made."""
+    with agent_session(layout, name, "making a directory") as client:
+        return client.mkdir(path, parents=parents, mode=mode)

@@ -23,7 +23,7 @@ from microagent.errors import NotFoundError, UsageError
 from microagent.errors import WaitTimeoutError as WaitTimeoutError
 from microagent.events import Event
 from microagent.layout import StateLayout
-from microagent.state.records import get_workspace
+from microagent.state import records
 from microagent.state.runtime import LIVE_STATES, RuntimeState, lock_held, runtime_state
 
 STATES = ("prepared", "starting", "running", "halting", "halted", "stopped", "failed",
@@ -34,8 +34,9 @@ SUPERVISOR_EXIT_GRACE = 5.0  # how long wait lets a supervisor finish after a fi
 
 
 def require_workspace(layout: StateLayout, name: str) -> None:
-    """Refuse a bad name (usage) or an unknown workspace (not found)."""
-    get_workspace(layout, name)
+    """Refuse a bad name (usage) or an unknown workspace (not found); a broken record
+    will do: its console, events and state are still there to read."""
+    records.require_workspace(layout, name)
 
 
 def deleted_error(name: str, doing: str) -> NotFoundError:
