@@ -80,6 +80,7 @@ def session(ma: Microagent, image: str) -> int:
         print(f"{e.kind}: {e.message}\n{e.hint}", file=sys.stderr)
         return e.exit_code
     print("ready" if ready(status) else "not all ready", status.to_json()["state"])
+    assert ma.handle(ws.name) == ws
 
     first = ws.exec(["sh", "-c", "echo hi; exit 3"], stdin=b"", user="root")
     print(describe(first), first.ok, first.to_json()["exit_code"], first.host_exit_code)
@@ -88,9 +89,11 @@ def session(ma: Microagent, image: str) -> int:
     data: bytes = ws.files.read("/srv/notes.txt")
     entry: FileEntry = ws.files.stat("/srv/notes.txt")
     assert text.encode() == data and entry.size == len(data)
-    ws.files.mkdir("/srv/cache")
-    if ws.files.exists("/srv/cache"):
-        ws.files.remove("/srv/cache", recursive=True)
+    target: str | None = ws.files.stat("/bin/sh").target
+    made: bool = ws.files.mkdir("/srv/cache")
+    if made and ws.files.exists("/srv/cache"):
+        removed: int = ws.files.remove("/srv/cache", recursive=True)
+        print(target, removed)
     print("\n".join(listing(ws, "/srv")))
     ws.copy_in(Path("client.py"), "/srv/client.py")
     copied = ws.copy_out("/srv/client.py", Path("client-back.py"))
@@ -113,7 +116,11 @@ def session(ma: Microagent, image: str) -> int:
 
     events: list[Event] = ws.events()
     print(events[-1].time, events[-1].state, events[-1].detail, ws.logs(tail=5))
+    output, line_status = ws.console_send("uname -r", timeout=10.0)
+    print(output.decode(errors="replace"), line_status if line_status is not None else "?")
     state: str = ws.halt()
+    for event in ws.follow_events(follow=False):
+        print(event.state)
     print(state, ws.state, ws.attrs.get("image"), ws.reload().to_json()["name"])
     return 0
 
