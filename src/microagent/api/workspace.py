@@ -128,7 +128,9 @@ class Workspace:
         return halt_workspace(self._layout, self.name)
 
     def stop(self) -> str:
-        """Ask the guest to power off; ``failed`` if it has not within 5 s."""
+        """Ask the guest to power off; returns ``stopped``. If it has not within 5 s,
+        MicroagentError: the workspace is marked ``failed`` and its VM left running
+        (``kill`` ends it)."""
         from microagent.workspace.lifecycle import stop_workspace
 
         return stop_workspace(self._layout, self.name)
@@ -286,9 +288,8 @@ class Workspace:
         return read_log(self._layout, self.name, tail=tail, previous=previous)
 
     def follow_logs(self, tail: int | None = None) -> Iterator[bytes]:
-        """The console as it is written, across boots, until the caller stops (an empty
-        chunk now and then lets it look at the clock); starts with the last ``tail``
-        lines (None: all of the current boot's)."""
+        """The console as it is written, across boots, until the caller stops iterating;
+        starts with the last ``tail`` lines (None: all of the current boot's)."""
         from microagent.workspace.logs import follow_log
 
         _check_tail(tail)
