@@ -21,7 +21,6 @@ check and passt's own bind, passt exits saying "Failed to bind any port", which
 from __future__ import annotations
 
 import errno
-import ipaddress
 import re
 import socket
 from collections.abc import Sequence
@@ -117,6 +116,8 @@ def parse_publish(value: str) -> PublishedPort:
 
 def _host_address(text: str, value: str) -> str:
     try:
+        import ipaddress  # lazily: most commands never parse an address
+
         address = ipaddress.ip_address(text)
     except ValueError:
         raise UsageError(f"invalid --publish {value!r}: {text!r} is not an IPv4 address",

@@ -18,9 +18,7 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +123,8 @@ def write_json_atomic(path: Path, document: dict[str, Any], *, durable: bool = T
     HostError that says so (the old record stays)."""
     ensure_dir(path.parent)
     payload = json.dumps({"schema": SCHEMA_VERSION, **document}, indent=2, sort_keys=True)
+    import tempfile  # lazily: it imports random, which costs every command ~5 ms
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -273,6 +273,8 @@ def no_space_error(doing: str, directory: Path, *, quota: bool = False,
 def _free_bytes(directory: Path) -> int:
     for path in (directory, *directory.parents):
         with contextlib.suppress(OSError):
+            import shutil
+
             return shutil.disk_usage(path).free
     return 0
 

@@ -11,11 +11,13 @@ inside the handlers so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
 from microagent import __version__
@@ -71,6 +73,25 @@ def cmd_profiles(args: argparse.Namespace, out: Output) -> int:
 
 
 def build_parser() -> Parser:
+    with _translations_memoized():
+        return _build_parser()
+
+
+@contextlib.contextmanager
+def _translations_memoized() -> Iterator[None]:
+    """argparse has gettext translate each of its strings for every parser it builds
+    (~100 calls for this tree, a handful of distinct strings), and gettext looks for the
+    catalogues again at every call: half of the tree's build time, paid by every
+    command. The same strings get the same translations, so they are asked for once."""
+    original = argparse._  # type: ignore[attr-defined]
+    argparse._ = functools.lru_cache(maxsize=None)(original)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        argparse._ = original  # type: ignore[attr-defined]
+
+
+def _build_parser() -> Parser:
     parser = Parser(prog="microagent",
                     description="Persistent AI-agent workspaces in microVMs.")
     parser.add_argument("--json", action="store_true", help="print one JSON document")

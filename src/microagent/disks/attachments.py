@@ -20,14 +20,16 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.config import validate_name
-from microagent.disks.bundles import BuiltBundles, ensure_bundle_disk, fresh_copy
 from microagent.errors import MicroagentError, NotFoundError, UsageError
 from microagent.layout import RunFiles, StateLayout
 from microagent.progress import NullProgress, Progress
 from microagent.store import ensure_dir
+
+if TYPE_CHECKING:
+    from microagent.disks.bundles import BuiltBundles
 
 KINDS = ("volume", "disk", "bundle")
 MODES = ("ro", "rw")
@@ -187,6 +189,8 @@ def check_sources(attachments: Sequence[Attachment], *, work_dir: Path,
     """Check every ``--disk`` image is ext4 and every bundle can be built (built in
     ``work_dir``; the caller adopts the disks or discards them, ``with`` the result).
     Raises NotFoundError, UsageError, UnsafeImageError or DiskTooSmallError."""
+    from microagent.disks.bundles import BuiltBundles
+
     progress = progress or NullProgress()
     built = BuiltBundles(work_dir)
     try:
@@ -301,6 +305,8 @@ def prepare_boot_disks(layout: StateLayout, files: RunFiles,
         if item.kind == "disk":
             check_disk(item)
         if item.kind == "bundle":
+            from microagent.disks.bundles import ensure_bundle_disk, fresh_copy
+
             disk = ensure_bundle_disk(item, bundles_dir, work_dir=ensure_dir(layout.tmp_dir))
             if item.read_only:
                 cached[item.name] = disk

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
-from microagent.images.blobs import check_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -170,6 +169,8 @@ def parse_descriptor(raw: Any, what: str) -> Descriptor:
         raise RegistryError(f"{what}: a descriptor is not an object")
     try:
         media_type = str(raw["mediaType"])
+        from microagent.images.blobs import check_digest  # hashlib: not for every command
+
         digest = check_digest(str(raw["digest"]))
         size = int(raw["size"])
     except (KeyError, TypeError, ValueError, IntegrityError) as e:
