@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from microagent.vm.vmm import PauseWatch, process_stopped
+from microagent.vm.vmm import USER_PAUSE, PauseWatch, process_stopped
 
 
 def io_error(device: str, nospace: bool = True) -> dict[str, object]:
@@ -44,6 +44,22 @@ def test_other_pauses_and_errors_say_what_they_are(tmp_path: Path) -> None:
     report = {"event": "BLOCK_IO_ERROR", "data": {"device": "disk0", "action": "report"}}
     assert watch.event(report) is None and watch.event(STOP) == "paused"
     assert watch.reason == "the VM was paused (a QMP stop)"  # the guest saw that error
+
+
+def test_the_users_pause_is_told_from_the_hosts(tmp_path: Path) -> None:
+    watch = PauseWatch((tmp_path / "rootfs.ext4",))
+    watch.ask()
+    assert watch.event(STOP) == "paused"
+    assert watch.asked and watch.reason == USER_PAUSE
+    assert watch.event(RESUME) == "resumed" and not watch.asked
+    # an I/O error before the asked STOP makes it the host's: resume must wait and see
+    watch.ask()
+    watch.event(io_error("disk0"))
+    watch.event(STOP)
+    assert not watch.asked and watch.reason.startswith("host disk full")
+    watch.event(RESUME)
+    watch.event(STOP)  # not asked again: someone else's
+    assert not watch.asked and watch.reason == "the VM was paused (a QMP stop)"
 
 
 def test_a_disk_the_watch_does_not_know() -> None:

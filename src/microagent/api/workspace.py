@@ -141,8 +141,16 @@ class Workspace:
 
         return kill_workspace(self._layout, self.name)
 
+    def pause(self) -> str:
+        """Stop the vCPUs; the VM, its sockets and its memory stay (state ``paused``:
+        exec, files and console input are refused until :meth:`resume`)."""
+        from microagent.workspace.lifecycle import pause_workspace
+
+        return pause_workspace(self._layout, self.name)
+
     def resume(self) -> str:
-        """Let a paused workspace (its host disk was full) run again."""
+        """Let a paused workspace run again (paused by :meth:`pause`, or by the host
+        when its disk was full)."""
         from microagent.workspace.lifecycle import resume_workspace
 
         return resume_workspace(self._layout, self.name)

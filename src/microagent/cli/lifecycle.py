@@ -49,6 +49,12 @@ def cmd_kill(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_pause(args: argparse.Namespace, out: Output) -> int:
+    name = workspace_name(args)
+    out.emit({"name": name, "state": _handle(args, name).pause()})
+    return EXIT_OK
+
+
 def cmd_resume(args: argparse.Namespace, out: Output) -> int:
     name = workspace_name(args)
     out.emit({"name": name, "state": _handle(args, name).resume()})
@@ -76,8 +82,9 @@ def register(verbs: Verbs) -> None:
         ("halt", cmd_halt, "clean, disk-preserving shutdown"),
         ("stop", cmd_stop, "ask the guest to shut down; failed if it has not within 5s"),
         ("kill", cmd_kill, "end the VM process at once"),
-        ("resume", cmd_resume, "let a paused workspace run again (e.g. once its host disk "
-                               "has room)"),
+        ("pause", cmd_pause, "stop the VM's vCPUs; it keeps its memory and sockets"),
+        ("resume", cmd_resume, "let a paused workspace run again (after pause, or once its "
+                               "host disk has room)"),
         ("quarantine", cmd_quarantine,
          "sever network, exec, cp and console input; keep the VM running"),
     ):

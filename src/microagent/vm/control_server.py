@@ -79,7 +79,8 @@ class ControlServer:
             handlers = {"status": self.status, "halt": sup._halt, "stop": sup._stop,
                         "kill": sup._kill, "console-send": self._console_send,
                         "console-size": self._console_size,
-                        "quarantine": sup._quarantine, "resume": sup._resume}
+                        "quarantine": sup._quarantine, "pause": sup._pause,
+                        "resume": sup._resume}
             handler = handlers.get(verb)
             if handler is None:
                 await answer(writer, error=f"unknown request {verb!r}")

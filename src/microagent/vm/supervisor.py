@@ -51,6 +51,7 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
 RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
+PAUSE_EVENT_WAIT = 2.0  # after `stop`'s answer: its STOP event, to record the state
 HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -382,8 +383,33 @@ class Supervisor:
         if not self.quarantined:
             self._spawn(self.probe_exec())
 
+    async def _pause(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The user's ``pause``: QMP ``stop``; the VM, its sockets and its memory stay.
+        Answered once QEMU has stopped the vCPUs (its STOP event recorded)."""
+        if self.pause.paused:
+            raise ConflictError(f"the workspace is already paused: {self.pause.reason}")
+        if self.quarantined:
+            raise ConflictError("the workspace is quarantined: pause is refused",
+                                hint=QUARANTINE_HINT)
+        if self.intent is not None or self.outcome is not None or not self.booted \
+                or self.vmm is None or self.vmm.returncode is not None or self.qmp is None:
+            raise ConflictError("the workspace is not running")
+        before = self.pause.pauses
+        self.pause.ask()
+        try:
+            await self.qmp.execute("stop")
+        except (QmpError, TimeoutError, ConnectionError) as e:
+            self.pause.asking = False
+            raise MicroagentError(f"QEMU did not pause the VM: {e}") from e
+        deadline = time.monotonic() + PAUSE_EVENT_WAIT
+        while self.pause.pauses == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)  # STOP comes right after stop's answer
+        return {"state": "paused"}
+
     async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``cont``: the vCPUs run again; QEMU retries the writes that failed."""
+        """``cont``: the vCPUs run again; after a host pause QEMU retries the writes that
+        failed (and may pause again at once, which is said); the user's pause resumes at
+        once."""
         if not self.pause.paused or self.intent is not None or self.outcome is not None:
             raise ConflictError("the workspace is not paused")
         if not await self._unpause():
@@ -392,9 +418,13 @@ class Supervisor:
         return {"state": "running"}
 
     async def _unpause(self) -> bool:
-        """``cont``, then whether it stays running (a disk still full stops it again)."""
+        """``cont``, then whether it stays running (a disk still full stops it again; the
+        user's pause has nothing to retry: no wait)."""
         before = self.pause.pauses
+        asked = self.pause.asked
         await self._cont()
+        if asked:
+            return True
         await asyncio.sleep(RESUME_SETTLE)
         return not (self.pause.paused and self.pause.pauses > before)
 

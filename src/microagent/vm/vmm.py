@@ -7,7 +7,8 @@ asyncio), awaited through a pidfd. :func:`connect_qmp` reaches its monitor.
 reason: QEMU stops the VM when a write to a disk image fails with ENOSPC (``werror=enospc``
 is QEMU's default: the guest never sees the error, and the write is retried by ``cont``),
 announcing BLOCK_IO_ERROR (which disk, ``nospace``) and then STOP; RESUME ends it. A STOP
-with no I/O error before it is a pause someone asked QEMU for. :func:`process_stopped`
+after :meth:`PauseWatch.ask` is the user's ``pause``; one with neither before it is a
+pause someone else asked QEMU for. :func:`process_stopped`
 tells a frozen VMM process (SIGSTOP) from a hung guest.
 """
 
@@ -102,6 +103,9 @@ def _log(line: str) -> None:
         print(f"microagent supervisor: {line}", file=sys.stderr, flush=True)
 
 
+USER_PAUSE = "paused by microagent pause"
+
+
 @dataclass
 class PauseWatch:
     """Whether the VM is paused, and why, from QMP's events (see the module docstring).
@@ -114,10 +118,16 @@ class PauseWatch:
     reason: str | None = None  # None: not paused
     cause: str | None = None  # the last I/O error's, for the STOP that follows it
     pauses: int = 0  # how many times the VM was paused in this boot
+    asked: bool = False  # the current pause is the user's (``pause``), not the host's
+    asking: bool = False  # a ``pause`` sent QMP ``stop``: its STOP is the user's
 
     @property
     def paused(self) -> bool:
         return self.reason is not None
+
+    def ask(self) -> None:
+        """The user's ``pause`` is about to send QMP ``stop``."""
+        self.asking = True
 
     def event(self, message: dict[str, Any]) -> str | None:
         """Take one QMP event; ``"paused"`` or ``"resumed"`` when the state changed."""
@@ -127,12 +137,16 @@ class PauseWatch:
             self.cause = self.io_error_reason(data)
             return None
         if name == "STOP":
-            self.reason = self.cause or "the VM was paused (a QMP stop)"
+            self.asked = self.asking and self.cause is None
+            self.reason = (self.cause or (USER_PAUSE if self.asked else
+                                          "the VM was paused (a QMP stop)"))
             self.cause = None
+            self.asking = False
             self.pauses += 1
             return "paused"
         if name == "RESUME" and self.reason is not None:
             self.reason = None
+            self.asked = False
             return "resumed"
         return None
 

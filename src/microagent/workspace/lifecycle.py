@@ -240,10 +240,25 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
     return "stopped"
 
 
+def pause_workspace(layout: StateLayout, name: str) -> str:
+    """``running`` → ``paused``: the vCPUs stop; the VM, its sockets and memory stay
+    (exec, cp and console input are refused until ``resume``)."""
+    validate_name(name)
+    get_workspace(layout, name)
+    state = runtime_state(layout, name)
+    if state.state == "paused":
+        raise ConflictError(f"workspace {name} is already paused ({state.detail})")
+    if state.state != "running":
+        raise ConflictError(f"workspace {name} is not running (state {state.state})",
+                            hint="pause stops a running workspace's vCPUs")
+    SupervisorClient(layout.run_files(name), name).request("pause", timeout=30)
+    return "paused"
+
+
 def resume_workspace(layout: StateLayout, name: str) -> str:
-    """``paused`` → ``running``: the vCPUs run again (QEMU retries the disk writes that
-    failed). Refused when it is not paused; an error when it pauses again at once (the
-    host disk is still full)."""
+    """``paused`` → ``running``: the vCPUs run again (after a host pause QEMU retries the
+    disk writes that failed). Refused when it is not paused; an error when it pauses again
+    at once (the host disk is still full)."""
     validate_name(name)
     get_workspace(layout, name)
     state = runtime_state(layout, name)
