@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,20 @@ def test_console_size_arguments_and_no_console(session: Session) -> None:
         assert state.error is not None and state.error["code"] == "EINVAL", bad
     state = session.wait(session.open({"op": "console_size", "rows": 24, "cols": 80}))
     assert state.error is not None and state.error["code"] == "ENODEV"
+
+
+def test_resumed_is_checked_and_never_touches_the_host(session: Session) -> None:
+    """The resumed operation's arguments; in the host test mode it answers without
+    stepping the host's clock or reseeding its RNG (the VM side is tests/vm/test_pause.py)."""
+    good = {"op": "resumed", "time_ns": 1_700_000_000_000_000_000, "entropy": "ab" * 32,
+            "generation": 3}
+    for bad in ({"time_ns": 0}, {"entropy": "ab" * 8 + "a"}, {"entropy": "AB" * 32},
+                {"entropy": "zz" * 32}, {"entropy": "ab" * 4}, {"generation": -1},
+                {"time_ns": "1"}):
+        state = session.wait(session.open({**good, **bad}))
+        assert state.error is not None and state.error["code"] == "EINVAL", bad
+    before = time.time()
+    state = session.wait(session.open(good))
+    assert state.error is None and state.exit is not None
+    assert (state.exit["applied"], state.exit["generation"]) == (False, 3)
+    assert abs(time.time() - before) < 60, "the host's clock was left alone"

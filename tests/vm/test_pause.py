@@ -92,3 +92,21 @@ def test_pause_is_refused_unless_running(home: Path, busybox_image: PushedImage)
             ws.resume()
     finally:
         ws.delete()
+
+
+def test_the_guest_clock_follows_the_host_after_a_pause(running: Workspace) -> None:
+    """A stopped guest's clock stops too; resume steps it to the host's and bumps the
+    generation counter (the agent's resumed operation)."""
+    running.pause()
+    time.sleep(10)
+    running.resume()
+    before = time.time()
+    guest = int(running.exec("date +%s", check=True).stdout)  # busybox: whole seconds
+    after = time.time()
+    # within a second of the host (the whole second it printed lies in [before-1, after];
+    # without the step it would be 10 s behind)
+    assert before - 2 < guest <= after, f"guest clock {guest}, host {before}..{after}"
+    assert running.files.read("/run/microagent/generation") == b"1\n"
+    running.pause()
+    running.resume()
+    assert running.files.read("/run/microagent/generation") == b"2\n"

@@ -20,6 +20,7 @@ void shutdown_run(uint32_t id, const struct json_doc *doc, int request);     /* 
 void console_size_run(uint32_t id, const struct json_doc *doc, int request); /* console.c */
 void stat_run(uint32_t id, const struct json_doc *doc, int request);         /* pathops.c */
 void mkdir_run(uint32_t id, const struct json_doc *doc, int request);        /* pathops.c */
+void resumed_run(uint32_t id, const struct json_doc *doc, int request);      /* resumed.c */
 
 /* End s with ERROR after killing what it runs (a bad frame for an open stream). */
 void stream_fail(struct stream *s, const char *code, int err, const char *fmt, ...)

@@ -123,6 +123,10 @@ void streams_open(uint32_t id, const uint8_t *payload, size_t len)
         mkdir_run(id, &doc, 0);
         return;
     }
+    if (strcmp(op, "resumed") == 0) {
+        resumed_run(id, &doc, 0);
+        return;
+    }
     int (*open_op)(struct stream *, const struct json_doc *, int) =
         strcmp(op, "exec") == 0     ? exec_open
         : strcmp(op, "put") == 0    ? put_open

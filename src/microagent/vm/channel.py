@@ -268,10 +268,20 @@ class AgentChannel:
 
     async def request(self, operation: dict[str, Any], timeout: float) -> tuple[Frame, bytes]:
         """Open a stream for ``operation``; wait for its EXIT or ERROR frame."""
+        return await self.answer(*self.send_request(operation), timeout)
+
+    def send_request(self, operation: dict[str, Any]) -> tuple[int, LocalRequest]:
+        """Write ``operation``'s OPEN now (the guest takes it before anything written
+        after it); :meth:`answer` waits for it."""
         stream = next(self.ids)
         route = LocalRequest(asyncio.get_running_loop().create_future())
         self.routes[stream] = route
         self.write(encode_json(FrameType.OPEN, stream, operation))
+        return stream, route
+
+    async def answer(self, stream: int, route: LocalRequest,
+                     timeout: float) -> tuple[Frame, bytes]:
+        """The EXIT or ERROR frame of a request :meth:`send_request` sent."""
         try:
             frame = await asyncio.wait_for(route.done, timeout)
         finally:

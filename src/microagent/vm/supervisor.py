@@ -35,14 +35,14 @@ from microagent.state.records import Workspace
 from microagent.state.runtime import process_start_time
 from microagent.store import write_json_atomic
 from microagent.vm.backends.qmp import QmpClient, QmpError
-from microagent.vm.channel import AgentChannel
+from microagent.vm.channel import AgentChannel, LocalRequest
 from microagent.vm.console import ConsoleBroker, ConsoleCapture
 from microagent.vm.containment import sever_network
 from microagent.vm.control_server import QUARANTINE_HINT, ControlServer
 from microagent.vm.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.vm.passt import NetworkHelper
 from microagent.vm.protocol import FrameType
-from microagent.vm.vmm import PauseWatch, VmmProcess, connect_qmp
+from microagent.vm.vmm import PauseWatch, VmmProcess, connect_qmp, log
 
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
@@ -51,6 +51,7 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 CONSOLE_PROBE_TIMEOUT = 30.0  # the console shell's first answer, at boot (TCG: slow)
 RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
+RESUMED_WAIT = 5.0  # the agent's answer to the resumed operation
 PAUSE_EVENT_WAIT = 2.0  # after `stop`'s answer: its STOP event, to record the state
 HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -96,6 +97,7 @@ class Supervisor:
         self.outcome: Outcome | None = None
         self.status: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0}
         self.quarantined = False  # see microagent.workspace.quarantine; ends with the VM
+        self.generation = 0  # resumes told to the guest (its /run/microagent/generation)
         self.sessions: set[asyncio.StreamWriter] = set()  # relayed exec/cp, console
         self.out_socket: str | None = None  # the output port's socket, if the VMM has one
         self.control = ControlServer(self)
@@ -415,7 +417,34 @@ class Supervisor:
         if not await self._unpause():
             raise ConflictError(f"it paused again at once: {self.pause.reason}",
                                 hint="make room there, then resume it again")
+        self._tell_resumed()
         return {"state": "running"}
+
+    def _tell_resumed(self) -> None:
+        """The agent's ``resumed`` operation: the guest's clock stopped with its vCPUs, so
+        it is stepped to the host's; fresh entropy reseeds its RNG; the generation counter
+        goes up. Written to the channel before the resume is answered, so the guest takes
+        it before any command a client sends after that; its answer is not waited for. A
+        guest that cannot take it (an older agent) runs on all the same; why goes to the
+        supervisor's log."""
+        hello = self.channel.hello if self.channel is not None else None
+        if self.channel is None or not hello or "resumed" not in hello.get("features", ()):
+            return
+        self.generation += 1
+        sent = self.channel.send_request(
+            {"op": "resumed", "time_ns": time.time_ns(), "entropy": os.urandom(32).hex(),
+             "generation": self.generation})
+        self._spawn(self._resumed_answer(self.channel, *sent))
+
+    async def _resumed_answer(self, channel: AgentChannel, stream: int,
+                              route: LocalRequest) -> None:
+        try:
+            frame, _ = await channel.answer(stream, route, RESUMED_WAIT)
+        except (TimeoutError, ConnectionError, MicroagentError) as e:
+            log(f"the guest did not take the resumed operation: {e}")
+            return
+        if frame.type != FrameType.EXIT:
+            log(f"the guest refused the resumed operation: {frame.json()}")
 
     async def _unpause(self) -> bool:
         """``cont``, then whether it stays running (a disk still full stops it again; the

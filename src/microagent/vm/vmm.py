@@ -90,15 +90,15 @@ async def connect_qmp(path: str, deadline: float,
             return await QmpClient.connect(path, on_event)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             if time.monotonic() > deadline:
-                _log(f"no QMP: {e}")
+                log(f"no QMP: {e}")
                 return None
             await asyncio.sleep(0.05)
         except Exception as e:
-            _log(f"no QMP: {e!r}")
+            log(f"no QMP: {e!r}")
             return None
 
 
-def _log(line: str) -> None:
+def log(line: str) -> None:
     with contextlib.suppress(OSError):  # the log is on a full disk: nothing to tell
         print(f"microagent supervisor: {line}", file=sys.stderr, flush=True)
 
