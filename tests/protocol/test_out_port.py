@@ -4,9 +4,11 @@ it itself, between a preamble and an end marker."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,9 +128,32 @@ def test_cancel_frees_the_port(ported: AgentProcess) -> None:
     session.pump_until(lambda: endless.started is not None, what="STARTED")
     session.send_json(FrameType.CANCEL, endless.id, {})
     session.wait(endless)
-    # nobody reads the old bytes; the next exec gets the port and its own preamble
-    state = session.run(["echo", "next"], stdout_port="a" * 32)
+    # nobody read the cancelled exec's bytes, which may fill the port (how many depends on
+    # how fast the host ran): a reader drains it, as the next exec's client would (skipping
+    # what came before its preamble); the next exec gets the port
+    port = ported.out
+    assert port is not None
+    drained = bytearray()
+    stop = threading.Event()
+
+    def drain() -> None:
+        port.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                drained.extend(port.recv(1 << 16))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        state = session.run(["echo", "next"], stdout_port="a" * 32)
+        deadline = time.monotonic() + 10
+        while b"next\n" not in drained and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        reader.join()
     assert state.started is not None and state.started["stdout_port"] is True
+    assert state.stdout == b"" and b"next\n" in drained  # through the port, not frames
 
 
 def test_cancel_ends_the_exec_with_the_port_full(ported: AgentProcess) -> None:
