@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -135,3 +136,25 @@ def test_resumed_is_checked_and_never_touches_the_host(session: Session) -> None
     assert state.error is None and state.exit is not None
     assert (state.exit["applied"], state.exit["generation"]) == (False, 3)
     assert abs(time.time() - before) < 60, "the host's clock was left alone"
+
+
+def test_resumed_identity_is_checked_and_never_touches_the_host(session: Session) -> None:
+    """A fork's identity (hostname, machine ID): checked, and in the host test mode never
+    applied (the VM side is tests/vm/test_agent.py)."""
+    assert "resumed_identity" in session.peer["features"]
+    good = {"op": "resumed", "time_ns": 1_700_000_000_000_000_000, "entropy": "ab" * 32,
+            "generation": 4}
+    hostname = socket.gethostname()
+    for bad in ({}, None, "ws-b", {"hostname": ""}, {"hostname": "a" * 64},
+                {"hostname": "-ws"}, {"hostname": "ws-"}, {"hostname": "ws_b"},
+                {"hostname": "ws.b"}, {"hostname": "ws b"}, {"hostname": 7},
+                {"hostname": "ws-b", "machine_id": 1}, {"machine_id": True}):
+        state = session.wait(session.open({**good, "identity": bad}))
+        assert state.error is not None and state.error["code"] == "EINVAL", bad
+    for identity in ({"hostname": "ws-b", "machine_id": True}, {"hostname": "a" * 63},
+                     {"hostname": "0", "machine_id": False}):
+        state = session.wait(session.open({**good, "identity": identity}))
+        assert state.error is None and state.exit is not None, identity
+        assert (state.exit["applied"], state.exit["generation"]) == (False, 4)
+        assert "hostname" not in state.exit
+    assert socket.gethostname() == hostname, "the host's hostname was left alone"

@@ -7,9 +7,11 @@
  * host's time as it sent the request: the relay's delay, milliseconds, is not made up).
  * The entropy is mixed in with RNDADDENTROPY and the CRNG reseeded at once with
  * RNDRESEEDCRNG, so that two guests resumed from one memory image stop producing the same
- * bytes before anything else runs. The counter goes to /run/microagent/generation,
- * replaced atomically. */
+ * bytes before anything else runs. A fork also gets its own identity (identity.c), after
+ * the reseed so that its new machine ID is drawn from the reseeded RNG. The counter goes
+ * to /run/microagent/generation, replaced atomically. */
 #include "channel.h"
+#include "identity.h"
 #include "json.h"
 #include "ops.h"
 
@@ -99,9 +101,13 @@ void resumed_run(uint32_t id, const struct json_doc *doc, int req)
         }
         bytes[i] = (unsigned char)(hi << 4 | lo);
     }
+    struct identity identity;
+    if (identity_parse(id, doc, req, &identity) != 0)
+        return;
     if (getpid() != 1) {
-        /* The host test mode (--serve-fd): the clock, the RNG and /run are the host's,
-         * never to be touched; the request is checked and answered only. */
+        /* The host test mode (--serve-fd): the clock, the RNG, /run, the hostname and
+         * /etc are the host's, never to be touched; the request is checked and answered
+         * only. */
         char done[160];
         int n = snprintf(done, sizeof(done),
                          "{\"exit_code\":0,\"signal\":null,\"timed_out\":false,"
@@ -124,15 +130,21 @@ void resumed_run(uint32_t id, const struct json_doc *doc, int req)
                            strerror(errno));
         return;
     }
+    if (identity.present && identity_apply(id, &identity) != 0)
+        return;
     if (write_generation(generation) != 0) {
         channel_send_error(id, "EIO", errno, "resumed: write %s: %s", GENERATION_FILE,
                            strerror(errno));
         return;
     }
-    char done[160];
+    /* the hostname needs no escaping: letters, digits and '-' (identity_parse) */
+    char hostname[96] = "";
+    if (identity.present)
+        snprintf(hostname, sizeof(hostname), ",\"hostname\":\"%s\"", identity.hostname);
+    char done[256];
     int n = snprintf(done, sizeof(done),
                      "{\"exit_code\":0,\"signal\":null,\"timed_out\":false,"
-                     "\"stepped_ms\":%lld,\"generation\":%lld,\"applied\":true}",
-                     stepped_ms, generation);
+                     "\"stepped_ms\":%lld,\"generation\":%lld,\"applied\":true%s}",
+                     stepped_ms, generation, hostname);
     channel_send(FRAME_EXIT, id, 0, done, (size_t)n);
 }
