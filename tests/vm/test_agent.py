@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import re
 import shutil
 import subprocess
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from microagent.errors import UnresponsiveError
+from microagent.errors import NotFoundError, UnresponsiveError
 from microagent.kernel.kernels import KernelBundle
 from microagent.vm.agent import AgentClient, ExecRequest, ExecResult
-from microagent.vm.protocol import FrameType, encode_json
+from microagent.vm.protocol import Frame, FrameType, encode_json
 from tests.vm.qemu import NETWORK_APPEND, RunningVM
 
 pytestmark = pytest.mark.slow
@@ -215,6 +216,71 @@ def _pid1_cpu_ticks(vm: RunningVM) -> int:
     finally:
         client.close()
     return sum(int(v) for v in stat.split(")")[1].split()[11:13])
+
+
+def _resumed(client: AgentClient, stream: int, identity: dict[str, object]) -> Frame:
+    """The resumed operation as a fork gets it: the answer's frame."""
+    client.send(encode_json(FrameType.OPEN, stream, {
+        "op": "resumed", "time_ns": time.time_ns(), "entropy": os.urandom(32).hex(),
+        "generation": stream, "identity": identity}))
+    frame = client.read_frame(time.monotonic() + 20)
+    while frame.stream != stream:
+        frame = client.read_frame(time.monotonic() + 20)
+    return frame
+
+
+def _read(client: AgentClient, path: str) -> bytes:
+    out = bytearray()
+    client.read_file(path, out.extend)
+    return bytes(out)
+
+
+def test_resumed_gives_a_fork_its_identity(guest_kernel: KernelBundle, boot_initramfs: Path,
+                                           root_disk: Path) -> None:
+    """The resumed operation's identity: the kernel's hostname, /etc/hostname, the old
+    name in /etc/hosts and a new /etc/machine-id (the host test mode's side is
+    tests/protocol/test_ops.py)."""
+    vm = boot(guest_kernel, boot_initramfs, root_disk)  # microagent.hostname=ws-agent
+    client = connect(vm)
+    try:
+        old_id = b"0123456789abcdef0123456789abcdef\n"
+        client.write_file("/etc/hostname", b"ws-agent\n")
+        client.write_file("/etc/hosts", b"127.0.0.1\tlocalhost\n"
+                          b"127.0.1.1\tws-agent ws-agent.example\n"
+                          b"# ws-agent stays in comments\n"
+                          b"10.0.0.9  ws-agent-db\tws-agent # ws-agent\n", mode=0o640)
+        client.write_file("/etc/machine-id", old_id, mode=0o444)
+        client.write_file("/var/lib/systemd/random-seed", os.urandom(512), mode=0o600)
+
+        frame = _resumed(client, 1001, {"hostname": "ws-fork", "machine_id": True})
+        assert frame.type == FrameType.EXIT, (frame.json(), vm.tail())
+        assert frame.json()["applied"] is True and frame.json()["hostname"] == "ws-fork"
+        assert run(client, "hostname")[1] == "ws-fork\n"
+        assert _read(client, "/etc/hostname") == b"ws-fork\n"
+        assert _read(client, "/etc/hosts") == (b"127.0.0.1\tlocalhost\n"
+                                               b"127.0.1.1\tws-fork ws-agent.example\n"
+                                               b"# ws-agent stays in comments\n"
+                                               b"10.0.0.9  ws-agent-db\tws-fork # ws-agent\n")
+        assert client.stat("/etc/hosts").mode == 0o640
+        machine_id = _read(client, "/etc/machine-id")
+        assert re.fullmatch(rb"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}\n", machine_id)
+        assert machine_id != old_id and client.stat("/etc/machine-id").mode == 0o444
+        with pytest.raises(NotFoundError):
+            client.stat("/var/lib/systemd/random-seed")
+        assert _read(client, "/run/microagent/generation") == b"1001\n"
+        assert "microagent-init: identity: hostname ws-fork (was ws-agent)" in vm.console()
+
+        # a hosts file that does not name the old hostname gets a line for the new one;
+        # without machine_id the machine ID stays
+        client.write_file("/etc/hosts", b"127.0.0.1\tlocalhost")
+        frame = _resumed(client, 1002, {"hostname": "ws-third"})
+        assert frame.type == FrameType.EXIT and frame.json()["hostname"] == "ws-third"
+        assert _read(client, "/etc/hosts") == b"127.0.0.1\tlocalhost\n127.0.1.1\tws-third\n"
+        assert _read(client, "/etc/machine-id") == machine_id
+        assert run(client, "hostname")[1] == "ws-third\n"
+    finally:
+        client.close()
+        vm.kill()
 
 
 def _fsck_clean(disk: Path) -> None:
