@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from microagent.events import Event
     from microagent.images.catalog import Image
     from microagent.kernel.kernels import KernelBundle as Kernel
+    from microagent.state.snapshots import Snapshot
     from microagent.workspace.doctor import Check
 
 _EXPORTS = {
@@ -47,11 +48,12 @@ _EXPORTS = {
     "Image": ("microagent.images.catalog", "Image"),
     "Volume": ("microagent.disks.volumes", "Volume"),
     "Kernel": ("microagent.kernel.kernels", "KernelBundle"),
+    "Snapshot": ("microagent.state.snapshots", "Snapshot"),
 }
 
 __all__ = [
     "Check", "Event", "ExecResult", "FileEntry", "Files", "Image", "Images", "Kernel",
-    "Kernels", "Microagent", "Readiness", "Volume", "Volumes", "Workspace",
+    "Kernels", "Microagent", "Readiness", "Snapshot", "Volume", "Volumes", "Workspace",
     "WorkspaceStatus", "__version__",
 ]
 

@@ -13,6 +13,8 @@ The state directory (default ``~/.microagent``, else ``MICROAGENT_HOME`` or
     workspaces/<name>/          workspace.json, rootfs.ext4, events.jsonl, serial.log
                                 (+ .1), serial.previous.log (+ .1: the boot before the
                                 last), supervisor.log, bundles/ (built bundle disks),
+                                snapshots/<tag>/ (state/snapshots.py), resume/ (the
+                                memory the next start resumes from: suspend, a fork),
                                 run/ (see RunFiles)
     locks/                      lock files (outlive the directories they protect)
     tmp/                        staging; same file system, so renames are atomic
@@ -135,6 +137,15 @@ class StateLayout:
         """The workspace's bundle disks, one per bundle, by archive content (bundles.py)."""
         return self.workspace_dir(name) / "bundles"
 
+    def workspace_snapshots_dir(self, name: str) -> Path:
+        """``snapshots/<tag>/``: memory, device state, disks, manifest (state/snapshots.py)."""
+        return self.workspace_dir(name) / "snapshots"
+
+    def workspace_resume_dir(self, name: str) -> Path:
+        """The memory image the next ``start`` resumes from (``suspend``, a fork's first
+        start), laid out as a snapshot; removed once resumed."""
+        return self.workspace_dir(name) / "resume"
+
     def workspace_supervisor_log(self, name: str) -> Path:
         return self.workspace_dir(name) / "supervisor.log"
 
@@ -193,6 +204,12 @@ class RunFiles:
     def network_log(self) -> Path:
         """What the network's helper (passt) said, every boot's."""
         return self.dir / "passt.log"
+
+    @property
+    def resume_order(self) -> Path:
+        """What the supervisor's first boot resumes from instead of booting (written by
+        ``start``; vm/launch.py)."""
+        return self.dir / "resume.json"
 
     def bundle_disk(self, name: str) -> Path:
         """This boot's copy of the rw bundle ``name``'s disk (a fresh one at each boot)."""

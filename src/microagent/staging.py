@@ -23,6 +23,8 @@ Where staging lives (what :func:`sweep_abandoned` looks at)::
     workspaces/.new-*                 state/records.py: a workspace being created
     workspaces/NAME/bundles/B/.*.tmp  disks/bundles.py: a bundle disk (swept by its next build)
     workspaces/.deleting-*            state/records.py: a workspace being deleted
+    workspaces/NAME/snapshots/.new-*  vm/supervisor.py, state/forks.py: a snapshot or a
+                                      resume slot being written; one being deleted
 
 Anything that stages under these names must do it through this module: an entry there
 whose lock is free is taken for abandoned. Ctrl-C and SIGTERM are held off for the
@@ -230,4 +232,11 @@ def sweep_abandoned(layout: StateLayout) -> list[Path]:
     removed: list[Path] = []
     for directory, prefix, suffix in places:
         removed += sweep(directory, prefix, suffix)
+    try:
+        with os.scandir(layout.workspaces_dir) as it:
+            workspaces = [e.name for e in it if not e.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        workspaces = []
+    for name in workspaces:
+        removed += sweep(layout.workspace_snapshots_dir(name), ".new-")
     return removed

@@ -73,22 +73,53 @@ class Microagent:
 
     # --- workspaces -------------------------------------------------------------------
 
-    def create(self, name: str, image: str, *, profile: str | None = None,
+    def fork(self, name: str, source: str, *, hostname: str | None = None,
+             publish: Sequence[str] = (), progress: Progress | None = None) -> Workspace:
+        """A new workspace ``name`` from the snapshot ``source`` (``"NAME:TAG"``), state
+        ``prepared``: its own copy of the disks, its own hostname (``hostname``, default
+        its name), machine-id and published ports; its first start resumes from that
+        memory."""
+        from microagent.api.workspace import Workspace
+        from microagent.network import parse_publish
+        from microagent.state.forks import fork_workspace
+
+        if isinstance(publish, str) or not all(isinstance(p, str) for p in publish):
+            raise UsageError(f"invalid publish {publish!r}: a list of str")
+        fork_workspace(self.layout, _text(name, "name"), _text(source, "snapshot"),
+                       hostname=hostname or "",
+                       ports=tuple(parse_publish(p) for p in publish), progress=progress)
+        return Workspace(self.layout, name)
+
+    def create(self, name: str, image: str | None = None, *, profile: str | None = None,
                memory_mib: int | None = None, cpus: int | None = None,
                disk_mib: int | None = None, setup: Sequence[str] = (),
                env: Mapping[str, str] | Sequence[str] | None = None, hostname: str | None = None,
                network: str = "user", publish: Sequence[str] = (), volumes: Sequence[str] = (),
                disks: Sequence[str] = (), bundles: Sequence[str] = (), restart: str = "never",
                kernel: str | os.PathLike[str] | None = None, backend: str = "qemu",
-               setup_output: Callback | None = None,
-               progress: Progress | None = None) -> Workspace:
+               setup_output: Callback | None = None, progress: Progress | None = None,
+               from_snapshot: str | None = None) -> Workspace:
         """Create the workspace ``name`` from ``image`` (state ``prepared``); with
         ``setup``, boot it once, run each command with ``/bin/sh -c`` (output to
         ``setup_output``) and halt it. ``publish``, ``volumes``, ``disks`` and
         ``bundles`` take the CLI's ``--publish``/``--volume``/``--disk``/``--bundle``
-        syntax, one str each."""
+        syntax, one str each. ``from_snapshot="NAME:TAG"`` instead of an image: a fork
+        (:meth:`fork`; only ``hostname`` and ``publish`` apply)."""
         from microagent.api.workspace import Workspace
         from microagent.state.records import create_workspace, get_workspace
+
+        if from_snapshot is not None:
+            others = (image, profile, memory_mib, cpus, disk_mib, kernel, env) + \
+                ((network,) if network != "user" else ()) + \
+                ((restart,) if restart != "never" else ()) + tuple(setup) + \
+                tuple(volumes) + tuple(disks) + tuple(bundles)
+            if any(x for x in others):
+                raise UsageError("a fork takes its image, resources and attachments from "
+                                 "the snapshot: only hostname and publish apply")
+            return self.fork(name, from_snapshot, hostname=hostname, publish=publish,
+                             progress=progress)
+        if image is None:
+            raise UsageError("create needs an image (or from_snapshot)")
 
         spec = self.spec(name, image, profile=profile, memory_mib=memory_mib, cpus=cpus,
                          disk_mib=disk_mib, setup=setup, env=env, hostname=hostname,

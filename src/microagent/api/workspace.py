@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from microagent.events import Event
     from microagent.layout import StateLayout
     from microagent.progress import Progress
+    from microagent.state.snapshots import Snapshot
     from microagent.workspace.copy import CopyResult
 
 Callback = Callable[[bytes], object]  # what it returns is ignored (file.write returns int)
@@ -110,16 +111,57 @@ class Workspace:
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT, *,
-              setup_output: Callback | None = None,
-              progress: Progress | None = None) -> WorkspaceStatus:
+              setup_output: Callback | None = None, progress: Progress | None = None,
+              from_snapshot: str | None = None, cold: bool = False) -> WorkspaceStatus:
         """Boot the workspace; return once it is ready for exec. A setup that a failed
-        ``create`` left pending runs first (its output to ``setup_output``)."""
+        ``create`` left pending runs first (its output to ``setup_output``).
+
+        A suspended workspace (and a fork's first start) resumes from its memory instead,
+        unless ``cold`` (the memory is then discarded); ``from_snapshot`` restores the
+        snapshot of that tag: its disks replace the workspace's and it runs on from that
+        instant. An image this host cannot load is refused (ConflictError, what changed)
+        before anything is touched."""
         from microagent.workspace.start import start_workspace
 
         check_timeout(timeout, "start timeout", zero=False)
+        if from_snapshot is not None and cold:
+            raise UsageError("from_snapshot and cold exclude each other")
         start_workspace(self._layout, self.name, timeout=timeout, progress=progress,
-                        setup_output=setup_output or _discard)
+                        setup_output=setup_output or _discard,
+                        from_snapshot=_text(from_snapshot, "snapshot tag")
+                        if from_snapshot is not None else None, cold=cold)
         return self.status(probe=False)
+
+    def snapshot(self, tag: str | None = None) -> Snapshot:
+        """Save the memory, device state and writable disks of this running (or paused)
+        workspace at one instant; it pauses for as little as it can and runs on. Default
+        tag ``snap-YYYYMMDD-HHMMSS``. ConflictError when it is not running or has a
+        read-write volume; HostError when there is no room."""
+        from microagent.workspace.snapshots import snapshot_workspace
+
+        return snapshot_workspace(self._layout, self.name,
+                                  _text(tag, "snapshot tag") if tag is not None else None)
+
+    def snapshots(self) -> list[Snapshot]:
+        """This workspace's snapshots, oldest first."""
+        from microagent.workspace.snapshots import workspace_snapshots
+
+        return workspace_snapshots(self._layout, self.name)
+
+    def delete_snapshot(self, tag: str) -> None:
+        """Delete the snapshot ``tag`` (NotFoundError if there is none); forks made from
+        it keep running and starting."""
+        from microagent.workspace.snapshots import remove_snapshot
+
+        remove_snapshot(self._layout, self.name, _text(tag, "snapshot tag"))
+
+    def suspend(self) -> str:
+        """Save the memory into the workspace's own slot and end the VM; returns
+        ``suspended``. The next :meth:`start` resumes from it."""
+        from microagent.workspace.snapshots import suspend_workspace
+
+        suspend_workspace(self._layout, self.name)
+        return "suspended"
 
     def halt(self) -> str:
         """Clean shutdown (the guest syncs and powers off); returns the state, halted."""
@@ -381,6 +423,12 @@ class Files:
         from microagent.workspace.guestfiles import mkdir
 
         return mkdir(self._ws._layout, self._ws.name, _guest(path), mode=mode, parents=parents)
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"invalid {what} {value!r}: a non-empty str")
+    return value
 
 
 def _check_tail(tail: int | None) -> None:

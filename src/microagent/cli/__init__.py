@@ -29,6 +29,7 @@ from microagent.cli import (
     lifecycle,
     observe,
     run,
+    snapshots,
     volumes,
     workspaces,
 )
@@ -101,8 +102,8 @@ def _build_parser() -> Parser:
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     add_verb(verbs, "version", cmd_version, "print the version")
     add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
-    for group in (workspaces, lifecycle, exec_verbs, copy_verbs, run, console, images, observe,
-                  volumes, doctor, completion):
+    for group in (workspaces, lifecycle, snapshots, exec_verbs, copy_verbs, run, console,
+                  images, observe, volumes, doctor, completion):
         group.register(verbs)
     return parser
 

@@ -15,7 +15,7 @@ from microagent.cli.output import (
     positive_seconds,
     workspace_name,
 )
-from microagent.errors import EXIT_OK
+from microagent.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
     from microagent.api.workspace import Workspace
@@ -25,8 +25,11 @@ def cmd_start(args: argparse.Namespace, out: Output) -> int:
     from microagent.workspace.lifecycle import stderr_sink
 
     name = workspace_name(args)
+    if args.from_snapshot and args.cold:
+        raise UsageError("--from-snapshot and --cold exclude each other")
     status = client_of(args).get(name).start(args.timeout, setup_output=stderr_sink,
-                                             progress=out.progress())
+                                             progress=out.progress(),
+                                             from_snapshot=args.from_snapshot, cold=args.cold)
     out.emit({"name": name, "state": status.state, "pid": status.pid})
     return EXIT_OK
 
@@ -78,6 +81,11 @@ def register(verbs: Verbs) -> None:
     add_name(p)
     p.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S",
                    help="seconds to wait for the guest (default 120)")
+    p.add_argument("--from-snapshot", metavar="TAG",
+                   help="restore the snapshot TAG: its disks replace the workspace's and it "
+                        "runs on from that instant")
+    p.add_argument("--cold", action="store_true",
+                   help="boot the disk, discarding a suspended workspace's memory")
     for name, handler, text in (
         ("halt", cmd_halt, "clean, disk-preserving shutdown"),
         ("stop", cmd_stop, "ask the guest to shut down; failed if it has not within 5s"),

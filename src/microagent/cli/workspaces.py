@@ -41,10 +41,14 @@ def create_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_create(args: argparse.Namespace, out: Output) -> int:
     name = workspace_name(args)
-    if not args.image:
-        raise UsageError("create needs --image REF")
-    ws = client_of(args).create(name, args.image, **create_options(args),
-                                setup_output=_stderr, progress=out.progress())
+    if args.from_snapshot:
+        ws = client_of(args).create(name, args.image, **create_options(args),
+                                    from_snapshot=args.from_snapshot, progress=out.progress())
+    else:
+        if not args.image:
+            raise UsageError("create needs --image REF (or --from-snapshot NAME:TAG)")
+        ws = client_of(args).create(name, args.image, **create_options(args),
+                                    setup_output=_stderr, progress=out.progress())
     doc = ws.to_json()
     out.emit(doc, "\n".join([
         f"Workspace: {doc['name']}",
@@ -149,9 +153,19 @@ def cmd_delete(args: argparse.Namespace, out: Output) -> int:
     name = validate_name(workspace_name(args))
     if not args.yes:
         confirm(f"Delete workspace {name} and its disk? [y/N] ")
+    from microagent.state.snapshots import list_snapshots, resume_manifest
+
+    layout = client_of(args).layout
+    snapshots = len(list_snapshots(layout, name))
+    suspended = resume_manifest(layout, name) is not None
     existed = client_of(args).delete(name)
     text = f"Deleted {name}" if existed else f"No workspace named {name}; nothing to delete."
-    out.emit({"name": name, "deleted": existed}, text)
+    if existed and snapshots:
+        text += f" and its {snapshots} snapshot" + ("s" if snapshots > 1 else "")
+    if existed and suspended:
+        text += " (its suspended memory was discarded)"
+    out.emit({"name": name, "deleted": existed, "snapshots_deleted": snapshots if existed
+              else 0, "suspended_memory_discarded": existed and suspended}, text)
     return EXIT_OK
 
 
@@ -198,6 +212,9 @@ def register(verbs: Verbs) -> None:
     p = add_verb(verbs, "create", cmd_create, "create a workspace from an image")
     add_name(p)
     p.add_argument("--image", metavar="REF", help="image reference, oci:DIR or docker-archive:TAR")
+    p.add_argument("--from-snapshot", metavar="NAME:TAG",
+                   help="fork: a new workspace that resumes from that snapshot's memory on "
+                        "its own copy of the disks (only --hostname and --publish apply)")
     add_create_options(p)
 
     add_verb(verbs, "list", cmd_list, "list saved workspaces", aliases=["ls"])

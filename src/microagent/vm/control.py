@@ -18,6 +18,7 @@ from typing import Any
 from microagent.errors import (
     BusyError,
     ConflictError,
+    HostError,
     MicroagentError,
     PausedError,
     UnresponsiveError,
@@ -133,7 +134,7 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
         error = answer.get("error", {})
         if error.get("kind") == "paused":
             raise PausedError(workspace, str(answer.get("reason") or error.get("message")))
-        kind = BusyError if error.get("kind") == "busy" else ConflictError
+        kind = {"busy": BusyError, "host": HostError}.get(error.get("kind"), ConflictError)
         raise kind(f"workspace {workspace}: {error.get('message', 'request refused')}",
                    hint=error.get("hint", ""))
     return dict(answer)

@@ -80,7 +80,8 @@ class ControlServer:
                         "kill": sup._kill, "console-send": self._console_send,
                         "console-size": self._console_size,
                         "quarantine": sup._quarantine, "pause": sup._pause,
-                        "resume": sup._resume}
+                        "resume": sup._resume, "snapshot": sup._snapshot,
+                        "suspend": sup._suspend}
             handler = handlers.get(verb)
             if handler is None:
                 await answer(writer, error=f"unknown request {verb!r}")

@@ -42,6 +42,7 @@ from microagent.vm.backends.base import (
 )
 from microagent.vm.backends.qemu import QemuBackend
 from microagent.vm.passt import NetworkHelper
+from microagent.vm.snapshot import ResumeOrder, read_order
 
 PR_SET_PDEATHSIG = 1
 LINK_BUFFER = 4 << 20  # each socket of the link to passt (see _socketpairs)
@@ -60,6 +61,8 @@ class Launched:
     vmm_log_start: int  # where this boot's lines begin in the VMM's log
     network: NetworkHelper | None = None  # passt and the relay, with a network
     disks: tuple[Path, ...] = ()  # the images, in QEMU's drive order (disk0, disk1...)
+    memory_file: Path | None = None  # the guest's RAM file (vm/memory.py), None: anon RAM
+    resume: ResumeOrder | None = None  # the memory image QEMU waits for (-incoming defer)
 
 
 @dataclass
@@ -110,7 +113,8 @@ def first_boot(layout: StateLayout, name: str) -> FirstBoot:
         first.failure, first.volumes_failed = e.message, True
         return first
     try:
-        first.launched = launch_vmm(layout, workspace, accel, tsc_khz)
+        resume = read_order(layout.run_files(name).resume_order)
+        first.launched = launch_vmm(layout, workspace, accel, tsc_khz, resume=resume)
     except ConflictError as e:
         first.failure = e.message
     except Exception as e:
@@ -119,15 +123,18 @@ def first_boot(layout: StateLayout, name: str) -> FirstBoot:
 
 
 def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, tsc_khz: int | None,
-               cancelled: Callable[[], bool] = lambda: False) -> Launched | None:
-    """Prepare one boot (initramfs, attached disks, the VMM's argv) and start the VMM and,
-    with a network, its passt.
+               cancelled: Callable[[], bool] = lambda: False,
+               resume: ResumeOrder | None = None) -> Launched | None:
+    """Prepare one boot (initramfs, attached disks, the guest's RAM file, the VMM's argv)
+    and start the VMM and, with a network, its passt. With ``resume``, the disks and
+    the RAM are the image's (:func:`place_image`) and QEMU waits for its device state.
 
     None when ``cancelled()`` says a kill came while preparing. Raises ConflictError for
     a published port that is taken."""
     from microagent.guest import agent_binary
     from microagent.kernel.initramfs import build_boot_initramfs
     from microagent.network import check_ports_free, has_network
+    from microagent.vm.memory import prepare_memory_file
 
     files = layout.run_files(workspace.name)
     kernel = workspace_kernel(layout, workspace)
@@ -138,9 +145,13 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     # a fresh copy of each rw bundle's disk at every boot: its writes do not persist
     attached = prepare_boot_disks(layout, files, workspace.disks,
                                   layout.workspace_bundles_dir(workspace.name))
+    memory = prepare_memory_file(layout, workspace.name, workspace.resources.memory_mib)
+    if resume is not None:
+        place_image(resume, workspace, files, memory)
     links = _socketpairs() if has_network(workspace.network) else None
     net_fd = links[0].fileno() if links is not None else None
-    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd)
+    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd,
+                       memory_file=memory, incoming=resume is not None)
     plan = QemuBackend().plan(spec)
     if cancelled():
         _close(links)
@@ -173,7 +184,40 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             raise
         _close((links[0], links[3]))  # the children's ends: theirs now
     return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network,
-                    tuple(Path(disk.path) for disk in spec.disks))
+                    tuple(Path(disk.path) for disk in spec.disks), memory, resume)
+
+
+def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
+                memory: Path | None) -> None:
+    """Put a memory image's disks and RAM where this boot uses them: its root disk over
+    the workspace's (replaced by one rename; a suspended workspace's own disk is the
+    paired one and the slot has none), its rw bundle disks over this boot's copies, its
+    RAM into the RAM file. Raises HostError when the RAM file has no room."""
+    from microagent.disks.rootfs import clone_file
+    from microagent.errors import HostError
+    from microagent.state.snapshots import MEMORY, read_manifest
+    from microagent.vm.memory import shm_dir
+
+    if memory is None:
+        raise HostError(f"no room in {shm_dir().parent} for the memory of {workspace.name} "
+                        f"({workspace.resources.memory_mib} MiB)",
+                        hint="free some there, or start it cold: microagent start --cold "
+                             f"{workspace.name}")
+    manifest = read_manifest(order.source)
+    for disk in manifest.get("disks", []):
+        source = order.source / str(disk["file"])
+        if disk["role"] == "root":
+            target = workspace.rootfs
+        elif disk["role"] == "bundle":
+            target = files.bundle_disk(str(disk["name"]))
+        else:
+            continue
+        partial = target.with_name(f".{target.name}.restoring")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        clone_file(source, partial)
+        os.replace(partial, target)
+    clone_file(order.source / MEMORY, memory)
 
 
 def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
@@ -260,8 +304,8 @@ def vmm_said(vmm_log: Path, offset: int) -> str:
 
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
-                tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None
-                ) -> LaunchSpec:
+                tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None, *,
+                memory_file: Path | None = None, incoming: bool = False) -> LaunchSpec:
     """What the backend is asked to boot for ``workspace``."""
     from microagent.network import has_network
 
@@ -273,7 +317,8 @@ def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, acc
         cmdline=guest_cmdline(hostname=workspace.hostname, network=network,
                               accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
         disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
-        network=network, accel=accel.accel, net_fd=net_fd,
+        network=network, accel=accel.accel, net_fd=net_fd, memory_file=memory_file,
+        incoming=incoming,
     )
 
 

@@ -24,16 +24,20 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from microagent.disks.attachments import remove_bundle_disks
 from microagent.errors import ConflictError, MicroagentError, PausedError
 from microagent.events import EventLog, append_event, now_iso
+from microagent.kernel.kernels import KernelBundle
 from microagent.layout import StateLayout
 from microagent.network import port_failure
 from microagent.state.records import Workspace
 from microagent.state.runtime import process_start_time
 from microagent.store import write_json_atomic
+from microagent.vm import imaging
+from microagent.vm.backends.base import LaunchPlan
 from microagent.vm.backends.qmp import QmpClient, QmpError
 from microagent.vm.channel import AgentChannel, LocalRequest
 from microagent.vm.console import ConsoleBroker, ConsoleCapture
@@ -42,6 +46,7 @@ from microagent.vm.control_server import QUARANTINE_HINT, ControlServer
 from microagent.vm.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.vm.passt import NetworkHelper
 from microagent.vm.protocol import FrameType
+from microagent.vm.snapshot import ResumeOrder
 from microagent.vm.vmm import PauseWatch, VmmProcess, connect_qmp, log
 
 HALT_GRACE_MS = 10_000
@@ -107,6 +112,14 @@ class Supervisor:
         self.halt_cause = ""  # what asked for the halt, when not a `halt` command
         self.wake = asyncio.Event()  # ends a restart's back-off early (kill, a signal)
         self.tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget, kept referenced
+        self.memory_file: Path | None = None  # this boot's RAM file (vm/memory.py), or anon
+        self.resume: ResumeOrder | None = None  # the memory image this boot resumed from
+        self.parent: str | None = None  # NAME:TAG this workspace's memory came from
+        self.imaging = False  # a memory image is being saved or loaded: its STOP is ours
+        self.postmigrate = False  # saved while paused: QEMU refuses another save until cont
+        self.kernel_sha256 = ""
+        self.plan: LaunchPlan | None = None
+        self.kernel: KernelBundle | None = None
 
     # --- status -----------------------------------------------------------------------
 
@@ -145,6 +158,11 @@ class Supervisor:
                 return Outcome("stopped", "killed")
         plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
         started, vmm_log_start = launched.started, launched.vmm_log_start
+        self.memory_file, self.resume = launched.memory_file, launched.resume
+        self.plan, self.kernel = plan, kernel
+        self.postmigrate = False
+        if self.resume is not None:
+            self.parent = imaging.parent_of(self.resume)
         self.vmm = VmmProcess(launched.process)
         self.network = launched.network
         self.pause = PauseWatch(launched.disks)
@@ -153,7 +171,8 @@ class Supervisor:
         self.booted = False
         self.exited.clear()
         self.status.update(readiness={}, boot_started=now_iso(), kernel=kernel.version,
-                           accel=self.accel.accel, accel_reason=self.accel.reason)
+                           accel=self.accel.accel, accel_reason=self.accel.reason,
+                           memory="file" if self.memory_file is not None else "anonymous")
         self.out_socket = plan.out_socket
         self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
         self.broker.capture = self.console
@@ -181,8 +200,12 @@ class Supervisor:
                 self.status["ready_seconds"] = round(time.monotonic() - started, 3)
                 self._save_status()
                 note = ("; the root file system's journal was recovered (the last shutdown "
-                        "was not clean)" if recovery else "")
-                self._event("running", f"ready in {self.status['ready_seconds']:.1f}s "
+                        "was not clean)" if recovery and self.resume is None else "")
+                how = "ready" if self.resume is None else {
+                    "restored": f"restored from {self.resume.label}",
+                    "forked": f"forked from {self.resume.label}",
+                }.get(self.resume.kind, "resumed from its suspended memory")
+                self._event("running", f"{how} in {self.status['ready_seconds']:.1f}s "
                                        f"({self.accel.accel}){note}")
                 if self.signalled is not None and self.intent is None:
                     self._spawn(self._halt({"cause": self.signalled}))  # came while booting
@@ -205,6 +228,11 @@ class Supervisor:
                 taken = port_failure(said)  # a --publish port taken since the check
                 if taken is not None:
                     return Outcome("failed", taken.message)
+                if self.resume is not None:
+                    return Outcome("failed", f"QEMU could not load the memory image of "
+                                             f"{self.resume.label} (status "
+                                             f"{self.vmm.returncode}){said}; a cold start "
+                                             "still works")
                 return Outcome("failed", fatal or f"the VM exited during boot "
                                                   f"(status {self.vmm.returncode})" + said)
             reason = (f"the guest agent failed: {ready.exception()}" if ready in done
@@ -224,6 +252,10 @@ class Supervisor:
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
+            if self.memory_file is not None and self.exited.is_set():
+                from microagent.vm.memory import remove_memory_file
+
+                remove_memory_file(self.layout, self.name)
 
     def _network_failure(self) -> str:
         """Why passt ended during the boot: a published port taken since the check, or
@@ -262,10 +294,17 @@ class Supervisor:
         self.channel = AgentChannel()
         await self.channel.connect(agent_socket, deadline)
         self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
+        if self.resume is not None:
+            await imaging.load_image(self, self.resume)
         self.channel_task = asyncio.create_task(self.channel.serve())
         hello = await self.channel.handshake()
         self.status["agent"] = hello.get("software", "")
         self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
+        if self.resume is not None:  # the clock, the RNG, a fork's identity: before all
+            self.generation = self.resume.generation - 1
+            sent = self._tell_resumed(self.resume.identity)
+            if sent is not None:
+                await self._resumed_answer(self.channel, *sent)
         await asyncio.gather(self.probe_exec(), self._probe_network())
 
     async def probe_exec(self, timeout: float = 15) -> bool:
@@ -345,6 +384,8 @@ class Supervisor:
                                      "VM was ended")
         if self.intent == "kill":
             return Outcome("stopped", "killed")
+        if self.intent == "suspend":
+            return Outcome("suspended", "its memory is saved; `start` resumes it")
         if self.intent == "stop":
             return Outcome("stopped", "stopped by request")
         if code == 0 and reason in (None, "guest-shutdown"):
@@ -363,10 +404,20 @@ class Supervisor:
         """One control connection (:class:`~microagent.vm.control_server.ControlServer`)."""
         await self.control.serve(reader, writer)
 
+    # --- memory images (vm/imaging.py) --------------------------------------------------
+
+    async def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await imaging.snapshot(self, request)
+
+    async def _suspend(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await imaging.suspend(self, request)
+
     # --- paused -----------------------------------------------------------------------
 
     def _vmm_event(self, message: dict[str, Any]) -> None:
         """A QMP event: the VM paused (e.g. host disk full) or resumed."""
+        if self.imaging and message.get("event") in ("STOP", "RESUME"):
+            return  # a snapshot's or a restore's own: not a pause anyone asked for
         change = self.pause.event(message)
         if change is None or (self.qmp is not None and self.qmp.shutdown_reason):
             return
@@ -417,24 +468,35 @@ class Supervisor:
         if not await self._unpause():
             raise ConflictError(f"it paused again at once: {self.pause.reason}",
                                 hint="make room there, then resume it again")
-        self._tell_resumed()
+        self.postmigrate = False
+        self._tell_resumed_later()
         return {"state": "running"}
 
-    def _tell_resumed(self) -> None:
+    def _tell_resumed(self, identity: dict[str, Any] | None = None
+                      ) -> tuple[int, LocalRequest] | None:
         """The agent's ``resumed`` operation: the guest's clock stopped with its vCPUs, so
         it is stepped to the host's; fresh entropy reseeds its RNG; the generation counter
         goes up. Written to the channel before the resume is answered, so the guest takes
         it before any command a client sends after that; its answer is not waited for. A
         guest that cannot take it (an older agent) runs on all the same; why goes to the
-        supervisor's log."""
+        supervisor's log. A fork's ``identity`` (its hostname) goes with it. Returns
+        what was sent, for a caller that waits for the answer (a restore does)."""
         hello = self.channel.hello if self.channel is not None else None
         if self.channel is None or not hello or "resumed" not in hello.get("features", ()):
-            return
+            return None
         self.generation += 1
-        sent = self.channel.send_request(
-            {"op": "resumed", "time_ns": time.time_ns(), "entropy": os.urandom(32).hex(),
-             "generation": self.generation})
-        self._spawn(self._resumed_answer(self.channel, *sent))
+        request: dict[str, Any] = {
+            "op": "resumed", "time_ns": time.time_ns(), "entropy": os.urandom(32).hex(),
+            "generation": self.generation}
+        if identity:
+            request["identity"] = identity
+        return self.channel.send_request(request)
+
+    def _tell_resumed_later(self) -> None:
+        """:meth:`_tell_resumed`, its answer logged when it comes."""
+        sent = self._tell_resumed()
+        if sent is not None and self.channel is not None:
+            self._spawn(self._resumed_answer(self.channel, *sent))
 
     async def _resumed_answer(self, channel: AgentChannel, stream: int,
                               route: LocalRequest) -> None:

@@ -60,9 +60,12 @@ def stderr_sink(data: bytes) -> None:
 
 
 def boot_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,
-                   progress: Progress | None = None) -> RuntimeState:
+                   progress: Progress | None = None, from_snapshot: str | None = None,
+                   cold: bool = False) -> RuntimeState:
     """Boot ``name`` and return once the guest is ready for exec (``start`` without a
-    pending setup: workspace/start.py)."""
+    pending setup: workspace/start.py). A suspended workspace, or a fork's first start,
+    resumes from its memory instead (not with ``cold``); ``from_snapshot`` restores the
+    snapshot of that tag (workspace/snapshots.py ``plan_resume``)."""
     from microagent.disks.attachments import check_before_start
     from microagent.guest import agent_binary
     from microagent.network import check_ports_free, has_network
@@ -70,6 +73,8 @@ def boot_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_S
     from microagent.vm.backends.qemu import QemuBackend
     from microagent.vm.launch import workspace_kernel
     from microagent.vm.passt import passt_problems
+    from microagent.vm.snapshot import write_order
+    from microagent.workspace.snapshots import plan_resume
 
     progress = progress or NullProgress()
     validate_name(name)
@@ -102,14 +107,21 @@ def boot_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_S
             raise HostError("; ".join(problems))
         workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use
         agent_binary()
+        order = plan_resume(layout, workspace, current.state, from_snapshot=from_snapshot,
+                            cold=cold, progress=progress)
         accel = choose_accel()
         if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):
             progress.step(f"notice: {accel.reason}")
         files = layout.run_files(name)
         shutil.rmtree(files.dir, ignore_errors=True)
         ensure_dir(files.dir)
+        if order is not None:
+            write_order(files.resume_order, order)
         events_before = len(read_events(layout.workspace_events(name)))
-        append_event(layout.workspace_events(name), "starting", f"boot ({accel.accel})")
+        how = "boot" if order is None else {"restored": f"restore from {order.label}",
+                                            "forked": f"fork from {order.label}"}.get(
+            order.kind, "resume from its suspended memory")
+        append_event(layout.workspace_events(name), "starting", f"{how} ({accel.accel})")
         supervisor = _spawn_supervisor(layout, name, timeout)
         deadline = time.monotonic() + 10
         while not supervisor_alive(files) and supervisor.poll() is None \
@@ -212,6 +224,14 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
     validate_name(name)
     require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
+    if state.state == "suspended":
+        from microagent.workspace.snapshots import discard_suspended
+
+        discard_suspended(layout, name)
+        append_event(layout.workspace_events(name), "halted",
+                     "its suspended memory was discarded; the next start boots its disk "
+                     "(its journal is replayed)")
+        return "halted"
     if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
     answer = SupervisorClient(layout.run_files(name), name).request(

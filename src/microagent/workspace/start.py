@@ -22,14 +22,16 @@ from microagent.workspace.provision import run_pending_setup
 
 def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,
                     progress: Progress | None = None, run_setup: bool = True,
-                    setup_output: Callable[[bytes], object] | None = None) -> RuntimeState:
+                    setup_output: Callable[[bytes], object] | None = None,
+                    from_snapshot: str | None = None, cold: bool = False) -> RuntimeState:
     """Boot ``name`` and return once the guest is ready for exec.
 
     A setup left pending by a failed ``create --setup`` runs first (output to
     ``setup_output``, default stderr); if it fails again the workspace is halted and the
-    error raised.
+    error raised. ``from_snapshot`` and ``cold``: see :func:`boot_workspace`.
     """
-    state = boot_workspace(layout, name, timeout=timeout, progress=progress)
+    state = boot_workspace(layout, name, timeout=timeout, progress=progress,
+                           from_snapshot=from_snapshot, cold=cold)
     if run_setup and setup_pending(layout, name):
         try:
             run_pending_setup(layout, name, setup_output or stderr_sink)

@@ -45,6 +45,8 @@ class LaunchSpec:
     network: str = "user"  # a user-mode network (passt, on net_fd) or "none"
     accel: str = "tcg"
     net_fd: int | None = None  # QEMU's end of the link to the network helper, inherited
+    memory_file: Path | None = None  # guest RAM in this shared file (vm/memory.py), else anon
+    incoming: bool = False  # wait for a memory image (``-incoming defer``) instead of booting
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,21 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
     # emulated `rep movsb`: masking them made pipe copies 3.9x and exec output 3.2x faster.
     accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else \
         ["-accel", "tcg,thread=multi", "-cpu", TCG_CPU]
+    machine = "microvm,acpi=on,rtc=on,x-option-roms=off"
+    memory: list[str] = []
+    if spec.memory_file is not None:
+        # guest RAM in a shared file: a snapshot saves only the device state and copies
+        # the file (docs/architecture.md, "Memory state")
+        machine += ",memory-backend=mem"
+        memory = ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
+                             f"mem-path={_escape(str(spec.memory_file))},share=on"]
     argv = [
         QEMU_BINARY,
         "-name", f"microagent-{spec.name}",
-        "-M", "microvm,acpi=on,rtc=on,x-option-roms=off",
+        "-M", machine,
         *accel,
         "-m", f"{spec.memory_mib}M",
+        *memory,
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
@@ -90,7 +99,37 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
         "-device", f"virtserialport,chardev=agentout,name={OUT_PORT_NAME}",
         "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
     ]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     return argv
+
+
+def machine_fingerprint(argv: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """What of ``argv`` a memory image depends on: the machine, accelerator and CPU, the
+    memory and its backend, the vCPUs and the devices in order. Paths, names, the kernel
+    command line and ``-incoming`` are left out: they may differ between the boot that
+    saved the image and the one that loads it. Pure."""
+    options: dict[str, list[str]] = {}
+    index = 1
+    while index < len(argv):
+        flag = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) and \
+            not argv[index + 1].startswith("-") else ""
+        options.setdefault(flag, []).append(value)
+        index += 2 if value else 1
+    backend = "anon"
+    for value in options.get("-object", []):
+        if value.startswith("memory-backend-file"):
+            backend = "file,share=on" if "share=on" in value else "file"
+    return {
+        "machine": options.get("-M", [""])[0],
+        "accel": options.get("-accel", [""])[0],
+        "cpu": options.get("-cpu", [""])[0],
+        "memory": options.get("-m", [""])[0],
+        "memory_backend": backend,
+        "smp": options.get("-smp", [""])[0],
+        "devices": options.get("-device", []),
+    }
 
 
 def _escape(value: str) -> str:
