@@ -208,8 +208,11 @@ class Workspace:
         False when there was nothing to delete."""
         from microagent.config import validate_name
         from microagent.state.records import delete_workspace
+        from microagent.vm.memory import remove_memory_file
 
-        return delete_workspace(self._layout, validate_name(self.name))
+        deleted = delete_workspace(self._layout, validate_name(self.name))
+        remove_memory_file(self._layout, self.name)  # a killed supervisor's, if any
+        return deleted
 
     def wait(self, state: str | Sequence[str] = ("halted", "stopped", "failed"),
              timeout: float | None = 60.0) -> WorkspaceStatus:

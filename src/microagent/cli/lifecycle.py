@@ -36,7 +36,12 @@ def cmd_start(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_halt(args: argparse.Namespace, out: Output) -> int:
     name = workspace_name(args)
-    out.emit({"name": name, "state": _handle(args, name).halt()})
+    ws = _handle(args, name)
+    suspended = ws.state == "suspended"
+    state = ws.halt()
+    out.emit({"name": name, "state": state, "suspended_memory_discarded": suspended},
+             f"Discarded the suspended memory of {name}: it is halted, and its next start "
+             "boots its disk" if suspended else None)
     return EXIT_OK
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, UsageError
 from microagent.layout import StateLayout
-from microagent.staging import Staged, stage_dir
+from microagent.staging import Staged, stage_dir, sweep
 from microagent.store import ensure_dir, read_json
 
 MANIFEST = "manifest.json"
@@ -88,8 +88,11 @@ def default_tag(layout: StateLayout, name: str) -> str:
 
 
 def stage_snapshot(layout: StateLayout, name: str) -> Staged:
-    """A locked staging directory for a snapshot (or the resume slot) of ``name``."""
-    return stage_dir(ensure_dir(layout.workspace_snapshots_dir(name)), STAGING_PREFIX)
+    """A locked staging directory for a snapshot (or the resume slot) of ``name``; what
+    a killed supervisor left there is swept first."""
+    directory = ensure_dir(layout.workspace_snapshots_dir(name))
+    sweep(directory, STAGING_PREFIX)
+    return stage_dir(directory, STAGING_PREFIX)
 
 
 def list_snapshots(layout: StateLayout, name: str) -> list[Snapshot]:
