@@ -1,0 +1,159 @@
+"""Memory images when things go wrong, on a real VM: bad input and refusals with their
+exit codes, a read-write volume, no room for the RAM file, and the supervisor SIGKILLed
+during a snapshot and during a restore (no snapshot half written, the workspace
+startable cold)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microagent import Microagent, Workspace
+from microagent.errors import ConflictError, HostError, MicroagentError
+from microagent.layout import StateLayout
+from microagent.state.runtime import runtime_state
+from tests.support.fixtures import PushedImage
+from tests.vm.cli import events, ma, ok, qemu_pids
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def ws(home: Path, busybox_image: PushedImage, request: pytest.FixtureRequest
+       ) -> Iterator[Workspace]:
+    name = request.node.name.replace("_", "-")[:40].strip("-")
+    workspace = Microagent(home).create(name, busybox_image.ref, profile="tiny")
+    yield workspace
+    ma(home, "kill", name)
+    ma(home, "delete", "--yes", name)
+
+
+def supervisor_pid(home: Path, name: str, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = runtime_state(StateLayout(home), name).supervisor_pid
+        if pid:
+            return pid
+        time.sleep(0.005)
+    raise AssertionError("no supervisor pid")
+
+
+def test_bad_input_and_refusals(home: Path, ws: Workspace) -> None:
+    name = ws.name
+    refused = ma(home, "snapshot", "create", name)
+    assert refused.returncode == 1 and "not running" in refused.stderr
+    assert ma(home, "suspend", name).returncode == 1
+    ws.start()
+    assert ma(home, "snapshot", "create", name, "--tag", "../x").returncode == 2
+    assert ma(home, "snapshot", "create", name, "--tag", "-x").returncode == 2
+    ok(ma(home, "snapshot", "create", name, "--tag", "one"))
+    taken = ma(home, "snapshot", "create", name, "--tag", "one")
+    assert taken.returncode == 1 and "already has a snapshot one" in taken.stderr
+    assert ma(home, "snapshot", "delete", name, "nope").returncode == 1
+    both = ma(home, "start", name, "--from-snapshot", "one", "--cold")
+    assert both.returncode == 2
+    image = ma(home, "create", "x", "--from-snapshot", f"{name}:one", "--image", "busybox")
+    assert image.returncode == 2 and "only hostname and publish" in image.stderr
+    assert ma(home, "create", "x", "--from-snapshot", f"{name}").returncode == 2
+    missing = ma(home, "create", "x", "--from-snapshot", f"{name}:two")
+    assert missing.returncode != 0 and "no snapshot two" in missing.stderr
+    assert not (home / "workspaces" / "x").exists()
+    taken_name = ma(home, "create", name, "--from-snapshot", f"{name}:one")
+    assert taken_name.returncode == 1 and "already exists" in taken_name.stderr
+    # a default tag names the moment
+    default = ok(ma(home, "snapshot", "create", name)).stdout.strip()
+    assert default.startswith("snap-") and len(default) == len("snap-YYYYMMDD-HHMMSS")
+
+
+def test_a_read_write_volume_is_refused(home: Path, busybox_image: PushedImage) -> None:
+    ws = Microagent(home).create("vol-rw", busybox_image.ref, profile="tiny",
+                                 volumes=["snapdata:/data"])
+    try:
+        ws.start()
+        with pytest.raises(ConflictError, match="read-write volume snapdata"):
+            ws.snapshot("t")
+        with pytest.raises(ConflictError, match="read-write volume snapdata"):
+            ws.suspend()
+        assert ws.state == "running" and ws.snapshots() == []
+        ws.exec("true", check=True)
+    finally:
+        ma(home, "kill", "vol-rw")
+        ma(home, "delete", "--yes", "vol-rw")
+        ma(home, "volume", "delete", "snapdata")
+
+
+def test_no_room_for_the_ram_file_refuses_before_pausing(home: Path, ws: Workspace,
+                                                         tmp_path: Path) -> None:
+    environment = {**os.environ, "MICROAGENT_SHM_DIR": str(tmp_path / "missing" / "shm")}
+    ok(ma(home, "start", ws.name, env=environment))
+    assert ws.status().state == "running"
+    refused = ma(home, "snapshot", "create", ws.name, env=environment)
+    assert refused.returncode == 1 and "no room for its" in refused.stderr
+    assert ws.snapshots() == [] and ws.state == "running"
+    assert not [e for e in events(home, ws.name) if e["state"] == "paused"]
+    ws.exec("true", check=True)
+
+
+def test_supervisor_killed_during_a_snapshot(home: Path, ws: Workspace) -> None:
+    ws.start()
+    ws.exec("echo kept > /root/kept && sync", check=True)  # a kill loses the unsynced
+    snapshots = home / "workspaces" / ws.name / "snapshots"
+    pid = supervisor_pid(home, ws.name)
+    failure: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            ws.snapshot("killed")
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (snapshots.is_dir() and any(p.name.startswith(".new-")
+                                          for p in snapshots.iterdir())):
+        assert time.monotonic() < deadline and thread.is_alive(), "no staging seen"
+        time.sleep(0.0005)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert failure and isinstance(failure[0], MicroagentError)
+    assert ws.snapshots() == [], "no snapshot half written"
+    deadline = time.monotonic() + 10  # the kernel drops its lock as the process ends
+    while ws.state != "failed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ws.state == "failed"
+    deadline = time.monotonic() + 10
+    while qemu_pids(ws.name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not qemu_pids(ws.name), "QEMU died with its supervisor"
+    ws.start()  # cold
+    assert ws.files.read_text("/root/kept") == "kept\n"
+    ws.snapshot("after")
+    assert [s.tag for s in ws.snapshots()] == ["after"]
+    assert not [p for p in snapshots.iterdir() if p.name.startswith(".new-")], "swept"
+
+
+def test_supervisor_killed_during_a_restore(home: Path, ws: Workspace) -> None:
+    ws.start()
+    ws.exec("echo one > /root/mark && sync", check=True)
+    ws.snapshot("t")
+    ws.halt()
+    before = len(events(home, ws.name))
+    thread = threading.Thread(target=lambda: ma(home, "start", ws.name, "--from-snapshot",
+                                                "t"))
+    thread.start()
+    os.kill(supervisor_pid(home, ws.name), signal.SIGKILL)
+    thread.join(120)
+    assert len(events(home, ws.name)) > before
+    assert ws.state in ("failed", "stopped", "halted")
+    ws.start()  # cold: whatever the kill interrupted
+    assert events(home, ws.name)[-1]["detail"].startswith("ready in")
+    assert ws.files.read_text("/root/mark") == "one\n"
+    with pytest.raises((ConflictError, HostError)):
+        ws.start(from_snapshot="t")  # running: refused
