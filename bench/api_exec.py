@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
 from boot_floor import install_cached_kernel  # noqa: E402
+from figures import summary  # noqa: E402
 from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
 from workspace_lifecycle import timed  # noqa: E402
 
@@ -45,6 +46,7 @@ from microagent.vm.control import SupervisorClient  # noqa: E402
 TARGET_RATIO = 1.2
 TARGET_CLI_MS = 150.0
 PREVIOUS_FLOOR_MS = 10.0
+WIDTH = 52  # the labels' column
 TRUE = ExecRequest(argv=("true",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",))
 
 
@@ -89,11 +91,6 @@ def fresh_channel_exec(layout: StateLayout, name: str) -> float:
     return elapsed
 
 
-def summary(label: str, seconds: list[float]) -> str:
-    return (f"{label:<52} best {min(seconds) * 1000:6.1f} ms   "
-            f"median {statistics.median(seconds) * 1000:6.1f} ms")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=50,
@@ -132,17 +129,19 @@ def main() -> int:
             ws.kill()
             ws.delete()
     print(f"exec of `true` on a running busybox workspace (tiny), {args.runs} runs each")
-    print(summary('figure: ws.exec(["true"]) (public API)', runs["api"]))
-    print(summary("floor: AgentClient exec on an open channel", runs["floor"]))
+    print(summary('figure: ws.exec(["true"]) (public API)', runs["api"], width=WIDTH))
+    print(summary("floor: AgentClient exec on an open channel", runs["floor"], width=WIDTH))
     ratio = statistics.median(runs["api"]) / statistics.median(runs["floor"])
     best_ratio = min(runs["api"]) / min(runs["floor"])
     verdict = "ok" if ratio <= TARGET_RATIO else "MISSED"
     print(f"ratio API / floor: median {ratio:4.2f}, best {best_ratio:4.2f}   "
           f"(target <= {TARGET_RATIO}; {verdict}; the floor was ~{PREVIOUS_FLOOR_MS:g} ms "
           f"when last measured)")
-    print(summary("(AgentClient: open, hello, exec, close each run)", runs["fresh"]))
+    print(summary("(AgentClient: open, hello, exec, close each run)", runs["fresh"],
+                  width=WIDTH))
     cli = statistics.median(runs["cli"]) * 1000
-    print(summary(f"microagent exec bench -- true ({len(runs['cli'])} runs)", runs["cli"])
+    print(summary(f"microagent exec bench -- true ({len(runs['cli'])} runs)", runs["cli"],
+                  width=WIDTH)
           + f"   (target < {TARGET_CLI_MS:g} ms: {'ok' if cli < TARGET_CLI_MS else 'MISSED'})")
     return 0
 
