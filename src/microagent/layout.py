@@ -166,6 +166,11 @@ class StateLayout:
         return self.root / "tmp"
 
     @property
+    def qemu_record(self) -> Path:
+        """The installed QEMU's version, asked again only when its binary changes."""
+        return self.root / "host-qemu.json"
+
+    @property
     def tsc_record(self) -> Path:
         """The host's TSC frequency, measured once per host boot (TCG's clock hint)."""
         return self.root / "host-tsc.json"

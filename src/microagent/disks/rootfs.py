@@ -172,6 +172,20 @@ def clone_file(src: Path, dst: Path, *, mode: int = 0o600) -> int:
         os.close(src_fd)
 
 
+def fill_file(src: Path, dst: Path) -> None:
+    """Copy the data regions of ``src`` into the existing ``dst`` of the same size (a
+    RAM file QEMU has already mapped: it reads it only once told to)."""
+    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _sparse_copy(src_fd, dst_fd)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+
 def sync_file(path: Path) -> None:
     """fsync ``path``'s data."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -218,10 +232,22 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            copied = _copy_slow(src_fd, dst_fd, position, end)
+            copied = _copy_between_file_systems(src_fd, dst_fd, position, end)
         if copied == 0:
             raise HostError("the disk changed size while it was being copied")
         position += copied
+
+
+def _copy_between_file_systems(src_fd: int, dst_fd: int, position: int, end: int) -> int:
+    """sendfile (in the kernel; twice as fast as reading and writing 1 MiB at a time
+    from ext4 into tmpfs, measured), else read and write."""
+    try:
+        os.lseek(dst_fd, position, os.SEEK_SET)
+        return os.sendfile(dst_fd, src_fd, position, end - position)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        return _copy_slow(src_fd, dst_fd, position, end)
 
 
 def _copy_slow(src_fd: int, dst_fd: int, position: int, end: int) -> int:

@@ -49,6 +49,8 @@ def fork_workspace(layout: StateLayout, name: str, source: str, *, hostname: str
     parent, tag = parse_source(source)
     if hostname and not _HOSTNAME.fullmatch(hostname):
         raise UsageError(f"invalid hostname {hostname!r}")
+    if layout.workspace_dir(name).exists():  # said first; checked again under the lock
+        raise _exists(name)
     get_workspace(layout, parent)
     snapshot = get_snapshot(layout, parent, tag)
     record = read_json(layout.workspace_record(parent))
@@ -56,9 +58,7 @@ def fork_workspace(layout: StateLayout, name: str, source: str, *, hostname: str
     with _workspace_lock(layout, name):
         sweep_abandoned(layout)
         if layout.workspace_dir(name).exists():
-            raise ConflictError(f"workspace {name} already exists",
-                                hint=f"delete it first (microagent delete {name}) or pick "
-                                     "another name")
+            raise _exists(name)
         from microagent.disks.rootfs import clone_file
 
         with stage_dir(layout.workspaces_dir, f".new-{name}-") as staged:
@@ -90,6 +90,12 @@ def fork_workspace(layout: StateLayout, name: str, source: str, *, hostname: str
                          "memory")
             staged.replace(layout.workspace_dir(name))
     return get_workspace(layout, name)
+
+
+def _exists(name: str) -> ConflictError:
+    return ConflictError(f"workspace {name} already exists",
+                         hint=f"delete it first (microagent delete {name}) or pick another "
+                              "name")
 
 
 def _link(source: Path, target: Path) -> None:

@@ -1,20 +1,23 @@
 """The supervisor's memory images: ``snapshot create``, ``suspend`` and loading one at boot.
 
-Functions of the :class:`microagent.vm.supervisor.Supervisor` they work for. Saving
-(QEMU 7.2, guest RAM in a shared file: vm/memory.py): QMP ``stop`` (unless the user
-paused it already), then ``migrate`` with ``x-ignore-shared`` to ``exec:cat``, which
-writes only the device state (~80 KB); while the vCPUs are still stopped, the RAM file's touched pages and every
-writable disk are copied (a reflink where the file system has one), so that the memory
-and the disks are of one instant (the guest's page cache holds the disks' dirty blocks);
-then ``cont``, and the guest is told it resumed (its clock stepped). The files are synced
-after ``cont`` and published by one rename (state/snapshots.py). ``suspend`` saves the
-same way into the resume slot, without the root disk (the workspace's own disk stays
-as it is: the VM never runs again), then ends the VM.
+Functions of the :class:`microagent.vm.supervisor.Supervisor` they work for.
 
-Loading: QEMU was started with the same machine and ``-incoming defer``, its disks and
-RAM file already the image's (vm/launch.py ``place_image``); ``migrate-incoming`` reads
-the device state, ``cont`` runs the vCPUs, and the agent, on a fresh channel, is told the
-time, fresh entropy, the generation and, for a fork, its identity before anything else.
+Saving (QEMU 7.2, guest RAM in a shared file: vm/memory.py): QMP ``stop`` (unless the
+user paused it already), then ``migrate`` with ``x-ignore-shared`` to ``exec:cat``, which
+writes only the device state (~80 KB); while the vCPUs are still stopped, the RAM file's
+touched pages and every writable disk are copied (a reflink where the file system has
+one), so that the memory and the disks are of one instant (the guest's page cache holds
+the disks' dirty blocks); then ``cont``, and the guest is told it resumed (its clock
+stepped). The files are synced after ``cont`` and published by one rename
+(state/snapshots.py). ``suspend`` saves the same way into the resume slot, without the
+root disk (the workspace's own disk stays as it is: the VM never runs again), then ends
+the VM.
+
+Loading: QEMU is started with the same machine and ``-incoming defer``, its disks the
+image's (vm/launch.py ``place_image``); the image's RAM is copied into the RAM file while
+QEMU starts (:func:`fill_memory`); ``migrate-incoming`` reads the device state, ``cont``
+runs the vCPUs, and the agent, on a fresh channel, is told the time, fresh entropy, the
+generation and, for a fork, its identity before anything else.
 """
 
 from __future__ import annotations
@@ -232,6 +235,8 @@ async def load_image(sup: Supervisor, order: ResumeOrder) -> None:
     if sup.qmp is None:
         raise MicroagentError("QEMU's monitor did not answer: the memory image cannot "
                               "be loaded")
+    if sup.memory_fill is not None:
+        await sup.memory_fill  # QEMU reads the RAM file only once the vCPUs run
     sup.imaging = True
     try:
         await _qmp(sup).execute("migrate-set-capabilities", {"capabilities": [
@@ -245,6 +250,21 @@ async def load_image(sup: Supervisor, order: ResumeOrder) -> None:
     if order.discard:  # the RAM file and the disks have their copies: the slot is spent
         with contextlib.suppress(OSError):
             discard_resume(sup.layout, sup.name)
+
+def fill_memory(sup: Supervisor, order: ResumeOrder) -> asyncio.Future[None] | None:
+    """Copy the image's RAM into this boot's RAM file in a thread, while QEMU starts
+    (load_image waits for it)."""
+    from microagent.disks.rootfs import fill_file
+    from microagent.state.snapshots import MEMORY
+
+    if sup.memory_file is None:
+        return None
+    fill = asyncio.ensure_future(asyncio.to_thread(fill_file, order.source / MEMORY,
+                                                   sup.memory_file))
+    # a boot that fails first never awaits it: its error must not be reported as lost
+    fill.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return fill
+
 
 def parent_of(order: ResumeOrder) -> str | None:
     """NAME:TAG the memory of ``order`` came from, if it came from a snapshot."""

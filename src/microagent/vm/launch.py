@@ -189,10 +189,11 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
 
 def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
                 memory: Path | None) -> None:
-    """Put a memory image's disks and RAM where this boot uses them: its root disk over
-    the workspace's (replaced by one rename; a suspended workspace's own disk is the
-    paired one and the slot has none), its rw bundle disks over this boot's copies, its
-    RAM into the RAM file. Raises HostError when the RAM file has no room."""
+    """Put a memory image's disks where this boot uses them: its root disk over the
+    workspace's (replaced by one rename; a suspended workspace's own disk is the paired
+    one and the slot has none), its rw bundle disks over this boot's copies; and make the
+    RAM file, of the image's size, empty: the supervisor fills it while QEMU starts
+    (vm/imaging.py ``fill_memory``). Raises HostError when the RAM file has no room."""
     from microagent.disks.rootfs import clone_file
     from microagent.errors import HostError
     from microagent.state.snapshots import MEMORY, read_manifest
@@ -217,7 +218,12 @@ def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
             os.unlink(partial)
         clone_file(source, partial)
         os.replace(partial, target)
-    clone_file(order.source / MEMORY, memory)
+    size = os.stat(order.source / MEMORY).st_size
+    fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:

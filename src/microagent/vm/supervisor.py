@@ -118,6 +118,7 @@ class Supervisor:
         self.imaging = False  # a memory image is being saved or loaded: its STOP is ours
         self.postmigrate = False  # saved while paused: QEMU refuses another save until cont
         self.kernel_sha256 = ""
+        self.memory_fill: asyncio.Future[None] | None = None  # the image's RAM being copied
         self.plan: LaunchPlan | None = None
         self.kernel: KernelBundle | None = None
 
@@ -161,8 +162,10 @@ class Supervisor:
         self.memory_file, self.resume = launched.memory_file, launched.resume
         self.plan, self.kernel = plan, kernel
         self.postmigrate = False
+        self.memory_fill = None
         if self.resume is not None:
             self.parent = imaging.parent_of(self.resume)
+            self.memory_fill = imaging.fill_memory(self, self.resume)
         self.vmm = VmmProcess(launched.process)
         self.network = launched.network
         self.pause = PauseWatch(launched.disks)
