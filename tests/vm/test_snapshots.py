@@ -153,6 +153,8 @@ def test_suspend_start_resumes_and_cold_or_halt_discard(home: Path, source: Work
     assert (home / "workspaces" / "src" / "resume").is_dir()
     with pytest.raises(ConflictError):
         source.snapshot("t-suspended")  # no running VM to save
+    refused = ma(home, "cp", "src:/root/before", str(home / "copied"))
+    assert refused.returncode == 1 and "suspended" in refused.stderr
     ok(ma(home, "start", "src"))
     assert events(home, "src")[-1]["detail"].startswith("resumed from its suspended memory")
     assert not (home / "workspaces" / "src" / "resume").exists(), "spent once resumed"

@@ -132,6 +132,11 @@ def _run(layout: StateLayout, name: str,
     if state.state == "quarantined":
         raise ConflictError(f"workspace {name} is quarantined: cp is refused",
                             hint="halt, stop or kill it to end the quarantine")
+    if state.state == "suspended":  # replaying its journal would break the memory's disk
+        raise ConflictError(f"workspace {name} is suspended: its disk belongs to its saved "
+                            "memory, so cp does not touch it",
+                            hint=f"start it (it resumes), or `microagent halt {name}` to "
+                                 "discard the memory")
     if state.state == "running":
         sock = SupervisorClient(layout.run_files(name), name).open_channel()
         client = AgentClient(sock)
