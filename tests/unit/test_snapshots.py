@@ -158,6 +158,12 @@ def test_the_ram_file_lives_in_a_private_directory(tmp_path: Path,
     path.write_bytes(b"left by a killed supervisor")
     assert prepare_memory_file(layout, "dev", 1) == path and not path.exists()
     assert prepare_memory_file(layout, "dev", 1 << 40) is None, "no room: anonymous RAM"
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    running = memory_file(layout, "other")
+    with open(running, "wb") as f:  # a running guest's RAM file: sparse, its whole size
+        f.truncate(free - (8 << 20))
+    assert prepare_memory_file(layout, "dev", 64) is None, "its memory counts as taken"
+    running.unlink()
     monkeypatch.setenv(SHM_ENV, str(tmp_path / "missing"))
     assert prepare_memory_file(layout, "dev", 1) is None
 

@@ -6,8 +6,10 @@ state (QEMU's ``x-ignore-shared``: ~80 KB in ~20 ms) and copies the file's touch
 a restore copies them back and loads the device state. ``<shm>`` is ``/dev/shm`` (or
 ``MICROAGENT_SHM_DIR``): a tmpfs, so the RAM never goes through a disk. When it has no
 room for the whole memory the boot falls back to anonymous RAM, and that boot cannot be
-snapshotted (said by :func:`memory_refusal`). The file is removed when the VM ends (and
-by the next start, if a killed supervisor left it).
+snapshotted (the supervisor says so when asked). The whole memory of the guests already
+running counts as taken (:func:`_promised`): a tmpfs that fills under a running guest
+kills its QEMU. The file is removed when the VM ends (and by the next start or a delete,
+if a killed supervisor left it).
 """
 
 from __future__ import annotations
@@ -45,9 +47,30 @@ def prepare_memory_file(layout: StateLayout, name: str, memory_mib: int) -> Path
         _private_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        return path if free_bytes(path.parent) >= memory_mib << 20 else None
+        return path if room(path.parent) >= memory_mib << 20 else None
     except (OSError, HostError):
         return None
+
+
+def _promised(directory: Path) -> int:
+    """What the running guests' RAM files in ``directory`` may still grow by: a tmpfs
+    that fills under a guest makes QEMU die of SIGBUS, so a new boot counts their whole
+    memory as taken, not only the pages they have touched so far."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(".mem"):
+                with contextlib.suppress(OSError):
+                    info = entry.stat(follow_symlinks=False)
+                    total += max(0, info.st_size - info.st_blocks * 512)
+    return total
+
+
+def room(directory: Path | None = None) -> int:
+    """Bytes a new guest's RAM may take in the shm directory: what is free there less what
+    the running guests' RAM files may still grow by (:func:`_promised`)."""
+    directory = directory or shm_dir()
+    return free_bytes(directory) - _promised(directory)
 
 
 def free_bytes(directory: Path) -> int:

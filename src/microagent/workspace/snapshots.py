@@ -127,7 +127,7 @@ def _check_loadable(layout: StateLayout, workspace: Workspace, manifest: dict[st
                     label: str, cold_hint: str) -> None:
     from microagent.vm.backends.base import choose_accel
     from microagent.vm.launch import workspace_kernel
-    from microagent.vm.memory import free_bytes, shm_dir
+    from microagent.vm.memory import room, shm_dir
     from microagent.vm.snapshot import machine_of, restore_problems
 
     kernel = workspace_kernel(layout, workspace)
@@ -140,7 +140,7 @@ def _check_loadable(layout: StateLayout, workspace: Workspace, manifest: dict[st
     directory = shm_dir()
     try:
         directory.mkdir(mode=0o700, exist_ok=True)
-        free = free_bytes(directory)
+        free = room(directory)
     except OSError:
         free = 0
     if free < need:
