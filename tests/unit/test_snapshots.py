@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,20 @@ from microagent.state import snapshots as store
 from microagent.state.forks import fork_workspace
 from microagent.store import write_json_atomic
 from microagent.vm.backends.qemu import machine_fingerprint, qemu_argv
-from microagent.vm.memory import SHM_ENV, memory_file, prepare_memory_file
-from microagent.vm.snapshot import ResumeOrder, read_order, restore_problems, write_order
+from microagent.vm.memory import (
+    SHM_ENV,
+    memory_file,
+    prepare_memory_file,
+    sweep_memory_files,
+)
+from microagent.vm.snapshot import (
+    ResumeOrder,
+    host_cpu,
+    read_order,
+    readonly_problems,
+    restore_problems,
+    write_order,
+)
 from tests.unit.test_backends import GOLDEN, SPEC
 
 
@@ -159,7 +173,7 @@ def test_the_ram_file_lives_in_a_private_directory(tmp_path: Path,
     assert prepare_memory_file(layout, "dev", 1) == path and not path.exists()
     assert prepare_memory_file(layout, "dev", 1 << 40) is None, "no room: anonymous RAM"
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
-    running = memory_file(layout, "other")
+    running = memory_file(StateLayout(tmp_path / "elsewhere"), "other")
     with open(running, "wb") as f:  # a running guest's RAM file: sparse, its whole size
         f.truncate(free - (8 << 20))
     assert prepare_memory_file(layout, "dev", 64) is None, "its memory counts as taken"
@@ -221,3 +235,61 @@ def test_a_fork_is_assembled_from_the_snapshot(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         fork_workspace(layout, "f2", "src:t", hostname="-bad")
     assert not layout.workspace_dir("f2").exists()
+
+
+def test_read_only_disks_that_moved_on_are_named() -> None:
+    recorded = [{"name": "ref", "path": "/v/ref.ext4", "size": 10, "mtime_ns": 1}]
+    assert readonly_problems(recorded, [dict(recorded[0])]) == []
+    moved = readonly_problems(recorded, [{**recorded[0], "mtime_ns": 2}])
+    assert moved and "read-only disk ref (/v/ref.ext4) changed" in moved[0]
+    assert readonly_problems(recorded, []), "gone counts as changed"
+
+
+def test_kvm_records_the_host_cpu() -> None:
+    assert host_cpu("tcg") == ""
+    kvm = host_cpu("kvm")
+    assert kvm and kvm == host_cpu("kvm") and "(" in kvm
+    base = {"qemu": "7.2.22", "host_cpu": kvm}
+    assert "the host CPU changed" in restore_problems(base, {**base, "host_cpu": "other"})[0]
+
+
+def test_a_killed_supervisors_ram_file_is_swept(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SHM_ENV, str(tmp_path))
+    layout = StateLayout(tmp_path / "state")
+    prepare_memory_file(layout, "dev", 1)
+    leftover = memory_file(layout, "gone")
+    leftover.write_bytes(b"pages")
+    other = memory_file(StateLayout(tmp_path / "other"), "gone")
+    other.write_bytes(b"another state directory's")
+    sweep_memory_files(layout)
+    assert not leftover.exists() and other.exists()
+
+
+def test_room_for_copies_on_a_small_file_system(tmp_path: Path) -> None:
+    """The state directory on a 128 MiB tmpfs in a private mount namespace (as in
+    tests/e2e/test_host_full.py): a copy of an 80 MiB disk does not fit with the 64 MiB
+    kept free; 1 MiB does."""
+    from tests.e2e.test_host_full import _unshare_argv, _why_not
+
+    argv = _unshare_argv()
+    if argv is None:
+        pytest.skip(_why_not())
+    disk, small = tmp_path / "disk", tmp_path / "small"
+    for path, size in ((disk, 80 << 20), (small, 1 << 20)):
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)  # allocated: what a copy takes
+    state = tmp_path / "state"
+    state.mkdir()
+    script = (f"mount -t tmpfs -o size=128m tmpfs {state} && mkdir {state}/workspaces && "
+              f"{sys.executable} -c '"
+              "import sys, pathlib; from microagent.layout import StateLayout; "
+              "from microagent.state.forks import check_room_for; "
+              f"check_room_for(StateLayout(pathlib.Path(\"{state}\")), "
+              "[pathlib.Path(p) for p in sys.argv[1:]])' \"$@\"")
+    fits = subprocess.run([*argv, "sh", "-c", script, "sh", str(small)],
+                          capture_output=True, text=True)
+    assert fits.returncode == 0, fits.stderr
+    full = subprocess.run([*argv, "sh", "-c", script, "sh", str(disk)],
+                          capture_output=True, text=True)
+    assert full.returncode != 0 and "not enough space" in full.stderr

@@ -154,7 +154,7 @@ def test_suspend_start_resumes_and_cold_or_halt_discard(home: Path, source: Work
     with pytest.raises(ConflictError):
         source.snapshot("t-suspended")  # no running VM to save
     refused = ma(home, "cp", "src:/root/before", str(home / "copied"))
-    assert refused.returncode == 1 and "suspended" in refused.stderr
+    assert refused.returncode == 1 and "saved memory" in refused.stderr
     ok(ma(home, "start", "src"))
     assert events(home, "src")[-1]["detail"].startswith("resumed from its suspended memory")
     assert not (home / "workspaces" / "src" / "resume").exists(), "spent once resumed"

@@ -55,6 +55,8 @@ def fork_workspace(layout: StateLayout, name: str, source: str, *, hostname: str
     snapshot = get_snapshot(layout, parent, tag)
     record = read_json(layout.workspace_record(parent))
     validate_ports(tuple(ports), str(record.get("network", "user")))
+    _check_room(layout, snapshot.path, [d for d in snapshot.manifest.get("disks", [])
+                                        if d.get("role") == "root"])
     with _workspace_lock(layout, name):
         sweep_abandoned(layout)
         if layout.workspace_dir(name).exists():
@@ -88,8 +90,34 @@ def fork_workspace(layout: StateLayout, name: str, source: str, *, hostname: str
             append_event(staged.path / "events.jsonl", "prepared",
                          f"forked from {parent}:{tag}; its first start resumes from that "
                          "memory")
+            from microagent.disks.rootfs import sync_file
+            from microagent.store import fsync_dir
+
+            sync_file(staged.path / layout.workspace_rootfs(name).name)  # as create does
+            for directory in (slot, staged.path):
+                fsync_dir(directory)
             staged.replace(layout.workspace_dir(name))
+            fsync_dir(layout.workspaces_dir)
     return get_workspace(layout, name)
+
+
+def _check_room(layout: StateLayout, source: Path, disks: list[dict[str, str]]) -> None:
+    """HostError unless the state directory's disk has room for copies of ``disks``."""
+    check_room_for(layout, [source / d["file"] for d in disks])
+
+
+def check_room_for(layout: StateLayout, files: Sequence[Path]) -> None:
+    """HostError unless the state directory's disk has room for copies of ``files``
+    (what they occupy, and 64 MiB to spare)."""
+    from microagent.errors import HostError
+
+    need = sum(os.stat(f).st_blocks * 512 for f in files)
+    info = os.statvfs(layout.workspaces_dir)
+    free = info.f_bavail * info.f_frsize
+    if need + (64 << 20) > free:
+        raise HostError(f"not enough space in {layout.workspaces_dir} for a copy of the "
+                        f"snapshot's disks: they need {need >> 20} MiB, {free >> 20} MiB are "
+                        "free", hint="make room there, or delete old snapshots")
 
 
 def _exists(name: str) -> ConflictError:

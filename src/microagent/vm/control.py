@@ -134,7 +134,8 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
         error = answer.get("error", {})
         if error.get("kind") == "paused":
             raise PausedError(workspace, str(answer.get("reason") or error.get("message")))
-        kind = {"busy": BusyError, "host": HostError}.get(error.get("kind"), ConflictError)
+        kind = {"busy": BusyError, "host": HostError, "error": MicroagentError,
+                "vmm": MicroagentError}.get(error.get("kind"), ConflictError)
         raise kind(f"workspace {workspace}: {error.get('message', 'request refused')}",
                    hint=error.get("hint", ""))
     return dict(answer)

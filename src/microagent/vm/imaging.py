@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from microagent.errors import ConflictError, HostError, MicroagentError
 from microagent.events import now_iso
-from microagent.vm.backends.qmp import QmpClient, QmpError
-from microagent.vm.snapshot import FORMAT, ResumeOrder
+from microagent.vm.backends.qmp import QmpClient
+from microagent.vm.snapshot import FORMAT, ResumeOrder, readonly_disks
 
 if TYPE_CHECKING:
     from microagent.vm.supervisor import Supervisor
@@ -69,10 +69,9 @@ async def suspend(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
 
         discard_resume(sup.layout, sup.name)
     result = await _save_image(sup, slot, "suspend", suspend=True)
-    sup.intent = "suspend"
-    await sup._kill_vmm()
     await sup.exited.wait()
     return {**result, "state": "suspended"}
+
 
 def _refuse_image(sup: Supervisor) -> Path:
     """Why this workspace's memory cannot be saved now, if it cannot; else its RAM
@@ -83,7 +82,7 @@ def _refuse_image(sup: Supervisor) -> Path:
     if sup.intent is not None or sup.outcome is not None or not sup.booted \
             or sup.vmm is None or sup.vmm.returncode is not None or sup.qmp is None:
         raise ConflictError(f"workspace {sup.name} is not running")
-    if sup.imaging:
+    if not sup.image_idle.is_set():
         raise ConflictError(f"a snapshot of {sup.name} is being taken; try again when "
                             "it is done")
     if sup.postmigrate:
@@ -106,6 +105,7 @@ def _refuse_image(sup: Supervisor) -> Path:
                 hint="attach it read-only (:ro) to snapshot this workspace")
     return sup.memory_file
 
+
 def _writable_disks(sup: Supervisor, suspend: bool) -> list[tuple[dict[str, str], Path]]:
     """The disks saved with the memory: the root disk (not for suspend: it stays) and
     this boot's copy of each rw bundle."""
@@ -119,12 +119,33 @@ def _writable_disks(sup: Supervisor, suspend: bool) -> list[tuple[dict[str, str]
                           sup.files.bundle_disk(item.name)))
     return disks
 
+
 async def _save_image(sup: Supervisor, target: Path, tag: str, *,
                       suspend: bool) -> dict[str, Any]:
-    from microagent.state.snapshots import MEMORY, VMSTATE, stage_snapshot
+    """One image at a time: pause, resume, halt, stop and quarantine wait for it
+    (``Supervisor.image_idle``); kill does not."""
+    memory = _refuse_image(sup)
+    sup.image_idle.clear()
+    try:
+        return await _save(sup, memory, target, tag, suspend=suspend)
+    except OSError as e:
+        from microagent.store import write_error
+
+        raise write_error(e, f"cannot write the memory image of {sup.name}",
+                          sup.layout.workspace_snapshots_dir(sup.name)) from e
+    except (TimeoutError, ConnectionError) as e:
+        raise MicroagentError(f"QEMU did not answer while saving the memory image of "
+                              f"{sup.name}: {e!r}", hint=f"microagent kill {sup.name}") from e
+    finally:
+        sup.imaging = False
+        sup.image_idle.set()
+
+
+async def _save(sup: Supervisor, memory: Path, target: Path, tag: str, *,
+                suspend: bool) -> dict[str, Any]:
+    from microagent.state.snapshots import MEMORY, VMSTATE, directory_bytes, stage_snapshot
     from microagent.vm.memory import allocated_bytes, free_bytes
 
-    memory = _refuse_image(sup)
     disks = _writable_disks(sup, suspend)
     need = allocated_bytes(memory) + sum(allocated_bytes(p) for _, p in disks)
     snapshots = sup.layout.workspace_snapshots_dir(sup.name)
@@ -136,54 +157,55 @@ async def _save_image(sup: Supervisor, target: Path, tag: str, *,
                         "free", hint="make room there, or delete old snapshots")
     machine = await _machine(sup)
     was_paused = sup.pause.paused
-    sup.imaging = True
-    staged = stage_snapshot(sup.layout, sup.name)
-    try:
+    with stage_snapshot(sup.layout, sup.name) as staged:
         began = time.monotonic()
+        sup.imaging = True  # the STOP and RESUME that follow are ours
         if not was_paused:
             await _qmp(sup).execute("stop")
         try:
             await _save_device_state(sup, staged.path / VMSTATE)
             saved = time.monotonic()
-            copied_disks = await asyncio.to_thread(
-                _copy_image, memory, staged.path, disks)
-        finally:
-            if not suspend and not was_paused:
-                with contextlib.suppress(QmpError, TimeoutError, ConnectionError):
+            copied_disks = await asyncio.to_thread(_copy_image, memory, staged.path, disks)
+            done = time.monotonic()
+            manifest = {
+                "format": FORMAT, "workspace": sup.name, "tag": tag, "created": now_iso(),
+                "parent": sup.parent, "machine": machine,
+                "memory_mib": sup.workspace.resources.memory_mib,
+                "cpus": sup.workspace.resources.cpus, "generation": sup.generation,
+                "hostname": sup.workspace.hostname, "disks": copied_disks,
+                "readonly": readonly_disks(sup.layout, sup.workspace),
+                "memory_bytes": allocated_bytes(staged.path / MEMORY),
+                "paused_ms": round((done - began) * 1000),
+                **({"resume_kind": "suspended", "label": "suspend"} if suspend else {}),
+            }
+            if suspend:  # the VM must not run again once its memory is the slot's
+                await asyncio.to_thread(_publish, staged, manifest, target)
+                sup.intent = "suspend"  # before anything waiting for the image goes on
+                await sup._kill_vmm()
+        except BaseException:
+            if not was_paused:  # it runs on, whatever failed
+                with contextlib.suppress(Exception):
                     await _qmp(sup).execute("cont")
-        done = time.monotonic()
+            raise
         if was_paused:
             sup.postmigrate = True
-        generation = sup.generation
-        if not suspend and not was_paused:
+        elif not suspend:
+            await _qmp(sup).execute("cont")
+            sup.imaging = False
             sup._tell_resumed_later()  # its clock stopped for the pause
-        manifest = {
-            "format": FORMAT, "workspace": sup.name, "tag": tag, "created": now_iso(),
-            "parent": sup.parent, "machine": machine,
-            "memory_mib": sup.workspace.resources.memory_mib,
-            "cpus": sup.workspace.resources.cpus, "generation": generation,
-            "hostname": sup.workspace.hostname, "disks": copied_disks,
-            "volumes": [d.name for d in sup.workspace.disks if d.kind == "volume"],
-            "memory_bytes": allocated_bytes(staged.path / MEMORY),
-            "paused_ms": round((done - began) * 1000),
-            **({"resume_kind": "suspended", "label": "suspend"} if suspend else {}),
-        }
-        await asyncio.to_thread(_publish, staged, manifest, target)
-    finally:
-        sup.imaging = False
-        staged.close()
-    from microagent.state.snapshots import directory_bytes
-
+        if not suspend:
+            await asyncio.to_thread(_publish, staged, manifest, target)
     return {"tag": tag, "path": str(target), "paused_ms": manifest["paused_ms"],
             "state_ms": round((saved - began) * 1000),
             "copy_ms": round((done - saved) * 1000),
             "total_ms": round((time.monotonic() - began) * 1000),
             "size_bytes": directory_bytes(target)}
 
+
 async def _machine(sup: Supervisor) -> dict[str, Any]:
     """This boot's machine, as a manifest records it (vm/snapshot.py)."""
     from microagent.vm.backends.qemu import machine_fingerprint
-    from microagent.vm.snapshot import kernel_digest, qmp_version
+    from microagent.vm.snapshot import host_cpu, kernel_digest, qmp_version
 
     version = qmp_version(await _qmp(sup).execute("query-version"))
     if sup.kernel is None or sup.plan is None:
@@ -191,7 +213,7 @@ async def _machine(sup: Supervisor) -> dict[str, Any]:
     if not sup.kernel_sha256:
         sup.kernel_sha256 = await asyncio.to_thread(kernel_digest, sup.kernel)
     return {"qemu": version, "kernel_sha256": sup.kernel_sha256,
-            **machine_fingerprint(sup.plan.argv)}
+            "host_cpu": host_cpu(sup.accel.accel), **machine_fingerprint(sup.plan.argv)}
 
 
 async def _save_device_state(sup: Supervisor, path: Path) -> None:
@@ -228,38 +250,47 @@ async def _migration_done(sup: Supervisor, what: str) -> None:
                                   f"within {IMAGE_WAIT:.0f}s")
         await asyncio.sleep(0.002)
 
-async def load_image(sup: Supervisor, order: ResumeOrder) -> None:
-    """Load ``order``'s device state into the waiting QEMU and run its vCPUs."""
-    from microagent.state.snapshots import VMSTATE, discard_resume
+async def load_image(sup: Supervisor, order: ResumeOrder, root: Path | None) -> None:
+    """Load ``order``'s device state into the waiting QEMU and run its vCPUs. A restore's
+    root disk (``root``, QEMU has it open) takes the workspace's disk's name only once the
+    load has worked, so that a failed load leaves the old disk; the resume slot is spent
+    before the guest runs again (its disk moves on from then)."""
+    from microagent.state.snapshots import discard_resume
 
-    if sup.qmp is None:
-        raise MicroagentError("QEMU's monitor did not answer: the memory image cannot "
-                              "be loaded")
     if sup.memory_fill is not None:
         await sup.memory_fill  # QEMU reads the RAM file only once the vCPUs run
     sup.imaging = True
     try:
-        await _qmp(sup).execute("migrate-set-capabilities", {"capabilities": [
+        qmp = _qmp(sup)
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
-        await _qmp(sup).execute("migrate-incoming", {
-            "uri": f"exec:cat {shlex.quote(str(order.source / VMSTATE))}"})
+        await qmp.execute("migrate-incoming", {
+            "uri": f"exec:cat {shlex.quote(str(order.image))}"})
         await _migration_done(sup, "the load")
-        await _qmp(sup).execute("cont")
+        if order.held is not None:  # loaded: the links are not needed any more
+            import shutil
+
+            shutil.rmtree(order.held, ignore_errors=True)
+        if root is not None:
+            from microagent.store import fsync_dir
+
+            os.replace(root, sup.workspace.rootfs)
+            fsync_dir(sup.workspace.rootfs.parent)
+        if order.discard:
+            discard_resume(sup.layout, sup.name)
+        await qmp.execute("cont")
     finally:
         sup.imaging = False
-    if order.discard:  # the RAM file and the disks have their copies: the slot is spent
-        with contextlib.suppress(OSError):
-            discard_resume(sup.layout, sup.name)
+
 
 def fill_memory(sup: Supervisor, order: ResumeOrder) -> asyncio.Future[None] | None:
     """Copy the image's RAM into this boot's RAM file in a thread, while QEMU starts
     (load_image waits for it)."""
     from microagent.disks.rootfs import fill_file
-    from microagent.state.snapshots import MEMORY
 
     if sup.memory_file is None:
         return None
-    fill = asyncio.ensure_future(asyncio.to_thread(fill_file, order.source / MEMORY,
+    fill = asyncio.ensure_future(asyncio.to_thread(fill_file, order.memory,
                                                    sup.memory_file))
     # a boot that fails first never awaits it: its error must not be reported as lost
     fill.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -308,6 +339,7 @@ def _publish(staged: Any, manifest: dict[str, Any], target: Path) -> None:
     for root, _, files in os.walk(staged.path):
         for file in files:
             sync_file(Path(root) / file)
+        fsync_dir(Path(root))
     write_json_atomic(staged.path / MANIFEST, manifest)
     try:
         staged.replace(target)

@@ -63,6 +63,7 @@ class Launched:
     disks: tuple[Path, ...] = ()  # the images, in QEMU's drive order (disk0, disk1...)
     memory_file: Path | None = None  # the guest's RAM file (vm/memory.py), None: anon RAM
     resume: ResumeOrder | None = None  # the memory image QEMU waits for (-incoming defer)
+    pending_root: Path | None = None  # a restore's root disk: the workspace's once loaded
 
 
 @dataclass
@@ -133,7 +134,7 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     a published port that is taken."""
     from microagent.guest import agent_binary
     from microagent.kernel.initramfs import build_boot_initramfs
-    from microagent.network import check_ports_free, has_network
+    from microagent.network import check_ports_free
     from microagent.vm.memory import prepare_memory_file
 
     files = layout.run_files(workspace.name)
@@ -146,15 +147,45 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     attached = prepare_boot_disks(layout, files, workspace.disks,
                                   layout.workspace_bundles_dir(workspace.name))
     memory = prepare_memory_file(layout, workspace.name, workspace.resources.memory_mib)
-    if resume is not None:
-        place_image(resume, workspace, files, memory)
+    root = None
+    try:
+        if resume is not None:
+            resume, root = place_image(resume, workspace, files, memory)
+        else:  # a cold boot (a restart too) spends a memory image left unloaded
+            from microagent.state.snapshots import discard_resume
+
+            discard_resume(layout, workspace.name)
+        return _launch(layout, workspace, files, kernel, accel, tsc_khz, attached, memory,
+                       resume, root, recovery, cancelled)
+    except BaseException:
+        _forget_memory(layout, workspace.name, memory)
+        if root is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(root)
+        raise
+
+
+def _forget_memory(layout: StateLayout, name: str, memory: Path | None) -> None:
+    if memory is not None:
+        from microagent.vm.memory import remove_memory_file
+
+        remove_memory_file(layout, name)
+
+
+def _launch(layout: StateLayout, workspace: Workspace, files: RunFiles, kernel: KernelBundle,
+            accel: AccelChoice, tsc_khz: int | None, attached: BootDisks,
+            memory: Path | None, resume: ResumeOrder | None, root: Path | None,
+            recovery: bool, cancelled: Callable[[], bool]) -> Launched | None:
+    from microagent.network import has_network
+
     links = _socketpairs() if has_network(workspace.network) else None
     net_fd = links[0].fileno() if links is not None else None
     spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd,
-                       memory_file=memory, incoming=resume is not None)
+                       memory_file=memory, incoming=resume is not None, root=root)
     plan = QemuBackend().plan(spec)
     if cancelled():
         _close(links)
+        _forget_memory(layout, workspace.name, memory)
         return None
     for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
                         *([plan.out_socket] if plan.out_socket else [])):
@@ -184,19 +215,24 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             raise
         _close((links[0], links[3]))  # the children's ends: theirs now
     return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network,
-                    tuple(Path(disk.path) for disk in spec.disks), memory, resume)
+                    tuple(Path(disk.path) for disk in spec.disks), memory, resume, root)
 
 
 def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
-                memory: Path | None) -> None:
-    """Put a memory image's disks where this boot uses them: its root disk over the
-    workspace's (replaced by one rename; a suspended workspace's own disk is the paired
-    one and the slot has none), its rw bundle disks over this boot's copies; and make the
-    RAM file, of the image's size, empty: the supervisor fills it while QEMU starts
-    (vm/imaging.py ``fill_memory``). Raises HostError when the RAM file has no room."""
+                memory: Path | None) -> tuple[ResumeOrder, Path | None]:
+    """Make a memory image this boot's, before QEMU starts: links to its device state
+    and RAM in the run directory (a snapshot deleted meanwhile stays whole for this
+    boot); its root disk copied beside the workspace's, which it replaces only once the
+    load has worked (returned: vm/imaging.load_image renames it); its rw bundle disks
+    over this boot's copies; and the RAM file, of the image's size, made empty: the
+    supervisor fills it while QEMU starts (vm/imaging.fill_memory). Raises HostError
+    when the RAM file has no room."""
+    import dataclasses
+    import shutil
+
     from microagent.disks.rootfs import clone_file
     from microagent.errors import HostError
-    from microagent.state.snapshots import MEMORY, read_manifest
+    from microagent.state.snapshots import MEMORY, VMSTATE, read_manifest
     from microagent.vm.memory import shm_dir
 
     if memory is None:
@@ -204,26 +240,33 @@ def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
                         f"({workspace.resources.memory_mib} MiB)",
                         hint="free some there, or start it cold: microagent start --cold "
                              f"{workspace.name}")
+    held = files.dir / "image"
+    shutil.rmtree(held, ignore_errors=True)
+    os.mkdir(held, 0o700)
+    for name in (VMSTATE, MEMORY):
+        os.link(order.source / name, held / name)
+    order = dataclasses.replace(order, held=held)
     manifest = read_manifest(order.source)
+    root = None
     for disk in manifest.get("disks", []):
         source = order.source / str(disk["file"])
         if disk["role"] == "root":
-            target = workspace.rootfs
+            root = workspace.rootfs.with_name(f".{workspace.rootfs.name}.restoring")
+            target = root
         elif disk["role"] == "bundle":
             target = files.bundle_disk(str(disk["name"]))
         else:
             continue
-        partial = target.with_name(f".{target.name}.restoring")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        clone_file(source, partial)
-        os.replace(partial, target)
-    size = os.stat(order.source / MEMORY).st_size
+            os.unlink(target)
+        clone_file(source, target)
+    size = os.stat(order.memory).st_size
     fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+    return order, root
 
 
 def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
@@ -311,7 +354,8 @@ def vmm_said(vmm_log: Path, offset: int) -> str:
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
                 tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None, *,
-                memory_file: Path | None = None, incoming: bool = False) -> LaunchSpec:
+                memory_file: Path | None = None, incoming: bool = False,
+                root: Path | None = None) -> LaunchSpec:
     """What the backend is asked to boot for ``workspace``."""
     from microagent.network import has_network
 
@@ -322,7 +366,7 @@ def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, acc
         cpus=workspace.resources.cpus, kernel=image, initramfs=files.initramfs,
         cmdline=guest_cmdline(hostname=workspace.hostname, network=network,
                               accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
-        disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
+        disks=(DiskSpec(root or workspace.rootfs), *attached.disks), run_dir=files.dir,
         network=network, accel=accel.accel, net_fd=net_fd, memory_file=memory_file,
         incoming=incoming,
     )

@@ -47,6 +47,7 @@ def prepare_memory_file(layout: StateLayout, name: str, memory_mib: int) -> Path
         _private_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        sweep_memory_files(layout)
         return path if room(path.parent) >= memory_mib << 20 else None
     except (OSError, HostError):
         return None
@@ -82,6 +83,21 @@ def free_bytes(directory: Path) -> int:
 def allocated_bytes(path: Path) -> int:
     """The bytes ``path`` occupies (its touched pages, for a RAM file)."""
     return os.stat(path).st_blocks * 512
+
+
+def sweep_memory_files(layout: StateLayout) -> None:
+    """Remove the RAM files of this state directory's workspaces whose supervisor is
+    gone (SIGKILLed: its QEMU died with it, the file stayed and holds its pages)."""
+    from microagent.state.runtime import supervisor_alive
+
+    prefix = memory_file(layout, "x").name[:-len("x.mem")]
+    with contextlib.suppress(OSError), os.scandir(shm_dir()) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.name.endswith(".mem"):
+                name = entry.name[len(prefix):-len(".mem")]
+                if not supervisor_alive(layout.run_files(name)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
 
 def remove_memory_file(layout: StateLayout, name: str) -> None:

@@ -44,6 +44,21 @@ class ResumeOrder:
     generation: int  # the guest's /run/microagent/generation after it
     identity: dict[str, Any] | None = None  # a fork's: {"hostname": ..., "machine_id": true}
     discard: bool = False  # the source is the resume slot: removed once loaded
+    held: Path | None = None  # this boot's links to the image's files (vm/launch.py)
+
+    @property
+    def image(self) -> Path:
+        """The device state to load."""
+        from microagent.state.snapshots import VMSTATE
+
+        return (self.held or self.source) / VMSTATE
+
+    @property
+    def memory(self) -> Path:
+        """The RAM to copy into this boot's RAM file."""
+        from microagent.state.snapshots import MEMORY
+
+        return (self.held or self.source) / MEMORY
 
     def to_json(self) -> dict[str, Any]:
         return {"source": str(self.source), "kind": self.kind, "label": self.label,
@@ -143,8 +158,28 @@ def machine_of(layout: StateLayout, workspace: Workspace, kernel: KernelBundle,
         network="user" if has_network(workspace.network) else "none", accel=accel.accel,
         net_fd=3 if has_network(workspace.network) else None, memory_file=Path("memory"))
     return {"qemu": qemu_version(layout.qemu_record),
-            "kernel_sha256": kernel_digest(kernel),
+            "kernel_sha256": kernel_digest(kernel), "host_cpu": host_cpu(accel.accel),
             **machine_fingerprint(qemu_argv(spec))}
+
+
+def host_cpu(accel: str) -> str:
+    """Under KVM (``-cpu host``) the guest's CPU is the host's: its model and flags
+    (a digest), which a memory image must find again. Under TCG the model is named in
+    the argv: empty."""
+    if accel != "kvm":
+        return ""
+    model, flags = "", ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8",
+                                            errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = hashlib.sha256(" ".join(sorted(value.split())).encode()).hexdigest()
+            if model and flags:
+                break
+    return f"{model} ({flags[:12]})"
 
 
 def _root_spec(workspace: Workspace) -> Any:
@@ -167,11 +202,46 @@ def restore_problems(recorded: dict[str, Any], current: dict[str, Any]) -> list[
                         f"{str(recorded.get('kernel_sha256'))[:12]} then, "
                         f"{str(current.get('kernel_sha256'))[:12]} now)")
     words = {"accel": "accelerator", "cpu": "CPU model", "memory": "memory",
-             "smp": "vCPUs", "machine": "machine", "memory_backend": "memory backend"}
+             "smp": "vCPUs", "machine": "machine", "memory_backend": "memory backend",
+             "host_cpu": "host CPU"}
     for key, word in words.items():
-        if recorded.get(key) != current.get(key):
+        if (recorded.get(key) or "") != (current.get(key) or ""):
             problems.append(f"the {word} changed ({recorded.get(key)} then, "
                             f"{current.get(key)} now)")
     if recorded.get("devices") != current.get("devices"):
         problems.append("the devices changed (disks or network attached differently)")
+    return problems
+
+
+def readonly_disks(layout: StateLayout, workspace: Workspace) -> list[dict[str, Any]]:
+    """What a memory image's page cache expects of the read-only volumes and ``--disk``
+    images it reads (they are not copied with it): each one's size and modification
+    time."""
+    import os
+
+    own = str(layout.workspace_dir(workspace.name)) + "/"
+    found = []
+    for disk in boot_disks(layout, layout.run_files(workspace.name), workspace.disks).disks:
+        if not disk.read_only or str(disk.path).startswith(own):  # bundles: by content
+            continue
+        try:
+            info = os.stat(disk.path)
+        except OSError:
+            continue
+        found.append({"name": disk.name, "path": str(disk.path), "size": info.st_size,
+                      "mtime_ns": info.st_mtime_ns})
+    return found
+
+
+def readonly_problems(recorded: list[dict[str, Any]], current: list[dict[str, Any]]
+                      ) -> list[str]:
+    """The read-only disks that changed since a memory image was saved, in words."""
+    now = {d["path"]: d for d in current}
+    problems = []
+    for disk in recorded:
+        there = now.get(disk["path"])
+        if there is None or (there["size"], there["mtime_ns"]) != (disk["size"],
+                                                                  disk["mtime_ns"]):
+            problems.append(f"the read-only disk {disk['name']} ({disk['path']}) changed "
+                            "since (its page cache in the image would be stale)")
     return problems

@@ -119,6 +119,9 @@ class Supervisor:
         self.postmigrate = False  # saved while paused: QEMU refuses another save until cont
         self.kernel_sha256 = ""
         self.memory_fill: asyncio.Future[None] | None = None  # the image's RAM being copied
+        self.pending_root: Path | None = None  # a restore's root disk, renamed once loaded
+        self.image_idle = asyncio.Event()  # no memory image is being saved (vm/imaging.py)
+        self.image_idle.set()
         self.plan: LaunchPlan | None = None
         self.kernel: KernelBundle | None = None
 
@@ -160,6 +163,7 @@ class Supervisor:
         plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
         started, vmm_log_start = launched.started, launched.vmm_log_start
         self.memory_file, self.resume = launched.memory_file, launched.resume
+        self.pending_root = launched.pending_root
         self.plan, self.kernel = plan, kernel
         self.postmigrate = False
         self.memory_fill = None
@@ -238,10 +242,15 @@ class Supervisor:
                                              "still works")
                 return Outcome("failed", fatal or f"the VM exited during boot "
                                                   f"(status {self.vmm.returncode})" + said)
-            reason = (f"the guest agent failed: {ready.exception()}" if ready in done
-                      else f"the VM was paused while booting: {self.pause.reason}"
-                      if self.pause.paused
-                      else f"the guest did not become ready within {self.boot_timeout:.0f}s")
+            if self.resume is not None and ready in done:
+                reason = (f"could not resume from {self.resume.label}: {ready.exception()}; "
+                          "a cold start still works")
+            else:
+                reason = (f"the guest agent failed: {ready.exception()}" if ready in done
+                          else f"the VM was paused while booting: {self.pause.reason}"
+                          if self.pause.paused
+                          else f"the guest did not become ready within "
+                               f"{self.boot_timeout:.0f}s")
             await self._kill_vmm()
             await waiter
             return Outcome("failed", await self._guest_fatal() or reason)
@@ -295,19 +304,19 @@ class Supervisor:
     async def _become_ready(self, agent_socket: str, qmp_socket: str) -> None:
         deadline = time.monotonic() + self.boot_timeout
         self.channel = AgentChannel()
-        await self.channel.connect(agent_socket, deadline)
-        self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
-        if self.resume is not None:
-            await imaging.load_image(self, self.resume)
+        if self.resume is None:
+            await self.channel.connect(agent_socket, deadline)
+            self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
+        else:  # connected after the load, the agent sees the old host go, this one come
+            self.qmp = await connect_qmp(qmp_socket, deadline, self._vmm_event)
+            await imaging.load_image(self, self.resume, self.pending_root)
+            await self.channel.connect(agent_socket, deadline)
         self.channel_task = asyncio.create_task(self.channel.serve())
         hello = await self.channel.handshake()
         self.status["agent"] = hello.get("software", "")
         self._ready("guestReady", True, f"agent said hello ({hello.get('software', '?')})")
-        if self.resume is not None:  # the clock, the RNG, a fork's identity: before all
-            self.generation = self.resume.generation - 1
-            sent = self._tell_resumed(self.resume.identity)
-            if sent is not None:
-                await self._resumed_answer(self.channel, *sent)
+        if self.resume is not None:  # the clock, the RNG, a fork's identity: first
+            await self._resumed_on_load(self.resume)
         await asyncio.gather(self.probe_exec(), self._probe_network())
 
     async def probe_exec(self, timeout: float = 15) -> bool:
@@ -442,6 +451,9 @@ class Supervisor:
     async def _pause(self, request: dict[str, Any]) -> dict[str, Any]:
         """The user's ``pause``: QMP ``stop``; the VM, its sockets and its memory stay.
         Answered once QEMU has stopped the vCPUs (its STOP event recorded)."""
+        await self.image_idle.wait()  # a snapshot in progress ends first
+        if self.intent == "suspend":
+            raise ConflictError(f"workspace {self.name} was suspended meanwhile")
         if self.pause.paused:
             raise ConflictError(f"the workspace is already paused: {self.pause.reason}")
         if self.quarantined:
@@ -466,6 +478,9 @@ class Supervisor:
         """``cont``: the vCPUs run again; after a host pause QEMU retries the writes that
         failed (and may pause again at once, which is said); the user's pause resumes at
         once."""
+        await self.image_idle.wait()  # a snapshot in progress ends first
+        if self.intent == "suspend":
+            raise ConflictError(f"workspace {self.name} was suspended meanwhile")
         if not self.pause.paused or self.intent is not None or self.outcome is not None:
             raise ConflictError("the workspace is not paused")
         if not await self._unpause():
@@ -500,6 +515,30 @@ class Supervisor:
         sent = self._tell_resumed()
         if sent is not None and self.channel is not None:
             self._spawn(self._resumed_answer(self.channel, *sent))
+
+    async def _resumed_on_load(self, order: ResumeOrder) -> None:
+        """The resumed operation after a load, awaited; a fork that cannot take its new
+        identity fails to start (two workspaces with one hostname and machine-id)."""
+        hello = self.channel.hello if self.channel is not None else None
+        features = hello.get("features", ()) if hello else ()
+        if order.identity and "resumed_identity" not in features:
+            raise MicroagentError("the agent in the snapshot's memory cannot take a fork's "
+                                  "new identity (it is older than this microagent)")
+        self.generation = order.generation - 1
+        sent = self._tell_resumed(order.identity)
+        if sent is None or self.channel is None:
+            return
+        try:
+            frame, _ = await self.channel.answer(*sent, RESUMED_WAIT)
+        except (TimeoutError, ConnectionError, MicroagentError) as e:
+            if order.identity:
+                raise MicroagentError(f"the guest did not take its new identity: {e}") from e
+            log(f"the guest did not take the resumed operation: {e}")
+            return
+        if frame.type != FrameType.EXIT:
+            if order.identity:
+                raise MicroagentError(f"the guest refused its new identity: {frame.json()}")
+            log(f"the guest refused the resumed operation: {frame.json()}")
 
     async def _resumed_answer(self, channel: AgentChannel, stream: int,
                               route: LocalRequest) -> None:
@@ -551,6 +590,9 @@ class Supervisor:
         again at once (its disk is still full), ``halt`` is refused and the VM stays
         paused, its unsynced writes kept; a signal ends it anyway (the supervisor must
         exit), and the workspace is ``failed``."""
+        await self.image_idle.wait()  # a snapshot in progress ends first
+        if self.intent == "suspend":
+            raise ConflictError(f"workspace {self.name} was suspended meanwhile")
         cause = str(request.get("cause") or "")
         if self.pause.paused and not cause:
             try:
@@ -581,6 +623,9 @@ class Supervisor:
         return {"state": "halted"}
 
     async def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.image_idle.wait()  # a snapshot in progress ends first
+        if self.intent == "suspend":
+            raise ConflictError(f"workspace {self.name} was suspended meanwhile")
         self.intent = "stop"
         if self.pause.paused:
             with contextlib.suppress(MicroagentError):
@@ -602,6 +647,9 @@ class Supervisor:
 
     async def _quarantine(self, request: dict[str, Any]) -> dict[str, Any]:
         """Sever the network, then refuse exec, cp and console input (see quarantine.py)."""
+        await self.image_idle.wait()  # a snapshot in progress ends first
+        if self.intent == "suspend":
+            raise ConflictError(f"workspace {self.name} was suspended meanwhile")
         if self.quarantined:
             raise ConflictError("the workspace is already quarantined", hint=QUARANTINE_HINT)
         if self.pause.paused:

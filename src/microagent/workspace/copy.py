@@ -48,6 +48,7 @@ from microagent.errors import (
 from microagent.layout import StateLayout
 from microagent.state.records import get_workspace
 from microagent.state.runtime import runtime_state
+from microagent.state.snapshots import resume_manifest
 from microagent.store import file_lock
 from microagent.vm.agent import AgentClient, ExecRequest
 from microagent.vm.agentfiles import AgentFileError, get_file, put_file
@@ -132,11 +133,13 @@ def _run(layout: StateLayout, name: str,
     if state.state == "quarantined":
         raise ConflictError(f"workspace {name} is quarantined: cp is refused",
                             hint="halt, stop or kill it to end the quarantine")
-    if state.state == "suspended":  # replaying its journal would break the memory's disk
-        raise ConflictError(f"workspace {name} is suspended: its disk belongs to its saved "
-                            "memory, so cp does not touch it",
-                            hint=f"start it (it resumes), or `microagent halt {name}` to "
-                                 "discard the memory")
+    if state.state != "running" and resume_manifest(layout, name) is not None:
+        # suspended, or a fork not started yet: replaying the disk's journal, or writing
+        # to it, would break the disk that its saved memory expects
+        raise ConflictError(f"workspace {name} resumes from a saved memory at its next "
+                            "start: cp does not touch its disk until then",
+                            hint=f"start it first, or `microagent start --cold {name}` "
+                                 "(the memory is discarded)")
     if state.state == "running":
         sock = SupervisorClient(layout.run_files(name), name).open_channel()
         client = AgentClient(sock)

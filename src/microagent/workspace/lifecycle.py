@@ -227,11 +227,15 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
     if state.state == "suspended":
         from microagent.workspace.snapshots import discard_suspended
 
-        discard_suspended(layout, name)
-        append_event(layout.workspace_events(name), "halted",
-                     "its suspended memory was discarded; the next start boots its disk "
-                     "(its journal is replayed)")
-        return "halted"
+        with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}",
+                       timeout=30):  # not while a start resumes from it
+            if runtime_state(layout, name).state == "suspended":
+                discard_suspended(layout, name)
+                append_event(layout.workspace_events(name), "halted",
+                             "its suspended memory was discarded; the next start boots "
+                             "its disk (its journal is replayed)")
+                return "halted"
+        state = runtime_state(layout, name)
     if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
     answer = SupervisorClient(layout.run_files(name), name).request(

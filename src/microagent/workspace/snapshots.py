@@ -10,6 +10,7 @@ fork's first start) and refuses an image this host cannot load, saying what chan
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from microagent.config import validate_name
@@ -98,10 +99,12 @@ def plan_resume(layout: StateLayout, workspace: Workspace, state: str, *,
                                 "a workspace that is not running",
                                 hint=f"halt it first: microagent halt {name}")
         snapshot = get_snapshot(layout, name, validate_tag(from_snapshot))
-        _check_loadable(layout, workspace, snapshot.manifest, f"{name}:{snapshot.tag}",
+        _check_loadable(layout, workspace, snapshot.path, snapshot.manifest,
+                        f"{name}:{snapshot.tag}",
                         f"`microagent start {name}` boots its current disk instead")
-        if slot is not None:
+        if slot is not None:  # its disk is about to be replaced: that memory is spent
             progress.step(f"notice: discarding {name}'s suspended memory")
+            discard_resume(layout, name)
         order = ResumeOrder(snapshot.path, "restored", f"{name}:{snapshot.tag}",
                             int(snapshot.manifest.get("generation", 0)) + 1)
         return order
@@ -116,30 +119,42 @@ def plan_resume(layout: StateLayout, workspace: Workspace, state: str, *,
                             hint=f"microagent start --cold {name} boots its disk instead")
     forked = slot.get("resume_kind") == "forked"
     label = str(slot.get("label") or "suspend")
-    _check_loadable(layout, workspace, slot, label,
+    _check_loadable(layout, workspace, layout.workspace_resume_dir(name), slot, label,
                     f"`microagent start --cold {name}` boots its disk instead")
     identity = {"hostname": workspace.hostname, "machine_id": True} if forked else None
     return ResumeOrder(layout.workspace_resume_dir(name), "forked" if forked else "resumed",
                        label, int(slot.get("generation", 0)) + 1, identity, discard=True)
 
 
-def _check_loadable(layout: StateLayout, workspace: Workspace, manifest: dict[str, Any],
-                    label: str, cold_hint: str) -> None:
+def _check_loadable(layout: StateLayout, workspace: Workspace, source: Path,
+                    manifest: dict[str, Any], label: str, cold_hint: str) -> None:
     from microagent.vm.backends.base import choose_accel
     from microagent.vm.launch import workspace_kernel
-    from microagent.vm.memory import room, shm_dir
-    from microagent.vm.snapshot import machine_of, restore_problems
+    from microagent.vm.memory import room, shm_dir, sweep_memory_files
+    from microagent.vm.snapshot import (
+        machine_of,
+        readonly_disks,
+        readonly_problems,
+        restore_problems,
+    )
 
     kernel = workspace_kernel(layout, workspace)
     current = machine_of(layout, workspace, kernel, choose_accel())
-    problems = restore_problems(manifest.get("machine", {}), current)
+    problems = restore_problems(manifest.get("machine", {}), current) + readonly_problems(
+        manifest.get("readonly", []), readonly_disks(layout, workspace))
     if problems:
         raise ConflictError(f"the memory image {label} cannot be loaded here: "
                             + "; ".join(problems), hint=cold_hint)
+    from microagent.state.forks import check_room_for
+    from microagent.state.snapshots import DISKS
+
+    check_room_for(layout, [source / d["file"] for d in manifest.get("disks", [])
+                            if str(d.get("file", "")).startswith(DISKS + "/")])
     need = workspace.resources.memory_mib << 20
     directory = shm_dir()
     try:
         directory.mkdir(mode=0o700, exist_ok=True)
+        sweep_memory_files(layout)  # a killed supervisor's would count against the room
         free = room(directory)
     except OSError:
         free = 0
