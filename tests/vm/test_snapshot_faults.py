@@ -157,3 +157,77 @@ def test_supervisor_killed_during_a_restore(home: Path, ws: Workspace) -> None:
     assert ws.files.read_text("/root/mark") == "one\n"
     with pytest.raises((ConflictError, HostError)):
         ws.start(from_snapshot="t")  # running: refused
+
+
+def test_a_load_that_fails_leaves_the_old_disk(home: Path, ws: Workspace) -> None:
+    ws.start()
+    ws.exec("echo snapshot > /root/mark && sync", check=True)
+    ws.snapshot("t")
+    ws.exec("echo later > /root/mark && sync", check=True)
+    ws.halt()
+    vmstate = home / "workspaces" / ws.name / "snapshots" / "t" / "vmstate"
+    vmstate.write_bytes(vmstate.read_bytes()[:4096])  # a torn device state: QEMU exits
+    rootfs = home / "workspaces" / ws.name / "rootfs.ext4"
+    before = os.stat(rootfs)
+    failed = ma(home, "start", ws.name, "--from-snapshot", "t")
+    assert failed.returncode == 1
+    assert "a cold start still works" in failed.stderr, failed.stderr
+    assert os.stat(rootfs).st_ino == before.st_ino, "the workspace's own disk is back"
+    assert not [p for p in rootfs.parent.iterdir() if p.name.startswith(".rootfs")]
+    ws.start()
+    assert ws.files.read_text("/root/mark") == "later\n"
+
+
+def test_one_image_at_a_time_and_halt_waits_for_it(home: Path, ws: Workspace) -> None:
+    ws.start()
+    outcomes: list[object] = []
+
+    def take(tag: str) -> None:
+        try:
+            outcomes.append(ws.snapshot(tag))
+        except ConflictError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=take, args=(f"t{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    taken = [o for o in outcomes if not isinstance(o, ConflictError)]
+    refused = [o for o in outcomes if isinstance(o, ConflictError)]
+    assert taken and len(taken) + len(refused) == 3
+    assert all("being taken" in e.message for e in refused)
+    assert len(ws.snapshots()) == len(taken)
+    ws.exec("true", check=True)
+    halting = threading.Thread(target=ws.halt)
+    snapping = threading.Thread(target=take, args=("last",))
+    snapping.start()
+    time.sleep(0.01)
+    halting.start()
+    snapping.join(120)
+    halting.join(120)
+    assert ws.state == "halted"
+    ws.start(from_snapshot=taken[0].tag)  # type: ignore[union-attr]
+    ws.exec("true", check=True)
+
+
+def test_restoring_a_suspended_workspace_spends_its_memory(home: Path, ws: Workspace
+                                                           ) -> None:
+    ws.start()
+    ws.exec("echo at-snapshot > /root/mark && sync", check=True)
+    ws.snapshot("t")
+    ws.exec("echo at-suspend > /root/mark", check=True)
+    ws.suspend()
+    fork = Microagent(home).fork("unstarted-fork", f"{ws.name}:t")
+    try:
+        refused = ma(home, "cp", "unstarted-fork:/root/mark", str(home / "m"))
+        assert refused.returncode == 1 and "saved memory" in refused.stderr
+    finally:
+        fork.delete()
+    started = ok(ma(home, "start", ws.name, "--from-snapshot", "t"))
+    assert "discarding" in started.stderr
+    assert ws.files.read_text("/root/mark") == "at-snapshot\n"
+    assert not (home / "workspaces" / ws.name / "resume").exists()
+    ws.halt()
+    ws.start()
+    assert events(home, ws.name)[-1]["detail"].startswith("ready in"), "a cold boot"

@@ -46,7 +46,8 @@ def cmd_snapshot_delete(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_suspend(args: argparse.Namespace, out: Output) -> int:
     name = workspace_name(args)
-    out.emit({"name": name, "state": client_of(args).get(name).suspend()})
+    out.emit({"name": name, "state": client_of(args).get(name).suspend()},
+             f"Suspended {name}: `microagent start {name}` resumes it")
     return EXIT_OK
 
 

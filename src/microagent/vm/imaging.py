@@ -251,10 +251,10 @@ async def _migration_done(sup: Supervisor, what: str) -> None:
         await asyncio.sleep(0.002)
 
 async def load_image(sup: Supervisor, order: ResumeOrder, root: Path | None) -> None:
-    """Load ``order``'s device state into the waiting QEMU and run its vCPUs. A restore's
-    root disk (``root``, QEMU has it open) takes the workspace's disk's name only once the
-    load has worked, so that a failed load leaves the old disk; the resume slot is spent
-    before the guest runs again (its disk moves on from then)."""
+    """Load ``order``'s device state into the waiting QEMU and run its vCPUs. A restore
+    keeps the workspace's old root disk under a second name (``root``) until the load
+    has worked (a failed one puts it back: vm/launch.put_back_root); the resume slot is
+    spent before the guest runs again (its disk moves on from then)."""
     from microagent.state.snapshots import discard_resume
 
     if sup.memory_fill is not None:
@@ -271,11 +271,9 @@ async def load_image(sup: Supervisor, order: ResumeOrder, root: Path | None) -> 
             import shutil
 
             shutil.rmtree(order.held, ignore_errors=True)
-        if root is not None:
-            from microagent.store import fsync_dir
-
-            os.replace(root, sup.workspace.rootfs)
-            fsync_dir(sup.workspace.rootfs.parent)
+        if root is not None:  # loaded: the old disk is not coming back
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(root)
         if order.discard:
             discard_resume(sup.layout, sup.name)
         await qmp.execute("cont")

@@ -63,7 +63,7 @@ class Launched:
     disks: tuple[Path, ...] = ()  # the images, in QEMU's drive order (disk0, disk1...)
     memory_file: Path | None = None  # the guest's RAM file (vm/memory.py), None: anon RAM
     resume: ResumeOrder | None = None  # the memory image QEMU waits for (-incoming defer)
-    pending_root: Path | None = None  # a restore's root disk: the workspace's once loaded
+    pending_root: Path | None = None  # a restore's old root disk, until the load works
 
 
 @dataclass
@@ -155,13 +155,14 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             from microagent.state.snapshots import discard_resume
 
             discard_resume(layout, workspace.name)
+            for leftover in (".restoring", ".previous"):  # a killed restore's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(workspace.rootfs.with_name(f".{workspace.rootfs.name}{leftover}"))
         return _launch(layout, workspace, files, kernel, accel, tsc_khz, attached, memory,
                        resume, root, recovery, cancelled)
     except BaseException:
         _forget_memory(layout, workspace.name, memory)
-        if root is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(root)
+        put_back_root(workspace.rootfs, root)
         raise
 
 
@@ -181,7 +182,7 @@ def _launch(layout: StateLayout, workspace: Workspace, files: RunFiles, kernel: 
     links = _socketpairs() if has_network(workspace.network) else None
     net_fd = links[0].fileno() if links is not None else None
     spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd,
-                       memory_file=memory, incoming=resume is not None, root=root)
+                       memory_file=memory, incoming=resume is not None)
     plan = QemuBackend().plan(spec)
     if cancelled():
         _close(links)
@@ -247,16 +248,22 @@ def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
         os.link(order.source / name, held / name)
     order = dataclasses.replace(order, held=held)
     manifest = read_manifest(order.source)
-    root = None
+    previous = None
     for disk in manifest.get("disks", []):
         source = order.source / str(disk["file"])
         if disk["role"] == "root":
-            root = workspace.rootfs.with_name(f".{workspace.rootfs.name}.restoring")
-            target = root
-        elif disk["role"] == "bundle":
-            target = files.bundle_disk(str(disk["name"]))
-        else:
+            # QEMU must open it by its own name (it reopens images by name), so the old
+            # disk is kept under another name until the load has worked
+            partial = workspace.rootfs.with_name(f".{workspace.rootfs.name}.restoring")
+            previous = keep_previous_root(workspace.rootfs)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            clone_file(source, partial)
+            os.replace(partial, workspace.rootfs)
             continue
+        if disk["role"] != "bundle":
+            continue
+        target = files.bundle_disk(str(disk["name"]))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
         clone_file(source, target)
@@ -266,7 +273,27 @@ def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-    return order, root
+    return order, previous
+
+
+def keep_previous_root(rootfs: Path) -> Path:
+    """A second name for the workspace's root disk (``.rootfs.ext4.previous``), so that
+    a restore whose load fails can put it back (:func:`put_back_root`)."""
+    previous = rootfs.with_name(f".{rootfs.name}.previous")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(previous)
+    os.link(rootfs, previous)
+    return previous
+
+
+def put_back_root(rootfs: Path, previous: Path | None) -> None:
+    """The old root disk back in place after a restore that did not load (nothing when
+    the load worked: the second name is gone then)."""
+    if previous is not None and previous.exists():
+        os.replace(previous, rootfs)
+        from microagent.store import fsync_dir
+
+        fsync_dir(rootfs.parent)
 
 
 def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
@@ -354,8 +381,7 @@ def vmm_said(vmm_log: Path, offset: int) -> str:
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
                 tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None, *,
-                memory_file: Path | None = None, incoming: bool = False,
-                root: Path | None = None) -> LaunchSpec:
+                memory_file: Path | None = None, incoming: bool = False) -> LaunchSpec:
     """What the backend is asked to boot for ``workspace``."""
     from microagent.network import has_network
 
@@ -366,7 +392,7 @@ def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, acc
         cpus=workspace.resources.cpus, kernel=image, initramfs=files.initramfs,
         cmdline=guest_cmdline(hostname=workspace.hostname, network=network,
                               accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
-        disks=(DiskSpec(root or workspace.rootfs), *attached.disks), run_dir=files.dir,
+        disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
         network=network, accel=accel.accel, net_fd=net_fd, memory_file=memory_file,
         incoming=incoming,
     )

@@ -268,6 +268,11 @@ class Supervisor:
                 from microagent.vm.memory import remove_memory_file
 
                 remove_memory_file(self.layout, self.name)
+            if self.pending_root is not None and self.exited.is_set():
+                from microagent.vm.launch import put_back_root
+
+                with contextlib.suppress(OSError):  # a restore that did not load
+                    put_back_root(self.workspace.rootfs, self.pending_root)
 
     def _network_failure(self) -> str:
         """Why passt ended during the boot: a published port taken since the check, or
