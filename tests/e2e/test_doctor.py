@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tests.support.fixtures import microagent
 
-NAMES = ["qemu", "passt", "kvm", "e2fsprogs", "agent", "kernel", "state", "loopback"]
+NAMES = ["qemu", "passt", "kvm", "e2fsprogs", "agent", "kernel", "state", "loopback",
+         "memory"]
 
 
 def checks(stdout: str) -> dict[str, dict[str, str]]:
@@ -29,6 +30,7 @@ def test_this_host_can_run_workspaces(tmp_path: Path) -> None:
     assert found["e2fsprogs"]["status"] == "ok" and found["loopback"]["status"] == "ok"
     assert found["passt"]["status"] == "ok" and "/passt" in found["passt"]["detail"]
     assert found["state"]["status"] == "ok" and "writable" in found["state"]["detail"]
+    assert found["memory"]["status"] == "ok" and "snapshots" in found["memory"]["detail"]
     # a fresh state directory has no kernel yet: obtainable here (apt), so a warning
     assert found["kernel"]["status"] in ("warn", "fail")
     assert "microagent kernel install" in found["kernel"]["fix"]
@@ -36,6 +38,14 @@ def test_this_host_can_run_workspaces(tmp_path: Path) -> None:
     assert text.splitlines()[-1].startswith("microagent can run workspaces here")
     assert [line.split()[1] for line in text.splitlines() if line[:4] in ("ok  ", "warn", "fail")] \
         == NAMES
+
+
+def test_no_shm_for_guest_ram_is_a_warning(tmp_path: Path) -> None:
+    result = microagent("--state-dir", str(tmp_path), "--json", "doctor",
+                        env={"MICROAGENT_SHM_DIR": str(tmp_path / "missing")})
+    memory = checks(result.stdout)["memory"]
+    assert memory["status"] == "warn" and "cannot be snapshotted" in memory["detail"]
+    assert result.returncode == 0, "workspaces still run"
 
 
 def test_accelerator_choice_is_reported(tmp_path: Path) -> None:

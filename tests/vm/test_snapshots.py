@@ -149,6 +149,10 @@ def test_suspend_start_resumes_and_cold_or_halt_discard(home: Path, source: Work
     source.exec("echo suspended > /root/mark", check=True)
     assert ok(ma(home, "suspend", "src"))
     assert source.state == "suspended" and not qemu_pids("src")
+    status = json.loads(ok(ma(home, "--json", "status", "src")).stdout)
+    assert status["state"] == "suspended" and status["resumes_from_memory"] is True
+    assert status["snapshots"] == 1
+    assert "the next start resumes from it" in ok(ma(home, "status", "src")).stdout
     assert "suspended" in ok(ma(home, "list")).stdout
     assert (home / "workspaces" / "src" / "resume").is_dir()
     with pytest.raises(ConflictError):

@@ -107,6 +107,10 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     for key in ("guestReady", "execReady", "consoleReady", "networkReady"):
         signal_doc = doc[key]
         lines.append(f"{key}: {'yes' if signal_doc['ok'] else 'no'} ({signal_doc['detail']})")
+    if doc.get("snapshots"):
+        lines.append(f"Snapshots: {doc['snapshots']} (microagent snapshot list {doc['name']})")
+    if doc.get("resumes_from_memory"):
+        lines.append("Memory: saved; the next start resumes from it (--cold boots the disk)")
     setup = doc.get("setup")
     if setup:
         count = len(setup["commands"])

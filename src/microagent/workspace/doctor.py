@@ -158,11 +158,42 @@ def check_loopback() -> Check:
     return Check("loopback", "ok", f"127.0.0.1 can bind a free port (got {port})")
 
 
+def check_memory() -> Check:
+    """Whether guests' RAM can live in the shm tmpfs (what snapshots and suspend need):
+    a warning, not a failure, when it cannot (workspaces run on anonymous RAM)."""
+    import os
+
+    from microagent.config import DEFAULT_PROFILE, get_profile
+    from microagent.vm.memory import room, shm_dir
+
+    directory = shm_dir()
+    base = directory.parent
+    if not base.is_dir():
+        return Check("memory", "warn", f"{base} does not exist: guest RAM is anonymous and "
+                                       "workspaces cannot be snapshotted or suspended",
+                     "mount a tmpfs on /dev/shm, or set MICROAGENT_SHM_DIR to one")
+    if directory.exists() and (directory.is_symlink()
+                               or directory.stat().st_uid != os.getuid()):
+        return Check("memory", "warn", f"{directory} is not this user's: guest RAM is "
+                                       "anonymous and snapshots are refused",
+                     f"remove {directory} (another user made it)")
+    free = room(directory if directory.is_dir() else base)
+    default = get_profile(DEFAULT_PROFILE).memory_mib << 20
+    detail = f"guest RAM in {directory} ({free >> 20} MiB free for it)"
+    if free < default:
+        return Check("memory", "warn", detail + f": too little for a {DEFAULT_PROFILE} "
+                                       "workspace, which then runs on anonymous RAM and "
+                                       "cannot be snapshotted",
+                     f"grow the tmpfs ({base}): sudo mount -o remount,size=50% {base}")
+    return Check("memory", "ok", detail + "; snapshots and suspend work")
+
+
 def run_checks(layout: StateLayout) -> list[Check]:
     """Every check, in the order the report shows them."""
     checks: list[Callable[[], Check]] = [
         check_qemu, check_passt, check_accel, check_e2fsprogs, check_agent,
         lambda: check_kernel(layout), lambda: check_state_dir(layout), check_loopback,
+        check_memory,
     ]
     results = []
     for check in checks:

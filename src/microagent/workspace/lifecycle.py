@@ -390,9 +390,13 @@ def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> d
         last_events=[e.to_json() for e in read_events(layout.workspace_events(name))[-5:]],
     )
     from microagent.state.setup import read_setup
+    from microagent.state.snapshots import list_snapshots, resume_manifest
 
     setup = read_setup(layout, name)
     document["setup"] = setup.to_json() if setup is not None else None
+    document["snapshots"] = len(list_snapshots(layout, name))
+    document["resumes_from_memory"] = resume_manifest(layout, name) is not None
+    document["memory_backing"] = status.get("memory") if live else None
     return document
 
 
