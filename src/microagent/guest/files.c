@@ -6,6 +6,7 @@
  * regular file's content within the host's credit. Both return credit per frame. */
 #include "channel.h"
 #include "errnames.h"
+#include "io.h"
 #include "json.h"
 #include "log.h"
 #include "ops.h"
@@ -103,21 +104,6 @@ static struct file_op *new_op(struct stream *s, const struct json_doc *doc, int 
 }
 
 /* --- put ------------------------------------------------------------------------- */
-
-static int write_all(int fd, const uint8_t *p, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
 
 static void put_finish(struct stream *s)
 {

@@ -11,6 +11,7 @@
 #include "identity.h"
 
 #include "channel.h"
+#include "io.h"
 #include "log.h"
 
 #include <errno.h>
@@ -71,21 +72,6 @@ static int existing_file(const char *path, struct stat *st)
     if (!S_ISREG(st->st_mode)) {
         log_info("identity: %s is not a regular file; left alone", path);
         return 1;
-    }
-    return 0;
-}
-
-static int write_all(int fd, const char *p, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        p += n;
-        len -= (size_t)n;
     }
     return 0;
 }
