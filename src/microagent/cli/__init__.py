@@ -29,6 +29,7 @@ from microagent.cli import (
     lifecycle,
     observe,
     run,
+    serve,
     snapshots,
     volumes,
     workspaces,
@@ -103,7 +104,7 @@ def _build_parser() -> Parser:
     add_verb(verbs, "version", cmd_version, "print the version")
     add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
     for group in (workspaces, lifecycle, snapshots, exec_verbs, copy_verbs, run, console,
-                  images, observe, volumes, doctor, completion):
+                  images, observe, volumes, doctor, serve, completion):
         group.register(verbs)
     return parser
 
