@@ -1,0 +1,144 @@
+"""``serve mcp`` without a VM: the tool list (names, annotations, size), errors a model
+can read, bounded output, the missing-SDK message, and the real stdio and HTTP servers
+through the SDK's client."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mcp import StdioServerParameters
+
+from microagent import Microagent
+from microagent.mcpserver.bounded import BoundedSink, bound
+from microagent.mcpserver.server import build_server
+from microagent.mcpserver.tools import ALL_TOOLS, DEFAULT_TOOLS
+from tests.support.mcpclient import call, error, list_tools, ok, text, tools_json_size
+
+TOOL_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+DEFAULT_LIST_BUDGET = 8 * 1024  # bytes of tools/list JSON for the default tools
+ALL_LIST_BUDGET = 10 * 1024
+
+
+def test_default_tools_are_named_for_every_client_and_small(tmp_path: Path) -> None:
+    tools = list_tools(build_server(Microagent(tmp_path)))
+    names = [t["name"] for t in tools]
+    assert names == list(DEFAULT_TOOLS)
+    assert all(TOOL_NAME.match(n) for n in names)
+    size = tools_json_size(tools)
+    print(f"tools/list: {len(tools)} tools, {size} bytes")
+    assert size < DEFAULT_LIST_BUDGET
+    by_name = {t["name"]: t for t in tools}
+    assert by_name["read_file"]["annotations"] == {"readOnlyHint": True}
+    assert by_name["delete_workspace"]["annotations"]["destructiveHint"] is True
+    assert by_name["start_workspace"]["annotations"]["idempotentHint"] is True
+    exec_tool = by_name["exec"]
+    assert set(exec_tool["inputSchema"]["required"]) == {"name", "command"}
+    assert {"status", "exit_code", "stdout", "stderr"} <= set(
+        exec_tool["outputSchema"]["properties"])
+    assert "title" not in exec_tool["inputSchema"]["properties"]["cwd"]
+
+
+def test_all_tools_and_a_chosen_few(tmp_path: Path) -> None:
+    tools = list_tools(build_server(Microagent(tmp_path), all_tools=True))
+    assert [t["name"] for t in tools] == list(ALL_TOOLS)
+    assert all(TOOL_NAME.match(t["name"]) for t in tools)
+    assert tools_json_size(tools) < ALL_LIST_BUDGET
+    few = list_tools(build_server(Microagent(tmp_path), tools=["exec", "doctor"]))
+    assert [t["name"] for t in few] == ["exec", "doctor"]
+
+
+def test_errors_reach_the_model_with_kind_message_and_hint(tmp_path: Path) -> None:
+    server = build_server(Microagent(tmp_path))
+    message = error(call(server, "exec", {"name": "nope", "command": "true"}), "not-found")
+    assert "nope" in message and "\nhint: " in message
+    result = call(server, "workspace_status", {"name": "nope"})
+    error(result, "not-found")
+    assert result.structured_content == {"error": {
+        "kind": "not-found", "message": "no workspace named nope",
+        "hint": result.structured_content["error"]["hint"]}}
+    # arguments the schema refuses, and ones only the library refuses
+    message = error(call(server, "exec", {"name": "nope"}), "usage")
+    assert "command" in message and "Field required" in message
+    error(call(server, "exec", {"name": "nope", "command": "true", "timeout_s": -1}), "usage")
+    error(call(server, "read_file", {"name": "nope", "path": "relative"}), "usage")
+    error(call(server, "start_workspace", {"name": "../x"}), "usage")
+    assert ok(call(server, "list_workspaces")) == {"workspaces": []}
+
+
+def test_bounded_keeps_head_and_tail_at_character_boundaries() -> None:
+    lines = b"".join(b"%d\n" % i for i in range(1, 100_001))
+    shown, truncated, total = bound(lines, 1024)
+    assert truncated and total == len(lines)
+    assert shown.startswith("1\n2\n3\n") and shown.endswith("99999\n100000\n")
+    left_out = int(re.search(r"\[\.\.\. (\d+) bytes left out of (\d+)", shown)[1])  # type: ignore[index]
+    kept = len(shown.encode()) - len(re.search(r"\n\[\.\.\..*\]\n", shown)[0].encode())  # type: ignore[index]
+    assert left_out + kept == total and kept <= 1024
+    # multi-byte characters are never cut in half
+    euros = "€".encode() * 1000
+    shown, truncated, _ = bound(euros, 301)
+    assert truncated and "\ufffd" not in shown
+    # fed in pieces, as a command's output arrives
+    sink = BoundedSink(1024)
+    for i in range(0, len(lines), 4096):
+        sink(lines[i:i + 4096])
+    assert sink.text() == bound(lines, 1024)[0]
+    assert bound(b"short", 1024) == ("short", False, 5)
+
+
+def test_without_the_sdk_the_command_says_what_to_install(tmp_path: Path) -> None:
+    # the SDK really absent from the interpreter: None in sys.modules makes `import mcp`
+    # raise ImportError, as in an environment without the extra
+    code = ("import sys; sys.modules['mcp'] = None\n"
+            "from microagent.cli import main\n"
+            f"sys.exit(main(['--state-dir', {str(tmp_path)!r}, 'serve', 'mcp']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1, run
+    assert "pip install 'microagent[mcp]'" in run.stderr
+    assert run.stdout == ""
+
+
+def test_stdio_server_lists_tools_and_runs_one(tmp_path: Path) -> None:
+    params = StdioServerParameters(command=sys.executable, args=[
+        "-m", "microagent", "--state-dir", str(tmp_path), "serve", "mcp",
+        "--tools", "list_workspaces,workspace_status"])
+    assert [t["name"] for t in list_tools(params)] == ["list_workspaces", "workspace_status"]
+    assert text(call(params, "list_workspaces")) == "no workspaces"
+    error(call(params, "workspace_status", {"name": "ghost"}), "not-found")
+
+
+def test_http_server_on_loopback(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "microagent", "--state-dir", str(tmp_path),
+                               "serve", "mcp", "--http", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()
+                assert time.monotonic() < deadline, "the HTTP server did not listen in 30 s"
+                time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/mcp"
+        assert len(list_tools(url)) == len(DEFAULT_TOOLS)
+        assert ok(call(url, "list_workspaces")) == {"workspaces": []}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_http_refuses_an_address_beyond_loopback(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "microagent", "--state-dir", str(tmp_path),
+                          "serve", "mcp", "--http", "0.0.0.0:8000"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "loopback only" in run.stderr
