@@ -4,14 +4,18 @@ through the SDK's client."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx2
 from mcp import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 from microagent import Microagent
 from microagent.mcpserver.bounded import BoundedSink, bound
@@ -112,29 +116,51 @@ def test_stdio_server_lists_tools_and_runs_one(tmp_path: Path) -> None:
     error(call(params, "workspace_status", {"name": "ghost"}), "not-found")
 
 
-def test_http_server_on_loopback(tmp_path: Path) -> None:
+def test_http_server_on_loopback_and_on_a_unix_socket(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "microagent", "--state-dir", str(tmp_path),
-                               "serve", "mcp", "--http", f"127.0.0.1:{port}"],
+    url = f"http://127.0.0.1:{port}/mcp"
+    with http_server(tmp_path, f"127.0.0.1:{port}",
+                     lambda: socket.create_connection(("127.0.0.1", port), timeout=1)):
+        assert len(list_tools(url)) == len(DEFAULT_TOOLS)
+        assert ok(call(url, "list_workspaces")) == {"workspaces": []}
+
+    path = tmp_path / "mcp.sock"
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        return sock
+
+    with http_server(tmp_path, f"unix:{path}", connect):
+        def transport() -> object:  # a client on the socket sends Host: localhost
+            return streamable_http_client("http://localhost/mcp", http_client=httpx2.AsyncClient(
+                transport=httpx2.AsyncHTTPTransport(uds=str(path))))
+        assert ok(call(transport(), "list_workspaces")) == {"workspaces": []}
+
+
+@contextlib.contextmanager
+def http_server(home: Path, address: str, connect: Callable[[], socket.socket]
+                ) -> Iterator[None]:
+    server = subprocess.Popen([sys.executable, "-m", "microagent", "--state-dir", str(home),
+                               "serve", "mcp", "--http", address],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                connect().close()
                 break
             except OSError:
                 assert server.poll() is None, server.communicate()
                 assert time.monotonic() < deadline, "the HTTP server did not listen in 30 s"
                 time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}/mcp"
-        assert len(list_tools(url)) == len(DEFAULT_TOOLS)
-        assert ok(call(url, "list_workspaces")) == {"workspaces": []}
+        yield
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        _, stderr = server.communicate(timeout=30)
+    assert b"Traceback" not in stderr, stderr
 
 
 def test_http_refuses_an_address_beyond_loopback(tmp_path: Path) -> None:

@@ -106,7 +106,9 @@ def build_server(client: Microagent, *, tools: Sequence[str] = (), all_tools: bo
     if max_output_bytes < MIN_OUTPUT_BYTES:
         raise UsageError(f"invalid max output bytes {max_output_bytes}: "
                          f"at least {MIN_OUTPUT_BYTES}")
-    server = WorkspaceServer("microagent", version=__version__, instructions=INSTRUCTIONS)
+    # the SDK's INFO lines (sessions opened and closed) would fill a client's server log
+    server = WorkspaceServer("microagent", version=__version__, instructions=INSTRUCTIONS,
+                             log_level="WARNING")
     handler = Tools(client, max_output_bytes)
     chosen = tool_names(tools, all_tools=all_tools)
     for name, fn, hints in tool_functions(handler, chosen):
@@ -123,8 +125,16 @@ def serve(server: WorkspaceServer, http: str | None = None) -> None:
         return
     import anyio
     import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
 
-    app = server.streamable_http_app()
+    # DNS rebinding protection as the SDK sets it for loopback, plus the bare host names
+    # a client on a Unix socket sends (no port)
+    loopback = ("127.0.0.1", "localhost", "[::1]")
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[*loopback, *(f"{h}:*" for h in loopback)],
+        allowed_origins=[f"http://{h}{port}" for h in loopback for port in ("", ":*")])
+    app = server.streamable_http_app(transport_security=security)
     if http.startswith("unix:"):
         config = uvicorn.Config(app, uds=http.removeprefix("unix:"), log_level="warning")
     else:
