@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.protocol.driver import AgentProcess, Session
 from microagent.vm.protocol import FLAG_END, FrameType, encode
+from tests.protocol.driver import AgentProcess, Session
 
 ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
 HEAD = TAIL = 1024 * 1024
