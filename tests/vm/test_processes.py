@@ -4,6 +4,7 @@ nothing lost or duplicated, its stdin written in pieces, a signal delivered and 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from microagent import Microagent, Workspace
 from microagent.errors import ConflictError, NotFoundError
 from tests.support.fixtures import PushedImage
+from tests.vm.cli import ma, ok
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +102,25 @@ def test_stdin_closed_and_exit_code(running: Workspace) -> None:
     assert process.poll() == 4
     with pytest.raises(ConflictError):
         process.write(b"more")
+
+
+def test_cli_detach_top_attach_signal(home: Path, running: Workspace) -> None:
+    name = running.name
+    started = ok(ma(home, "exec", "-d", name, "--", "sh", "-c",
+                    "echo one; sleep 1; echo two >&2; exit 3"))
+    first = int(started.stdout)
+    attached = ma(home, "exec", "--attach", str(first), name)
+    assert attached.returncode == 3, attached.stderr
+    assert attached.stdout == "one\n" and attached.stderr == "two\n"
+    assert ma(home, "exec", "--attach", str(first), "--since", "2", name).stdout == "e\n"
+
+    second = int(ok(ma(home, "exec", "-d", name, "--", "sleep", "600")).stdout)
+    listing = ok(ma(home, "top", name)).stdout.splitlines()
+    assert listing[0].split() == ["ID", "PID", "STATE", "EXIT", "STARTED", "COMMAND"]
+    assert listing[1].split()[:4] == [str(first), listing[1].split()[1], "exited", "3"]
+    assert listing[2].split()[2:4] == ["running", "-"] and listing[2].endswith("sleep 600")
+    ok(ma(home, "exec", "--signal", "KILL", str(second), name))
+    assert ma(home, "exec", "--attach", str(second), name).returncode == 137
+    doc = json.loads(ok(ma(home, "--json", "top", name)).stdout)
+    assert [(p["id"], p["state"], p["signal"]) for p in doc["processes"]] == \
+        [(first, "exited", None), (second, "signaled", 9)]
