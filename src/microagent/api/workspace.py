@@ -20,6 +20,7 @@ from microagent.api.results import (
 from microagent.errors import UsageError
 
 if TYPE_CHECKING:
+    from microagent.api.processes import Process
     from microagent.events import Event
     from microagent.layout import StateLayout
     from microagent.progress import Progress
@@ -288,6 +289,42 @@ class Workspace:
         raw = run_exec(self._layout, self.name, options,
                        stdout=stdout or _stream_writer(1), stderr=stderr or _stream_writer(2))
         return ExecResult.from_agent(raw)
+
+    def spawn(self, command: str | Sequence[str], *,
+              env: Mapping[str, str] | Sequence[str] | None = None, cwd: str | None = None,
+              user: str | None = None) -> Process:
+        """Start ``command`` in the background and return its :class:`Process` at once.
+
+        It belongs to the guest: it outlives this Python process and the workspace's
+        supervisor relay, and ``ws.process(id)`` finds it again. A str runs through
+        ``/bin/sh -c``; the image's Env, WorkingDir and User apply as for :meth:`exec`.
+        Its stdin is a pipe until :meth:`Process.close_stdin`; its output is kept in the
+        guest (the first and last MiB of each stream). A command that cannot start raises
+        (NotFoundError when it is not found, AgentFileError otherwise)."""
+        from microagent.api.processes import Process
+        from microagent.workspace.processes import spawn_process
+
+        info = spawn_process(self._layout, self.name, argv_of(command),
+                             env=env_items(env, "env"), cwd=cwd or "", user=user or "")
+        return Process(self._layout, self.name, info.id)
+
+    def processes(self) -> list[Process]:
+        """The background processes the guest knows (running and ended), oldest first."""
+        from microagent.api.processes import Process
+        from microagent.workspace.processes import list_processes
+
+        return [Process(self._layout, self.name, info.id)
+                for info in list_processes(self._layout, self.name)]
+
+    def process(self, process_id: int) -> Process:
+        """The background process ``process_id``; NotFoundError when the guest has none."""
+        from microagent.api.processes import Process
+        from microagent.workspace.processes import process_info
+
+        if isinstance(process_id, bool) or not isinstance(process_id, int) or process_id < 1:
+            raise UsageError(f"invalid process id {process_id!r}: a positive int")
+        process_info(self._layout, self.name, process_id)
+        return Process(self._layout, self.name, process_id)
 
     def console_send(self, line: str, *, timeout: float = 10.0) -> tuple[bytes, int | None]:
         """Type one line into the console shell; return what it printed and the line's

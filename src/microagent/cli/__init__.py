@@ -28,6 +28,7 @@ from microagent.cli import (
     images,
     lifecycle,
     observe,
+    processes,
     run,
     serve,
     snapshots,
@@ -104,7 +105,7 @@ def _build_parser() -> Parser:
     add_verb(verbs, "version", cmd_version, "print the version")
     add_verb(verbs, "profiles", cmd_profiles, "list the resource profiles")
     for group in (workspaces, lifecycle, snapshots, exec_verbs, copy_verbs, run, console,
-                  images, observe, volumes, doctor, serve, completion):
+                  images, observe, volumes, doctor, serve, completion, processes):
         group.register(verbs)
     return parser
 

@@ -26,9 +26,18 @@ Sink = Callable[[bytes], None]
 
 
 def cmd_exec(args: argparse.Namespace, out: Output) -> int:
+    from microagent.cli import processes
     from microagent.config import parse_env
 
     argv = list(args.argv)
+    if args.attach is not None or args.signal is not None:
+        if argv:
+            raise UsageError("--attach and --signal take no command",
+                             hint="microagent exec --attach ID NAME")
+        if args.attach is not None and args.signal is not None:
+            raise UsageError("--attach and --signal exclude each other")
+        return (processes.attach(args, out) if args.attach is not None
+                else processes.send_signal(args, out))
     if "--" in argv:
         # CLI.md's form: exec NAME [OPTIONS] -- ARGV; options may also precede NAME
         split = argv.index("--")
@@ -40,6 +49,11 @@ def cmd_exec(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("exec needs a command after the workspace name",
                          hint="microagent exec NAME -- COMMAND [ARGS...]")
     env = parse_env(args.env, os.environ, "-e")
+    if args.detach:
+        if args.tty or args.interactive or args.timeout:
+            raise UsageError("-d runs in the background: no -t, -i or --timeout",
+                             hint="write to its stdin with the Python API (Process.write)")
+        return processes.start_detached(args, out, argv, env)
     stdout, stderr, captured = output_sinks(out)
     result = client_of(args).handle(args.name).exec_attached(
         argv, env=env, cwd=args.workdir, user=args.user, interactive=args.interactive,
@@ -98,5 +112,14 @@ def add_exec_options(parser: argparse.ArgumentParser, *, env: bool = True) -> No
 def register(verbs: Verbs) -> None:
     p = add_verb(verbs, "exec", cmd_exec, "run a command in a running workspace")
     add_exec_options(p)
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="start the command in the background and print its process id")
+    p.add_argument("--attach", type=int, metavar="ID",
+                   help="stream a background process's output until it ends; exit with "
+                        "its code")
+    p.add_argument("--since", type=int, metavar="N",
+                   help="with --attach: stdout from byte N (default 0)")
+    p.add_argument("--signal", nargs=2, metavar=("SIG", "ID"),
+                   help="send SIG (a name or number) to background process ID")
     p.add_argument("name", metavar="NAME")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND")

@@ -499,7 +499,7 @@ static void send_hello(void)
     static const char *const features[] = {
         "exec",  "tty",         "signal", "put",  "get",    "info",  "shutdown",
         "console_size", "stdout_port", "stat", "list", "remove", "mkdir", "put_parents",
-        "resumed", "resumed_identity"};
+        "resumed", "resumed_identity", "procs"};
     for (size_t i = 0; i < sizeof(features) / sizeof(features[0]); i++)
         json_write_string(&w, features[i]);
     json_array_end(&w);

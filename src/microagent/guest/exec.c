@@ -579,8 +579,7 @@ static const struct stream_ops exec_ops = {
     .release = exec_release,
 };
 
-/* A NULL-terminated copy of an array of strings in one allocation, or NULL. */
-static char **string_array(const struct json_doc *doc, int arr)
+char **string_array(const struct json_doc *doc, int arr)
 {
     uint32_t n = doc->tokens[arr].count;
     size_t bytes = (n + 1) * sizeof(char *);
@@ -608,8 +607,8 @@ static char **string_array(const struct json_doc *doc, int arr)
     return out;
 }
 
-static int optional_string(const struct json_doc *doc, int req, const char *key, char *out,
-                           size_t size)
+int optional_string(const struct json_doc *doc, int req, const char *key, char *out,
+                    size_t size)
 {
     int t = json_find(doc, req, key);
     out[0] = '\0';

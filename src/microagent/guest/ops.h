@@ -14,6 +14,9 @@ int get_open(struct stream *s, const struct json_doc *doc, int request);    /* f
 int list_open(struct stream *s, const struct json_doc *doc, int request);   /* listing.c */
 int remove_open(struct stream *s, const struct json_doc *doc, int request); /* remove.c */
 
+int proc_read_open(struct stream *s, const struct json_doc *doc, int request);  /* procops.c */
+int proc_write_open(struct stream *s, const struct json_doc *doc, int request); /* procops.c */
+
 /* Operations that answer at once and need no stream state. */
 void info_run(uint32_t id);                                                  /* info.c */
 void shutdown_run(uint32_t id, const struct json_doc *doc, int request);     /* serve.c */
@@ -21,6 +24,16 @@ void console_size_run(uint32_t id, const struct json_doc *doc, int request); /* 
 void stat_run(uint32_t id, const struct json_doc *doc, int request);         /* pathops.c */
 void mkdir_run(uint32_t id, const struct json_doc *doc, int request);        /* pathops.c */
 void resumed_run(uint32_t id, const struct json_doc *doc, int request);      /* resumed.c */
+void spawn_run(uint32_t id, const struct json_doc *doc, int request);        /* procops.c */
+void procs_run(uint32_t id, const struct json_doc *doc, int request);        /* procops.c */
+void proc_signal_run(uint32_t id, const struct json_doc *doc, int request);  /* procops.c */
+
+/* Shared by exec and spawn (exec.c): a NULL-terminated copy of an array of strings in one
+ * allocation, or NULL; an optional string member ("" when missing or null), -1 when it
+ * is not a string or does not fit. */
+char **string_array(const struct json_doc *doc, int arr);
+int optional_string(const struct json_doc *doc, int req, const char *key, char *out,
+                    size_t size);
 
 /* End s with ERROR after killing what it runs (a bad frame for an open stream). */
 void stream_fail(struct stream *s, const char *code, int err, const char *fmt, ...)

@@ -11,6 +11,7 @@
 #include "ops.h"
 #include "poller.h"
 #include "power.h"
+#include "procs.h"
 #include "reap.h"
 #include "streams.h"
 #include "vport.h"
@@ -35,11 +36,14 @@ void serve_exit(int code)
 {
     streams_reset();
     streams_sweep();
+    procs_cleanup();
     exit(code);
 }
 
 static void on_child(pid_t pid, int status)
 {
+    if (procs_child_exited(pid, status))
+        return;
     streams_child_exited(pid, status);
     if (is_pid1)
         console_child_exited(pid, status);
@@ -142,6 +146,7 @@ void serve(const sigset_t *signals, int pid1, int channel_fd)
         else
             find_channel();
         streams_watch();
+        procs_watch();
         if (pid1) {
             console_watch();
             acpi_events_watch();

@@ -127,12 +127,26 @@ void streams_open(uint32_t id, const uint8_t *payload, size_t len)
         resumed_run(id, &doc, 0);
         return;
     }
+    if (strcmp(op, "spawn") == 0) {
+        spawn_run(id, &doc, 0);
+        return;
+    }
+    if (strcmp(op, "procs") == 0) {
+        procs_run(id, &doc, 0);
+        return;
+    }
+    if (strcmp(op, "proc_signal") == 0) {
+        proc_signal_run(id, &doc, 0);
+        return;
+    }
     int (*open_op)(struct stream *, const struct json_doc *, int) =
         strcmp(op, "exec") == 0     ? exec_open
         : strcmp(op, "put") == 0    ? put_open
         : strcmp(op, "get") == 0    ? get_open
         : strcmp(op, "list") == 0   ? list_open
         : strcmp(op, "remove") == 0 ? remove_open
+        : strcmp(op, "proc_read") == 0 ? proc_read_open
+        : strcmp(op, "proc_write") == 0 ? proc_write_open
                                     : NULL;
     if (open_op == NULL) {
         channel_send_error(id, "ENOTSUP", 0, "unknown operation \"%s\"", op);

@@ -1,0 +1,96 @@
+"""Background processes of a running workspace: the public API's ``ws.spawn`` and
+``Process`` handles, the CLI's ``exec -d``, ``top``, ``exec --attach`` and ``--signal``.
+
+Each call opens a relayed channel through the supervisor (as ``workspace/guestfiles.py``
+does), says hello and runs one operation of ``vm/agentprocs.py``. The processes belong to
+the guest agent, so they outlive the channel, the CLI or Python process that started them
+and the supervisor's relay; any later call finds them by id. ``spawn`` applies the
+image's Env, WorkingDir and User as ``exec`` does. What the guest refuses is the error
+tree's class: NotFoundError (no such process), ConflictError (it ended; its stdin is
+closed), UsageError; else AgentFileError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from microagent.errors import AgentFileError, ConflictError, MicroagentError
+from microagent.layout import StateLayout
+from microagent.vm import agentprocs
+from microagent.vm.agent import AgentClient
+from microagent.vm.agentfiles import as_api_error
+from microagent.vm.agentprocs import ProcessInfo, ProcessOutput
+from microagent.workspace.execution import merge_env
+from microagent.workspace.guestfiles import agent_session
+from microagent.workspace.lifecycle import running_record
+
+__all__ = ["ProcessInfo", "ProcessOutput", "list_processes", "process_info",
+           "read_output", "signal_process", "spawn_process", "wait_process", "write_input"]
+
+
+def _api_error(error: AgentFileError) -> MicroagentError:
+    if error.code in ("ESRCH", "EPIPE"):
+        return ConflictError(error.message)
+    return as_api_error(error)
+
+
+@contextlib.contextmanager
+def _session(layout: StateLayout, name: str, doing: str) -> Iterator[AgentClient]:
+    with agent_session(layout, name, doing) as client:
+        try:
+            yield client
+        except AgentFileError as e:
+            raise _api_error(e) from e
+
+
+def spawn_process(layout: StateLayout, name: str, argv: tuple[str, ...], *,
+                  env: tuple[str, ...] = (), cwd: str = "", user: str = "") -> ProcessInfo:
+    """Start ``argv`` in the background in ``name``, with the image's defaults."""
+    ws = running_record(layout, name, "spawn")
+    config = ws.image_config
+    with _session(layout, name, "starting a background process") as client:
+        return agentprocs.spawn(client, argv, env=merge_env(config.env, ws.env, env),
+                                cwd=cwd or config.working_dir or "/",
+                                user=user or config.user)
+
+
+def list_processes(layout: StateLayout, name: str) -> list[ProcessInfo]:
+    """The background processes of ``name``, in the order they were started."""
+    with _session(layout, name, "listing processes") as client:
+        return agentprocs.list_processes(client)
+
+
+def process_info(layout: StateLayout, name: str, process_id: int) -> ProcessInfo:
+    """One background process of ``name``; NotFoundError for an unknown id."""
+    with _session(layout, name, "describing a process") as client:
+        return agentprocs.process_info(client, process_id)
+
+
+def read_output(layout: StateLayout, name: str, process_id: int, offset: int = 0, *,
+                stream: str = "stdout", max_bytes: int = agentprocs.READ_MAX,
+                wait_s: float = 0.0) -> ProcessOutput:
+    """Output of a background process from ``offset``, waiting up to ``wait_s``."""
+    with _session(layout, name, "reading a process's output") as client:
+        return agentprocs.read_output(client, process_id, offset, stream=stream,
+                                      max_bytes=max_bytes, wait_s=wait_s)
+
+
+def write_input(layout: StateLayout, name: str, process_id: int, data: bytes, *,
+                close: bool = False) -> int:
+    """Write to a background process's stdin (and close it); the bytes written."""
+    with _session(layout, name, "writing to a process") as client:
+        return agentprocs.write_input(client, process_id, data, close=close)
+
+
+def signal_process(layout: StateLayout, name: str, process_id: int, signum: int) -> None:
+    """Send ``signum`` to a background process's group."""
+    with _session(layout, name, "signalling a process") as client:
+        agentprocs.signal_process(client, process_id, signum)
+
+
+def wait_process(layout: StateLayout, name: str, process_id: int,
+                 timeout: float | None) -> ProcessInfo:
+    """Wait for a background process to end; TimeoutError after ``timeout``."""
+    with _session(layout, name, "waiting for a process") as client:
+        return agentprocs.wait_process(client, process_id, timeout)

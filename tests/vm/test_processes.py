@@ -1,0 +1,126 @@
+"""Background processes on a real VM (busybox): one started by a Python process that
+then exits runs on and is found by a new client; its output is read from offsets with
+nothing lost or duplicated, its stdin written in pieces, a signal delivered and recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microagent import Microagent, Workspace
+from microagent.errors import ConflictError, NotFoundError
+from tests.support.fixtures import PushedImage
+from tests.vm.cli import ma, ok
+
+pytestmark = pytest.mark.slow
+
+SPAWNER = """
+import sys
+from microagent import Microagent
+ws = Microagent(sys.argv[1]).get(sys.argv[2])
+p = ws.spawn("i=0; while [ $i -lt 3000 ]; do echo line$i; i=$((i+1)); done; read x; "
+             "echo got $x; read y; echo then $y; sleep 600")
+print(p.id)
+"""
+
+
+@pytest.fixture
+def running(home: Path, busybox_image: PushedImage) -> Iterator[Workspace]:
+    ws = Microagent(home).create("procs", busybox_image.ref, profile="tiny")
+    ws.start()
+    yield ws
+    if ws.state not in ("halted", "stopped", "failed", "prepared"):
+        ws.kill()
+    ws.delete()
+
+
+def test_process_outlives_its_starter(home: Path, running: Workspace) -> None:
+    env = {**os.environ, "MICROAGENT_HOME": str(home)}
+    started = subprocess.run([sys.executable, "-c", SPAWNER, str(home), running.name],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert started.returncode == 0, started.stderr
+    process_id = int(started.stdout)
+
+    ws = Microagent(home).get(running.name)  # a new client, after the starter exited
+    assert [p.id for p in ws.processes()] == [process_id]
+    process = ws.process(process_id)
+    assert process.poll() is None
+    info = process.info()
+    assert info.running and info.directory == f"/run/microagent/proc/{process_id}"
+
+    # read from offsets in small pieces: nothing lost, nothing twice
+    data, offset = bytearray(), 0
+    expected = b"".join(b"line%d\n" % i for i in range(3000))
+    deadline = time.monotonic() + 60
+    while len(data) < len(expected):
+        assert time.monotonic() < deadline, f"only {len(data)} bytes"
+        chunk = process.read(offset, wait_s=5)
+        assert chunk.offset == offset and chunk.skipped == 0
+        data += chunk.data[:5000]
+        offset += len(chunk.data[:5000])
+    assert bytes(data) == expected
+
+    # stdin in pieces, through two more handles
+    assert ws.process(process_id).write("par") == 3
+    assert ws.process(process_id).write(b"tial\nsecond\n") == 12
+    chunk = process.read(offset, wait_s=20)
+    text = chunk.data
+    while b"then second\n" not in text:
+        chunk = process.read(chunk.next, wait_s=20)
+        assert chunk.data, "no more output"
+        text += chunk.data
+    assert text == b"got partial\nthen second\n"
+
+    # the guest keeps the output where it said
+    assert ws.files.read(f"{info.directory}/stdout").startswith(b"line0\nline1\n")
+
+    process.signal("TERM")
+    result = process.wait(timeout=30)
+    assert (result.exit_code, result.signal) == (None, 15)
+    assert result.stdout.startswith(b"line0\n") and result.stdout.endswith(b"then second\n")
+    assert process.poll() == -15
+    with pytest.raises(ConflictError):
+        process.kill()
+    with pytest.raises(NotFoundError):
+        ws.process(process_id + 100)
+
+
+def test_stdin_closed_and_exit_code(running: Workspace) -> None:
+    process = running.spawn(["sh", "-c", "cat; echo done >&2; exit 4"])
+    process.write(b"a\n")
+    process.write(b"b\n")
+    process.close_stdin()
+    result = process.wait(timeout=30)
+    assert (result.exit_code, result.stdout, result.stderr) == (4, b"a\nb\n", b"done\n")
+    assert process.poll() == 4
+    with pytest.raises(ConflictError):
+        process.write(b"more")
+
+
+def test_cli_detach_top_attach_signal(home: Path, running: Workspace) -> None:
+    name = running.name
+    started = ok(ma(home, "exec", "-d", name, "--", "sh", "-c",
+                    "echo one; sleep 1; echo two >&2; exit 3"))
+    first = int(started.stdout)
+    attached = ma(home, "exec", "--attach", str(first), name)
+    assert attached.returncode == 3, attached.stderr
+    assert attached.stdout == "one\n" and attached.stderr == "two\n"
+    assert ma(home, "exec", "--attach", str(first), "--since", "2", name).stdout == "e\n"
+
+    second = int(ok(ma(home, "exec", "-d", name, "--", "sleep", "600")).stdout)
+    listing = ok(ma(home, "top", name)).stdout.splitlines()
+    assert listing[0].split() == ["ID", "PID", "STATE", "EXIT", "STARTED", "COMMAND"]
+    assert listing[1].split()[:4] == [str(first), listing[1].split()[1], "exited", "3"]
+    assert listing[2].split()[2:4] == ["running", "-"] and listing[2].endswith("sleep 600")
+    ok(ma(home, "exec", "--signal", "KILL", str(second), name))
+    assert ma(home, "exec", "--attach", str(second), name).returncode == 137
+    doc = json.loads(ok(ma(home, "--json", "top", name)).stdout)
+    assert [(p["id"], p["state"], p["signal"]) for p in doc["processes"]] == \
+        [(first, "exited", None), (second, "signaled", 9)]
