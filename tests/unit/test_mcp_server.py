@@ -24,8 +24,8 @@ from microagent.mcpserver.tools import ALL_TOOLS, DEFAULT_TOOLS
 from tests.support.mcpclient import call, error, list_tools, ok, text, tools_json_size
 
 TOOL_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
-DEFAULT_LIST_BUDGET = 8 * 1024  # bytes of tools/list JSON for the default tools
-ALL_LIST_BUDGET = 10 * 1024
+DEFAULT_LIST_BUDGET = 9728  # bytes of tools/list JSON for the default tools (9.5 KiB)
+ALL_LIST_BUDGET = 11776
 
 
 def test_default_tools_are_named_for_every_client_and_small(tmp_path: Path) -> None:
@@ -92,6 +92,16 @@ def test_bounded_keeps_head_and_tail_at_character_boundaries() -> None:
         sink(lines[i:i + 4096])
     assert sink.text() == bound(lines, 1024)[0]
     assert bound(b"short", 1024) == ("short", False, 5)
+    # a gap (bytes the guest dropped, or not read): counted, the head ends there, and the
+    # marker names the guest file that keeps the whole stream
+    sink = BoundedSink(1024)
+    sink(b"head\n")
+    sink.skip(5000)
+    sink(b"tail\n")
+    shown = sink.text("/run/microagent/proc/7/stdout")
+    assert sink.truncated and sink.total == 5010
+    assert shown.startswith("head\n\n[... 5000 bytes left out of 5010; ") and \
+        shown.endswith("...]\ntail\n") and "/run/microagent/proc/7/stdout" in shown
 
 
 def test_without_the_sdk_the_command_says_what_to_install(tmp_path: Path) -> None:

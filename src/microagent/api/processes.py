@@ -53,10 +53,11 @@ class Process:
             return None
         return info.exit_code if info.signal is None else -info.signal
 
-    def wait(self, timeout: float | None = None) -> ExecResult:
+    def wait(self, timeout: float | None = None, *, output: bool = True) -> ExecResult:
         """Wait for it to end and return how it did with its output (what the guest kept:
-        with more than 2 MiB on a stream, its head and tail only). WaitTimeoutError
-        after ``timeout`` seconds (it goes on running)."""
+        with more than 2 MiB on a stream, its head and tail only; ``output=False``: none
+        read, stdout and stderr empty). WaitTimeoutError after ``timeout`` seconds (it
+        goes on running)."""
         import math
 
         from microagent.errors import UsageError, WaitTimeoutError
@@ -71,25 +72,31 @@ class Process:
         except TimeoutError as e:
             raise WaitTimeoutError(f"process {self.id} of {self.name} still runs "
                                    f"after {timeout:g}s") from e
-        stdout, stderr = self.output("stdout"), self.output("stderr")
+        stdout, stderr = (self.output("stdout"), self.output("stderr")) if output \
+            else (b"", b"")
         duration = ((info.finished_ms or info.started_ms) - info.started_ms) / 1000
         return ExecResult(exit_code=info.exit_code, stdout=stdout, stderr=stderr,
                           signal=info.signal, duration_s=duration)
 
-    def read(self, since: int = 0, wait_s: float = 0.0, *,
-             stream: str = "stdout") -> ProcessOutput:
-        """Output from offset ``since`` (up to 1 MiB), waiting up to ``wait_s`` seconds
-        when there is none yet: ``.data``, ``.next`` (the offset to read from next),
-        ``.skipped`` (bytes dropped before ``.offset``), ``.eof``, ``.process``."""
+    def read(self, since: int = 0, wait_s: float = 0.0, *, stream: str = "stdout",
+             max_bytes: int | None = None) -> ProcessOutput:
+        """Output from offset ``since`` (up to ``max_bytes``, at most 1 MiB), waiting up
+        to ``wait_s`` seconds when there is none yet: ``.data``, ``.next`` (the offset to
+        read from next), ``.skipped`` (bytes dropped before ``.offset``), ``.eof``,
+        ``.process``."""
         from microagent.errors import UsageError
+        from microagent.vm.agentprocs import READ_MAX
         from microagent.workspace.processes import read_output
 
         if stream not in ("stdout", "stderr"):
             raise UsageError(f"invalid stream {stream!r}: \"stdout\" or \"stderr\"")
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise UsageError(f"invalid offset {since!r}: a byte offset, 0 or more")
+        limit = READ_MAX if max_bytes is None else max_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= READ_MAX:
+            raise UsageError(f"invalid max_bytes {max_bytes!r}: 0 to {READ_MAX}")
         return read_output(self._layout, self.name, self.id, since,
-                           stream=stream, wait_s=wait_s)
+                           stream=stream, max_bytes=limit, wait_s=wait_s)
 
     def output(self, stream: str = "stdout") -> bytes:
         """Everything the guest kept of ``stream`` so far, read from offset 0."""
@@ -101,13 +108,13 @@ class Process:
             if not chunk.data:
                 return bytes(data)
 
-    def write(self, data: bytes | str) -> int:
-        """Write to its stdin (a str as UTF-8); the bytes written. ConflictError once
-        stdin is closed."""
+    def write(self, data: bytes | str, *, close: bool = False) -> int:
+        """Write to its stdin (a str as UTF-8), then close it with ``close``; the bytes
+        written. ConflictError once stdin is closed."""
         from microagent.workspace.processes import write_input
 
         content = data.encode() if isinstance(data, str) else bytes(data)
-        return write_input(self._layout, self.name, self.id, content)
+        return write_input(self._layout, self.name, self.id, content, close=close)
 
     def close_stdin(self) -> None:
         """Close its stdin (it reads end of file)."""

@@ -3,7 +3,9 @@
 A command's stream goes into a :class:`BoundedSink` as it arrives, so a command that
 prints gigabytes costs the server no more than its bound. What is shown is the first
 quarter of the bound and the last three quarters (errors and summaries come last), cut
-at UTF-8 character boundaries, with a marker in between that says how much was left out.
+at UTF-8 character boundaries, with a marker in between that says how much was left out
+and, for a background process, where the guest keeps the whole output (its files under
+``/run/microagent/proc/ID/``) so the model can grep or read it there.
 """
 
 from __future__ import annotations
@@ -34,21 +36,35 @@ class BoundedSink:
             if len(self.tail) > 2 * self.tail_limit:  # trimmed now and then, not per write
                 del self.tail[:-self.tail_limit]
 
+    def skip(self, count: int) -> None:
+        """``count`` bytes of the stream that are not there to keep (dropped by the guest,
+        or not read): counted; the head ends, and the tail restarts after them."""
+        if count > 0:
+            self.total += count
+            self.head_limit = len(self.head)
+            self.tail.clear()
+
     @property
     def truncated(self) -> bool:
         """Whether bytes were left out."""
-        return self.total > self.limit
+        return self.total > len(self.head) + min(len(self.tail), self.tail_limit)
 
-    def text(self) -> str:
-        """What is kept, as text (undecodable bytes replaced), with the marker."""
+    def text(self, where: str | None = None) -> str:
+        """What is kept, as text (undecodable bytes replaced), with the marker; ``where``:
+        the guest file that holds the whole stream."""
         if not self.truncated:
             return (bytes(self.head) + bytes(self.tail)).decode("utf-8", "replace")
         tail = bytes(self.tail[-self.tail_limit:])
         head = _cut_end(bytes(self.head))
         tail = _cut_start(tail)
         left_out = self.total - len(head) - len(tail)
-        marker = (f"\n[... {left_out} bytes left out of {self.total}; narrow the command "
-                  "(grep, head, tail) or redirect its output to a file and read_file it ...]\n")
+        if where:
+            how = (f"the whole output is in the guest at {where} (its first and last MiB "
+                   "kept): grep or tail -c it with exec, or read_file it")
+        else:
+            how = ("narrow the command (grep, head, tail) or redirect its output to a file "
+                   "and read_file it")
+        marker = f"\n[... {left_out} bytes left out of {self.total}; {how} ...]\n"
         return head.decode("utf-8", "replace") + marker + tail.decode("utf-8", "replace")
 
 

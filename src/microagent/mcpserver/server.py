@@ -28,10 +28,13 @@ INSTRUCTIONS = (
     "installed packages and running state outlive this conversation until "
     "delete_workspace. create_workspace boots one from an OCI image (list_workspaces shows "
     "those that exist; start_workspace boots a halted one). exec runs a command (a string "
-    "goes through /bin/sh -c) and waits for it up to timeout_s; a non-zero exit is a "
-    "result, not an error. Output is bounded per stream: the head and tail are kept and a "
-    "marker says how much was left out, so for long output redirect it to a file in the "
-    "workspace and use read_file (offset/limit) or grep. Use read_file, write_file and "
+    "goes through /bin/sh -c); a non-zero exit is a result, not an error. One still "
+    "running after yield_s (default 30) goes on in the background: the result says status "
+    "running and its process_id; process_output (with the next_since offsets, wait_s) "
+    "continues it, process_input writes its stdin, process_kill signals it, list_processes "
+    "lists them; timeout_s still kills it. Output is bounded per stream: the head and tail "
+    "are kept and a marker says how much was left out and which guest file keeps it all, "
+    "to grep or read_file. Use read_file, write_file and "
     "edit_file (exact, unique replacement) for files rather than shell heredocs. "
     "snapshot_workspace and fork_workspace save and branch a running workspace. Errors say "
     "their kind, what happened and what to do."
@@ -45,7 +48,7 @@ class WorkspaceServer(MCPServer[Any]):
     async def list_tools(self) -> list[Tool]:
         return [tool.model_copy(update={
                     "input_schema": compact_schema(tool.input_schema),
-                    "output_schema": compact_schema(tool.output_schema)
+                    "output_schema": compact_schema(tool.output_schema, output=True)
                     if tool.output_schema else None})
                 for tool in await super().list_tools()]
 
@@ -66,10 +69,12 @@ class WorkspaceServer(MCPServer[Any]):
             raise
 
 
-def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:
+def compact_schema(schema: dict[str, Any], *, output: bool = False) -> dict[str, Any]:
     """A JSON schema without pydantic's generated titles and descriptions of the model,
     and an optional argument as its type (``anyOf [T, null]`` with default null: the
-    argument is simply left out). Arguments are still validated by the full model."""
+    argument is simply left out), and ``anyOf [T, null]`` otherwise as the type list
+    ``[T, "null"]``; ``output``: without the list of required keys (a result has them
+    all). Arguments are still validated by the full model."""
     properties = {}
     for key, prop in (schema.get("properties") or {}).items():
         prop = {k: v for k, v in prop.items() if k != "title"}
@@ -79,8 +84,13 @@ def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:
             (kept,) = [o for o in options if o != {"type": "null"}]
             prop = {**{k: v for k, v in prop.items() if k not in ("anyOf", "default")},
                     **kept}
+        elif options and len(options) == 2 and {"type": "null"} in options \
+                and all(set(o) == {"type"} and isinstance(o["type"], str) for o in options):
+            prop = {**{k: v for k, v in prop.items() if k != "anyOf"},
+                    "type": [o["type"] for o in options]}  # T or null, as a type list
         properties[key] = prop
-    compact = {k: v for k, v in schema.items() if k not in ("title", "description")}
+    left_out = ("title", "description", "required") if output else ("title", "description")
+    compact = {k: v for k, v in schema.items() if k not in left_out}
     compact["properties"] = properties
     return compact
 

@@ -12,6 +12,8 @@ the tools' input schemas, and real annotation objects need no name resolution.
 import base64
 import builtins
 import json
+import shlex
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypedDict
 
@@ -19,12 +21,29 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from microagent.api.client import Microagent
-from microagent.api.results import ExecResult, WorkspaceStatus
+from microagent.api.results import WorkspaceStatus
 from microagent.api.workspace import Workspace
-from microagent.errors import ConflictError, NotFoundError, UsageError
-from microagent.mcpserver.bounded import BoundedSink, bound
+from microagent.errors import (
+    AgentFileError,
+    ConflictError,
+    MicroagentError,
+    NotFoundError,
+    UsageError,
+)
+from microagent.mcpserver.background import (
+    KILL_WAIT_S,
+    Deadlines,
+    process_data,
+    render,
+    wait_ended,
+)
+from microagent.mcpserver.bounded import bound
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
+DEFAULT_YIELD_S = 30.0
+MAX_WAIT_S = 300.0  # process_output's longest wait
+SIGNAL_WAIT_S = 2.0  # process_kill's wait for the end
+MAX_COMMAND_CHARS = 200
 DEFAULT_READ_LINES = 2000
 MAX_LIST_ENTRIES = 1000
 
@@ -35,15 +54,18 @@ Path = Annotated[str, Field(description="absolute path in the guest")]
 class ExecOutput(TypedDict):
     """What ``exec`` returns (its published output schema)."""
 
-    status: str  # exited, signaled, timed_out (running: with background processes)
+    status: str  # exited, signaled, timed_out or running
     exit_code: int | None
     signal: int | None
+    process_id: int | None  # None: the command did not start
     stdout: str
     stderr: str
-    stdout_bytes: int
+    stdout_bytes: int  # from since
     stderr_bytes: int
     truncated: bool
-    duration_ms: int
+    duration_ms: int | None
+    next_since: int
+    next_since_stderr: int
 
 
 def result(data: dict[str, Any], text: str | None = None) -> CallToolResult:
@@ -86,6 +108,7 @@ class Tools:
     def __init__(self, client: Microagent, max_output_bytes: int) -> None:
         self.client = client
         self.max_output_bytes = max_output_bytes
+        self.deadlines = Deadlines()
 
     def _ws(self, name: str) -> Workspace:
         return self.client.handle(name)
@@ -186,27 +209,86 @@ class Tools:
                  description="a str runs through /bin/sh -c; a list is the argv")],
              cwd: str | None = None, env: dict[str, str] | None = None,
              stdin: Annotated[str | None, Field(description="the whole input")] = None,
-             timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_EXEC_TIMEOUT_S,
+             timeout_s: Annotated[float, Field(gt=0, description="then killed")
+                                  ] = DEFAULT_EXEC_TIMEOUT_S,
+             yield_s: Annotated[float, Field(ge=0, description=(
+                 "then, still running, it goes on as process_id"))] = DEFAULT_YIELD_S,
+             stdin_open: Annotated[bool, Field(description="for process_input")] = False,
              max_output_bytes: Annotated[int | None, Field(
                  description="per stream; head and tail kept")] = None,
              ) -> Annotated[CallToolResult, ExecOutput]:
         """Run a command in a running workspace. A non-zero exit is a result, not an error."""
-        # TODO(background processes): add ``yield_s`` here once ``ws.spawn`` exists: spawn
-        # the command, ``process.wait(yield_s)``, and when it is still running answer
-        # ``status: "running"`` with its ``process_id`` (process_output continues it);
-        # this synchronous run stays the path when it ended within yield_s.
         limit = self._limit(max_output_bytes)
-        out, err = BoundedSink(limit), BoundedSink(limit)
         ws = self._ws(name)
-        if stdin is None:  # streamed into the bounded sinks: nothing kept beyond the bound
-            r = ws.exec_attached(command, env=env, cwd=cwd, timeout=timeout_s,
-                                 stdout=out, stderr=err)
-        else:  # the API's stdin path captures; bounded once it ends
-            full = ws.exec(command, env=env, cwd=cwd, stdin=stdin, timeout=timeout_s)
-            out(full.stdout)
-            err(full.stderr)
-            r = full
-        return _exec_result(r, out, err)
+        try:
+            process = ws.spawn(command, env=env, cwd=cwd)
+        except MicroagentError as e:
+            failed = _not_started(e)
+            if failed is None:
+                raise
+            return failed
+        started = time.monotonic()
+        if stdin is not None or not stdin_open:
+            process.write(stdin or "", close=not stdin_open)
+        ended = wait_ended(process, min(yield_s, timeout_s) - (time.monotonic() - started))
+        if not ended and timeout_s <= yield_s:
+            self.deadlines.expire(process)  # its timeout passed: kill it now
+            ended = wait_ended(process, KILL_WAIT_S)
+        elif not ended:
+            self.deadlines.arm(process, timeout_s - (time.monotonic() - started))
+        data = process_data(process, limit, deadlines=self.deadlines)
+        if data["duration_ms"] is None:
+            data["duration_ms"] = round((time.monotonic() - started) * 1000)
+        return result(data, render(data))
+
+    def process_output(self, name: Name, process_id: int,
+                       since: Annotated[int, Field(ge=0, description="stdout offset")] = 0,
+                       since_stderr: Annotated[int, Field(ge=0)] = 0,
+                       wait_s: Annotated[float, Field(
+                           ge=0, le=MAX_WAIT_S, description="wait up to this for its end")
+                                         ] = 0.0,
+                       max_output_bytes: int | None = None) -> CallToolResult:
+        """A background process's output from offsets, bounded; its status (as exec)."""
+        limit = self._limit(max_output_bytes)
+        process = self._ws(name).process(process_id)
+        wait_ended(process, wait_s)
+        data = process_data(process, limit, since, since_stderr, self.deadlines)
+        return result(data, render(data))
+
+    def process_input(self, name: Name, process_id: int, data: str = "",
+                      close_stdin: bool = False) -> CallToolResult:
+        """Write text to a background process's stdin (then close it with close_stdin)."""
+        written = self._ws(name).process(process_id).write(data, close=close_stdin)
+        return result({"process_id": process_id, "written": written,
+                       "stdin_open": not close_stdin},
+                      f"wrote {written} bytes" + (", stdin closed" if close_stdin else ""))
+
+    def process_kill(self, name: Name, process_id: int,
+                     signal: Annotated[str, Field(description="TERM, KILL, INT, HUP...")
+                                       ] = "TERM") -> CallToolResult:
+        """Send a signal to a background process's group; its status a moment later."""
+        process = self._ws(name).process(process_id)
+        process.signal(signal)
+        wait_ended(process, SIGNAL_WAIT_S)
+        info = process.info()
+        data = {"process_id": process_id, "status": info.state,
+                "exit_code": info.exit_code, "signal": info.signal}
+        return result(data, f"process {process_id}: {info.state}")
+
+    def list_processes(self, name: Name) -> CallToolResult:
+        """The background processes of a workspace (running and ended)."""
+        rows = []
+        for process in self._ws(name).processes():
+            info = process.info()
+            rows.append({"process_id": info.id, "status": info.state,
+                         "exit_code": info.exit_code, "signal": info.signal,
+                         "command": shlex.join(info.argv)[:MAX_COMMAND_CHARS],
+                         "stdout_bytes": info.stdout_size,
+                         "stderr_bytes": info.stderr_size})
+        text = "\n".join(f"{r['process_id']}  {r['status']}  "
+                         f"{'' if r['exit_code'] is None else r['exit_code']}  {r['command']}"
+                         for r in rows)
+        return result({"processes": rows}, text or "no processes")
 
     # --- files ------------------------------------------------------------------------
 
@@ -332,24 +414,19 @@ class Tools:
         return result({"checks": checks}, text)
 
 
-def _exec_result(r: ExecResult, out: BoundedSink, err: BoundedSink) -> CallToolResult:
-    status = "timed_out" if r.timed_out else "signaled" if r.signal else "exited"
-    stderr = err.text()
-    if r.error and not stderr:
-        stderr = r.error
-    data: ExecOutput = {
-        "status": status, "exit_code": r.exit_code, "signal": r.signal,
-        "stdout": out.text(), "stderr": stderr, "stdout_bytes": out.total,
-        "stderr_bytes": err.total, "truncated": out.truncated or err.truncated,
-        "duration_ms": r.duration_ms}
-    how = (f"timed out after {r.duration_s:.1f}s" if r.timed_out else
-           f"killed by signal {r.signal}" if r.signal else f"exit {r.exit_code}")
-    parts = [f"[{how}]"]
-    if data["stdout"]:
-        parts.append(data["stdout"])
-    if stderr:
-        parts.append(f"[stderr]\n{stderr}")
-    return result(dict(data), "\n".join(parts))
+def _not_started(error: MicroagentError) -> CallToolResult | None:
+    """A command the guest could not start (not found, not executable) as the result a
+    shell gives (127, 126), with the reason on stderr; None for other errors."""
+    cause = error.__cause__
+    if not isinstance(cause, AgentFileError) or \
+            cause.code not in ("ENOENT", "EACCES", "ENOEXEC"):
+        return None
+    code = 127 if cause.code == "ENOENT" else 126
+    data = {"status": "exited", "exit_code": code, "signal": None, "process_id": None,
+            "stdout": "", "stderr": cause.message, "stdout_bytes": 0,
+            "stderr_bytes": len(cause.message.encode()), "truncated": False,
+            "duration_ms": None, "next_since": 0, "next_since_stderr": 0}
+    return result(data, f"[exit {code}]\n[stderr]\n{cause.message}")
 
 
 def _mode_of(files: Any, path: str) -> int:
@@ -368,6 +445,10 @@ DEFAULT_TOOLS: dict[str, ToolAnnotations] = {
     "halt_workspace": IDEMPOTENT,
     "delete_workspace": DESTRUCTIVE_IDEMPOTENT,
     "exec": DESTRUCTIVE,
+    "process_output": READ_ONLY,
+    "process_input": DESTRUCTIVE,
+    "process_kill": DESTRUCTIVE,
+    "list_processes": READ_ONLY,
     "read_file": READ_ONLY,
     "write_file": DESTRUCTIVE_IDEMPOTENT,
     "edit_file": DESTRUCTIVE,
