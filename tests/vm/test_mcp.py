@@ -1,12 +1,15 @@
 """``serve mcp``'s tools on real VMs (busybox, profile tiny), through the official SDK's
 in-process client: a workspace created, used and deleted by a model's calls only;
-output of a million lines bounded with its tail kept; files read, written and edited
-(an ambiguous edit refused); errors the model can read; snapshot, fork, pause, resume,
-halt and delete."""
+output of a million lines bounded with its tail kept (also read back through a background
+process); a long command that yields and finishes through ``process_output``; stdin in
+pieces (``process_input``), ``process_kill``, a deadline kept in the background,
+``list_processes``; files read, written and edited (an ambiguous edit refused); errors
+the model can read; snapshot, fork, pause, resume, halt and delete."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +92,101 @@ def test_output_of_a_million_lines_is_bounded_with_its_tail(server: WorkspaceSer
     smaller = ok(call(server, "exec", {"name": workspace, "command": "seq 1 100000",
                                        "max_output_bytes": 1000}))
     assert smaller["stdout"].endswith("100000\n") and len(smaller["stdout"]) < 1300
+
+
+def test_a_long_command_yields_then_finishes_through_process_output(
+        server: WorkspaceServer, workspace: str) -> None:
+    began = time.monotonic()
+    r = call(server, "exec", {"name": workspace, "command": "sleep 3; echo done",
+                              "yield_s": 1})
+    took = time.monotonic() - began
+    running = ok(r)
+    assert (running["status"], running["exit_code"], running["stdout"]) == \
+        ("running", None, "")
+    assert took < 1 + 1.5, f"exec answered after {took:.1f}s with yield_s 1"
+    pid = running["process_id"]
+    assert f"running as process {pid}" in text(r)
+    done = ok(call(server, "process_output", {
+        "name": workspace, "process_id": pid, "since": running["next_since"],
+        "since_stderr": running["next_since_stderr"], "wait_s": 30}))
+    assert (done["status"], done["exit_code"], done["stdout"], done["stderr"]) == \
+        ("exited", 0, "done\n", "")
+    assert done["next_since"] == 5 and done["duration_ms"] >= 3000
+    again = ok(call(server, "process_output", {"name": workspace, "process_id": pid,
+                                               "since": 5}))
+    assert (again["stdout"], again["stdout_bytes"], again["next_since"]) == ("", 0, 5)
+
+    rows = ok(call(server, "list_processes", {"name": workspace}))["processes"]
+    (row,) = [r for r in rows if r["process_id"] == pid]
+    assert (row["status"], row["exit_code"], row["stdout_bytes"]) == ("exited", 0, 5)
+    assert "sleep 3; echo done" in row["command"]
+    error(call(server, "process_output", {"name": workspace, "process_id": 9999}),
+          "not-found")
+
+
+def test_process_input_in_pieces_then_closed(server: WorkspaceServer, workspace: str
+                                             ) -> None:
+    running = ok(call(server, "exec", {"name": workspace, "command": ["cat"],
+                                       "stdin_open": True, "yield_s": 0.5}))
+    assert running["status"] == "running"
+    pid = running["process_id"]
+    for piece in ("one\n", "two\n"):
+        assert ok(call(server, "process_input", {"name": workspace, "process_id": pid,
+                                                 "data": piece}))["written"] == 4
+    last = ok(call(server, "process_input", {"name": workspace, "process_id": pid,
+                                             "data": "thré", "close_stdin": True}))
+    assert last == {"process_id": pid, "written": 5, "stdin_open": False}
+    done = ok(call(server, "process_output", {"name": workspace, "process_id": pid,
+                                              "wait_s": 30}))
+    assert (done["status"], done["exit_code"], done["stdout"]) == \
+        ("exited", 0, "one\ntwo\nthré")
+    error(call(server, "process_input", {"name": workspace, "process_id": pid,
+                                         "data": "more"}), "conflict")
+
+
+def test_process_kill_and_a_deadline_in_the_background(server: WorkspaceServer,
+                                                       workspace: str) -> None:
+    pid = ok(call(server, "exec", {"name": workspace, "command": "sleep 600",
+                                   "yield_s": 0.5}))["process_id"]
+    killed = ok(call(server, "process_kill", {"name": workspace, "process_id": pid}))
+    assert killed == {"process_id": pid, "status": "signaled", "exit_code": None,
+                      "signal": 15}
+    error(call(server, "process_kill", {"name": workspace, "process_id": pid}), "conflict")
+    error(call(server, "process_kill", {"name": workspace, "process_id": pid,
+                                        "signal": "NOPE"}), "usage")
+    # timeout_s past yield_s: the server kills it at its deadline
+    running = ok(call(server, "exec", {"name": workspace, "command": "sleep 600",
+                                       "yield_s": 0.5, "timeout_s": 2}))
+    assert running["status"] == "running"
+    done = ok(call(server, "process_output", {"name": workspace,
+                                              "process_id": running["process_id"],
+                                              "wait_s": 30}))
+    assert (done["status"], done["exit_code"]) == ("timed_out", None)
+
+
+def test_a_million_lines_through_a_background_process(server: WorkspaceServer,
+                                                      workspace: str) -> None:
+    running = ok(call(server, "exec", {"name": workspace,
+                                       "command": "sleep 1; seq 1 1000000",
+                                       "yield_s": 0.5}))
+    assert running["status"] == "running"
+    pid = running["process_id"]
+    r = call(server, "process_output", {"name": workspace, "process_id": pid,
+                                        "wait_s": 120})
+    done = ok(r)
+    total = sum(len(b"%d\n" % i) for i in range(1, 1_000_001))
+    assert (done["status"], done["exit_code"], done["truncated"]) == ("exited", 0, True)
+    assert done["stdout_bytes"] == total and done["next_since"] == total
+    shown = done["stdout"]
+    assert shown.startswith("1\n2\n3\n") and shown.endswith("999999\n1000000\n")
+    left = re.search(r"\[\.\.\. (\d+) bytes left out of (\d+);", shown)
+    assert left is not None and int(left[2]) == total
+    assert f"/run/microagent/proc/{pid}/stdout" in shown  # where the model can grep it
+    assert len(text(r).encode()) < 16 * 1024 + 400
+    # the guest file the marker names holds the tail
+    tail = ok(call(server, "exec", {"name": workspace,
+                                    "command": f"tail -c 8 /run/microagent/proc/{pid}/stdout"}))
+    assert tail["stdout"] == "1000000\n"
 
 
 def test_files_read_write_edit_list(server: WorkspaceServer, workspace: str) -> None:

@@ -11,6 +11,7 @@ the tools' input schemas, and real annotation objects need no name resolution.
 
 import base64
 import builtins
+import contextlib
 import json
 import shlex
 import time
@@ -229,7 +230,8 @@ class Tools:
             return failed
         started = time.monotonic()
         if stdin is not None or not stdin_open:
-            process.write(stdin or "", close=not stdin_open)
+            with contextlib.suppress(ConflictError):  # it ended (or closed stdin) already
+                process.write(stdin or "", close=not stdin_open)
         ended = wait_ended(process, min(yield_s, timeout_s) - (time.monotonic() - started))
         if not ended and timeout_s <= yield_s:
             self.deadlines.expire(process)  # its timeout passed: kill it now
