@@ -617,27 +617,37 @@ int optional_string(const struct json_doc *doc, int req, const char *key, char *
     return json_string(doc, t, out, size) < 0 ? -1 : 0;
 }
 
-int exec_open(struct stream *s, const struct json_doc *doc, int req)
+const char *command_parse(const struct json_doc *doc, int req, struct command *c)
 {
     static char cwd[4096], user[512];
-    struct spawn_request sr = {.cwd = cwd, .user = user, .stdout_fd = -1};
-    char **argv = NULL, **env = NULL;
-    long long timeout_ms = 0;
-    const char *bad = NULL;
-
+    c->argv = NULL;
+    c->env = NULL;
+    c->cwd = cwd;
+    c->user = user;
     int t = json_find(doc, req, "argv");
     if (t < 0 || doc->tokens[t].type != JSON_ARRAY || doc->tokens[t].count == 0 ||
-        (argv = string_array(doc, t)) == NULL || argv[0][0] == '\0')
-        bad = "\"argv\" must be a non-empty array of strings without NUL";
+        (c->argv = string_array(doc, t)) == NULL || c->argv[0][0] == '\0')
+        return "\"argv\" must be a non-empty array of strings without NUL";
     t = json_find(doc, req, "env");
-    if (bad == NULL && t >= 0 && doc->tokens[t].type != JSON_NULL &&
-        (doc->tokens[t].type != JSON_ARRAY || (env = string_array(doc, t)) == NULL))
-        bad = "\"env\" must be an array of strings";
-    if (bad == NULL && optional_string(doc, req, "cwd", cwd, sizeof(cwd)) != 0)
-        bad = "\"cwd\" must be a string";
-    if (bad == NULL && optional_string(doc, req, "user", user, sizeof(user)) != 0)
-        bad = "\"user\" must be a string";
-    t = json_find(doc, req, "tty");
+    if (t >= 0 && doc->tokens[t].type != JSON_NULL &&
+        (doc->tokens[t].type != JSON_ARRAY || (c->env = string_array(doc, t)) == NULL))
+        return "\"env\" must be an array of strings";
+    if (optional_string(doc, req, "cwd", cwd, sizeof(cwd)) != 0)
+        return "\"cwd\" must be a string";
+    if (optional_string(doc, req, "user", user, sizeof(user)) != 0)
+        return "\"user\" must be a string";
+    return NULL;
+}
+
+int exec_open(struct stream *s, const struct json_doc *doc, int req)
+{
+    struct command c;
+    long long timeout_ms = 0;
+    const char *bad = command_parse(doc, req, &c);
+    char **argv = c.argv, **env = c.env;
+    struct spawn_request sr = {.cwd = c.cwd, .user = c.user, .stdout_fd = -1};
+
+    int t = json_find(doc, req, "tty");
     if (bad == NULL && t >= 0 && doc->tokens[t].type != JSON_NULL) {
         long long rows = 0, cols = 0;
         if (json_int(doc, json_find(doc, t, "rows"), 0, 65535, &rows) != 0 ||

@@ -32,6 +32,17 @@ void proc_signal_run(uint32_t id, const struct json_doc *doc, int request);  /* 
  * allocation, or NULL; an optional string member ("" when missing or null), -1 when it
  * is not a string or does not fit. */
 char **string_array(const struct json_doc *doc, int arr);
+
+/* What exec and spawn run: argv, env (NULL: none given), cwd and user ("" when not
+ * given; static buffers, valid until the next call). */
+struct command {
+    char **argv, **env;
+    char *cwd, *user;
+};
+
+/* Parse the request's "argv", "env", "cwd" and "user"; NULL, or what is wrong. On a
+ * failure the arrays parsed so far are in c (for the caller to free, as before). */
+const char *command_parse(const struct json_doc *doc, int req, struct command *c);
 int optional_string(const struct json_doc *doc, int req, const char *key, char *out,
                     size_t size);
 

@@ -65,21 +65,10 @@ static struct proc *find_proc(uint32_t id, const struct json_doc *doc, int req, 
 
 void spawn_run(uint32_t id, const struct json_doc *doc, int req)
 {
-    static char cwd[4096], user[512];
-    char **argv = NULL, **env = NULL;
-    const char *bad = NULL;
-    int t = json_find(doc, req, "argv");
-    if (t < 0 || doc->tokens[t].type != JSON_ARRAY || doc->tokens[t].count == 0 ||
-        (argv = string_array(doc, t)) == NULL || argv[0][0] == '\0')
-        bad = "\"argv\" must be a non-empty array of strings without NUL";
-    t = json_find(doc, req, "env");
-    if (bad == NULL && t >= 0 && doc->tokens[t].type != JSON_NULL &&
-        (doc->tokens[t].type != JSON_ARRAY || (env = string_array(doc, t)) == NULL))
-        bad = "\"env\" must be an array of strings";
-    if (bad == NULL && optional_string(doc, req, "cwd", cwd, sizeof(cwd)) != 0)
-        bad = "\"cwd\" must be a string";
-    if (bad == NULL && optional_string(doc, req, "user", user, sizeof(user)) != 0)
-        bad = "\"user\" must be a string";
+    struct command c;
+    const char *bad = command_parse(doc, req, &c);
+    char **argv = c.argv, **env = c.env;
+    const char *cwd = c.cwd, *user = c.user;
     if (bad != NULL) {
         channel_send_error(id, "EINVAL", 0, "spawn: %s", bad);
     } else {
