@@ -122,7 +122,7 @@ class GuestEntry:
         return cls(name, path, kind, size, mode, uid, gid, mtime_ns, target)
 
 
-def _require(client: Channel, feature: str) -> None:
+def require_feature(client: Channel, feature: str) -> None:
     """AgentFileError ENOTSUP when the agent's HELLO lists features without ``feature``
     (an agent older than this microagent, in a workspace started before an upgrade)."""
     features = client.peer.get("features")
@@ -132,12 +132,12 @@ def _require(client: Channel, feature: str) -> None:
                              hint="restart the workspace so that it boots the current agent")
 
 
-def _file_error(frame: Frame) -> AgentFileError:
+def file_error(frame: Frame) -> AgentFileError:
     doc = frame.json()
     return AgentFileError(str(doc.get("code", "EIO")), str(doc.get("message", "failed")))
 
 
-def _open(client: Channel, operation: dict[str, Any]) -> int:
+def open_operation(client: Channel, operation: dict[str, Any]) -> int:
     """Send OPEN for ``operation`` on a new stream; its id."""
     stream_id = client.next_stream
     client.next_stream += 2
@@ -145,7 +145,7 @@ def _open(client: Channel, operation: dict[str, Any]) -> int:
     return stream_id
 
 
-def _frame_of(client: Channel, stream_id: int) -> Frame:
+def frame_of(client: Channel, stream_id: int) -> Frame:
     """The next frame of ``stream_id``, answering pings and raising on a channel error;
     UnresponsiveError when none comes for IDLE_LIMIT seconds."""
     while True:
@@ -163,16 +163,16 @@ def _frame_of(client: Channel, stream_id: int) -> Frame:
             return frame
 
 
-def _answer(client: Channel, operation: dict[str, Any]) -> dict[str, Any]:
+def answer_operation(client: Channel, operation: dict[str, Any]) -> dict[str, Any]:
     """Run an operation that answers with EXIT alone (STARTED frames, a long removal's
     progress, only show that the guest works); the EXIT document."""
-    stream_id = _open(client, operation)
+    stream_id = open_operation(client, operation)
     while True:
-        frame = _frame_of(client, stream_id)
+        frame = frame_of(client, stream_id)
         if frame.type == FrameType.EXIT:
             return frame.json()
         if frame.type == FrameType.ERROR:
-            raise _file_error(frame)
+            raise file_error(frame)
 
 
 def _clean(path: str) -> str:
@@ -191,14 +191,14 @@ def get_file(client: Channel, path: str, sink: Sink) -> dict[str, Any]:
     Credit for the FILE channel is returned once per batch of frames read, so at most
     the window is in flight: memory stays bounded whatever the file's size.
     """
-    stream_id = _open(client, {"op": "get", "path": path})
+    stream_id = open_operation(client, {"op": "get", "path": path})
     started: dict[str, Any] = {}
     owed = 0
     while True:
         if not client.pending and owed:
             client.send(encode_credit(stream_id, FrameType.FILE, owed))
             owed = 0
-        frame = _frame_of(client, stream_id)
+        frame = frame_of(client, stream_id)
         if frame.type == FrameType.STARTED:
             started = frame.json()
         elif frame.type == FrameType.FILE:
@@ -208,7 +208,7 @@ def get_file(client: Channel, path: str, sink: Sink) -> dict[str, Any]:
         elif frame.type == FrameType.EXIT:
             return started
         elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)
+            raise file_error(frame)
 
 
 def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: int,
@@ -227,9 +227,9 @@ def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: 
     if gid is not None:
         request["gid"] = gid
     if parents:
-        _require(client, "put_parents")
+        require_feature(client, "put_parents")
         request["parents"] = True
-    stream_id = _open(client, request)
+    stream_id = open_operation(client, request)
     credit = client.peer_window
     sent_end = False
     while True:
@@ -241,7 +241,7 @@ def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: 
             else:
                 client.send(encode(FrameType.FILE, stream_id, b"", FLAG_END))
                 sent_end = True
-        frame = _frame_of(client, stream_id)
+        frame = frame_of(client, stream_id)
         if frame.type == FrameType.CREDIT:
             data_type, increment = decode_credit(frame)
             if data_type == FrameType.FILE:
@@ -251,7 +251,7 @@ def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: 
                 raise ProtocolError(f"guest agent ended the put of {path} early")
             return
         elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)
+            raise file_error(frame)
 
 
 # --- the tree ----------------------------------------------------------------------
@@ -261,9 +261,9 @@ def stat_path(client: Channel, path: str, *, follow: bool = False) -> GuestEntry
     """What ``path`` is (lstat: a symlink is described, not followed, unless ``follow``).
     AgentFileError ``ENOENT`` when it does not exist, ``ENOTDIR`` when a component above
     is no directory."""
-    _require(client, "stat")
+    require_feature(client, "stat")
     path = _clean(path)
-    doc = _answer(client, {"op": "stat", "path": path, "follow": follow})
+    doc = answer_operation(client, {"op": "stat", "path": path, "follow": follow})
     return GuestEntry.from_json(doc.get("entry"), posixpath.dirname(path))
 
 
@@ -275,9 +275,9 @@ def list_dir(client: Channel, path: str) -> list[GuestEntry]:
     parses them, so a directory of any size comes in bounded pieces. AgentFileError
     ``ENOENT``, ``ENOTDIR`` (a file), ``EOVERFLOW`` (beyond the agent's bound on what
     one listing holds)..."""
-    _require(client, "list")
+    require_feature(client, "list")
     path = _clean(path)
-    stream_id = _open(client, {"op": "list", "path": path})
+    stream_id = open_operation(client, {"op": "list", "path": path})
     entries: list[GuestEntry] = []
     partial = bytearray()
     owed = 0
@@ -285,7 +285,7 @@ def list_dir(client: Channel, path: str) -> list[GuestEntry]:
         if not client.pending and owed:
             client.send(encode_credit(stream_id, FrameType.FILE, owed))
             owed = 0
-        frame = _frame_of(client, stream_id)
+        frame = frame_of(client, stream_id)
         if frame.type == FrameType.FILE and frame.payload:
             owed += len(frame.payload)
             partial += frame.payload
@@ -301,7 +301,7 @@ def list_dir(client: Channel, path: str) -> list[GuestEntry]:
                                     f"{count} entries")
             return entries
         elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)
+            raise file_error(frame)
 
 
 def _entry_line(line: bytes, directory: str) -> GuestEntry:
@@ -319,8 +319,8 @@ def remove_path(client: Channel, path: str, *, recursive: bool = False) -> int:
     point in it not entered). Returns how many entries went. AgentFileError
     ``ENOENT``, ``ENOTEMPTY`` (a directory, without ``recursive``), ``EBUSY`` (``/``, a
     mount point), ``EINVAL`` (a path ending in ``.`` or ``..``)..."""
-    _require(client, "remove")
-    doc = _answer(client, {"op": "remove", "path": _clean(path), "recursive": recursive})
+    require_feature(client, "remove")
+    doc = answer_operation(client, {"op": "remove", "path": _clean(path), "recursive": recursive})
     return int(doc.get("removed", 0))
 
 
@@ -331,8 +331,8 @@ def make_dir(client: Channel, path: str, *, mode: int = 0o755,
     whether ``path`` was made. AgentFileError ``EEXIST`` (it exists; with ``parents``:
     as something else than a directory), ``ENOENT`` (no parent, without ``parents``),
     ``ENOTDIR``..."""
-    _require(client, "mkdir")
-    doc = _answer(client, {"op": "mkdir", "path": _clean(path), "mode": mode,
+    require_feature(client, "mkdir")
+    doc = answer_operation(client, {"op": "mkdir", "path": _clean(path), "mode": mode,
                            "parents": parents})
     return bool(doc.get("created", False))
 

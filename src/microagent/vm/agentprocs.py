@@ -19,11 +19,11 @@ from typing import Any
 
 from microagent.vm.agentfiles import (
     Channel,
-    _answer,
-    _file_error,
-    _frame_of,
-    _open,
-    _require,
+    answer_operation,
+    file_error,
+    frame_of,
+    open_operation,
+    require_feature,
 )
 from microagent.vm.protocol import (
     FLAG_END,
@@ -105,16 +105,16 @@ class ProcessOutput:
 def spawn(client: Channel, argv: tuple[str, ...], *, env: tuple[str, ...] = (),
           cwd: str = "", user: str = "") -> ProcessInfo:
     """Start ``argv`` in the background (stdin a pipe until closed); its entry."""
-    _require(client, "procs")
-    doc = _answer(client, {"op": "spawn", "argv": list(argv), "env": list(env), "cwd": cwd,
+    require_feature(client, "procs")
+    doc = answer_operation(client, {"op": "spawn", "argv": list(argv), "env": list(env), "cwd": cwd,
                            "user": user})
     return ProcessInfo.from_json(doc.get("proc"))
 
 
 def list_processes(client: Channel) -> list[ProcessInfo]:
     """Every background process the agent knows, in the order they were started."""
-    _require(client, "procs")
-    doc = _answer(client, {"op": "procs"})
+    require_feature(client, "procs")
+    doc = answer_operation(client, {"op": "procs"})
     procs = doc.get("procs")
     if not isinstance(procs, list):
         raise ProtocolError("the guest agent sent a malformed process list")
@@ -123,8 +123,8 @@ def list_processes(client: Channel) -> list[ProcessInfo]:
 
 def process_info(client: Channel, process_id: int) -> ProcessInfo:
     """The entry of one process; AgentFileError ``ENOENT`` for an unknown id."""
-    _require(client, "procs")
-    return ProcessInfo.from_json(_answer(client, {"op": "procs", "id": process_id})
+    require_feature(client, "procs")
+    return ProcessInfo.from_json(answer_operation(client, {"op": "procs", "id": process_id})
                                  .get("proc"))
 
 
@@ -133,13 +133,13 @@ def read_output(client: Channel, process_id: int, offset: int = 0, *,
                 wait_s: float = 0.0) -> ProcessOutput:
     """Up to ``max_bytes`` of the output from ``offset``, waiting up to ``wait_s`` (at
     most :data:`MAX_WAIT_S` per call) when there is nothing there yet."""
-    _require(client, "procs")
+    require_feature(client, "procs")
     wait_ms = round(min(max(wait_s, 0.0), MAX_WAIT_S) * 1000)
-    stream_id = _open(client, {"op": "proc_read", "id": process_id, "stream": stream,
+    stream_id = open_operation(client, {"op": "proc_read", "id": process_id, "stream": stream,
                                "offset": offset, "max": max_bytes, "wait_ms": wait_ms})
     data = bytearray()
     while True:
-        frame = _frame_of(client, stream_id)
+        frame = frame_of(client, stream_id)
         if frame.type == FrameType.FILE:
             data += frame.payload  # at most a window: no credit to return
         elif frame.type == FrameType.EXIT:
@@ -148,15 +148,15 @@ def read_output(client: Channel, process_id: int, offset: int = 0, *,
                                  int(doc["skipped"]), bool(doc["eof"]),
                                  ProcessInfo.from_json(doc.get("proc")))
         elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)
+            raise file_error(frame)
 
 
 def write_input(client: Channel, process_id: int, data: bytes, *,
                 close: bool = False) -> int:
     """Write ``data`` to the process's stdin (within the agent's credit), then close it
     with ``close``; the bytes written."""
-    _require(client, "procs")
-    stream_id = _open(client, {"op": "proc_write", "id": process_id, "close": close})
+    require_feature(client, "procs")
+    stream_id = open_operation(client, {"op": "proc_write", "id": process_id, "close": close})
     credit = client.peer_window
     view = memoryview(data)
     sent_end = False
@@ -170,7 +170,7 @@ def write_input(client: Channel, process_id: int, data: bytes, *,
             else:
                 client.send(encode(FrameType.FILE, stream_id, b"", FLAG_END))
                 sent_end = True
-        frame = _frame_of(client, stream_id)
+        frame = frame_of(client, stream_id)
         if frame.type == FrameType.CREDIT:
             data_type, increment = decode_credit(frame)
             if data_type == FrameType.FILE:
@@ -178,13 +178,13 @@ def write_input(client: Channel, process_id: int, data: bytes, *,
         elif frame.type == FrameType.EXIT:
             return int(frame.json().get("written", 0))
         elif frame.type == FrameType.ERROR:
-            raise _file_error(frame)
+            raise file_error(frame)
 
 
 def signal_process(client: Channel, process_id: int, signum: int) -> None:
     """Send ``signum`` to the process's group; AgentFileError ``ESRCH`` once it ended."""
-    _require(client, "procs")
-    _answer(client, {"op": "proc_signal", "id": process_id, "signal": signum})
+    require_feature(client, "procs")
+    answer_operation(client, {"op": "proc_signal", "id": process_id, "signal": signum})
 
 
 def wait_process(client: Channel, process_id: int, timeout: float | None) -> ProcessInfo:
