@@ -26,6 +26,7 @@ from microagent.vm.memory import (
     SHM_ENV,
     memory_file,
     prepare_memory_file,
+    release_memory_file,
     sweep_memory_files,
 )
 from microagent.vm.snapshot import (
@@ -164,20 +165,24 @@ def test_the_ram_file_lives_in_a_private_directory(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SHM_ENV, str(tmp_path))
     layout = StateLayout(tmp_path / "state")
-    path = prepare_memory_file(layout, "dev", 1)
+    held = prepare_memory_file(layout, "dev", 1)
+    assert held is not None
+    path, fd = held
     assert path == memory_file(layout, "dev") and path.parent.parent == tmp_path
     assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert path.stat().st_size == 1 << 20 and path.stat().st_blocks == 0, "sized, sparse"
     other = StateLayout(tmp_path / "other")
     assert memory_file(other, "dev") != path, "two state directories never share one"
-    path.write_bytes(b"left by a killed supervisor")
-    assert prepare_memory_file(layout, "dev", 1) == path and not path.exists()
+    sweep_memory_files()
+    assert path.exists(), "a live boot's file is locked: never swept"
+    release_memory_file(path, fd)
+    assert not path.exists()
     assert prepare_memory_file(layout, "dev", 1 << 40) is None, "no room: anonymous RAM"
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
-    running = memory_file(StateLayout(tmp_path / "elsewhere"), "other")
-    with open(running, "wb") as f:  # a running guest's RAM file: sparse, its whole size
-        f.truncate(free - (8 << 20))
+    running = prepare_memory_file(other, "big", (free >> 20) - 8)
+    assert running is not None, "a running guest's RAM file: sparse, its whole size"
     assert prepare_memory_file(layout, "dev", 64) is None, "its memory counts as taken"
-    running.unlink()
+    release_memory_file(*running)
     monkeypatch.setenv(SHM_ENV, str(tmp_path / "missing"))
     assert prepare_memory_file(layout, "dev", 1) is None
 
@@ -255,15 +260,21 @@ def test_kvm_records_the_host_cpu() -> None:
 
 def test_a_killed_supervisors_ram_file_is_swept(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its lock dies with it (a real process, SIGKILLed), whatever state directory it was
+    of; the next sweep removes the file."""
     monkeypatch.setenv(SHM_ENV, str(tmp_path))
-    layout = StateLayout(tmp_path / "state")
-    prepare_memory_file(layout, "dev", 1)
-    leftover = memory_file(layout, "gone")
-    leftover.write_bytes(b"pages")
-    other = memory_file(StateLayout(tmp_path / "other"), "gone")
-    other.write_bytes(b"another state directory's")
-    sweep_memory_files(layout)
-    assert not leftover.exists() and other.exists()
+    script = ("import os, signal, sys; from pathlib import Path; "
+              "from microagent.layout import StateLayout; "
+              "from microagent.vm.memory import prepare_memory_file; "
+              "held = prepare_memory_file(StateLayout(Path(sys.argv[1])), 'gone', 1); "
+              "print(held[0], flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "deleted-state")],
+                            capture_output=True, text=True)
+    leftover = Path(killed.stdout.strip())
+    assert killed.returncode == -9 and leftover.exists()
+    live = prepare_memory_file(StateLayout(tmp_path / "state"), "dev", 1)
+    assert live is not None and not leftover.exists(), "the next boot swept it"
+    release_memory_file(*live)
 
 
 def test_room_for_copies_on_a_small_file_system(tmp_path: Path) -> None:

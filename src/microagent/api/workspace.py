@@ -209,10 +209,10 @@ class Workspace:
         False when there was nothing to delete."""
         from microagent.config import validate_name
         from microagent.state.records import delete_workspace
-        from microagent.vm.memory import remove_memory_file
+        from microagent.vm.memory import sweep_memory_files
 
         deleted = delete_workspace(self._layout, validate_name(self.name))
-        remove_memory_file(self._layout, self.name)  # a killed supervisor's, if any
+        sweep_memory_files()  # a killed supervisor's RAM file, if any
         return deleted
 
     def wait(self, state: str | Sequence[str] = ("halted", "stopped", "failed"),

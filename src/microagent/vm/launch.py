@@ -64,6 +64,7 @@ class Launched:
     memory_file: Path | None = None  # the guest's RAM file (vm/memory.py), None: anon RAM
     resume: ResumeOrder | None = None  # the memory image QEMU waits for (-incoming defer)
     pending_root: Path | None = None  # a restore's old root disk, until the load works
+    memory_fd: int | None = None  # holds the RAM file's lock for the boot (vm/memory.py)
 
 
 @dataclass
@@ -146,11 +147,12 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     # a fresh copy of each rw bundle's disk at every boot: its writes do not persist
     attached = prepare_boot_disks(layout, files, workspace.disks,
                                   layout.workspace_bundles_dir(workspace.name))
-    memory = prepare_memory_file(layout, workspace.name, workspace.resources.memory_mib)
+    held = prepare_memory_file(layout, workspace.name, workspace.resources.memory_mib)
+    memory = held[0] if held is not None else None
     root = None
     try:
         if resume is not None:
-            resume, root = place_image(resume, workspace, files, memory)
+            resume, root = place_image(resume, workspace, files, held)
         else:  # a cold boot (a restart too) spends a memory image left unloaded
             from microagent.state.snapshots import discard_resume
 
@@ -158,19 +160,24 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             for leftover in (".restoring", ".previous"):  # a killed restore's
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(workspace.rootfs.with_name(f".{workspace.rootfs.name}{leftover}"))
-        return _launch(layout, workspace, files, kernel, accel, tsc_khz, attached, memory,
-                       resume, root, recovery, cancelled)
+        launched = _launch(layout, workspace, files, kernel, accel, tsc_khz, attached, memory,
+                           resume, root, recovery, cancelled)
     except BaseException:
-        _forget_memory(layout, workspace.name, memory)
+        _forget_memory(held)
         put_back_root(workspace.rootfs, root)
         raise
+    if launched is None:  # cancelled: no VM
+        _forget_memory(held)
+        return None
+    launched.memory_fd = held[1] if held is not None else None
+    return launched
 
 
-def _forget_memory(layout: StateLayout, name: str, memory: Path | None) -> None:
-    if memory is not None:
-        from microagent.vm.memory import remove_memory_file
+def _forget_memory(held: tuple[Path, int] | None) -> None:
+    if held is not None:
+        from microagent.vm.memory import release_memory_file
 
-        remove_memory_file(layout, name)
+        release_memory_file(*held)
 
 
 def _launch(layout: StateLayout, workspace: Workspace, files: RunFiles, kernel: KernelBundle,
@@ -186,7 +193,6 @@ def _launch(layout: StateLayout, workspace: Workspace, files: RunFiles, kernel: 
     plan = QemuBackend().plan(spec)
     if cancelled():
         _close(links)
-        _forget_memory(layout, workspace.name, memory)
         return None
     for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
                         *([plan.out_socket] if plan.out_socket else [])):
@@ -220,14 +226,14 @@ def _launch(layout: StateLayout, workspace: Workspace, files: RunFiles, kernel: 
 
 
 def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
-                memory: Path | None) -> tuple[ResumeOrder, Path | None]:
+                held: tuple[Path, int] | None) -> tuple[ResumeOrder, Path | None]:
     """Make a memory image this boot's, before QEMU starts: links to its device state
     and RAM in the run directory (a snapshot deleted meanwhile stays whole for this
     boot); its root disk copied beside the workspace's, which it replaces only once the
     load has worked (returned: vm/imaging.load_image renames it); its rw bundle disks
-    over this boot's copies; and the RAM file, of the image's size, made empty: the
-    supervisor fills it while QEMU starts (vm/imaging.fill_memory). Raises HostError
-    when the RAM file has no room."""
+    over this boot's copies; and the RAM file (``held``: its path and locked descriptor)
+    of the image's size, empty: the supervisor fills it while QEMU starts
+    (vm/imaging.fill_memory). Raises HostError when the RAM file has no room."""
     import dataclasses
     import shutil
 
@@ -236,17 +242,17 @@ def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
     from microagent.state.snapshots import MEMORY, VMSTATE, read_manifest
     from microagent.vm.memory import shm_dir
 
-    if memory is None:
+    if held is None:
         raise HostError(f"no room in {shm_dir().parent} for the memory of {workspace.name} "
                         f"({workspace.resources.memory_mib} MiB)",
                         hint="free some there, or start it cold: microagent start --cold "
                              f"{workspace.name}")
-    held = files.dir / "image"
-    shutil.rmtree(held, ignore_errors=True)
-    os.mkdir(held, 0o700)
+    links = files.dir / "image"
+    shutil.rmtree(links, ignore_errors=True)
+    os.mkdir(links, 0o700)
     for name in (VMSTATE, MEMORY):
-        os.link(order.source / name, held / name)
-    order = dataclasses.replace(order, held=held)
+        os.link(order.source / name, links / name)
+    order = dataclasses.replace(order, held=links)
     manifest = read_manifest(order.source)
     previous = None
     for disk in manifest.get("disks", []):
@@ -267,12 +273,7 @@ def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
         clone_file(source, target)
-    size = os.stat(order.memory).st_size
-    fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+    os.ftruncate(held[1], os.stat(order.memory).st_size)  # the image's RAM's size
     return order, previous
 
 

@@ -8,13 +8,14 @@ a restore copies them back and loads the device state. ``<shm>`` is ``/dev/shm``
 room for the whole memory the boot falls back to anonymous RAM, and that boot cannot be
 snapshotted (the supervisor says so when asked). The whole memory of the guests already
 running counts as taken (:func:`_promised`): a tmpfs that fills under a running guest
-kills its QEMU. The file is removed when the VM ends (and by the next start or a delete,
-if a killed supervisor left it).
+kills its QEMU. Each file is locked by its supervisor for the boot's life and removed
+when the VM ends; one whose supervisor was killed is removed by the next boot's sweep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import stat
@@ -39,18 +40,49 @@ def memory_file(layout: StateLayout, name: str) -> Path:
     return shm_dir() / f"{key}-{name}.mem"
 
 
-def prepare_memory_file(layout: StateLayout, name: str, memory_mib: int) -> Path | None:
-    """The RAM file for a boot of ``name``, any leftover removed; None when the shm
-    directory cannot hold ``memory_mib`` (the boot then uses anonymous RAM)."""
+def prepare_memory_file(layout: StateLayout, name: str, memory_mib: int
+                        ) -> tuple[Path, int] | None:
+    """The RAM file for a boot of ``name``, made now at its full (sparse) size, with a
+    descriptor on it that holds an ``flock`` for as long as the boot lives (the caller
+    keeps it; the kernel drops the lock when the supervisor dies, however it dies, and
+    the next :func:`sweep_memory_files` removes the file). None when the shm directory
+    cannot hold ``memory_mib`` (the boot then uses anonymous RAM)."""
     path = memory_file(layout, name)
     try:
         _private_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sweep_memory_files(layout)
-        return path if room(path.parent) >= memory_mib << 20 else None
+            os.unlink(path)  # this workspace's last boot's: its supervisor is this one
+        sweep_memory_files()
+        if room(path.parent) < memory_mib << 20:
+            return None
+        return path, _create_locked(path, memory_mib << 20)
     except (OSError, HostError):
         return None
+
+
+def _create_locked(path: Path, size: int) -> int:
+    """A new file at ``path`` of ``size`` bytes, locked; made again if a sweep took it
+    between its creation and the lock (see staging.py for the same dance)."""
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, size)  # counted whole at once by the next boot's room
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise HostError(f"cannot make {path}: it keeps disappearing")
+
+
+def release_memory_file(path: Path, fd: int) -> None:
+    """The boot is over: its RAM file removed (if it is still ours), the lock dropped."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _promised(directory: Path) -> int:
@@ -85,25 +117,29 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def sweep_memory_files(layout: StateLayout) -> None:
-    """Remove the RAM files of this state directory's workspaces whose supervisor is
-    gone (SIGKILLed: its QEMU died with it, the file stayed and holds its pages)."""
-    from microagent.state.runtime import supervisor_alive
-
-    prefix = memory_file(layout, "x").name[:-len("x.mem")]
+def sweep_memory_files() -> None:
+    """Remove the RAM files whose lock is free: their supervisor is gone (SIGKILLed, or
+    its state directory deleted meanwhile; its QEMU died with it), whatever state
+    directory they belonged to. A live boot's file is locked and left alone."""
     with contextlib.suppress(OSError), os.scandir(shm_dir()) as entries:
         for entry in entries:
-            if entry.name.startswith(prefix) and entry.name.endswith(".mem"):
-                name = entry.name[len(prefix):-len(".mem")]
-                if not supervisor_alive(layout.run_files(name)):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+            if entry.name.endswith(".mem"):
+                _sweep_one(Path(entry.path))
 
 
-def remove_memory_file(layout: StateLayout, name: str) -> None:
-    """The RAM file of ``name`` gone (its VM has ended)."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        os.unlink(memory_file(layout, name))
+def _sweep_one(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except OSError:  # locked (a live boot), or gone meanwhile
+        pass
+    finally:
+        os.close(fd)
 
 
 def _private_dir(path: Path) -> None:

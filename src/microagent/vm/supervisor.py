@@ -113,6 +113,7 @@ class Supervisor:
         self.wake = asyncio.Event()  # ends a restart's back-off early (kill, a signal)
         self.tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget, kept referenced
         self.memory_file: Path | None = None  # this boot's RAM file (vm/memory.py), or anon
+        self.memory_fd: int | None = None  # holds its lock while the boot lives
         self.resume: ResumeOrder | None = None  # the memory image this boot resumed from
         self.parent: str | None = None  # NAME:TAG this workspace's memory came from
         self.imaging = False  # a memory image is being saved or loaded: its STOP is ours
@@ -163,6 +164,7 @@ class Supervisor:
         plan, kernel, recovery = launched.plan, launched.kernel, launched.recovery
         started, vmm_log_start = launched.started, launched.vmm_log_start
         self.memory_file, self.resume = launched.memory_file, launched.resume
+        self.memory_fd = launched.memory_fd
         self.pending_root = launched.pending_root
         self.plan, self.kernel = plan, kernel
         self.postmigrate = False
@@ -264,10 +266,12 @@ class Supervisor:
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
-            if self.memory_file is not None and self.exited.is_set():
-                from microagent.vm.memory import remove_memory_file
+            if self.memory_file is not None and self.memory_fd is not None \
+                    and self.exited.is_set():
+                from microagent.vm.memory import release_memory_file
 
-                remove_memory_file(self.layout, self.name)
+                release_memory_file(self.memory_file, self.memory_fd)
+                self.memory_fd = None
             if self.pending_root is not None and self.exited.is_set():
                 from microagent.vm.launch import put_back_root
 

@@ -307,9 +307,12 @@ def supervisor_pause(layout: StateLayout, name: str, state: RuntimeState) -> str
 
 def kill_workspace(layout: StateLayout, name: str) -> str:
     """End the VM process at once; state ``stopped``."""
+    from microagent.vm.memory import sweep_memory_files
+
     validate_name(name)
     require_workspace(layout, name)  # a broken record will do: only processes matter
     state = runtime_state(layout, name)
+    sweep_memory_files()  # a SIGKILLed supervisor's RAM file, if any
     if state.supervisor_alive:
         with contextlib.suppress(MicroagentError):
             SupervisorClient(layout.run_files(name), name).request("kill", timeout=30)

@@ -154,7 +154,7 @@ def _check_loadable(layout: StateLayout, workspace: Workspace, source: Path,
     directory = shm_dir()
     try:
         directory.mkdir(mode=0o700, exist_ok=True)
-        sweep_memory_files(layout)  # a killed supervisor's would count against the room
+        sweep_memory_files()  # a killed supervisor's would count against the room
         free = room(directory)
     except OSError:
         free = 0
