@@ -124,3 +124,31 @@ def test_cli_detach_top_attach_signal(home: Path, running: Workspace) -> None:
     doc = json.loads(ok(ma(home, "--json", "top", name)).stdout)
     assert [(p["id"], p["state"], p["signal"]) for p in doc["processes"]] == \
         [(first, "exited", None), (second, "signaled", 9)]
+
+
+def test_a_background_process_carries_on_after_restore_and_in_a_fork(
+        home: Path, running: Workspace) -> None:
+    """The agent's process table is in the guest's memory: a restore and a fork bring it
+    back with the process, which goes on counting into the same output."""
+    process = running.spawn("i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done")
+    time.sleep(1)
+    running.snapshot("counting")
+    running.halt()
+    running.start(from_snapshot="counting")
+    again = running.process(process.id)
+    assert again.poll() is None, "still running after the restore"
+    first = again.read().data
+    time.sleep(1)
+    later = again.read().data
+    assert len(later) > len(first) and later.startswith(first)
+    fork = Microagent(home).fork("procs-fork", "procs:counting")
+    try:
+        fork.start()
+        forked = fork.process(process.id)
+        assert forked.poll() is None
+        lines = forked.read().data.split()
+        time.sleep(1)
+        assert len(forked.read().data.split()) > len(lines), "it counts on in the fork"
+    finally:
+        fork.kill()
+        fork.delete()
