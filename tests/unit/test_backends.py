@@ -34,7 +34,7 @@ GOLDEN = [
               "readonly=on",
     "-device", "virtio-blk-device,drive=disk1,serial=ma-disk1",
     "-netdev", "stream,id=net0,server=off,addr.type=fd,addr.str=7",
-    "-device", "virtio-net-device,netdev=net0",
+    "-device", "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
     "-device", "virtio-serial-device,max_ports=3",
     "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
     "-device", "virtserialport,chardev=agent,name=microagent",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from microagent import Microagent, Workspace
 from microagent.errors import ConflictError, NotFoundError
 from tests.support.fixtures import PushedImage
-from tests.vm.cli import ma, ok
+from tests.vm.cli import events, ma, ok
 
 pytestmark = pytest.mark.slow
 
@@ -152,3 +153,70 @@ def test_a_background_process_carries_on_after_restore_and_in_a_fork(
     finally:
         fork.kill()
         fork.delete()
+
+
+def _counted(data: bytes) -> list[int]:
+    return [int(line[1:]) for line in data.decode().split()]
+
+
+def _until_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def test_process_survives_its_supervisor_killed(home: Path, busybox_image: PushedImage) -> None:
+    """SIGKILL to the supervisor: the VM and the background process run on (counting with
+    no supervisor at all), passt dies with it; the next command (the CLI's `top`)
+    re-attaches a supervisor: output read from 0 with nothing lost or duplicated, a
+    published port served again through a new passt, exec works; halt is clean and
+    leaves no RAM file."""
+    from tests.vm.test_publish import GUEST_PORT, PAGE, fetch, free_port, serve_page
+
+    port = free_port()
+    ok(ma(home, "create", "phoenix", "--image", busybox_image.ref, "--profile", "tiny",
+          "--publish", f"{port}:{GUEST_PORT}"))
+    ok(ma(home, "start", "phoenix"))
+    serve_page(home, "phoenix")
+    assert fetch("127.0.0.1", port, "/index.html") == (200, PAGE)
+    ws = Microagent(home).get("phoenix")
+    process = ws.spawn("i=0; while true; do echo n$i; i=$((i+1)); sleep 0.1; done")
+    assert process.read(0, wait_s=10).data.startswith(b"n0\n")
+    run = home / "workspaces" / "phoenix" / "run"
+    before = json.loads((run / "status.json").read_text())
+    vm, passt = before["vmm_pid"], before["network_helper"]["pid"]
+    memory = Path(before["memory_file"])
+
+    os.kill(before["supervisor_pid"], signal.SIGKILL)
+    _until_gone(before["supervisor_pid"])
+    _until_gone(passt)  # passt dies with its supervisor; QEMU does not
+    assert Path(f"/proc/{vm}").exists(), "the VM died with its supervisor"
+    orphan = json.loads(ok(ma(home, "--json", "status", "phoenix")).stdout)
+    assert orphan["state"] == "running" and "supervisor is gone" in orphan["detail"]
+    time.sleep(2)  # the guest counts on with no supervisor at all
+
+    top = ok(ma(home, "top", "phoenix")).stdout  # re-attaches one
+    assert f"{process.id} " in top and "running" in top
+    after = json.loads((run / "status.json").read_text())
+    assert after["vmm_pid"] == vm and after["supervisor_pid"] != before["supervisor_pid"]
+    assert after["network_helper"]["pid"] != passt
+    reattached = [e for e in events(home, "phoenix") if e["state"] == "running"][-1]
+    assert "re-attached to its VM" in reattached["detail"], reattached
+
+    data = bytearray()
+    while len(_counted(bytes(data))) < 40:
+        chunk = ws.process(process.id).read(len(data), wait_s=5)
+        assert chunk.offset == len(data) and chunk.skipped == 0
+        data += chunk.data
+    counted = _counted(bytes(data[:data.rindex(b"\n") + 1]))
+    assert counted == list(range(len(counted))), "lost or duplicated output"
+    assert fetch("127.0.0.1", port, "/index.html") == (200, PAGE)  # a new passt, same port
+    assert ws.exec("echo still here").stdout == b"still here\n"
+    assert memory.exists()
+
+    ok(ma(home, "halt", "phoenix"))
+    assert events(home, "phoenix")[-1]["state"] == "halted"
+    _until_gone(vm)
+    assert not memory.exists(), "the re-attached VM's RAM file was left"
+    ok(ma(home, "delete", "--yes", "phoenix"))

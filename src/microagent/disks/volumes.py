@@ -236,8 +236,10 @@ def volume_holder(layout: StateLayout, name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def hold_volumes(layout: StateLayout, workspace: str, names: Sequence[str]) -> Iterator[None]:
-    """Attach ``names`` to ``workspace`` for the life of the block (see the module doc).
+def hold_volumes(layout: StateLayout, workspace: str, names: Sequence[str]
+                 ) -> Iterator[list[int]]:
+    """Attach ``names`` to ``workspace`` for the life of the block (see the module doc);
+    yields the descriptors that hold them (a VMM that inherits them holds them too).
 
     Raises ConflictError naming the workspace that holds one of them; nothing stays held.
     """
@@ -245,7 +247,7 @@ def hold_volumes(layout: StateLayout, workspace: str, names: Sequence[str]) -> I
     try:
         for name in names:
             fds.append(_hold(layout, workspace, name))
-        yield
+        yield fds
     finally:
         for fd in fds:
             os.close(fd)

@@ -4,7 +4,9 @@ The supervisor holds an flock on ``run/supervisor.lock`` for its whole life, so 
 supervisor alive" is a lock probe, immune to pid reuse; the kernel drops the lock when
 the process dies, however it dies. ``run/status.json`` is the supervisor's own record
 (pids, readiness). A workspace whose last event says it is running but whose supervisor
-is gone is shown as ``failed``, never stuck as ``running``.
+is gone is shown as ``failed``, never stuck as ``running``; unless its VM runs on (QEMU
+outlives its supervisor: vm/adopt.py): then it keeps its state, ``orphaned``, until the
+next command re-attaches a supervisor (workspace/lifecycle.reattach).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from microagent.layout import RunFiles, StateLayout
 from microagent.store import read_json
 
 LIVE_STATES = frozenset({"starting", "running", "halting", "quarantined", "paused"})
+ADOPTABLE = frozenset({"running", "quarantined", "paused"})  # a VM a new supervisor takes
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class RuntimeState:
     vmm_pid: int | None = None
     vmm_alive: bool = False
     status: dict[str, Any] = field(default_factory=dict)
+    orphaned: bool = False  # its VM runs on without a supervisor: one can re-attach
 
     @property
     def has_live_process(self) -> bool:
@@ -107,10 +111,16 @@ def runtime_state(layout: StateLayout, name: str) -> RuntimeState:
     vmm_alive = same_process_alive(vmm_pid, status.get("vmm_start_time"))
     detail = event.detail if event else ""
     state = recorded
+    orphaned = False
     if recorded in LIVE_STATES and not alive:
-        state = "failed"
-        detail = (f"the supervisor is gone; the VM process {vmm_pid} still runs: kill it"
-                  if vmm_alive else "the supervisor is gone (killed or crashed)")
+        if vmm_alive and recorded in ADOPTABLE and isinstance(status.get("launch"), dict):
+            orphaned = True
+            detail = (f"its supervisor is gone; the VM (pid {vmm_pid}) runs on: the next "
+                      "command re-attaches one")
+        else:
+            state = "failed"
+            detail = (f"the supervisor is gone; the VM process {vmm_pid} still runs: kill it"
+                      if vmm_alive else "the supervisor is gone (killed or crashed)")
     return RuntimeState(state=state, detail=detail, event=event, supervisor_alive=alive,
                         supervisor_pid=status.get("supervisor_pid"), vmm_pid=vmm_pid,
-                        vmm_alive=vmm_alive, status=status)
+                        vmm_alive=vmm_alive, status=status, orphaned=orphaned)

@@ -45,12 +45,13 @@ PASTE_MODE = re.compile(rb"\x1b\[\?2004[hl]\r?")
 class ConsoleCapture:
     """Appends console output to a bounded log, reports lines, fans bytes out to sessions."""
 
-    def __init__(self, path: Path, limit: int = LOG_LIMIT) -> None:
+    def __init__(self, path: Path, limit: int = LOG_LIMIT, *, new_boot: bool = True) -> None:
         self.path = path
         self.limit = limit
-        keep_previous(path)  # the last boot's capture becomes `logs --previous`
+        if new_boot:  # the last boot's capture becomes `logs --previous`
+            keep_previous(path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.size = 0
+        self.size = os.fstat(self.fd).st_size  # a re-attached supervisor's: this boot's
         self.lost = 0  # bytes the host could not write (ENOSPC...) since the last write
         self.lost_why = ""
         self.partial = b""

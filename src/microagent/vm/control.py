@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,23 @@ def connect_unix(directory: Path, name: str, timeout: float | None = 30.0) -> so
 
 
 class SupervisorClient:
-    """Requests to one workspace's supervisor."""
+    """Requests to one workspace's supervisor. ``reattach``, when given, is called when
+    there is none to answer: True when it started one (a VM whose supervisor was lost:
+    vm/adopt.py), which is then asked."""
 
-    def __init__(self, files: RunFiles, workspace: str) -> None:
+    def __init__(self, files: RunFiles, workspace: str,
+                 reattach: Callable[[], bool] | None = None) -> None:
         self.files = files
         self.workspace = workspace
+        self.reattach = reattach
 
     def _connect(self, timeout: float | None) -> socket.socket:
         try:
             return connect_unix(self.files.dir, self.files.control_socket, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
+            if self.reattach is not None and self.reattach():
+                self.reattach = None
+                return self._connect(timeout)
             raise ConflictError(f"workspace {self.workspace} is not running",
                                 hint=f"start it: microagent start {self.workspace}") from e
         except OSError as e:

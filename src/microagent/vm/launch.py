@@ -20,10 +20,12 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microagent.disks.attachments import BootDisks, DiskSpec, prepare_boot_disks
 from microagent.disks.ext4 import journal_needs_recovery
@@ -42,10 +44,14 @@ from microagent.vm.backends.base import (
 )
 from microagent.vm.backends.qemu import QemuBackend
 from microagent.vm.passt import NetworkHelper
+
+if TYPE_CHECKING:
+    from microagent.vm.adopt import Adopted
 from microagent.vm.snapshot import ResumeOrder, read_order
 
 PR_SET_PDEATHSIG = 1
-LINK_BUFFER = 4 << 20  # each socket of the link to passt (see _socketpairs)
+LINK_BUFFER = 4 << 20  # each socket of the link to passt (see _buffers)
+LINK_WAIT = 60.0  # for QEMU to listen on the link's socket
 _SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; Python 3.11 does not name them
 
 
@@ -75,9 +81,11 @@ class FirstBoot:
     accel: AccelChoice
     tsc_khz: int | None
     holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    held_fds: tuple[int, ...] = ()  # the volumes' locks, which each QEMU inherits
     launched: Launched | None = None
     failure: str | None = None  # why nothing was launched
     volumes_failed: bool = False  # the failure was holding the volumes: no boot at all
+    adopted: Adopted | None = None  # a VM whose supervisor was lost, to re-attach to
 
 
 def take_supervisor_lock(files: RunFiles) -> int | None:
@@ -110,13 +118,14 @@ def first_boot(layout: StateLayout, name: str) -> FirstBoot:
     workspace, accel, tsc_khz = first.workspace, first.accel, first.tsc_khz
     volumes = [d.name for d in workspace.disks if d.kind == "volume"]
     try:  # held for the supervisor's life (see volumes.py)
-        first.holds.enter_context(hold_volumes(layout, name, volumes))
+        first.held_fds = tuple(first.holds.enter_context(hold_volumes(layout, name, volumes)))
     except MicroagentError as e:
         first.failure, first.volumes_failed = e.message, True
         return first
     try:
         resume = read_order(layout.run_files(name).resume_order)
-        first.launched = launch_vmm(layout, workspace, accel, tsc_khz, resume=resume)
+        first.launched = launch_vmm(layout, workspace, accel, tsc_khz, resume=resume,
+                                    inherit=first.held_fds)
     except ConflictError as e:
         first.failure = e.message
     except Exception as e:
@@ -126,10 +135,12 @@ def first_boot(layout: StateLayout, name: str) -> FirstBoot:
 
 def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, tsc_khz: int | None,
                cancelled: Callable[[], bool] = lambda: False,
-               resume: ResumeOrder | None = None) -> Launched | None:
+               resume: ResumeOrder | None = None,
+               inherit: tuple[int, ...] = ()) -> Launched | None:
     """Prepare one boot (initramfs, attached disks, the guest's RAM file, the VMM's argv)
     and start the VMM and, with a network, its passt. With ``resume``, the disks and
     the RAM are the image's (:func:`place_image`) and QEMU waits for its device state.
+    QEMU inherits ``inherit`` (the volumes' locks) and the RAM file's lock.
 
     None when ``cancelled()`` says a kill came while preparing. Raises ConflictError for
     a published port that is taken."""
@@ -148,7 +159,6 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
     attached = prepare_boot_disks(layout, files, workspace.disks,
                                   layout.workspace_bundles_dir(workspace.name))
     held = prepare_memory_file(layout, workspace.name, workspace.resources.memory_mib)
-    memory = held[0] if held is not None else None
     root = None
     try:
         if resume is not None:
@@ -160,8 +170,8 @@ def launch_vmm(layout: StateLayout, workspace: Workspace, accel: AccelChoice, ts
             for leftover in (".restoring", ".previous"):  # a killed restore's
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(workspace.rootfs.with_name(f".{workspace.rootfs.name}{leftover}"))
-        launched = _launch(layout, workspace, files, kernel, accel, tsc_khz, attached, memory,
-                           resume, root, recovery, cancelled)
+        launched = _launch(layout, workspace, files, kernel, accel, tsc_khz, attached, held,
+                           resume, root, recovery, cancelled, inherit)
     except BaseException:
         _forget_memory(held)
         put_back_root(workspace.rootfs, root)
@@ -182,47 +192,44 @@ def _forget_memory(held: tuple[Path, int] | None) -> None:
 
 def _launch(layout: StateLayout, workspace: Workspace, files: RunFiles, kernel: KernelBundle,
             accel: AccelChoice, tsc_khz: int | None, attached: BootDisks,
-            memory: Path | None, resume: ResumeOrder | None, root: Path | None,
-            recovery: bool, cancelled: Callable[[], bool]) -> Launched | None:
+            memory: tuple[Path, int] | None, resume: ResumeOrder | None, root: Path | None,
+            recovery: bool, cancelled: Callable[[], bool],
+            inherit: tuple[int, ...]) -> Launched | None:
     from microagent.network import has_network
 
-    links = _socketpairs() if has_network(workspace.network) else None
-    net_fd = links[0].fileno() if links is not None else None
-    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached, net_fd,
-                       memory_file=memory, incoming=resume is not None)
+    spec = launch_spec(workspace, files, kernel, accel, tsc_khz, attached,
+                       memory_file=memory[0] if memory is not None else None,
+                       incoming=resume is not None)
     plan = QemuBackend().plan(spec)
     if cancelled():
-        _close(links)
         return None
     for socket_name in (plan.agent_socket, plan.console_socket, plan.monitor_socket,
-                        *([plan.out_socket] if plan.out_socket else [])):
+                        *filter(None, [plan.out_socket, plan.net_socket])):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(files.dir / socket_name)
-    parent = os.getpid()
-    try:
-        with os.fdopen(open_private(files.vmm_log, os.O_WRONLY | os.O_APPEND),
-                       "ab") as vmm_log:
-            vmm_log_start = vmm_log.tell()
-            process = subprocess.Popen(
-                plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
-                stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
-                start_new_session=True, umask=PRIVATE_UMASK,  # its sockets: owner only
-                pass_fds=() if net_fd is None else (net_fd,))
-    except BaseException:
-        _close(links)
-        raise
+    # QEMU outlives a supervisor that dies (SIGKILL, the OOM killer): the guest and its
+    # background processes run on and the next command re-attaches a supervisor
+    # (vm/adopt.py). So it inherits what must stay held while it runs: the RAM file's
+    # lock and the volumes' (held for the supervisor's life otherwise)
+    keep = (*inherit, *([memory[1]] if memory is not None else []))
+    with os.fdopen(open_private(files.vmm_log, os.O_WRONLY | os.O_APPEND), "ab") as vmm_log:
+        vmm_log_start = vmm_log.tell()
+        process = subprocess.Popen(
+            plan.argv, cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=vmm_log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            umask=PRIVATE_UMASK,  # its sockets: owner only
+            pass_fds=keep)
     network = None
-    if links is not None:
+    if has_network(workspace.network):
         try:
-            network = start_network(files, workspace, links, parent)
+            network = start_network(files, workspace)
         except BaseException:
-            _close(links)
             process.kill()
             process.wait()
             raise
-        _close((links[0], links[3]))  # the children's ends: theirs now
     return Launched(process, plan, kernel, recovery, time.monotonic(), vmm_log_start, network,
-                    tuple(Path(disk.path) for disk in spec.disks), memory, resume, root)
+                    tuple(Path(disk.path) for disk in spec.disks),
+                    memory[0] if memory is not None else None, resume, root)
 
 
 def place_image(order: ResumeOrder, workspace: Workspace, files: RunFiles,
@@ -297,47 +304,74 @@ def put_back_root(rootfs: Path, previous: Path | None) -> None:
         fsync_dir(rootfs.parent)
 
 
-def _socketpairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
-    """QEMU's end, the relay's two ends, passt's end, with 4 MiB buffers each way.
+def _buffers(sock: socket.socket) -> None:
+    """4 MiB each way on a socket of the link to passt.
 
     passt drops the frames it cannot write at once and lets TCP retransmit them: with a
     socketpair's default 208 KiB, a download into a TCG guest ran at 2.3 MB/s against
     33 MB/s with 8 MiB (and 16-17 MB/s with 1 MiB or 4 MiB under other load). passt sets
     the same on the sockets it accepts; as root the size does not depend on
     ``net.core.wmem_max``."""
-    vmm, relay_vmm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    relay_helper, helper = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    for sock in (vmm, relay_vmm, relay_helper, helper):
-        for forced, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF),
-                              (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+    for forced, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                          (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, LINK_BUFFER)
+        except PermissionError:  # not root: up to net.core.[rw]mem_max
+            sock.setsockopt(socket.SOL_SOCKET, plain, LINK_BUFFER)
+
+
+def link_connector(files: RunFiles, timeout: float = LINK_WAIT
+                   ) -> Callable[[threading.Event], socket.socket | None]:
+    """How the frame relay reaches QEMU's end of the link: QEMU listens on
+    ``net.sock`` (from a moment after it starts, and again after a connection ends);
+    connected with a retry until it is there, None once ``closing`` is set. Raises
+    OSError when QEMU never listens within ``timeout``."""
+    from microagent.vm.backends.qemu import NET_SOCKET
+    from microagent.vm.control import connect_unix
+
+    def connect(closing: threading.Event) -> socket.socket | None:
+        deadline = time.monotonic() + timeout
+        while not closing.is_set():
             try:
-                sock.setsockopt(socket.SOL_SOCKET, forced, LINK_BUFFER)
-            except PermissionError:  # not root: up to net.core.[rw]mem_max
-                sock.setsockopt(socket.SOL_SOCKET, plain, LINK_BUFFER)
-    return vmm, relay_vmm, relay_helper, helper
+                sock = connect_unix(files.dir, NET_SOCKET, timeout=None)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                closing.wait(0.01)
+                continue
+            _buffers(sock)
+            return sock
+        return None
+
+    return connect
 
 
-def _close(sockets: tuple[socket.socket, ...] | None) -> None:
-    for sock in sockets or ():
-        sock.close()
-
-
-def start_network(files: RunFiles, workspace: Workspace,
-                  links: tuple[socket.socket, socket.socket, socket.socket, socket.socket],
-                  parent: int) -> NetworkHelper:
-    """Start passt on its end of ``links`` and the frame filter between it and QEMU's end.
+def start_network(files: RunFiles, workspace: Workspace) -> NetworkHelper:
+    """Start passt on one end of a socketpair and the frame filter between its other end
+    and QEMU's link (``net.sock``; a supervisor that re-attaches starts a new pair).
     Raises HostError when passt cannot be run."""
     from microagent.errors import HostError
     from microagent.network import reaches_host_loopback
     from microagent.vm.backends.base import PortSpec
-    from microagent.vm.netfilter import FramePolicy, FrameRelay
-    from microagent.vm.passt import DNS_ADDRESS, GATEWAY, PasstSpec, passt_argv, passt_problems
+    from microagent.vm.backends.qemu import GUEST_MAC
+    from microagent.vm.netfilter import FramePolicy, FrameRelay, guest_announcement
+    from microagent.vm.passt import (
+        DNS_ADDRESS,
+        GATEWAY,
+        GUEST_ADDRESS,
+        PasstSpec,
+        passt_argv,
+        passt_problems,
+    )
 
-    _, relay_vmm, relay_helper, helper = links
+    relay_helper, helper = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (relay_helper, helper):
+        _buffers(sock)
     host_loopback = reaches_host_loopback(workspace.network)
     spec = PasstSpec(helper.fileno(), host_loopback,
                      tuple(PortSpec(p.host_ip, p.host_port, p.guest_port)
                            for p in workspace.ports))
+    parent = os.getpid()
     try:
         with os.fdopen(open_private(files.network_log, os.O_WRONLY | os.O_APPEND),
                        "ab") as log:
@@ -347,11 +381,15 @@ def start_network(files: RunFiles, workspace: Workspace,
                 stderr=subprocess.STDOUT, preexec_fn=lambda: _die_with_parent(parent),
                 start_new_session=True, umask=PRIVATE_UMASK, pass_fds=(helper.fileno(),))
     except OSError as e:
+        relay_helper.close()
         problems = passt_problems()
         raise HostError(problems[0] if problems else f"cannot start passt: {e}") from e
+    finally:
+        helper.close()  # passt's now
     policy = FramePolicy(gateway=None if host_loopback else socket.inet_aton(GATEWAY),
                          dns=socket.inet_aton(DNS_ADDRESS))
-    relay = FrameRelay(relay_vmm, relay_helper, policy)
+    relay = FrameRelay(None, relay_helper, policy, link=link_connector(files),
+                       announce=guest_announcement(GUEST_MAC, GUEST_ADDRESS))
     relay.start()
     return NetworkHelper(process, relay, log_start)
 
@@ -381,8 +419,8 @@ def vmm_said(vmm_log: Path, offset: int) -> str:
 
 
 def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, accel: AccelChoice,
-                tsc_khz: int | None, attached: BootDisks, net_fd: int | None = None, *,
-                memory_file: Path | None = None, incoming: bool = False) -> LaunchSpec:
+                tsc_khz: int | None, attached: BootDisks, *, memory_file: Path | None = None,
+                incoming: bool = False) -> LaunchSpec:
     """What the backend is asked to boot for ``workspace``."""
     from microagent.network import has_network
 
@@ -394,13 +432,14 @@ def launch_spec(workspace: Workspace, files: RunFiles, kernel: KernelBundle, acc
         cmdline=guest_cmdline(hostname=workspace.hostname, network=network,
                               accel=accel.accel, tsc_khz=tsc_khz, disks=attached.params),
         disks=(DiskSpec(workspace.rootfs), *attached.disks), run_dir=files.dir,
-        network=network, accel=accel.accel, net_fd=net_fd, memory_file=memory_file,
+        network=network, accel=accel.accel, memory_file=memory_file,
         incoming=incoming,
     )
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the VMM child before exec: die with the supervisor (SIGKILL on its death)."""
+    """In passt's child before exec: die with the supervisor (SIGKILL on its death; one
+    that re-attaches starts its own)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the supervisor died before prctl took effect

@@ -159,6 +159,17 @@ def tcp_reset(frame: bytes) -> bytes:
     return ethernet + ip_header + header
 
 
+def guest_announcement(mac: str, address: str) -> bytes:
+    """A gratuitous ARP from the guest (``mac``, ``address``), framed: the first thing a
+    new passt gets. passt sends to the MAC it last saw a guest frame from and knows none
+    until then: a guest that is not booting (re-attached, restored) may send nothing for a
+    long time, and a published port's connections would go nowhere meanwhile."""
+    hardware = bytes.fromhex(mac.replace(":", ""))
+    ip = socket.inet_aton(address)
+    arp = struct.pack("!HHBBH", 1, ETHERTYPE_IPV4, 6, 4, 1) + hardware + ip + bytes(6) + ip
+    return _framed(b"\xff" * 6 + hardware + struct.pack("!H", ETHERTYPE_ARP) + arp)
+
+
 def _framed(frame: bytes) -> bytes:
     return len(frame).to_bytes(4, "big") + frame
 
@@ -167,13 +178,26 @@ class FrameRelay:
     """Frames between QEMU's socket (``vmm``) and passt's (``helper``), filtered on their
     way out of the guest. Two daemon threads; :meth:`close` ends both and closes the
     sockets. When either side goes away, the other is shut down too (QEMU then sees the
-    link's peer gone; passt, started with ``--fd``, exits)."""
+    link's peer gone; passt, started with ``--fd``, exits).
 
-    def __init__(self, vmm: socket.socket, helper: socket.socket, policy: FramePolicy) -> None:
+    With ``link`` instead of ``vmm``, the first thread makes QEMU's socket itself: QEMU
+    listens for the link (it starts at the same moment), so ``link(closing)`` connects,
+    retrying until it is there; None when :meth:`close` came first. ``announce`` goes to
+    passt once the link is there, before any frame of the guest's."""
+
+    def __init__(self, vmm: socket.socket | None, helper: socket.socket, policy: FramePolicy,
+                 link: Callable[[threading.Event], socket.socket | None] | None = None,
+                 announce: bytes = b"") -> None:
         self.vmm = vmm
+        self.announce = announce  # sent to passt first (guest_announcement)
         self.helper = helper
         self.policy = policy
         self.refused = 0  # guest frames refused or dropped
+        self._link = link
+        self._closing = threading.Event()
+        self._linked = threading.Event()  # QEMU's socket is connected
+        if vmm is not None:
+            self._linked.set()
         # passt's frames and the RSTs share the socket to QEMU: each write is whole frames
         self._to_vmm = threading.Lock()
         self._threads = [threading.Thread(target=self._guarded, args=(run,), daemon=True,
@@ -187,17 +211,21 @@ class FrameRelay:
 
     def close(self) -> None:
         """Stop relaying in both directions and close both sockets."""
+        self._closing.set()
+        self._linked.set()  # a thread waiting for the link: there will be none
         self._shut()
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(5)
-        self.vmm.close()
+        if self.vmm is not None:
+            self.vmm.close()
         self.helper.close()
 
     def _shut(self) -> None:
         for sock in (self.vmm, self.helper):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _guarded(self, run: Callable[[], None]) -> None:
         try:
@@ -207,10 +235,27 @@ class FrameRelay:
         finally:
             self._shut()
 
+    def _connect(self) -> socket.socket:
+        """QEMU's socket, connected (``link``) or given."""
+        if self.vmm is None and self._link is not None:
+            sock = self._link(self._closing)
+            with self._to_vmm:
+                if sock is not None and self._closing.is_set():
+                    sock.close()
+                    sock = None
+                self.vmm = sock
+            self._linked.set()
+        if self.vmm is None:
+            raise OSError("the relay was closed before QEMU's link was connected")
+        return self.vmm
+
     def _from_guest(self) -> None:
+        vmm = self._connect()
+        if self.announce:
+            self.helper.sendall(self.announce)
         buffer = bytearray()
         while True:
-            chunk = self.vmm.recv(CHUNK)
+            chunk = vmm.recv(CHUNK)
             if not chunk:
                 return
             buffer += chunk
@@ -242,7 +287,10 @@ class FrameRelay:
             del buffer[:offset]
 
     def _send_to_guest(self, data: bytes | memoryview) -> None:
+        self._linked.wait()
         with self._to_vmm:
+            if self.vmm is None:
+                raise OSError("no link to QEMU")
             self.vmm.sendall(data)
 
     def _to_guest(self) -> None:

@@ -156,7 +156,7 @@ def machine_of(layout: StateLayout, workspace: Workspace, kernel: KernelBundle,
         cpus=workspace.resources.cpus, kernel=Path("vmlinux"), initramfs=Path("initrd"),
         cmdline="", disks=(*((_root_spec(workspace),)), *attached.disks), run_dir=files.dir,
         network="user" if has_network(workspace.network) else "none", accel=accel.accel,
-        net_fd=3 if has_network(workspace.network) else None, memory_file=Path("memory"))
+        memory_file=Path("memory"))
     return {"qemu": qemu_version(layout.qemu_record),
             "kernel_sha256": kernel_digest(kernel), "host_cpu": host_cpu(accel.accel),
             **machine_fingerprint(qemu_argv(spec))}

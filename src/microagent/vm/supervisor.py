@@ -23,7 +23,6 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from microagent.network import port_failure
 from microagent.state.records import Workspace
 from microagent.state.runtime import process_start_time
 from microagent.store import write_json_atomic
-from microagent.vm import imaging
+from microagent.vm import adopt, imaging
 from microagent.vm.backends.base import LaunchPlan
 from microagent.vm.backends.qmp import QmpClient, QmpError
 from microagent.vm.channel import AgentChannel, LocalRequest
@@ -47,7 +46,7 @@ from microagent.vm.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.vm.passt import NetworkHelper
 from microagent.vm.protocol import FrameType
 from microagent.vm.snapshot import ResumeOrder
-from microagent.vm.vmm import PauseWatch, VmmProcess, connect_qmp, log
+from microagent.vm.vmm import Outcome, PauseWatch, VmmProcess, connect_qmp, log
 
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
@@ -59,14 +58,6 @@ RESUME_SETTLE = 1.0  # after `cont`: QEMU retries the failed writes at once
 RESUMED_WAIT = 5.0  # the agent's answer to the resumed operation
 PAUSE_EVENT_WAIT = 2.0  # after `stop`'s answer: its STOP event, to record the state
 HALT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one boot ended."""
-
-    state: str  # halted, stopped or failed
-    detail: str
 
 
 class Supervisor:
@@ -125,6 +116,7 @@ class Supervisor:
         self.image_idle.set()
         self.plan: LaunchPlan | None = None
         self.kernel: KernelBundle | None = None
+        self.volumes_held = False  # a re-attached supervisor's (see hold_volumes)
 
     # --- status -----------------------------------------------------------------------
 
@@ -155,8 +147,10 @@ class Supervisor:
         if launched is None:
             try:
                 # killed while preparing this boot (or in a restart's back-off): none
+                self.hold_volumes()  # a re-attached supervisor's first own boot
                 launched = launch_vmm(self.layout, self.workspace, self.accel, self.tsc_khz,
-                                      cancelled=lambda: self.ending)
+                                      cancelled=lambda: self.ending,
+                                      inherit=self.first.held_fds)
             except ConflictError as e:
                 return Outcome("failed", e.message)
             if launched is None:
@@ -186,7 +180,11 @@ class Supervisor:
         self.console = ConsoleCapture(self.layout.workspace_serial_log(self.name))
         self.broker.capture = self.console
         self.console_shell, self.console_checked = None, 0.0
-        self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid))
+        self.status.update(vmm_pid=self.vmm.pid, vmm_start_time=process_start_time(self.vmm.pid),
+                           launch=adopt.launch_record(plan, launched.disks),
+                           memory_file=str(self.memory_file) if self.memory_file else None,
+                           generation=self.generation, parent=self.parent)
+        self.status.pop("quarantined", None)
         if self.network is not None:
             self.status["network_helper"] = {"program": "passt", "pid": self.network.pid}
         self._save_status()
@@ -257,26 +255,33 @@ class Supervisor:
             await waiter
             return Outcome("failed", await self._guest_fatal() or reason)
         finally:
-            for task in (ready, helper_exit, *helpers, self.channel_task, self.console_probe):
-                if task is not None:
-                    task.cancel()
-            self.channel_task = None
-            if self.network is not None:  # ended by pid; it also ends with QEMU's link
-                await asyncio.to_thread(self.network.stop)
-            if self.qmp is not None:
-                self.qmp.close()
-                self.qmp = None
-            if self.memory_file is not None and self.memory_fd is not None \
-                    and self.exited.is_set():
-                from microagent.vm.memory import release_memory_file
+            await self.end_boot(ready, helper_exit, *helpers)
 
+    async def end_boot(self, *tasks: asyncio.Task[Any] | None) -> None:
+        """After one boot (or a re-attached VM) ends: its tasks, passt, QMP, the RAM file
+        and a restore's old root disk."""
+        for task in (*tasks, self.channel_task, self.console_probe):
+            if task is not None:
+                task.cancel()
+        self.channel_task = None
+        if self.network is not None:  # ended by pid; it also ends with QEMU's link
+            await asyncio.to_thread(self.network.stop)
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self.memory_file is not None and self.exited.is_set():
+            from microagent.vm.memory import release_memory_file, sweep_memory_files
+
+            if self.memory_fd is not None:
                 release_memory_file(self.memory_file, self.memory_fd)
                 self.memory_fd = None
-            if self.pending_root is not None and self.exited.is_set():
-                from microagent.vm.launch import put_back_root
+            else:  # a re-attached VM's: its lock was QEMU's
+                sweep_memory_files()
+        if self.pending_root is not None and self.exited.is_set():
+            from microagent.vm.launch import put_back_root
 
-                with contextlib.suppress(OSError):  # a restore that did not load
-                    put_back_root(self.workspace.rootfs, self.pending_root)
+            with contextlib.suppress(OSError):  # a restore that did not load
+                put_back_root(self.workspace.rootfs, self.pending_root)
 
     def _network_failure(self) -> str:
         """Why passt ended during the boot: a published port taken since the check, or
@@ -409,11 +414,13 @@ class Supervisor:
             return Outcome("suspended", "its memory is saved; `start` resumes it")
         if self.intent == "stop":
             return Outcome("stopped", "stopped by request")
-        if code == 0 and reason in (None, "guest-shutdown"):
+        if reason == "guest-shutdown" or (code == 0 and reason is None):
             return Outcome("stopped", "the guest powered off")
         if reason in ("guest-reset", "guest-panic"):
             return Outcome("failed", f"the guest rebooted or panicked ({reason})")
-        return Outcome("failed", f"the VM process ended unexpectedly (status {code})")
+        return Outcome("failed", "the VM process ended unexpectedly" + (
+            f" (status {code})" if (code is not None and code >= 0) or not self.first.adopted
+            else ""))
 
     async def _kill_vmm(self) -> None:
         if self.vmm is not None and self.vmm.returncode is None:
@@ -512,6 +519,7 @@ class Supervisor:
         if self.channel is None or not hello or "resumed" not in hello.get("features", ()):
             return None
         self.generation += 1
+        self.status["generation"] = self.generation  # a re-attached supervisor goes on
         request: dict[str, Any] = {
             "op": "resumed", "time_ns": time.time_ns(), "entropy": os.urandom(32).hex(),
             "generation": self.generation}
@@ -708,6 +716,7 @@ class Supervisor:
         failures = 0
         holds = self.first.holds  # the volumes, held for the supervisor's life
         launched, failure = self.first.launched, self.first.failure  # the first boot's
+        adopted = self.first.adopted  # or the VM a lost supervisor left (vm/adopt.py)
         try:
             if self.first.volumes_failed:
                 self.outcome = Outcome("failed", failure or "")
@@ -718,12 +727,14 @@ class Supervisor:
                 try:
                     if failure is not None:
                         outcome = Outcome("failed", failure)
+                    elif adopted is not None:
+                        outcome = await adopt.watch_adopted(self, adopted)
                     else:
                         outcome = await self.boot_once(launched)
                 except Exception as e:
                     await self._kill_vmm()
                     outcome = Outcome("failed", f"could not boot: {e}")
-                launched, failure = None, None  # restarts launch their own
+                launched, failure, adopted = None, None, None  # restarts launch their own
                 if self.intent == "stop-failed":
                     outcome = Outcome("stopped", "the guest exited after a failed stop")
                 self.outcome = outcome
@@ -754,6 +765,19 @@ class Supervisor:
             server.close()
             holds.close()
             remove_bundle_disks(self.files, self.workspace.disks)
+
+    def hold_volumes(self) -> None:
+        """The volumes, held from now for the supervisor's life: a re-attached supervisor
+        starts without (the VM it found holds them) and takes them before a boot of its
+        own. Raises ConflictError when another workspace took one meanwhile."""
+        if self.first.adopted is None or self.volumes_held:
+            return
+        from microagent.disks.volumes import hold_volumes
+
+        volumes = [d.name for d in self.workspace.disks if d.kind == "volume"]
+        self.first.held_fds = tuple(self.first.holds.enter_context(
+            hold_volumes(self.layout, self.name, volumes)))
+        self.volumes_held = True
 
     def _on_signal(self, signum: int) -> None:
         """SIGTERM, SIGINT, SIGHUP: halt as ``halt`` does, then end (``run`` returns once
@@ -790,7 +814,7 @@ def run_supervisor(layout: StateLayout, name: str, boot_timeout: float,
     finally:
         for leftover in (files.status, files.initramfs, files.dir / "agent.sock",
                          files.dir / "agent-out.sock", files.dir / "console.sock",
-                         files.dir / "qmp.sock",
+                         files.dir / "qmp.sock", files.dir / "net.sock",
                          files.dir / files.control_socket):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()

@@ -28,6 +28,14 @@ from typing import Any
 from microagent.vm.backends.qmp import QmpClient
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one boot ended."""
+
+    state: str  # halted, stopped or failed
+    detail: str
+
+
 class VmmProcess:
     """The VMM child, started outside the event loop (:mod:`microagent.vm.launch`) and
     awaited through a pidfd (a thread on kernels before 5.3)."""

@@ -20,9 +20,9 @@ from types import FrameType
 from microagent.errors import ConflictError, MicroagentError, UsageError
 from microagent.errors import ConsoleTimeoutError as ConsoleTimeoutError
 from microagent.layout import StateLayout
-from microagent.vm.control import SupervisorClient
 from microagent.workspace.execution import local_terminal, terminal_size
 from microagent.workspace.lifecycle import require_running
+from microagent.workspace.supervisors import supervisor_of
 
 ESCAPE = 0x1D  # Ctrl-], as telnet and virsh console
 MAX_LINE = 256 * 1024
@@ -59,7 +59,7 @@ def send_line(layout: StateLayout, name: str, line: str,
     if timeout <= 0:
         raise UsageError("--timeout must be positive")
     _require_shell(layout, name)
-    answer = SupervisorClient(layout.run_files(name), name).request(
+    answer = supervisor_of(layout, name).request(
         "console-send", timeout=timeout + 15, line=line, wait=timeout, pid=os.getpid())
     output = base64.b64decode(answer.get("output", ""))
     if answer.get("incomplete"):
@@ -88,7 +88,7 @@ def attach_console(layout: StateLayout, name: str) -> str:
         raise UsageError("connect needs a terminal on standard input",
                          hint=f'for scripts, send one line: microagent connect {name} '
                               f'--send "COMMAND"')
-    client = SupervisorClient(layout.run_files(name), name)
+    client = supervisor_of(layout, name)
     rows, cols = terminal_size()
     sock = client.open_console(rows, cols)
     sys.stderr.write(f"Connected to the console of {name}. Detach with Ctrl-]; "

@@ -52,8 +52,8 @@ from microagent.state.snapshots import resume_manifest
 from microagent.store import file_lock
 from microagent.vm.agent import AgentClient, ExecRequest
 from microagent.vm.agentfiles import AgentFileError, get_file, put_file
-from microagent.vm.control import SupervisorClient
 from microagent.workspace.copytar import GUEST_PATH, tar_from_guest, tar_into_guest, write_tar
+from microagent.workspace.supervisors import supervisor_of
 
 PROBE_TIMEOUT = 30.0  # the path probe is one `sh`: a guest that takes longer is stuck
 PROBE_GRACE = 10.0  # beyond the guest's own timeout, before the host gives up
@@ -141,7 +141,7 @@ def _run(layout: StateLayout, name: str,
                             hint=f"start it first, or `microagent start --cold {name}` "
                                  "(the memory is discarded)")
     if state.state == "running":
-        sock = SupervisorClient(layout.run_files(name), name).open_channel()
+        sock = supervisor_of(layout, name).open_channel()
         client = AgentClient(sock)
         try:
             client.hello()

@@ -39,9 +39,9 @@ from microagent.layout import StateLayout
 from microagent.state.records import Workspace
 from microagent.state.runtime import runtime_state
 from microagent.vm.agent import AgentClient, ExecRequest, ExecResult
-from microagent.vm.control import SupervisorClient
 from microagent.vm.protocol import ProtocolError
 from microagent.workspace.lifecycle import running_record, supervisor_pause
+from microagent.workspace.supervisors import supervisor_of
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # with -t: end at once
@@ -112,7 +112,7 @@ def run_exec(layout: StateLayout, name: str, options: ExecOptions, *,
                                         *options.env))
     request = build_request(ws, options, terminal_size() if options.tty else None)
     begun = now_iso()
-    sock, stdout_port = SupervisorClient(layout.run_files(name), name).open_channel_with_port(
+    sock, stdout_port = supervisor_of(layout, name).open_channel_with_port(
         not options.tty)
     client = AgentClient(sock)
     try:

@@ -19,7 +19,7 @@ from microagent.state.records import get_workspace
 from microagent.state.runtime import runtime_state
 from microagent.vm.agent import AgentClient
 from microagent.vm.agentfiles import GuestEntry
-from microagent.vm.control import SupervisorClient
+from microagent.workspace.supervisors import supervisor_of
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def agent_session(layout: StateLayout, name: str, doing: str) -> Iterator[AgentC
     if state.state != "running":
         raise ConflictError(f"workspace {name} is {state.state}: {doing} needs it running",
                             hint=f"microagent start {name}")
-    client = AgentClient(SupervisorClient(layout.run_files(name), name).open_channel())
+    client = AgentClient(supervisor_of(layout, name).open_channel())
     try:
         client.hello()
         yield client

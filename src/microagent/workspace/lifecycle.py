@@ -32,7 +32,7 @@ from microagent.errors import (
 )
 from microagent.errors import StartError as StartError
 from microagent.events import append_event, read_events
-from microagent.layout import PRIVATE_UMASK, StateLayout
+from microagent.layout import StateLayout
 from microagent.progress import NullProgress, Progress
 from microagent.state.records import (
     BrokenWorkspaceError,
@@ -40,15 +40,23 @@ from microagent.state.records import (
     get_workspace,
     require_workspace,
 )
-from microagent.state.runtime import RuntimeState, runtime_state, supervisor_alive
-from microagent.store import ensure_dir, file_lock, open_private
-from microagent.vm.control import SupervisorClient
-from microagent.workspace.logs import capture_tail
+from microagent.state.runtime import (
+    ADOPTABLE,
+    RuntimeState,
+    runtime_state,
+    same_process_alive,
+    supervisor_alive,
+)
+from microagent.store import ensure_dir, file_lock
+from microagent.workspace.supervisors import (
+    DEFAULT_START_TIMEOUT,
+    spawn_supervisor,
+    supervisor_of,
+    until_supervising,
+    wait_started,
+)
 
-DEFAULT_START_TIMEOUT = 120.0
 RUNNING = frozenset({"starting", "running", "halting"})
-SETTLED = frozenset({"running", "failed", "stopped", "halted"})
-SUPERVISOR_END_WAIT = 5.0  # after a failed boot's final event
 STATUS_WAIT = 30.0  # the supervisor's status probe is bounded well within this
 HALTABLE = frozenset({"running", "quarantined", "paused"})
 
@@ -65,7 +73,29 @@ def boot_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_S
     """Boot ``name`` and return once the guest is ready for exec (``start`` without a
     pending setup: workspace/start.py). A suspended workspace, or a fork's first start,
     resumes from its memory instead (not with ``cold``); ``from_snapshot`` restores the
-    snapshot of that tag (workspace/snapshots.py ``plan_resume``)."""
+    snapshot of that tag (workspace/snapshots.py ``plan_resume``). A workspace whose VM
+    ran on without its supervisor gets one again instead (:func:`reattach`)."""
+    progress = progress or NullProgress()
+    validate_name(name)
+    with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
+        current = runtime_state(layout, name)
+        skip = len(read_events(layout.workspace_events(name)))
+        if current.orphaned and from_snapshot is None and not cold:
+            supervisor = spawn_supervisor(layout, name, timeout, adopt=True)
+            ok = ADOPTABLE
+        else:
+            supervisor = _boot_locked(layout, name, current, timeout, progress,
+                                      from_snapshot, cold)
+            skip, ok = skip + 1, frozenset({"running"})  # after its `starting`
+        until_supervising(layout, name, supervisor)
+    return wait_started(layout, name, supervisor, skip, timeout, ok=ok)
+
+
+def _boot_locked(layout: StateLayout, name: str, current: RuntimeState, timeout: float,
+                 progress: Progress, from_snapshot: str | None,
+                 cold: bool) -> subprocess.Popen[bytes]:
+    """:func:`boot_workspace`'s checks, under the workspace's lock, and the supervisor
+    spawned (its ``starting`` event recorded first)."""
     from microagent.disks.attachments import check_before_start
     from microagent.guest import agent_binary
     from microagent.network import check_ports_free, has_network
@@ -76,117 +106,69 @@ def boot_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_S
     from microagent.vm.snapshot import write_order
     from microagent.workspace.snapshots import plan_resume
 
-    progress = progress or NullProgress()
-    validate_name(name)
-    with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
-        workspace = get_workspace(layout, name)
+    workspace = get_workspace(layout, name)
+    paused = supervisor_pause(layout, name, current) if current.state in RUNNING else None
+    if paused is not None:  # not in its events yet: the disk is full
+        raise ConflictError(f"workspace {name} is paused: {paused}; it runs already",
+                            hint=f"resume it: microagent resume {name}")
+    if current.state in RUNNING:
+        raise ConflictError(f"workspace {name} is already running")
+    if current.state == "quarantined":
+        raise ConflictError(f"workspace {name} is quarantined",
+                            hint="halt, stop or kill it first")
+    if current.state == "paused":
+        raise ConflictError(f"workspace {name} is paused: {current.detail}; it runs "
+                            "already", hint=f"resume it: microagent resume {name}")
+    if current.vmm_alive and not current.supervisor_alive and current.event is not None \
+            and current.event.state == "starting":
+        _end_unfinished_start(layout, name, current)  # its supervisor died booting it
         current = runtime_state(layout, name)
-        paused = supervisor_pause(layout, name, current) if current.state in RUNNING \
-            else None
-        if paused is not None:  # not in its events yet: the disk is full
-            raise ConflictError(f"workspace {name} is paused: {paused}; it runs already",
-                                hint=f"resume it: microagent resume {name}")
-        if current.state in RUNNING:
-            raise ConflictError(f"workspace {name} is already running")
-        if current.state == "quarantined":
-            raise ConflictError(f"workspace {name} is quarantined",
-                                hint="halt, stop or kill it first")
-        if current.state == "paused":
-            raise ConflictError(f"workspace {name} is paused: {current.detail}; it runs "
-                                "already", hint=f"resume it: microagent resume {name}")
-        if current.has_live_process:
-            raise ConflictError(f"workspace {name} still has a VM process "
-                                f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
-        # volumes there (never re-created) and not held elsewhere; --disk and bundle files
-        check_before_start(layout, name, workspace.disks)
-        check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
-        problems = QemuBackend().check_host()
-        if has_network(workspace.network):
-            problems += passt_problems()
-        if problems:
-            raise HostError("; ".join(problems))
-        workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use
-        agent_binary()
-        order = plan_resume(layout, workspace, current.state, from_snapshot=from_snapshot,
-                            cold=cold, progress=progress)
-        accel = choose_accel()
-        if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):
-            progress.step(f"notice: {accel.reason}")
-        files = layout.run_files(name)
-        shutil.rmtree(files.dir, ignore_errors=True)
-        ensure_dir(files.dir)
-        if order is not None:
-            write_order(files.resume_order, order)
-        events_before = len(read_events(layout.workspace_events(name)))
-        how = "boot" if order is None else {"restored": f"restore from {order.label}",
-                                            "forked": f"fork from {order.label}"}.get(
-            order.kind, "resume from its suspended memory")
-        append_event(layout.workspace_events(name), "starting", f"{how} ({accel.accel})")
-        supervisor = _spawn_supervisor(layout, name, timeout)
+    if current.has_live_process:
+        raise ConflictError(f"workspace {name} still has a VM process "
+                            f"(pid {current.vmm_pid})", hint=f"microagent kill {name}")
+    # volumes there (never re-created) and not held elsewhere; --disk and bundle files
+    check_before_start(layout, name, workspace.disks)
+    check_ports_free(workspace.ports)  # a taken --publish port, before QEMU says so
+    problems = QemuBackend().check_host()
+    if has_network(workspace.network):
+        problems += passt_problems()
+    if problems:
+        raise HostError("; ".join(problems))
+    workspace_kernel(layout, workspace, install_if_missing=True)  # default: on first use
+    agent_binary()
+    order = plan_resume(layout, workspace, current.state, from_snapshot=from_snapshot,
+                        cold=cold, progress=progress)
+    accel = choose_accel()
+    if accel.accel == "tcg" and not os.environ.get("MICROAGENT_ACCEL"):
+        progress.step(f"notice: {accel.reason}")
+    files = layout.run_files(name)
+    shutil.rmtree(files.dir, ignore_errors=True)
+    ensure_dir(files.dir)
+    if order is not None:
+        write_order(files.resume_order, order)
+    how = "boot" if order is None else {"restored": f"restore from {order.label}",
+                                        "forked": f"fork from {order.label}"}.get(
+        order.kind, "resume from its suspended memory")
+    append_event(layout.workspace_events(name), "starting", f"{how} ({accel.accel})")
+    return spawn_supervisor(layout, name, timeout)
+
+
+def _end_unfinished_start(layout: StateLayout, name: str, state: RuntimeState) -> None:
+    """The VM of a start whose supervisor died before it was running (booting, loading a
+    memory image): nothing can take it over; ended, so that this start boots again."""
+    from microagent.vm.memory import sweep_memory_files
+
+    pid, started = state.vmm_pid, state.status.get("vmm_start_time")
+    if pid and same_process_alive(pid, started):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while not supervisor_alive(files) and supervisor.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return _wait_started(layout, name, supervisor, events_before + 1, timeout)
-
-
-def _spawn_supervisor(layout: StateLayout, name: str, timeout: float) -> subprocess.Popen[bytes]:
-    log = layout.workspace_supervisor_log(name)
-    with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "microagent.vm._supervise", "--state-dir", str(layout.root),
-             "--timeout", str(timeout), name],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            close_fds=True, cwd="/", umask=PRIVATE_UMASK,
-        )
-
-
-def _wait_started(layout: StateLayout, name: str, supervisor: subprocess.Popen[bytes],
-                  skip: int, timeout: float) -> RuntimeState:
-    deadline = time.monotonic() + timeout + 30
-    while time.monotonic() < deadline:
-        events = read_events(layout.workspace_events(name))[skip:]
-        settled = [e for e in events if e.state in SETTLED]
-        if settled and settled[0].state == "running":
-            return runtime_state(layout, name)
-        if settled:
-            _wait_supervisor_end(layout, name, supervisor, skip + events.index(settled[0]))
-            raise _boot_failure(layout, name, settled[0].detail)
-        if supervisor.poll() is not None and not supervisor_alive(layout.run_files(name)):
-            state = runtime_state(layout, name)
-            if state.state == "running":
-                return state
-            raise _boot_failure(layout, name, "the supervisor exited: " +
-                                _tail(layout.workspace_supervisor_log(name), 5))
-        time.sleep(0.01)  # a few small reads per poll: start returns as soon as it can
-    raise _boot_failure(layout, name, "timed out waiting for the supervisor")
-
-
-def _wait_supervisor_end(layout: StateLayout, name: str,
-                         supervisor: subprocess.Popen[bytes], failed_at: int) -> None:
-    """After a failed boot the supervisor still cleans up (sockets, held volumes) for a
-    moment: return once it has exited, so that the caller may delete the workspace at
-    once; or when a restart policy boots again (a newer ``starting`` event)."""
-    deadline = time.monotonic() + SUPERVISOR_END_WAIT
-    while supervisor.poll() is None and time.monotonic() < deadline:
-        later = read_events(layout.workspace_events(name))[failed_at + 1:]
-        if any(e.state == "starting" for e in later):
-            return
-        time.sleep(0.01)
-
-
-def _tail(path: Any, lines: int) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-def _boot_failure(layout: StateLayout, name: str, detail: str) -> StartError:
-    tail = capture_tail(layout.workspace_serial_log(name), 25)
-    message = f"workspace {name} failed to start: {detail}\nlast console lines:\n"
-    message += ("\n".join(f"  {x}" for x in tail.splitlines()) if tail.strip()
-                else "  (none: the guest printed nothing on its console yet)")
-    return StartError(message, hint=f"the full console is in `microagent logs {name}`")
+        while same_process_alive(pid, started) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        append_event(layout.workspace_events(name), "failed",
+                     f"the unfinished start's VM process {pid} was ended (its supervisor "
+                     "was gone)")
+    sweep_memory_files()
 
 
 def require_running(layout: StateLayout, name: str, verb: str) -> RuntimeState:
@@ -238,7 +220,7 @@ def halt_workspace(layout: StateLayout, name: str, *, grace_ms: int = 10_000) ->
         state = runtime_state(layout, name)
     if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
-    answer = SupervisorClient(layout.run_files(name), name).request(
+    answer = supervisor_of(layout, name).request(
         "halt", timeout=grace_ms / 1000 + 60, grace_ms=grace_ms)
     _wait_supervisor_gone(layout, name, 30)
     final = str(answer.get("state", "halted"))
@@ -255,7 +237,7 @@ def stop_workspace(layout: StateLayout, name: str) -> str:
     state = runtime_state(layout, name)
     if state.state not in HALTABLE:
         raise ConflictError(f"workspace {name} is not running (state {state.state})")
-    answer = SupervisorClient(layout.run_files(name), name).request("stop", timeout=30)
+    answer = supervisor_of(layout, name).request("stop", timeout=30)
     if answer.get("state") != "stopped":
         raise MicroagentError(f"workspace {name} did not stop within 5 seconds; "
                               "it is marked failed and its VM is left running",
@@ -275,7 +257,7 @@ def pause_workspace(layout: StateLayout, name: str) -> str:
     if state.state != "running":
         raise ConflictError(f"workspace {name} is not running (state {state.state})",
                             hint="pause stops a running workspace's vCPUs")
-    SupervisorClient(layout.run_files(name), name).request("pause", timeout=30)
+    supervisor_of(layout, name).request("pause", timeout=30)
     return "paused"
 
 
@@ -288,7 +270,7 @@ def resume_workspace(layout: StateLayout, name: str) -> str:
     state = runtime_state(layout, name)
     if state.state != "paused" and supervisor_pause(layout, name, state) is None:
         raise ConflictError(f"workspace {name} is not paused (state {state.state})")
-    SupervisorClient(layout.run_files(name), name).request("resume", timeout=30)
+    supervisor_of(layout, name).request("resume", timeout=30)
     return "running"
 
 
@@ -298,7 +280,7 @@ def supervisor_pause(layout: StateLayout, name: str, state: RuntimeState) -> str
     if not state.supervisor_alive or state.state != "running":
         return None
     with contextlib.suppress(MicroagentError, OSError):
-        answer = SupervisorClient(layout.run_files(name), name).request("status", timeout=10)
+        answer = supervisor_of(layout, name).request("status", timeout=10)
         paused = answer.get("status", {}).get("paused")
         if isinstance(paused, dict):
             return str(paused.get("reason", "paused"))
@@ -315,7 +297,7 @@ def kill_workspace(layout: StateLayout, name: str) -> str:
     sweep_memory_files()  # a SIGKILLed supervisor's RAM file, if any
     if state.supervisor_alive:
         with contextlib.suppress(MicroagentError):
-            SupervisorClient(layout.run_files(name), name).request("kill", timeout=30)
+            supervisor_of(layout, name).request("kill", timeout=30)
         if _wait_supervisor_gone(layout, name, 30):
             return "stopped"
         if state.supervisor_pid:
@@ -356,7 +338,7 @@ def workspace_status(layout: StateLayout, name: str, *, probe: bool = True) -> d
     current, detail = state.state, state.detail
     if state.supervisor_alive and state.state in ("running", "paused"):
         try:
-            status = SupervisorClient(layout.run_files(name), name).request(
+            status = supervisor_of(layout, name).request(
                 "status", timeout=STATUS_WAIT, probe=probe)["status"]
         except UnresponsiveError as e:  # a frozen supervisor: say so, from its record
             status = {**status, "readiness": {**status.get("readiness", {}), "execReady": {

@@ -15,7 +15,7 @@ from microagent.errors import ConflictError
 from microagent.layout import StateLayout
 from microagent.state.records import get_workspace
 from microagent.state.runtime import runtime_state
-from microagent.vm.control import SupervisorClient
+from microagent.workspace.supervisors import supervisor_of
 
 
 def quarantine_workspace(layout: StateLayout, name: str) -> str:
@@ -29,5 +29,5 @@ def quarantine_workspace(layout: StateLayout, name: str) -> str:
     if state.state != "running":
         raise ConflictError(f"workspace {name} is not running (state {state.state})",
                             hint="only a running workspace can be quarantined")
-    answer = SupervisorClient(layout.run_files(name), name).request("quarantine", timeout=60)
+    answer = supervisor_of(layout, name).request("quarantine", timeout=60)
     return str(answer.get("state", "quarantined"))

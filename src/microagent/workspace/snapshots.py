@@ -28,8 +28,8 @@ from microagent.state.snapshots import (
     resume_manifest,
     validate_tag,
 )
-from microagent.vm.control import SupervisorClient
 from microagent.vm.snapshot import ResumeOrder
+from microagent.workspace.supervisors import supervisor_of
 
 IMAGE_TIMEOUT = 600.0  # the supervisor copies the RAM and the disks: large ones take long
 RESTORABLE = frozenset({"halted", "stopped", "failed", "suspended", "prepared"})
@@ -42,7 +42,7 @@ def snapshot_workspace(layout: StateLayout, name: str, tag: str | None = None) -
     get_workspace(layout, name)
     tag = validate_tag(tag) if tag else default_tag(layout, name)
     _refuse_unless_live(layout, name, "snapshot")
-    SupervisorClient(layout.run_files(name), name).request("snapshot", timeout=IMAGE_TIMEOUT,
+    supervisor_of(layout, name).request("snapshot", timeout=IMAGE_TIMEOUT,
                                                            tag=tag)
     return get_snapshot(layout, name, tag)
 
@@ -53,7 +53,7 @@ def suspend_workspace(layout: StateLayout, name: str) -> dict[str, Any]:
     validate_name(name)
     get_workspace(layout, name)
     _refuse_unless_live(layout, name, "suspend")
-    answer = SupervisorClient(layout.run_files(name), name).request(
+    answer = supervisor_of(layout, name).request(
         "suspend", timeout=IMAGE_TIMEOUT)
     deadline = time.monotonic() + 30  # it ends the VM, then exits
     while supervisor_alive(layout.run_files(name)) and time.monotonic() < deadline:

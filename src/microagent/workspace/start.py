@@ -11,13 +11,9 @@ from microagent.layout import StateLayout
 from microagent.progress import Progress
 from microagent.state.runtime import RuntimeState, runtime_state
 from microagent.state.setup import setup_pending
-from microagent.workspace.lifecycle import (
-    DEFAULT_START_TIMEOUT,
-    boot_workspace,
-    halt_workspace,
-    stderr_sink,
-)
+from microagent.workspace.lifecycle import boot_workspace, halt_workspace, stderr_sink
 from microagent.workspace.provision import run_pending_setup
+from microagent.workspace.supervisors import DEFAULT_START_TIMEOUT
 
 
 def start_workspace(layout: StateLayout, name: str, *, timeout: float = DEFAULT_START_TIMEOUT,

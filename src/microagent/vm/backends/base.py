@@ -42,9 +42,8 @@ class LaunchSpec:
     cmdline: str
     disks: tuple[DiskSpec, ...]
     run_dir: Path
-    network: str = "user"  # a user-mode network (passt, on net_fd) or "none"
+    network: str = "user"  # a user-mode network (passt, through the supervisor) or "none"
     accel: str = "tcg"
-    net_fd: int | None = None  # QEMU's end of the link to the network helper, inherited
     memory_file: Path | None = None  # guest RAM in this shared file (vm/memory.py), else anon
     incoming: bool = False  # wait for a memory image (``-incoming defer``) instead of booting
 
@@ -63,6 +62,7 @@ class LaunchPlan:
     agent_socket: str
     monitor_socket: str
     out_socket: str | None = None  # the output port's, if the VMM has one
+    net_socket: str | None = None  # the link to the network helper, if the VM has one
     notices: tuple[str, ...] = field(default=())
 
 

@@ -15,6 +15,8 @@ CONSOLE_SOCKET = "console.sock"
 AGENT_SOCKET = "agent.sock"
 OUT_SOCKET = "agent-out.sock"
 QMP_SOCKET = "qmp.sock"
+NET_SOCKET = "net.sock"  # the link to passt, through the supervisor's frame filter
+GUEST_MAC = "52:54:00:12:34:56"  # QEMU's default for the first NIC, said (netfilter.py)
 AGENT_PORT_NAME = "microagent"
 OUT_PORT_NAME = "microagent-out"  # one exec's stdout, raw (docs/protocol.md)
 TCG_CPU = "max,-erms,-fsrm"
@@ -41,6 +43,7 @@ class QemuBackend:
             agent_socket=AGENT_SOCKET,
             out_socket=OUT_SOCKET,
             monitor_socket=QMP_SOCKET,
+            net_socket=NET_SOCKET if spec.network != "none" else None,
         )
 
 
@@ -84,12 +87,12 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
             device += f",serial={_escape(disk.serial)}"
         argv += ["-drive", drive, "-device", device]
     if spec.network != "none":
-        if spec.net_fd is None:
-            raise ValueError("a user-mode network needs the link's descriptor (net_fd)")
-        # the link to passt (microagent.vm.passt) is a socket QEMU inherits, already
-        # connected: nothing in the run directory, no moment where QEMU waits for passt
-        netdev = f"stream,id=net0,server=off,addr.type=fd,addr.str={spec.net_fd}"
-        argv += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
+        # the link to passt (microagent.vm.passt) is a socket QEMU listens on and the
+        # supervisor's frame filter connects to: QEMU takes a new connection when the old
+        # one goes (a supervisor that died and the one that re-attaches, vm/adopt.py);
+        # frames the guest sends while nothing is connected are dropped, as on a cable
+        netdev = f"stream,id=net0,server=on,addr.type=unix,addr.path={NET_SOCKET}"
+        argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}"]
     argv += [
         # port 0 is for consoles: the agent channel is port 1, the output port 2
         "-device", "virtio-serial-device,max_ports=3",
