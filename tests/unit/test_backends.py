@@ -17,7 +17,7 @@ SPEC = LaunchSpec(
     initramfs=Path("/run/boot.cpio"), cmdline="console=ttyS0 quiet",
     disks=(DiskSpec(Path("/ws/rootfs.ext4")),
            DiskSpec(Path("/v/a,b.ext4"), True, "data", "ma-disk1")),
-    run_dir=Path("/ws/run"), network="user", accel="tcg", net_fd=7,
+    run_dir=Path("/ws/run"), network="user", accel="tcg",
 )
 
 GOLDEN = [
@@ -33,7 +33,7 @@ GOLDEN = [
     "-drive", "id=disk1,file=/v/a,,b.ext4,format=raw,if=none,cache=writeback,discard=unmap,"
               "readonly=on",
     "-device", "virtio-blk-device,drive=disk1,serial=ma-disk1",
-    "-netdev", "stream,id=net0,server=off,addr.type=fd,addr.str=7",
+    "-netdev", "stream,id=net0,server=on,addr.type=unix,addr.path=net.sock",
     "-device", "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
     "-device", "virtio-serial-device,max_ports=3",
     "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
@@ -76,11 +76,11 @@ def test_passt_argv_is_golden() -> None:
                                                 tsc_khz=None)
 
 
-def test_a_network_without_its_link_is_a_bug() -> None:
+def test_the_network_link_is_a_socket_in_the_run_directory() -> None:
     from dataclasses import replace
 
-    with pytest.raises(ValueError, match="net_fd"):
-        QemuBackend().plan(replace(SPEC, net_fd=None))
+    assert QemuBackend().plan(SPEC).net_socket == "net.sock"
+    assert QemuBackend().plan(replace(SPEC, network="none")).net_socket is None
 
 
 def test_kvm_and_no_network_variants() -> None:

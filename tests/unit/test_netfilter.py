@@ -8,7 +8,9 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from microagent.vm.netfilter import (
     FrameRelay,
     Verdict,
     _checksum,
+    guest_announcement,
     tcp_reset,
     verdict,
 )
@@ -259,3 +262,61 @@ def test_by_default_the_gateway_refuses_at_once(
     while reader.next()[0] != tcp_reset(syn):  # passt's own frames, if any, may come first
         pass
     assert relay.refused == 1
+
+
+def test_a_relay_that_connects_later_announces_the_guest_first(tmp_path: Path) -> None:
+    """The link's QEMU end is a socket QEMU listens on from a moment after it starts (and
+    again after a supervisor is lost): the relay connects once it is there; passt gets
+    the guest's gratuitous ARP first (so that it knows where to send), then the guest's
+    frames; QEMU gets passt's."""
+    path = tmp_path / "net.sock"
+
+    def link(closing: threading.Event) -> socket.socket | None:
+        while not closing.is_set():
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(str(path))
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                closing.wait(0.01)
+        return None
+
+    relay_helper, helper = socket.socketpair()
+    helper.settimeout(10)
+    announcement = guest_announcement("52:54:00:12:34:56", "10.0.2.15")
+    relay = FrameRelay(None, relay_helper, DEFAULT, link=link, announce=announcement)
+    relay.start()
+    with socket.socket(socket.AF_UNIX) as listener:  # QEMU, listening only now
+        listener.bind(str(path))
+        listener.listen(1)
+        vmm, _ = listener.accept()
+    with vmm:
+        vmm.settimeout(10)
+        vmm.sendall(framed(arp_request("10.0.2.2")))
+        (first, second) = FrameReader(helper).next(2)
+        assert framed(first) == announcement
+        assert first[:6] == b"\xff" * 6 and first[6:12] == GUEST_MAC  # passt learns the MAC
+        assert first[12:14] == b"\x08\x06" and first[-4:] == socket.inet_aton("10.0.2.15")
+        assert second == arp_request("10.0.2.2")
+        helper.sendall(framed(b"\x00" * 60))
+        assert FrameReader(vmm).next() == [b"\x00" * 60]
+    relay.close()
+    helper.close()
+
+
+def test_a_relay_closed_before_qemu_listens_ends_quietly() -> None:
+    relay_helper, helper = socket.socketpair()
+    asked = threading.Event()
+
+    def never(closing: threading.Event) -> socket.socket | None:
+        asked.set()
+        closing.wait(30)
+        return None
+
+    relay = FrameRelay(None, relay_helper, DEFAULT, link=never)
+    relay.start()
+    assert asked.wait(10)
+    relay.close()  # does not wait for a link that will never come
+    assert helper.recv(1) == b""  # passt's end closed: it exits
+    helper.close()

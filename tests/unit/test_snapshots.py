@@ -58,7 +58,7 @@ def test_the_fingerprint_leaves_out_what_may_differ() -> None:
     boot = machine_fingerprint(qemu_argv(dataclasses.replace(
         SPEC, memory_file=Path("/a.mem"))))
     restore = machine_fingerprint(qemu_argv(dataclasses.replace(
-        SPEC, name="fork", memory_file=Path("/b.mem"), incoming=True, net_fd=9,
+        SPEC, name="fork", memory_file=Path("/b.mem"), incoming=True,
         cmdline="other", run_dir=Path("/elsewhere"), kernel=Path("/k2"))))
     assert boot == restore
     assert boot["memory_backend"] == "file,share=on" and boot["memory"] == "2048M"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from microagent.state.runtime import same_process_alive
 from tests.support.fixtures import MICROAGENT, PushedImage
 from tests.vm.cli import events, ma, ok, qemu_pids
 
@@ -198,21 +199,37 @@ def test_two_workspaces_at_once_and_kill_then_recover(home: Path,
     ok(ma(home, "halt", "two"))
 
 
-def test_supervisor_killed_takes_the_vm_with_it(home: Path,
-                                                busybox_image: PushedImage) -> None:
+def test_supervisor_killed_leaves_the_vm_which_start_reattaches_and_kill_ends(
+        home: Path, busybox_image: PushedImage) -> None:
+    """QEMU outlives a SIGKILLed supervisor: status says so and keeps the state; `start`
+    re-attaches a supervisor (the guest's /tmp is still there: no reboot); after a second
+    SIGKILL, `kill` ends the VM and its RAM file."""
     ok(ma(home, "create", "orphan", "--image", busybox_image.ref, "--profile", "tiny"))
     ok(ma(home, "start", "orphan"))
+    ok(ma(home, "exec", "orphan", "--", "sh", "-c", "echo kept > /tmp/mark"))
     status = json.loads(ok(ma(home, "--json", "status", "orphan")).stdout)
     vm = status["pid"]
     os.kill(status["supervisor_pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while Path(f"/proc/{vm}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{vm}").exists(), "the VM outlived its supervisor"
+    time.sleep(1)
+    assert Path(f"/proc/{vm}").exists(), "the VM died with its supervisor"
     after = json.loads(ok(ma(home, "--json", "status", "orphan")).stdout)
-    assert after["state"] == "failed" and "supervisor is gone" in after["detail"]
-    refused = ma(home, "exec", "orphan", "--", "true")
-    assert refused.returncode == 125
+    assert after["state"] == "running" and "supervisor is gone" in after["detail"]
+    text = ok(ma(home, "status", "orphan")).stdout
+    assert "supervisor is gone" in text and "re-attaches" in text, text
+    ok(ma(home, "start", "orphan"))
+    again = json.loads(ok(ma(home, "--json", "status", "orphan")).stdout)
+    assert again["pid"] == vm and again["supervisor_pid"] != status["supervisor_pid"]
+    assert events(home, "orphan")[-1]["detail"].startswith("re-attached to its VM")
+    assert ok(ma(home, "exec", "orphan", "--", "cat", "/tmp/mark")).stdout == "kept\n"
+
+    memory = Path(json.loads((home / "workspaces" / "orphan" / "run" / "status.json")
+                             .read_text())["memory_file"])
+    os.kill(again["supervisor_pid"], signal.SIGKILL)
+    time.sleep(1)
+    ok(ma(home, "kill", "orphan"))
+    assert not same_process_alive(vm, None)  # gone, or a zombie its new parent reaps
+    assert events(home, "orphan")[-1]["state"] == "stopped"
+    assert not memory.exists(), "the RAM file outlived its VM"
     ok(ma(home, "start", "orphan"))
     ok(ma(home, "halt", "orphan"))
 

@@ -203,7 +203,8 @@ def _until_gone(pid: int, timeout: float = 30) -> None:
 
 def test_passt_lives_and_ends_with_each_boot(home: Path, busybox_image: PushedImage) -> None:
     """One passt per boot, started by the supervisor (as nobody when started as root),
-    ended by pid at halt, and killed with a supervisor that is SIGKILLed."""
+    ended by pid at halt, and killed with a supervisor that is SIGKILLed (QEMU is not:
+    `kill` ends it then)."""
     ok(ma(home, "create", "helper", "--image", busybox_image.ref, "--profile", "tiny"))
     status_file = home / "workspaces" / "helper" / "run" / "status.json"
     ok(ma(home, "start", "helper"))
@@ -223,5 +224,6 @@ def test_passt_lives_and_ends_with_each_boot(home: Path, busybox_image: PushedIm
     assert _alive(passt)
     os.kill(supervisor, signal.SIGKILL)
     _until_gone(passt)
+    assert _alive(status["vmm_pid"])
+    ok(ma(home, "kill", "helper"))
     _until_gone(status["vmm_pid"])
-    ma(home, "kill", "helper")

@@ -124,16 +124,11 @@ def test_supervisor_killed_during_a_snapshot(home: Path, ws: Workspace) -> None:
     thread.join(60)
     assert failure and isinstance(failure[0], MicroagentError)
     assert ws.snapshots() == [], "no snapshot half written"
-    deadline = time.monotonic() + 10  # the kernel drops its lock as the process ends
-    while ws.state != "failed" and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert ws.state == "failed"
-    deadline = time.monotonic() + 10
-    while qemu_pids(ws.name) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not qemu_pids(ws.name), "QEMU died with its supervisor"
-    ws.start()  # cold
+    assert qemu_pids(ws.name), "QEMU outlives its supervisor"
+    # the next command re-attaches a supervisor, which runs the vCPUs the snapshot stopped
     assert ws.files.read_text("/root/kept") == "kept\n"
+    assert events(home, ws.name)[-1]["detail"].startswith("re-attached to its VM")
+    assert ws.state == "running"
     ws.snapshot("after")
     assert [s.tag for s in ws.snapshots()] == ["after"]
     assert not [p for p in snapshots.iterdir() if p.name.startswith(".new-")], "swept"
@@ -151,8 +146,10 @@ def test_supervisor_killed_during_a_restore(home: Path, ws: Workspace) -> None:
     os.kill(supervisor_pid(home, ws.name), signal.SIGKILL)
     thread.join(120)
     assert len(events(home, ws.name)) > before
+    if ws.state == "running":  # the restore was done: its VM runs on, re-attachable
+        ws.kill()
     assert ws.state in ("failed", "stopped", "halted")
-    ws.start()  # cold: whatever the kill interrupted
+    ws.start()  # cold: whatever the kill interrupted (a half-loaded VM is ended first)
     assert events(home, ws.name)[-1]["detail"].startswith("ready in")
     assert ws.files.read_text("/root/mark") == "one\n"
     with pytest.raises((ConflictError, HostError)):

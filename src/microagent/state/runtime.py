@@ -90,6 +90,25 @@ def same_process_alive(pid: int | None, start_time: int | None) -> bool:
     return False
 
 
+def wait_exited(pid: int, start_time: int | None, timeout: float) -> bool:
+    """Wait until ``pid`` (the process that started at ``start_time``) has exited, every
+    thread of it: its descriptors and locks are released then (a zombie leader alone
+    does not say so). True when it has; works for a process that is not a child."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return True  # gone already
+    try:
+        if start_time is not None and process_start_time(pid) != start_time:
+            return True  # another process has that pid now: ours is gone
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
+
+
 def read_status(files: RunFiles) -> dict[str, Any]:
     """The supervisor's runtime record, or {} when there is none."""
     try:

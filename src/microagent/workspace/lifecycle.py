@@ -46,6 +46,7 @@ from microagent.state.runtime import (
     runtime_state,
     same_process_alive,
     supervisor_alive,
+    wait_exited,
 )
 from microagent.store import ensure_dir, file_lock
 from microagent.workspace.supervisors import (
@@ -162,9 +163,7 @@ def _end_unfinished_start(layout: StateLayout, name: str, state: RuntimeState) -
     if pid and same_process_alive(pid, started):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while same_process_alive(pid, started) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_exited(pid, started, 10)
         append_event(layout.workspace_events(name), "failed",
                      f"the unfinished start's VM process {pid} was ended (its supervisor "
                      "was gone)")
@@ -304,8 +303,11 @@ def kill_workspace(layout: StateLayout, name: str) -> str:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.supervisor_pid, signal.SIGKILL)
     if state.vmm_alive and state.vmm_pid:
+        started = state.status.get("vmm_start_time")
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.vmm_pid, signal.SIGKILL)
+        wait_exited(state.vmm_pid, started, 10)
+        sweep_memory_files()  # its RAM file, whose lock it held
         append_event(layout.workspace_events(name), "stopped",
                      f"killed VM process {state.vmm_pid} (its supervisor was gone)")
         return "stopped"
