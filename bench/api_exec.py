@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-from boot_floor import install_cached_kernel  # noqa: E402
-from figures import summary  # noqa: E402
-from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
+from figures import api_exec, busybox_workspace, summary  # noqa: E402
 from workspace_lifecycle import timed  # noqa: E402
 
-from microagent import Microagent, Workspace  # noqa: E402
 from microagent.layout import StateLayout  # noqa: E402
 from microagent.vm.agent import AgentClient, ExecRequest  # noqa: E402
 from microagent.vm.control import SupervisorClient  # noqa: E402
@@ -52,15 +48,6 @@ TRUE = ExecRequest(argv=("true",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",))
 
 def _discard(_data: bytes) -> None:
     pass
-
-
-def api_exec(ws: Workspace) -> float:
-    start = time.perf_counter()
-    result = ws.exec(["true"])
-    elapsed = time.perf_counter() - start
-    if result.exit_code != 0:
-        raise RuntimeError(f"ws.exec(['true']): {result}")
-    return elapsed
 
 
 def open_client(layout: StateLayout, name: str) -> AgentClient:
@@ -98,36 +85,24 @@ def main() -> int:
     parser.add_argument("--cli-runs", type=int, default=15,
                         help="runs of `microagent exec` (default 15)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="api-exec-") as tmp:
-        work = Path(tmp)
-        home = work / "home"
-        install_cached_kernel(home)
-        build_layout(work / "image", [ImageSpec(
-            layers=[Layer(tar_directory(busybox_tree(work / "tree")))])])
-        ma = Microagent(home)
-        ws = ma.create("bench", f"oci:{work / 'image'}", profile="tiny")
-        try:
-            ws.start()
-            layout = StateLayout(home)
-            client = open_client(layout, "bench")
-            runs: dict[str, list[float]] = {"api": [], "floor": [], "fresh": [], "cli": []}
-            measures: dict[str, Callable[[], float]] = {
-                "api": lambda: api_exec(ws),
-                "floor": lambda: library_exec(client),
-                "fresh": lambda: fresh_channel_exec(layout, "bench"),
-                "cli": lambda: timed(home, "exec", "bench", "--", "true"),
-            }
-            for name in ("api", "floor", "fresh"):  # warm: imports, caches, the guest
-                measures[name]()
-            for i in range(args.runs):  # in turns: the host's speed drifts over a run
-                for name in ("api", "floor", "fresh"):
-                    runs[name].append(measures[name]())
-                if i < args.cli_runs:
-                    runs["cli"].append(measures["cli"]())
-            client.close()
-        finally:
-            ws.kill()
-            ws.delete()
+    with busybox_workspace("api-exec-") as (home, ws):
+        layout = StateLayout(home)
+        client = open_client(layout, "bench")
+        runs: dict[str, list[float]] = {"api": [], "floor": [], "fresh": [], "cli": []}
+        measures: dict[str, Callable[[], float]] = {
+            "api": lambda: api_exec(ws),
+            "floor": lambda: library_exec(client),
+            "fresh": lambda: fresh_channel_exec(layout, "bench"),
+            "cli": lambda: timed(home, "exec", "bench", "--", "true"),
+        }
+        for name in ("api", "floor", "fresh"):  # warm: imports, caches, the guest
+            measures[name]()
+        for i in range(args.runs):  # in turns: the host's speed drifts over a run
+            for name in ("api", "floor", "fresh"):
+                runs[name].append(measures[name]())
+            if i < args.cli_runs:
+                runs["cli"].append(measures["cli"]())
+        client.close()
     print(f"exec of `true` on a running busybox workspace (tiny), {args.runs} runs each")
     print(summary('figure: ws.exec(["true"]) (public API)', runs["api"], width=WIDTH))
     print(summary("floor: AgentClient exec on an open channel", runs["floor"], width=WIDTH))

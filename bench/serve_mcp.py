@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,10 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
 import anyio  # noqa: E402
-from boot_floor import install_cached_kernel  # noqa: E402
-from figures import summary, verdict  # noqa: E402
+from figures import api_exec, busybox_workspace, summary, verdict  # noqa: E402
 from mcp import Client, StdioServerParameters  # noqa: E402
-from ocilayout import ImageSpec, Layer, build_layout, busybox_tree, tar_directory  # noqa: E402
 
 from microagent import Microagent, Workspace  # noqa: E402
 from microagent.mcpserver.server import build_server  # noqa: E402
@@ -69,15 +66,6 @@ async def timed_exec(client: Client, name: str) -> float:
     return elapsed
 
 
-def api_exec(ws: Workspace) -> float:
-    start = time.perf_counter()
-    result = ws.exec(["true"])
-    elapsed = time.perf_counter() - start
-    if result.exit_code != 0:
-        raise RuntimeError(f"ws.exec(['true']): {result}")
-    return elapsed
-
-
 async def measure(home: Path, ws: Workspace, runs: int, start_runs: int
                   ) -> dict[str, list[float]]:
     serve = StdioServerParameters(command=sys.executable, args=[
@@ -109,19 +97,8 @@ def main() -> int:
     parser.add_argument("--start-runs", type=int, default=10,
                         help="server starts (default 10)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-mcp-") as tmp:
-        work = Path(tmp)
-        home = work / "home"
-        install_cached_kernel(home)
-        build_layout(work / "image", [ImageSpec(
-            layers=[Layer(tar_directory(busybox_tree(work / "tree")))])])
-        ws = Microagent(home).create("bench", f"oci:{work / 'image'}", profile="tiny")
-        try:
-            ws.start()
-            figures = anyio.run(measure, home, ws, args.runs, args.start_runs)
-        finally:
-            ws.kill()
-            ws.delete()
+    with busybox_workspace("bench-mcp-") as (home, ws):
+        figures = anyio.run(measure, home, ws, args.runs, args.start_runs)
     start = statistics.median(figures["start"])
     print(f"serve mcp start to its first answered tools/list, {args.start_runs} runs")
     print(summary("figure: microagent serve mcp (stdio)", figures["start"], width=WIDTH)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from microagent.vm import agentprocs
+from microagent.vm.agent import AgentClient
 from microagent.vm.protocol import FLAG_END, FrameType, encode
 from tests.protocol.driver import AgentProcess, Session
 
@@ -148,6 +150,19 @@ def test_stdin_in_pieces_then_closed(session: Session) -> None:
     assert read_all(session, proc["id"], 1 << 20)[0] == b"".join(pieces)
     state = session.wait(session.open({"op": "proc_write", "id": proc["id"]}))
     assert state.error is not None and state.error["code"] == "EPIPE"
+
+
+def test_the_client_writes_stdin_beyond_the_window(client: AgentClient, tmp_path: Path
+                                                    ) -> None:
+    """``agentprocs.write_input`` sends several windows' worth within the agent's credit,
+    a frame at a time, and closes stdin."""
+    data = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit, not a frame multiple
+    assert len(data) > 2 * client.peer_window
+    proc = agentprocs.spawn(client, ("sh", "-c", f"cat > {tmp_path}/stdin"), env=tuple(ENV))
+    assert agentprocs.write_input(client, proc.id, data, close=True) == len(data)
+    done = agentprocs.wait_process(client, proc.id, 30)
+    assert done.exit_code == 0
+    assert (tmp_path / "stdin").read_bytes() == data
 
 
 def test_signal_delivered_and_recorded(session: Session) -> None:

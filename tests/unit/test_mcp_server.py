@@ -39,7 +39,14 @@ def test_default_tools_are_named_for_every_client_and_small(tmp_path: Path) -> N
     by_name = {t["name"]: t for t in tools}
     assert by_name["read_file"]["annotations"] == {"readOnlyHint": True}
     assert by_name["delete_workspace"]["annotations"]["destructiveHint"] is True
-    assert by_name["start_workspace"]["annotations"]["idempotentHint"] is True
+    start = by_name["start_workspace"]
+    assert start["annotations"]["idempotentHint"] is True
+    # a restore replaces the disk: what was written since the snapshot is lost
+    assert start["annotations"]["destructiveHint"] is True
+    assert {"from_snapshot", "cold"} <= set(start["inputSchema"]["properties"])
+    assert by_name["suspend_workspace"]["annotations"] == \
+        by_name["halt_workspace"]["annotations"] == {
+            "readOnlyHint": False, "destructiveHint": False, "idempotentHint": True}
     exec_tool = by_name["exec"]
     assert set(exec_tool["inputSchema"]["required"]) == {"name", "command"}
     assert {"status", "exit_code", "stdout", "stderr"} <= set(
@@ -71,6 +78,10 @@ def test_errors_reach_the_model_with_kind_message_and_hint(tmp_path: Path) -> No
     error(call(server, "exec", {"name": "nope", "command": "true", "timeout_s": -1}), "usage")
     error(call(server, "read_file", {"name": "nope", "path": "relative"}), "usage")
     error(call(server, "start_workspace", {"name": "../x"}), "usage")
+    message = error(call(server, "start_workspace", {"name": "nope", "from_snapshot": "t",
+                                                     "cold": True}), "usage")
+    assert "exclude each other" in message
+    error(call(server, "suspend_workspace", {"name": "nope"}), "not-found")
     assert ok(call(server, "list_workspaces")) == {"workspaces": []}
 
 

@@ -4,7 +4,8 @@ output of a million lines bounded with its tail kept (also read back through a b
 process); a long command that yields and finishes through ``process_output``; stdin in
 pieces (``process_input``), ``process_kill``, a deadline kept in the background,
 ``list_processes``; files read, written and edited (an ambiguous edit refused); errors
-the model can read; snapshot, fork, pause, resume, halt and delete."""
+the model can read; snapshot, fork, pause, resume, halt and delete; a restore from a
+snapshot and a suspend, a background process counting on through both."""
 
 from __future__ import annotations
 
@@ -246,3 +247,50 @@ def test_snapshot_fork_pause_resume_halt_delete(server: WorkspaceServer, workspa
     error(call(server, "delete_workspace", {"name": FORK}), "not-found")
     names = [w["name"] for w in ok(call(server, "list_workspaces"))["workspaces"]]
     assert names == [workspace]
+
+
+def test_restore_and_suspend_keep_a_background_process(server: WorkspaceServer,
+                                                       workspace: str) -> None:
+    """``start_workspace`` with ``from_snapshot`` takes a halted workspace back to the
+    snapshot's instant: a file written after it is gone, a process started before it
+    still counts; ``suspend_workspace`` ends the VM and the next start resumes it."""
+    counting = ok(call(server, "exec", {
+        "name": workspace, "command": "i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; "
+                                      "done", "yield_s": 0.5, "timeout_s": 3600}))
+    assert counting["status"] == "running"
+    pid = counting["process_id"]
+    ok(call(server, "snapshot_workspace", {"name": workspace, "tag": "counting"}))
+    ok(call(server, "write_file", {"name": workspace, "path": "/root/after",
+                                   "content": "after the snapshot\n"}))
+    message = error(call(server, "start_workspace", {"name": workspace,
+                                                     "from_snapshot": "counting"}), "conflict")
+    assert "already running" in message  # a restore goes into a halted workspace
+    assert ok(call(server, "halt_workspace", {"name": workspace}))["state"] == "halted"
+    r = call(server, "start_workspace", {"name": workspace, "from_snapshot": "counting"})
+    assert (ok(r)["state"], ok(r)["ready"]) == ("running", True)
+    assert text(r) == f"{workspace}: running (from counting)"
+    error(call(server, "read_file", {"name": workspace, "path": "/root/after"}), "not-found")
+    _assert_counts_on(server, workspace, pid)
+
+    assert ok(call(server, "suspend_workspace", {"name": workspace}))["state"] == "suspended"
+    assert ok(call(server, "workspace_status", {"name": workspace}))["state"] == "suspended"
+    error(call(server, "suspend_workspace", {"name": workspace}), "conflict")
+    assert ok(call(server, "start_workspace", {"name": workspace}))["state"] == "running"
+    _assert_counts_on(server, workspace, pid)
+    ok(call(server, "process_kill", {"name": workspace, "process_id": pid,
+                                     "signal": "KILL"}))
+
+
+def _assert_counts_on(server: WorkspaceServer, workspace: str, pid: int) -> None:
+    """Process ``pid`` is running and its output grows (within 30 s)."""
+    first = ok(call(server, "process_output", {"name": workspace, "process_id": pid}))
+    assert first["status"] == "running", first
+    deadline = time.monotonic() + 30
+    while True:
+        later = ok(call(server, "process_output", {"name": workspace, "process_id": pid,
+                                                   "since": first["next_since"]}))
+        if later["next_since"] > first["next_since"]:
+            break
+        assert time.monotonic() < deadline, f"process {pid} printed nothing in 30 s"
+        time.sleep(0.2)
+    assert later["status"] == "running"

@@ -36,8 +36,10 @@ INSTRUCTIONS = (
     "are kept and a marker says how much was left out and which guest file keeps it all, "
     "to grep or read_file. Use read_file, write_file and "
     "edit_file (exact, unique replacement) for files rather than shell heredocs. "
-    "snapshot_workspace and fork_workspace save and branch a running workspace. Errors say "
-    "their kind, what happened and what to do."
+    "snapshot_workspace and fork_workspace save and branch a running workspace; "
+    "start_workspace from_snapshot takes a halted one back to a snapshot. "
+    "suspend_workspace ends the VM but keeps its memory: the next start_workspace resumes "
+    "its processes where they were. Errors say their kind, what happened and what to do."
 )
 
 

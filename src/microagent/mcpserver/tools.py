@@ -155,10 +155,22 @@ class Tools:
         return result(data)
 
     def start_workspace(self, name: Name,
-                        timeout_s: Annotated[float, Field(gt=0)] = 120.0) -> CallToolResult:
-        """Boot a workspace (halted, prepared, suspended); returns once exec is ready."""
-        data = status_data(self._ws(name).start(timeout_s))
-        return result(data, f"{name}: {data['state']}")
+                        timeout_s: Annotated[float, Field(gt=0)] = 120.0,
+                        from_snapshot: Annotated[str | None, Field(description=(
+                            "snapshot tag to restore (halt first); later writes are lost"))
+                                                 ] = None,
+                        cold: Annotated[bool, Field(
+                            description="discard a suspended memory")] = False
+                        ) -> CallToolResult:
+        """Boot a workspace, or resume a suspended one; returns once exec is ready."""
+        ws = self._ws(name)
+        data = status_data(ws.start(timeout_s, from_snapshot=from_snapshot, cold=cold))
+        text = f"{name}: {data['state']}"
+        return result(data, f"{text} (from {from_snapshot})" if from_snapshot else text)
+
+    def suspend_workspace(self, name: Name) -> CallToolResult:
+        """Save a running workspace's memory and end its VM; start_workspace resumes it."""
+        return _state(name, self._ws(name).suspend())
 
     def halt_workspace(self, name: Name) -> CallToolResult:
         """Shut a workspace down cleanly; its disk persists."""
@@ -177,7 +189,7 @@ class Tools:
         return result({"name": name, "deleted": True}, f"{name}: deleted")
 
     def pause_workspace(self, name: Name) -> CallToolResult:
-        """Stop a running workspace's vCPUs; its memory stays (resume_workspace)."""
+        """Freeze a running workspace in memory (resume_workspace)."""
         return _state(name, self._ws(name).pause())
 
     def resume_workspace(self, name: Name) -> CallToolResult:
@@ -199,7 +211,7 @@ class Tools:
 
     def workspace_logs(self, name: Name, tail: Annotated[int, Field(ge=1)] = 100
                        ) -> CallToolResult:
-        """The last lines of a workspace's console (boot and kernel messages)."""
+        """A workspace's console tail (boot and kernel messages)."""
         text, truncated, _ = bound(self._ws(name).log_bytes(tail), self.max_output_bytes)
         return result({"logs": text, "truncated": truncated}, text)
 
@@ -259,7 +271,7 @@ class Tools:
 
     def process_input(self, name: Name, process_id: int, data: str = "",
                       close_stdin: bool = False) -> CallToolResult:
-        """Write text to a background process's stdin (then close it with close_stdin)."""
+        """Write text to a background process's stdin; close_stdin closes it."""
         written = self._ws(name).process(process_id).write(data, close=close_stdin)
         return result({"process_id": process_id, "written": written,
                        "stdin_open": not close_stdin},
@@ -268,7 +280,7 @@ class Tools:
     def process_kill(self, name: Name, process_id: int,
                      signal: Annotated[str, Field(description="TERM, KILL, INT, HUP...")
                                        ] = "TERM") -> CallToolResult:
-        """Send a signal to a background process's group; its status a moment later."""
+        """Signal a background process's group; its status a moment later."""
         process = self._ws(name).process(process_id)
         process.signal(signal)
         wait_ended(process, SIGNAL_WAIT_S)
@@ -443,8 +455,11 @@ DEFAULT_TOOLS: dict[str, ToolAnnotations] = {
     "list_workspaces": READ_ONLY,
     "create_workspace": ADDITIVE,
     "workspace_status": READ_ONLY,
-    "start_workspace": IDEMPOTENT,
+    # from_snapshot replaces the disk: what was written since the snapshot is lost
+    "start_workspace": DESTRUCTIVE_IDEMPOTENT,
     "halt_workspace": IDEMPOTENT,
+    # as halt: the VM ends, and the memory is kept too (a second call is refused, no effect)
+    "suspend_workspace": IDEMPOTENT,
     "delete_workspace": DESTRUCTIVE_IDEMPOTENT,
     "exec": DESTRUCTIVE,
     "process_output": READ_ONLY,

@@ -229,7 +229,17 @@ def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: 
     if parents:
         require_feature(client, "put_parents")
         request["parents"] = True
-    stream_id = open_operation(client, request)
+    _, sent_end = send_contents(client, open_operation(client, request), read)
+    if not sent_end:
+        raise ProtocolError(f"guest agent ended the put of {path} early")
+
+
+def send_contents(client: Channel, stream_id: int, read: Callable[[int], bytes]
+                  ) -> tuple[Frame, bool]:
+    """Send what ``read(n)`` returns, until ``b""``, as FILE frames of ``stream_id``
+    within the guest's credit (reading no more than a frame ahead), then the END frame;
+    the stream's EXIT frame and whether the END frame went before it (the guest may end
+    the stream first). AgentFileError for the guest's ERROR frame."""
     credit = client.peer_window
     sent_end = False
     while True:
@@ -247,9 +257,7 @@ def put_file(client: Channel, path: str, read: Callable[[int], bytes], *, mode: 
             if data_type == FrameType.FILE:
                 credit += increment
         elif frame.type == FrameType.EXIT:
-            if not sent_end:
-                raise ProtocolError(f"guest agent ended the put of {path} early")
-            return
+            return frame, sent_end
         elif frame.type == FrameType.ERROR:
             raise file_error(frame)
 

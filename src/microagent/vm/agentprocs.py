@@ -13,6 +13,7 @@ unknown id, ``ESRCH`` for a process that ended, ``EPIPE`` for a closed stdin).
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +25,9 @@ from microagent.vm.agentfiles import (
     frame_of,
     open_operation,
     require_feature,
+    send_contents,
 )
-from microagent.vm.protocol import (
-    FLAG_END,
-    FrameType,
-    ProtocolError,
-    decode_credit,
-    encode,
-)
+from microagent.vm.protocol import FrameType, ProtocolError
 
 MAX_WAIT_S = 50.0  # one proc_read waits at most this long (below the idle limit)
 READ_MAX = 1 << 20  # the agent's bound on one proc_read
@@ -157,28 +153,8 @@ def write_input(client: Channel, process_id: int, data: bytes, *,
     with ``close``; the bytes written."""
     require_feature(client, "procs")
     stream_id = open_operation(client, {"op": "proc_write", "id": process_id, "close": close})
-    credit = client.peer_window
-    view = memoryview(data)
-    sent_end = False
-    while True:
-        while not sent_end and credit > 0 and not client.pending:
-            n = min(len(view), client.max_payload, credit)
-            if n:
-                client.send(encode(FrameType.FILE, stream_id, bytes(view[:n])))
-                credit -= n
-                view = view[n:]
-            else:
-                client.send(encode(FrameType.FILE, stream_id, b"", FLAG_END))
-                sent_end = True
-        frame = frame_of(client, stream_id)
-        if frame.type == FrameType.CREDIT:
-            data_type, increment = decode_credit(frame)
-            if data_type == FrameType.FILE:
-                credit += increment
-        elif frame.type == FrameType.EXIT:
-            return int(frame.json().get("written", 0))
-        elif frame.type == FrameType.ERROR:
-            raise file_error(frame)
+    done, _ = send_contents(client, stream_id, io.BytesIO(data).read)
+    return int(done.json().get("written", 0))
 
 
 def signal_process(client: Channel, process_id: int, signum: int) -> None:
