@@ -37,24 +37,37 @@ def wait_ended(process: Process, timeout: float) -> bool:
 class Deadlines:
     """``timeout_s`` of the processes ``exec`` started: a timer each that SIGKILLs the
     process group when it passes, and the set of those it killed. Timers die with the
-    server (the process then runs on)."""
+    server (the process then runs on). A process is known by its workspace, id and start
+    time: ids begin at 1 again at every boot and go back with a restored snapshot, and a
+    timer must not kill another process that has the id now."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._timers: dict[tuple[str, int], threading.Timer] = {}
-        self._killed: set[tuple[str, int]] = set()
+        self._timers: dict[tuple[str, int, int], threading.Timer] = {}
+        self._killed: set[tuple[str, int, int]] = set()
 
     def arm(self, process: Process, after_s: float) -> None:
         """Kill ``process`` in ``after_s`` seconds unless it ended by then."""
-        timer = threading.Timer(max(after_s, 0.0), self.expire, args=(process,))
+        try:
+            started_ms = process.info().started_ms
+        except MicroagentError:  # gone already: nothing to time
+            return
+        timer = threading.Timer(max(after_s, 0.0), self.expire, args=(process, started_ms))
         timer.daemon = True
         with self._lock:
-            self._timers[(process.name, process.id)] = timer
+            self._timers[(process.name, process.id, started_ms)] = timer
         timer.start()
 
-    def expire(self, process: Process) -> None:
-        """Its deadline passed: SIGKILL it (nothing when it ended already)."""
-        key = (process.name, process.id)
+    def expire(self, process: Process, started_ms: int | None = None) -> None:
+        """Its deadline passed: SIGKILL it (nothing when it ended already, or when the id
+        is another process's now)."""
+        try:
+            info = process.info()
+        except MicroagentError:  # the workspace is gone, or halted
+            return
+        if started_ms is not None and info.started_ms != started_ms:
+            return
+        key = (process.name, process.id, info.started_ms)
         with self._lock:
             self._timers.pop(key, None)
         try:
@@ -64,10 +77,10 @@ class Deadlines:
         with self._lock:
             self._killed.add(key)
 
-    def timed_out(self, process: Process) -> bool:
-        """Whether the server killed ``process`` at its deadline."""
+    def timed_out(self, process: Process, info: ProcessInfo) -> bool:
+        """Whether the server killed ``process`` (``info``: as it is now) at its deadline."""
         with self._lock:
-            return (process.name, process.id) in self._killed
+            return (process.name, process.id, info.started_ms) in self._killed
 
 
 def read_bounded(process: Process, stream: str, since: int, limit: int
@@ -101,7 +114,7 @@ def process_data(process: Process, limit: int, since: int = 0, since_stderr: int
     err, err_next, _ = read_bounded(process, "stderr", since_stderr, limit)
     if info.running:
         status = "running"
-    elif deadlines is not None and deadlines.timed_out(process):
+    elif deadlines is not None and deadlines.timed_out(process, info):
         status = "timed_out"
     else:
         status = "signaled" if info.signal else "exited"

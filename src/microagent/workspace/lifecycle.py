@@ -113,7 +113,9 @@ def _boot_locked(layout: StateLayout, name: str, current: RuntimeState, timeout:
         raise ConflictError(f"workspace {name} is paused: {paused}; it runs already",
                             hint=f"resume it: microagent resume {name}")
     if current.state in RUNNING:
-        raise ConflictError(f"workspace {name} is already running")
+        raise ConflictError(f"workspace {name} is already running", hint=(
+            f"halt it first (microagent halt {name}): a restore replaces its memory and "
+            "its disk" if from_snapshot is not None else ""))
     if current.state == "quarantined":
         raise ConflictError(f"workspace {name} is quarantined",
                             hint="halt, stop or kill it first")
