@@ -9,7 +9,8 @@ A volume is attached to at most one running workspace. The supervisor of that wo
 holds an flock on ``locks/volume-hold-NAME.lock`` for its whole life (see
 :func:`hold_volumes`) and writes its workspace's name into the file; the kernel drops the
 lock when the supervisor dies, however it dies, so a killed supervisor never leaves a
-stale holder. ``delete`` takes the same lock, so a volume cannot be deleted under a
+stale holder. Its QEMU inherits the descriptors, so the volume stays held while a VM
+whose supervisor was killed runs on (vm/adopt.py). ``delete`` takes the same lock, so a volume cannot be deleted under a
 running workspace nor attached while it is being deleted; it also refuses a volume that
 any workspace records (:func:`volume_users`) unless forced.
 

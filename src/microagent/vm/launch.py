@@ -6,9 +6,11 @@ and the modules of its event loop (:mod:`microagent.vm.supervisor`): QEMU starts
 sooner and those imports overlap the guest's boot. Restarts go through
 :func:`launch_vmm` from the event loop.
 
-A workspace with a network gets its passt with each boot (:func:`start_network`): QEMU's
-and passt's ends of two socketpairs, the supervisor's frame filter between them
-(:class:`microagent.vm.netfilter.FrameRelay`, two threads of the supervisor).
+A workspace with a network gets its passt with each boot (:func:`start_network`): passt's
+end of a socketpair, QEMU's end a socket it listens on (``net.sock``), the supervisor's
+frame filter between them (:class:`microagent.vm.netfilter.FrameRelay`, two threads of
+the supervisor). QEMU outlives a killed supervisor (:mod:`microagent.vm.adopt`); passt
+does not.
 """
 
 from __future__ import annotations

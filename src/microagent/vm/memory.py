@@ -8,8 +8,9 @@ a restore copies them back and loads the device state. ``<shm>`` is ``/dev/shm``
 room for the whole memory the boot falls back to anonymous RAM, and that boot cannot be
 snapshotted (the supervisor says so when asked). The whole memory of the guests already
 running counts as taken (:func:`_promised`): a tmpfs that fills under a running guest
-kills its QEMU. Each file is locked by its supervisor for the boot's life and removed
-when the VM ends; one whose supervisor was killed is removed by the next boot's sweep.
+kills its QEMU. Each file is locked for the boot's life by its supervisor and by QEMU,
+which inherits the descriptor (a VM outlives a killed supervisor: vm/adopt.py), and
+removed when the VM ends; one whose lock is free is removed by the next sweep.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def prepare_memory_file(layout: StateLayout, name: str, memory_mib: int
                         ) -> tuple[Path, int] | None:
     """The RAM file for a boot of ``name``, made now at its full (sparse) size, with a
     descriptor on it that holds an ``flock`` for as long as the boot lives (the caller
-    keeps it; the kernel drops the lock when the supervisor dies, however it dies, and
-    the next :func:`sweep_memory_files` removes the file). None when the shm directory
+    keeps it, QEMU inherits it; the kernel drops the lock when both are gone, however
+    they end, and the next :func:`sweep_memory_files` removes the file). None when the shm directory
     cannot hold ``memory_mib`` (the boot then uses anonymous RAM)."""
     path = memory_file(layout, name)
     try:
@@ -118,8 +119,8 @@ def allocated_bytes(path: Path) -> int:
 
 
 def sweep_memory_files() -> None:
-    """Remove the RAM files whose lock is free: their supervisor is gone (SIGKILLed, or
-    its state directory deleted meanwhile; its QEMU died with it), whatever state
+    """Remove the RAM files whose lock is free: their supervisor and their QEMU are gone
+    (SIGKILLed, or its state directory deleted meanwhile), whatever state
     directory they belonged to. A live boot's file is locked and left alone."""
     with contextlib.suppress(OSError), os.scandir(shm_dir()) as entries:
         for entry in entries:

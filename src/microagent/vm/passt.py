@@ -22,7 +22,8 @@ same numbers over UDP, which it does by default.
 Started as root, passt changes to the user ``nobody`` after binding its ports (the
 socketpair needs no path it could not reach). ``--fd`` implies ``--one-off``: it exits
 when QEMU's end of the link closes; the supervisor also ends it by pid at the end of
-each boot and at quarantine, and it dies with the supervisor (``PR_SET_PDEATHSIG``).
+each boot and at quarantine, and it dies with the supervisor (``PR_SET_PDEATHSIG``; one
+that re-attaches to the VM starts its own: vm/adopt.py).
 """
 
 from __future__ import annotations

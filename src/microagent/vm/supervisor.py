@@ -1,6 +1,7 @@
 """The supervisor: one detached process per running workspace (``start`` spawns it).
 
-It owns the VMM as its child (the child dies with it: PR_SET_PDEATHSIG), captures the
+It starts the VMM as its child, which outlives it when it is killed (a supervisor started
+with ``--adopt`` takes it over: :mod:`microagent.vm.adopt`), captures the
 serial console into ``serial.log``, holds the agent channel, serves the control socket
 (:mod:`microagent.vm.control_server`: status, halt, stop, kill, quarantine, resume, relayed
 exec streams, console sessions through :class:`~microagent.vm.console.ConsoleBroker`),
