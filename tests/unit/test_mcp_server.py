@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2
+import pytest
 from mcp import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from microagent import Microagent
+from microagent.errors import ConflictError
 from microagent.mcpserver.bounded import BoundedSink, bound
 from microagent.mcpserver.server import build_server
 from microagent.mcpserver.tools import ALL_TOOLS, DEFAULT_TOOLS
@@ -189,3 +191,21 @@ def test_http_refuses_an_address_beyond_loopback(tmp_path: Path) -> None:
                           "serve", "mcp", "--http", "0.0.0.0:8000"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "loopback only" in run.stderr
+
+
+@pytest.mark.parametrize(("hint", "expected"), [
+    ("start it first: microagent start dev", 'start it first: start_workspace(name="dev")'),
+    ("start it first, or `microagent start --cold dev` (the memory is discarded)",
+     'start it first, or start_workspace(name="dev", cold=true) (the memory is discarded)'),
+    ("microagent kill dev ends it", 'kill_workspace(name="dev") ends it'),
+    ("resume it: microagent resume a.b-c", 'resume it: resume_workspace(name="a.b-c")'),
+    ("pip install 'microagent[mcp]'", "pip install 'microagent[mcp]'"),
+    ("microagent image pull REF", "microagent image pull REF"),  # no tool: left as it is
+])
+def test_hints_name_tools_not_commands(hint: str, expected: str) -> None:
+    from microagent.mcpserver.server import error_result, tool_hint
+
+    assert tool_hint(hint) == expected
+    error = error_result(ConflictError("workspace dev is not running", hint=hint))
+    assert error.structured_content == {"error": {
+        "kind": "conflict", "message": "workspace dev is not running", "hint": expected}}

@@ -10,9 +10,10 @@ holds an flock on ``locks/volume-hold-NAME.lock`` for its whole life (see
 :func:`hold_volumes`) and writes its workspace's name into the file; the kernel drops the
 lock when the supervisor dies, however it dies, so a killed supervisor never leaves a
 stale holder. Its QEMU inherits the descriptors, so the volume stays held while a VM
-whose supervisor was killed runs on (vm/adopt.py). ``delete`` takes the same lock, so a volume cannot be deleted under a
-running workspace nor attached while it is being deleted; it also refuses a volume that
-any workspace records (:func:`volume_users`) unless forced.
+whose supervisor was killed runs on (vm/adopt.py). ``delete`` takes the same lock, so a
+volume cannot be deleted under a running workspace nor attached while it is being
+deleted; it also refuses a volume that any workspace records (:func:`volume_users`)
+unless forced.
 
 ``create`` makes the missing volumes of a new workspace; ``start`` never does: a volume
 deleted since is an error (:func:`missing_volume_error`), not a new empty disk.

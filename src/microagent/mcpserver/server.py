@@ -9,6 +9,7 @@ on stdio, on streamable HTTP bound to loopback, or on a Unix socket.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,11 +98,40 @@ def compact_schema(schema: dict[str, Any], *, output: bool = False) -> dict[str,
     return compact
 
 
+# a hint's `microagent VERB NAME`, said as the tool a model calls instead
+VERB_TOOLS = {"start": "start_workspace", "halt": "halt_workspace", "stop": "stop_workspace",
+              "kill": "kill_workspace", "delete": "delete_workspace",
+              "pause": "pause_workspace", "resume": "resume_workspace",
+              "status": "workspace_status", "logs": "workspace_logs",
+              "snapshot create": "snapshot_workspace", "suspend": "suspend_workspace",
+              "quarantine": "quarantine_workspace"}
+_HINT_COMMAND = re.compile(r"`?microagent ((?:snapshot )?[a-z]+)((?: --[a-z-]+)*) "
+                           r"([A-Za-z0-9][A-Za-z0-9_.-]*)`?")
+
+
+def tool_hint(hint: str) -> str:
+    """``hint`` with the CLI commands it names as tool calls (a model has no shell for
+    them): ``microagent start --cold dev`` is ``start_workspace(name="dev", cold=true)``."""
+    def call(match: re.Match[str]) -> str:
+        tool = VERB_TOOLS.get(match.group(1))
+        if tool is None:
+            return match.group(0)
+        flags = "".join(f", {flag[2:].replace('-', '_')}=true"
+                        for flag in match.group(2).split())
+        return f'{tool}(name="{match.group(3)}"{flags})'
+    return _HINT_COMMAND.sub(call, hint)
+
+
 def error_result(error: MicroagentError) -> CallToolResult:
-    """A tool error the model can act on: ``kind: message`` and the hint."""
-    text = f"{error.kind}: {error.message}" + (f"\nhint: {error.hint}" if error.hint else "")
+    """A tool error the model can act on: ``kind: message`` and the hint (its commands
+    as tool calls, :func:`tool_hint`)."""
+    hint = tool_hint(error.hint) if error.hint else ""
+    text = f"{error.kind}: {error.message}" + (f"\nhint: {hint}" if hint else "")
+    document = error.to_json()
+    if hint:
+        document["hint"] = hint
     return CallToolResult(content=[TextContent(type="text", text=text)],
-                          structured_content={"error": error.to_json()}, is_error=True)
+                          structured_content={"error": document}, is_error=True)
 
 
 def tool_names(tools: Sequence[str] = (), *, all_tools: bool = False) -> list[str]:
