@@ -17,7 +17,7 @@ import pytest
 
 from microagent import Microagent, Workspace
 from microagent.errors import ConflictError, NotFoundError
-from tests.support.fixtures import PushedImage
+from tests.support.fixtures import MICROAGENT, PushedImage
 from tests.vm.cli import events, ma, ok
 
 pytestmark = pytest.mark.slow
@@ -196,8 +196,15 @@ def test_process_survives_its_supervisor_killed(home: Path, busybox_image: Pushe
     assert orphan["state"] == "running" and "supervisor is gone" in orphan["detail"]
     time.sleep(2)  # the guest counts on with no supervisor at all
 
-    top = ok(ma(home, "top", "phoenix")).stdout  # re-attaches one
-    assert f"{process.id} " in top and "running" in top
+    # two commands at once: one of them re-attaches a supervisor, the other waits for it
+    env = {**os.environ, "MICROAGENT_HOME": str(home)}
+    tops = [subprocess.Popen([MICROAGENT, "top", "phoenix"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    for top in tops:
+        out, err = top.communicate(timeout=120)
+        assert top.returncode == 0, err
+        assert f"{process.id} " in out and "running" in out
+    assert len([e for e in events(home, "phoenix") if "re-attached" in e["detail"]]) == 1
     after = json.loads((run / "status.json").read_text())
     assert after["vmm_pid"] == vm and after["supervisor_pid"] != before["supervisor_pid"]
     assert after["network_helper"]["pid"] != passt

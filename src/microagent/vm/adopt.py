@@ -147,7 +147,7 @@ async def watch_adopted(sup: Supervisor, found: Adopted) -> Outcome:
     sup.pause = PauseWatch(found.disks)
     sup.quarantined = isinstance(previous.get("quarantined"), dict)
     sup.status.update({key: previous[key] for key in KEPT if key in previous},
-                      readiness={}, reattached=now_iso(),
+                      readiness={}, reattached=now_iso(), attaching=True,
                       restarts=int(previous.get("restarts") or 0))
     sup.out_socket = found.plan.out_socket
     sup.console = ConsoleCapture(sup.layout.workspace_serial_log(sup.name), new_boot=False)
@@ -168,6 +168,7 @@ async def watch_adopted(sup: Supervisor, found: Adopted) -> Outcome:
             sup.booted = True
             state, how = attach.result()
             sup.status["ready_seconds"] = round(time.monotonic() - began, 3)
+            sup.status.pop("attaching", None)
             sup._save_status()
             sup._event(state, f"re-attached to its VM (pid {found.pid}) in "
                               f"{time.monotonic() - began:.1f}s: its supervisor (pid "

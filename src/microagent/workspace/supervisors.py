@@ -47,13 +47,25 @@ def reattach(layout: StateLayout, name: str, timeout: float = DEFAULT_START_TIME
     over (it is ended then)."""
     with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
         state = runtime_state(layout, name)
-        if not state.orphaned:
-            return state.supervisor_alive  # another command re-attached one meanwhile
+        if not state.orphaned:  # another command re-attaches one: until it is there
+            return state.supervisor_alive and _until_attached(layout, name, timeout)
         skip = len(read_events(layout.workspace_events(name)))
         supervisor = spawn_supervisor(layout, name, timeout, adopt=True)
         until_supervising(layout, name, supervisor)
     wait_started(layout, name, supervisor, skip, timeout, ok=ADOPTABLE)
     return True
+
+
+def _until_attached(layout: StateLayout, name: str, timeout: float) -> bool:
+    """Until a supervisor that is re-attaching (``attaching`` in its status) is done:
+    True, or False when it ended meanwhile."""
+    files = layout.run_files(name)
+    deadline = time.monotonic() + timeout
+    while supervisor_alive(files) and time.monotonic() < deadline:
+        if not runtime_state(layout, name).status.get("attaching"):
+            return True
+        time.sleep(0.02)
+    return supervisor_alive(files)
 
 
 def supervisor_of(layout: StateLayout, name: str) -> SupervisorClient:
