@@ -103,25 +103,29 @@ class AdoptedVmm:
         if process_start_time(pid) != start_time:  # the pid was reused before the open
             os.close(self.pidfd)
             raise ProcessLookupError(pid)
-        self.returncode: int | None = None
+        self._returncode: int | None = None
+        self._ended: asyncio.Future[None] | None = None  # the first wait's
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
 
     async def wait(self) -> int:
-        """Until the process has exited."""
-        if self.returncode is None:
+        """Until the process has exited (every thread of it)."""
+        if self._ended is None:
             loop = asyncio.get_running_loop()
             ended: asyncio.Future[None] = loop.create_future()
+            self._ended = ended
 
             def readable() -> None:
-                if not ended.done():
-                    ended.set_result(None)
+                loop.remove_reader(self.pidfd)
+                os.close(self.pidfd)
+                self._returncode = -1
+                ended.set_result(None)
 
             loop.add_reader(self.pidfd, readable)
-            try:
-                await ended
-            finally:
-                loop.remove_reader(self.pidfd)
-            self.returncode = -1
-        return self.returncode
+        await asyncio.shield(self._ended)
+        return -1
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -136,7 +140,7 @@ async def watch_adopted(sup: Supervisor, found: Adopted) -> Outcome:
     supervisor's until it ends; how it ended."""
     began = time.monotonic()
     previous = found.status
-    sup.vmm = AdoptedVmm(found.pid, found.start_time)  # type: ignore[assignment]
+    sup.vmm = AdoptedVmm(found.pid, found.start_time)
     sup.plan, sup.kernel = found.plan, _kernel_of(sup, previous)
     sup.memory_file, sup.memory_fd = found.memory_file, None
     sup.resume, sup.pending_root, sup.memory_fill = None, None, None

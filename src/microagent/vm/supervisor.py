@@ -47,7 +47,7 @@ from microagent.vm.launch import FirstBoot, Launched, launch_vmm, vmm_said
 from microagent.vm.passt import NetworkHelper
 from microagent.vm.protocol import FrameType
 from microagent.vm.snapshot import ResumeOrder
-from microagent.vm.vmm import Outcome, PauseWatch, VmmProcess, connect_qmp, log
+from microagent.vm.vmm import Outcome, PauseWatch, Vmm, VmmProcess, connect_qmp, log
 
 HALT_GRACE_MS = 10_000
 STOP_WAIT = 5.0
@@ -75,7 +75,7 @@ class Supervisor:
         self.workspace: Workspace = first.workspace
         self.accel = first.accel
         self.intent: str | None = None
-        self.vmm: VmmProcess | None = None
+        self.vmm: Vmm | None = None
         self.network: NetworkHelper | None = None  # this boot's passt and frame relay
         self.channel: AgentChannel | None = None
         self.channel_task: asyncio.Task[None] | None = None

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from microagent.vm.backends.qmp import QmpClient
 
@@ -34,6 +34,22 @@ class Outcome:
 
     state: str  # halted, stopped or failed
     detail: str
+
+
+class Vmm(Protocol):
+    """The VMM process a supervisor watches: its child (:class:`VmmProcess`) or one it
+    re-attached to (:class:`microagent.vm.adopt.AdoptedVmm`)."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+    def send_signal(self, signum: int) -> None: ...
 
 
 class VmmProcess:
