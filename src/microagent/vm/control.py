@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from microagent.errors import (
     UnresponsiveError,
 )
 from microagent.layout import RunFiles
+from microagent.state.runtime import lock_held
 
 
 def connect_unix(directory: Path, name: str, timeout: float | None = 30.0) -> socket.socket:
@@ -40,6 +42,13 @@ def connect_unix(directory: Path, name: str, timeout: float | None = 30.0) -> so
     finally:
         os.close(dir_fd)
     return sock
+
+
+GONE_WAIT = 10.0  # for a supervisor that dropped a request to finish dying
+
+
+class SupervisorGoneError(MicroagentError):
+    """The supervisor dropped the connection before it answered (it died, or ended)."""
 
 
 class SupervisorClient:
@@ -81,12 +90,21 @@ class SupervisorClient:
                                ) -> tuple[socket.socket, socket.socket | None]:
         """A relayed channel and, when ``stdout_port`` and the supervisor has it to lend,
         a connection to the VM's output port (passed over the control socket) for one
-        exec's stdout at a time (docs/protocol.md, "The output port")."""
+        exec's stdout at a time (docs/protocol.md, "The output port"). A supervisor that
+        died as it was asked (killed: the VM runs on) is replaced (``reattach``) and
+        asked again: opening a channel does nothing in the guest."""
         sock = self._connect(timeout)
         fds: list[int] = []
         try:
             _exchange(sock, {"request": "channel", "stdout_port": stdout_port},
                       self.workspace, fds)
+        except SupervisorGoneError:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            if self.reattach is None or not self._replaced():
+                raise
+            return self.open_channel_with_port(stdout_port, timeout)
         except BaseException:
             sock.close()
             for fd in fds:
@@ -97,6 +115,15 @@ class SupervisorClient:
             os.close(extra)
         return sock, socket.socket(fileno=fds[0]) if fds else None
 
+
+    def _replaced(self) -> bool:
+        """After a connection the supervisor dropped unanswered: once it is gone, whether
+        another was attached to its VM (``reattach``), to ask again (once)."""
+        reattach, self.reattach = self.reattach, None
+        deadline = time.monotonic() + GONE_WAIT
+        while lock_held(self.files.lock) and time.monotonic() < deadline:
+            time.sleep(0.01)  # exiting: its lock goes with its last descriptors
+        return reattach is not None and not lock_held(self.files.lock) and reattach()
 
     def open_console(self, rows: int, cols: int, timeout: float = 30.0) -> socket.socket:
         """An interactive console session: raw bytes both ways after the ``ok``."""
@@ -134,9 +161,10 @@ def _exchange(sock: socket.socket, request: dict[str, Any], workspace: str,
                                 f"{sock.gettimeout():g}s: it is unresponsive",
                                 hint=f"microagent kill {workspace} ends it") from e
     except OSError as e:
-        raise MicroagentError(f"the supervisor of {workspace} went away: {e.strerror}") from e
+        raise SupervisorGoneError(f"the supervisor of {workspace} went away: "
+                                  f"{e.strerror}") from e
     if not line:
-        raise MicroagentError(f"the supervisor of {workspace} closed the connection")
+        raise SupervisorGoneError(f"the supervisor of {workspace} closed the connection")
     answer = json.loads(line)
     if not answer.get("ok"):
         error = answer.get("error", {})

@@ -15,7 +15,7 @@ from typing import Any
 
 from microagent.errors import StartError
 from microagent.events import read_events
-from microagent.layout import PRIVATE_UMASK, StateLayout
+from microagent.layout import PRIVATE_UMASK, RunFiles, StateLayout
 from microagent.state.runtime import (
     ADOPTABLE,
     RuntimeState,
@@ -23,7 +23,7 @@ from microagent.state.runtime import (
     supervisor_alive,
 )
 from microagent.store import file_lock, open_private
-from microagent.vm.control import SupervisorClient
+from microagent.vm.control import SupervisorClient, connect_unix
 from microagent.workspace.logs import capture_tail
 
 DEFAULT_START_TIMEOUT = 120.0
@@ -42,30 +42,39 @@ def until_supervising(layout: StateLayout, name: str,
 
 
 def reattach(layout: StateLayout, name: str, timeout: float = DEFAULT_START_TIMEOUT) -> bool:
-    """A supervisor for the VM that ``name``'s lost supervisor left running (vm/adopt.py);
-    False when there is none to take over. Raises StartError when the VM cannot be taken
-    over (it is ended then)."""
-    with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}", timeout=30):
-        state = runtime_state(layout, name)
-        if not state.orphaned:  # another command re-attaches one: until it is there
-            return state.supervisor_alive and _until_attached(layout, name, timeout)
-        skip = len(read_events(layout.workspace_events(name)))
-        supervisor = spawn_supervisor(layout, name, timeout, adopt=True)
-        until_supervising(layout, name, supervisor)
+    """A supervisor for the VM that ``name``'s lost supervisor left running (vm/adopt.py):
+    True once there is one to ask, False when there is none to take over. A supervisor
+    still dying, or another command's just starting, is waited for first. Raises
+    StartError when the VM cannot be taken over (it is ended then)."""
+    files = layout.run_files(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        with file_lock(layout.lock_file("workspace", name), what=f"workspace {name}",
+                       timeout=30):
+            state = runtime_state(layout, name)
+            if state.orphaned:
+                skip = len(read_events(layout.workspace_events(name)))
+                supervisor = spawn_supervisor(layout, name, timeout, adopt=True)
+                until_supervising(layout, name, supervisor)
+                break
+        if not state.supervisor_alive:
+            return False  # no VM left to take over
+        if not state.status.get("attaching") and _answers(files):
+            return True  # another command's is there now
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # one dying (its lock not dropped yet), or one attaching
     wait_started(layout, name, supervisor, skip, timeout, ok=ADOPTABLE)
     return True
 
 
-def _until_attached(layout: StateLayout, name: str, timeout: float) -> bool:
-    """Until a supervisor that is re-attaching (``attaching`` in its status) is done:
-    True, or False when it ended meanwhile."""
-    files = layout.run_files(name)
-    deadline = time.monotonic() + timeout
-    while supervisor_alive(files) and time.monotonic() < deadline:
-        if not runtime_state(layout, name).status.get("attaching"):
-            return True
-        time.sleep(0.02)
-    return supervisor_alive(files)
+def _answers(files: RunFiles) -> bool:
+    """The supervisor's control socket takes a connection."""
+    try:
+        connect_unix(files.dir, files.control_socket, timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def supervisor_of(layout: StateLayout, name: str) -> SupervisorClient:
