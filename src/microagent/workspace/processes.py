@@ -13,10 +13,13 @@ closed), UsageError; else AgentFileError.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-from microagent.errors import AgentFileError, ConflictError, MicroagentError
+from microagent.errors import AgentFileError, ConflictError, MicroagentError, ProtocolError
 from microagent.layout import StateLayout
+from microagent.state.runtime import lock_held
 from microagent.vm import agentprocs
 from microagent.vm.agent import AgentClient
 from microagent.vm.agentfiles import as_api_error
@@ -24,6 +27,9 @@ from microagent.vm.agentprocs import ProcessInfo, ProcessOutput
 from microagent.workspace.execution import merge_env
 from microagent.workspace.guestfiles import agent_session
 from microagent.workspace.lifecycle import running_record
+
+T = TypeVar("T")
+SUPERVISOR_GONE_WAIT = 10.0
 
 __all__ = ["ProcessInfo", "ProcessOutput", "list_processes", "process_info",
            "read_output", "signal_process", "spawn_process", "wait_process", "write_input"]
@@ -55,25 +61,48 @@ def spawn_process(layout: StateLayout, name: str, argv: tuple[str, ...], *,
                                 user=user or config.user)
 
 
+def _asked_again(layout: StateLayout, name: str, ask: Callable[[], T]) -> T:
+    """``ask()``, and once more if its channel broke because the supervisor died under it
+    (killed: the VM and the process run on, and the second call re-attaches a new one).
+    Only for what only reads (list, describe, read output)."""
+    try:
+        return ask()
+    except (ProtocolError, OSError):
+        lock = layout.run_files(name).lock
+        deadline = time.monotonic() + SUPERVISOR_GONE_WAIT
+        while lock_held(lock) and time.monotonic() < deadline:
+            time.sleep(0.01)  # a dying supervisor: its lock goes last
+        if lock_held(lock):
+            raise
+    return ask()
+
+
 def list_processes(layout: StateLayout, name: str) -> list[ProcessInfo]:
     """The background processes of ``name``, in the order they were started."""
-    with _session(layout, name, "listing processes") as client:
-        return agentprocs.list_processes(client)
+    def ask() -> list[ProcessInfo]:
+        with _session(layout, name, "listing processes") as client:
+            return agentprocs.list_processes(client)
+    return _asked_again(layout, name, ask)
 
 
 def process_info(layout: StateLayout, name: str, process_id: int) -> ProcessInfo:
     """One background process of ``name``; NotFoundError for an unknown id."""
-    with _session(layout, name, "describing a process") as client:
-        return agentprocs.process_info(client, process_id)
+    def ask() -> ProcessInfo:
+        with _session(layout, name, "describing a process") as client:
+            return agentprocs.process_info(client, process_id)
+    return _asked_again(layout, name, ask)
 
 
 def read_output(layout: StateLayout, name: str, process_id: int, offset: int = 0, *,
                 stream: str = "stdout", max_bytes: int = agentprocs.READ_MAX,
                 wait_s: float = 0.0) -> ProcessOutput:
-    """Output of a background process from ``offset``, waiting up to ``wait_s``."""
-    with _session(layout, name, "reading a process's output") as client:
-        return agentprocs.read_output(client, process_id, offset, stream=stream,
-                                      max_bytes=max_bytes, wait_s=wait_s)
+    """Output of a background process from ``offset``, waiting up to ``wait_s`` (asked
+    again of a new supervisor if the one relaying it dies meanwhile)."""
+    def ask() -> ProcessOutput:
+        with _session(layout, name, "reading a process's output") as client:
+            return agentprocs.read_output(client, process_id, offset, stream=stream,
+                                          max_bytes=max_bytes, wait_s=wait_s)
+    return _asked_again(layout, name, ask)
 
 
 def write_input(layout: StateLayout, name: str, process_id: int, data: bytes, *,
@@ -92,5 +121,7 @@ def signal_process(layout: StateLayout, name: str, process_id: int, signum: int)
 def wait_process(layout: StateLayout, name: str, process_id: int,
                  timeout: float | None) -> ProcessInfo:
     """Wait for a background process to end; TimeoutError after ``timeout``."""
-    with _session(layout, name, "waiting for a process") as client:
-        return agentprocs.wait_process(client, process_id, timeout)
+    def ask() -> ProcessInfo:
+        with _session(layout, name, "waiting for a process") as client:
+            return agentprocs.wait_process(client, process_id, timeout)
+    return _asked_again(layout, name, ask)
