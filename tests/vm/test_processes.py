@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from microagent import Microagent, Workspace
-from microagent.errors import ConflictError, NotFoundError
+from microagent.errors import ConflictError, NotFoundError, WaitTimeoutError
 from tests.support.fixtures import MICROAGENT, PushedImage
 from tests.vm.cli import events, ma, ok
 
@@ -97,6 +97,10 @@ def test_process_outlives_its_starter(home: Path, running: Workspace) -> None:
 def test_stdin_closed_and_exit_code(running: Workspace) -> None:
     process = running.spawn(["sh", "-c", "cat; echo done >&2; exit 4"])
     process.write(b"a\n")
+    brief = running.spawn(["sleep", "4"])
+    with pytest.raises(WaitTimeoutError):  # the wait ends at its timeout, long before
+        brief.wait(timeout=0.5, output=False)  # the process does
+    assert brief.poll() is None
     process.write(b"b\n")
     process.close_stdin()
     result = process.wait(timeout=30)

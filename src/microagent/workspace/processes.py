@@ -67,6 +67,8 @@ def _asked_again(layout: StateLayout, name: str, ask: Callable[[], T]) -> T:
     Only for what only reads (list, describe, read output)."""
     try:
         return ask()
+    except TimeoutError:  # an OSError, but the guest's answer: it still runs
+        raise
     except (ProtocolError, OSError):
         lock = layout.run_files(name).lock
         deadline = time.monotonic() + SUPERVISOR_GONE_WAIT
