@@ -1,14 +1,19 @@
 """Background processes (spawn, procs, proc_read, proc_write, proc_signal) against the
 real agent in the host test mode: output read from offsets with nothing lost or
 duplicated, waiting for more, stdin in pieces, signals, the bound on the output files,
-and a process that outlives the connection that started it."""
+a process that outlives the connection that started it, and starts that take long (an
+injected delay before the child's chdir) answered while everything else goes on."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from microagent.vm import agentprocs
 from microagent.vm.agent import AgentClient
@@ -240,3 +245,84 @@ def test_errors(session: Session) -> None:
     assert state.error is not None and state.error["code"] == "EINVAL"
     state = session.wait(session.open({"op": "spawn", "argv": []}))
     assert state.error is not None and state.error["code"] == "EINVAL"
+
+
+@pytest.fixture
+def slow_agent(agent_binary: Path, tmp_path: Path) -> Iterator[tuple[AgentProcess, Path]]:
+    """An agent whose children wait 5 s before their chdir into ``tmp_path/slow`` (the
+    host test mode's injected stand-in for a directory on a hung mount) and 15 s into
+    ``tmp_path/hung``, beyond the agent's 10 s wait for a start."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    process = AgentProcess(agent_binary, env={**os.environ,
+                                              "MICROAGENT_TEST_SLOW_CWD": str(slow),
+                                              "MICROAGENT_TEST_SLOW_CWD_MS": "5000"})
+    yield process, slow
+    returncode, stderr = process.close()
+    assert "Sanitizer" not in stderr and "runtime error" not in stderr, stderr
+    assert returncode == 0, f"the agent exited with {returncode}:\n{stderr}"
+
+
+def test_a_slow_start_with_an_injected_delay_stalls_nothing_else(
+        slow_agent: tuple[AgentProcess, Path]) -> None:
+    """While one spawn's child has not exec'd yet, the agent answers everything else:
+    the list (without the starting process), another spawn, its output."""
+    agent, slow = slow_agent
+    session = Session(agent.sock)
+    session.hello()
+    starting = session.open({"op": "spawn", "argv": ["pwd"], "env": ENV, "cwd": str(slow)})
+    assert call(session, {"op": "procs"})["procs"] == []
+    quick = spawn(session, ["echo", "quick"])
+    assert read(session, quick["id"], wait_ms=5000)[0] == b"quick\n"
+    assert not starting.done, "the slow start was answered before the quick one"
+    session.wait(starting)
+    assert starting.error is None and starting.exit is not None, starting.error
+    slow_proc = starting.exit["proc"]
+    assert slow_proc["id"] not in (quick["id"], 0)
+    wait_finished(session, slow_proc["id"])
+    assert read(session, slow_proc["id"])[0] == f"{slow}\n".encode()
+    assert sorted(p["id"] for p in call(session, {"op": "procs"})["procs"]) == \
+        sorted([quick["id"], slow_proc["id"]])
+
+
+def test_a_start_whose_requester_left_still_runs(slow_agent: tuple[AgentProcess, Path]
+                                                 ) -> None:
+    """The connection that asked for a slow start goes (a new HELLO): the process starts
+    all the same and the new connection finds it."""
+    agent, slow = slow_agent
+    first = Session(agent.sock)
+    first.hello()
+    first.open({"op": "spawn", "argv": ["sh", "-c", "echo started"], "env": ENV,
+                "cwd": str(slow)})
+    second = Session(agent.sock)
+    second.hello()
+    deadline = time.monotonic() + 20
+    while not (listed := call(second, {"op": "procs"})["procs"]):
+        assert time.monotonic() < deadline, "the process never started"
+        time.sleep(0.1)
+    (proc,) = listed
+    wait_finished(second, proc["id"])
+    assert read(second, proc["id"])[0] == b"started\n"
+
+
+def test_a_start_that_never_reports_is_ended(agent_binary: Path, tmp_path: Path) -> None:
+    """A child that has not exec'd after 10 s is killed and the spawn refused (ESETUP);
+    the id it had is the next process's."""
+    hung = tmp_path / "hung"
+    hung.mkdir()
+    agent = AgentProcess(agent_binary, env={**os.environ,
+                                            "MICROAGENT_TEST_SLOW_CWD": str(hung),
+                                            "MICROAGENT_TEST_SLOW_CWD_MS": "60000"})
+    try:
+        session = Session(agent.sock)
+        session.hello()
+        state = session.wait(session.open({"op": "spawn", "argv": ["true"], "env": ENV,
+                                           "cwd": str(hung)}), timeout=30)
+        assert state.error is not None and state.error["code"] == "ESETUP", state.error
+        assert "start-up report" in state.error["message"]
+        assert call(session, {"op": "procs"})["procs"] == []
+        assert spawn(session, ["true"])["id"] == 1
+    finally:
+        returncode, stderr = agent.close()
+    assert "Sanitizer" not in stderr and "runtime error" not in stderr, stderr
+    assert returncode == 0, stderr

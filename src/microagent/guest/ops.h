@@ -14,6 +14,7 @@ int get_open(struct stream *s, const struct json_doc *doc, int request);    /* f
 int list_open(struct stream *s, const struct json_doc *doc, int request);   /* listing.c */
 int remove_open(struct stream *s, const struct json_doc *doc, int request); /* remove.c */
 
+int spawn_open(struct stream *s, const struct json_doc *doc, int request);      /* procops.c */
 int proc_read_open(struct stream *s, const struct json_doc *doc, int request);  /* procops.c */
 int proc_write_open(struct stream *s, const struct json_doc *doc, int request); /* procops.c */
 
@@ -24,7 +25,6 @@ void console_size_run(uint32_t id, const struct json_doc *doc, int request); /* 
 void stat_run(uint32_t id, const struct json_doc *doc, int request);         /* pathops.c */
 void mkdir_run(uint32_t id, const struct json_doc *doc, int request);        /* pathops.c */
 void resumed_run(uint32_t id, const struct json_doc *doc, int request);      /* resumed.c */
-void spawn_run(uint32_t id, const struct json_doc *doc, int request);        /* procops.c */
 void procs_run(uint32_t id, const struct json_doc *doc, int request);        /* procops.c */
 void proc_signal_run(uint32_t id, const struct json_doc *doc, int request);  /* procops.c */
 

@@ -63,25 +63,76 @@ static struct proc *find_proc(uint32_t id, const struct json_doc *doc, int req, 
     return p;
 }
 
-void spawn_run(uint32_t id, const struct json_doc *doc, int req)
+/* --- spawn: answered once the child's exec worked or failed ------------------------ */
+
+static void spawned(void *ctx, struct proc *p, const struct spawn_failure *f)
+{
+    struct stream *s = ctx;
+    s->state = NULL;
+    if (f != NULL) {
+        channel_send_error(s->id, f->code, f->err, "%s", f->message);
+    } else {
+        static char buf[MAX_PAYLOAD];
+        channel_send(FRAME_EXIT, s->id, 0, buf, answer(buf, sizeof(buf), "proc", p));
+    }
+    stream_end(s);
+}
+
+static void spawn_frame(struct stream *s, uint8_t type, uint8_t flags, const uint8_t *payload,
+                        size_t len)
+{
+    (void)flags;
+    (void)payload;
+    (void)len;
+    stream_fail(s, "EPROTO", 0, "frame type 0x%02x is not valid on a spawn stream", type);
+}
+
+/* The process starts on without anyone waiting: it is a background process all the same. */
+static void spawn_cancel(struct stream *s, int quiet)
+{
+    if (s->state != NULL)
+        procs_forget_start(s->state);
+    s->state = NULL;
+    if (!quiet)
+        channel_send_error(s->id, "ECANCELED", ECANCELED, "spawn cancelled");
+    stream_end(s);
+}
+
+static void spawn_release(struct stream *s)
+{
+    if (s->state != NULL)
+        procs_forget_start(s->state);
+    s->state = NULL;
+}
+
+static const struct stream_ops spawn_ops = {
+    .frame = spawn_frame,
+    .watch = stream_no_watch, /* procs_watch waits for the child's report */
+    .tick = stream_no_tick,
+    .child_exited = stream_no_child,
+    .cancel = spawn_cancel,
+    .release = spawn_release,
+};
+
+int spawn_open(struct stream *s, const struct json_doc *doc, int req)
 {
     struct command c;
     const char *bad = command_parse(doc, req, &c);
-    char **argv = c.argv, **env = c.env;
-    const char *cwd = c.cwd, *user = c.user;
+    struct proc *p = NULL;
     if (bad != NULL) {
-        channel_send_error(id, "EINVAL", 0, "spawn: %s", bad);
+        channel_send_error(s->id, "EINVAL", 0, "spawn: %s", bad);
     } else {
         static char *const no_env[] = {NULL};
-        struct proc *p = procs_spawn(id, argv, env != NULL ? env : no_env, cwd, user);
-        if (p != NULL) {
-            static char buf[MAX_PAYLOAD];
-            size_t n = answer(buf, sizeof(buf), "proc", p);
-            channel_send(FRAME_EXIT, id, 0, buf, n);
-        }
+        p = procs_spawn(s->id, c.argv, c.env != NULL ? c.env : no_env, c.cwd, c.user,
+                        spawned, s);
     }
-    free(argv);
-    free(env);
+    free(c.argv);
+    free(c.env);
+    if (p == NULL)
+        return -1;
+    s->ops = &spawn_ops;
+    s->state = p;
+    return 0;
 }
 
 void procs_run(uint32_t id, const struct json_doc *doc, int req)

@@ -49,7 +49,7 @@ static long long wall_ms(void)
 struct proc *procs_find(long long id)
 {
     for (int i = 0; i < MAX_PROCS; i++)
-        if (table[i].used && table[i].id == id)
+        if (table[i].used && !table[i].starting && table[i].id == id)
             return &table[i];
     return NULL;
 }
@@ -99,6 +99,8 @@ static void free_entry(struct proc *p)
     }
     if (p->in_fd >= 0)
         close(p->in_fd);
+    if (p->starting && p->status_fd >= 0)
+        close(p->status_fd);
     free(p->argv);
     *p = (struct proc){0};
 }
@@ -111,7 +113,7 @@ static struct proc *free_slot(void)
     for (int i = 0; i < MAX_PROCS; i++) {
         if (!table[i].used)
             return &table[i];
-        if (table[i].state != PROC_RUNNING && table[i].writing == 0 &&
+        if (table[i].state != PROC_RUNNING && table[i].writing == 0 && !table[i].starting &&
             (oldest == NULL || table[i].finished_ms < oldest->finished_ms))
             oldest = &table[i];
     }
@@ -218,7 +220,8 @@ void procs_write_all(struct json_writer *w, size_t argv_budget)
     for (;;) {
         struct proc *next = NULL;
         for (int i = 0; i < MAX_PROCS; i++)
-            if (table[i].used && table[i].id > last && (next == NULL || table[i].id < next->id))
+            if (table[i].used && !table[i].starting && table[i].id > last &&
+                (next == NULL || table[i].id < next->id))
                 next = &table[i];
         if (next == NULL)
             break;
@@ -339,12 +342,38 @@ static void on_pipe(void *ctx, int tag, int fd, short revents)
         drain(p, tag);
 }
 
+static void end_start(struct proc *p, int overdue);
+
+static void on_status(void *ctx, int tag, int fd, short revents)
+{
+    (void)tag;
+    (void)fd;
+    (void)revents;
+    end_start(ctx, 0);
+}
+
 void procs_watch(void)
 {
-    for (int i = 0; i < MAX_PROCS; i++)
+    for (int i = 0; i < MAX_PROCS; i++) {
+        struct proc *p = &table[i];
+        if (!p->used)
+            continue;
         for (int k = 0; k < 2; k++)
-            if (table[i].used && table[i].out[k].pipe_fd >= 0)
-                poller_add(table[i].out[k].pipe_fd, POLLIN, on_pipe, &table[i], k);
+            if (p->out[k].pipe_fd >= 0)
+                poller_add(p->out[k].pipe_fd, POLLIN, on_pipe, p, k);
+        if (p->starting) {
+            poller_add(p->status_fd, POLLIN, on_status, p, 0);
+            poller_wake_at(p->start_deadline);
+        }
+    }
+}
+
+void procs_tick(void)
+{
+    long long now = monotonic_ms();
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (table[i].used && table[i].starting && now >= table[i].start_deadline)
+            end_start(&table[i], 1);
 }
 
 int procs_child_exited(pid_t pid, int status)
@@ -373,42 +402,58 @@ static int open_output(struct proc *p, int k)
     return p->out[k].file_fd < 0 ? -1 : 0;
 }
 
-/* Wait for the child's report: EOF (the exec worked) or a struct spawn_failure. */
-static int wait_started(uint32_t id, struct spawn_result *res, const char *name)
+/* The child's report is readable, or overdue: EOF means the exec worked (the process is
+ * visible from now on), a struct spawn_failure that it did not (the entry goes). */
+static void end_start(struct proc *p, int overdue)
 {
     struct spawn_failure f;
     ssize_t n = -1;
-    struct pollfd pfd = {.fd = res->status_fd, .events = POLLIN};
-    long long deadline = monotonic_ms() + START_WAIT_MS;
-    for (;;) {
-        long long left = deadline - monotonic_ms();
-        int r = poll(&pfd, 1, left > 0 ? (int)left : 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        n = read(res->status_fd, &f, sizeof(f));
-        if (n < 0 && (errno == EINTR || errno == EAGAIN))
-            continue;
-        break;
+    if (!overdue) {
+        do
+            n = read(p->status_fd, &f, sizeof(f));
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EAGAIN)
+            return;
     }
-    if (n == 0)
-        return 0;
-    kill(-res->pid, SIGKILL);
-    kill(res->pid, SIGKILL);
+    close(p->status_fd);
+    p->status_fd = -1;
+    p->starting = 0;
+    proc_started_fn done = p->on_started;
+    void *ctx = p->started_ctx;
+    p->on_started = NULL;
+    if (n == 0) {
+        write_meta(p);
+        if (done != NULL)
+            done(ctx, p, NULL);
+        return;
+    }
+    if (!p->reaped) {
+        kill(-p->pid, SIGKILL);
+        kill(p->pid, SIGKILL);
+    }
     if (n == (ssize_t)sizeof(f)) {
         f.code[sizeof(f.code) - 1] = '\0';
         f.message[sizeof(f.message) - 1] = '\0';
-        channel_send_error(id, f.code, f.err, "%s", f.message);
     } else {
-        channel_send_error(id, "ESETUP", 0, "spawn %s: the command's start-up report did "
-                           "not come within %d ms", name, START_WAIT_MS);
+        f = (struct spawn_failure){.err = 0, .code = "ESETUP"};
+        snprintf(f.message, sizeof(f.message), "spawn %s: the command's start-up report did "
+                 "not come within %d ms", p->argv[0], START_WAIT_MS);
     }
-    return -1;
+    if (done != NULL)
+        done(ctx, p, &f);
+    if (p->id == next_id - 1)
+        next_id--; /* an id nobody saw: the next process takes it */
+    remove_files(p);
+    free_entry(p);
+}
+
+void procs_forget_start(struct proc *p)
+{
+    p->on_started = NULL;
 }
 
 struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const char *cwd,
-                         const char *user)
+                         const char *user, proc_started_fn done, void *ctx)
 {
     const char *dir = base_dir();
     if (dir == NULL) {
@@ -424,7 +469,7 @@ struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const
                            MAX_PROCS);
         return NULL;
     }
-    *p = (struct proc){.used = 1, .id = next_id, .in_fd = -1,
+    *p = (struct proc){.used = 1, .id = next_id, .in_fd = -1, .status_fd = -1,
                        .out = {{.pipe_fd = -1, .file_fd = -1}, {.pipe_fd = -1, .file_fd = -1}}};
     snprintf(p->dir, sizeof(p->dir), "%s/%lld", dir, p->id);
     int err = 0;
@@ -450,13 +495,13 @@ struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const
     p->in_fd = res.in_fd;
     p->out[0].pipe_fd = res.out_fd;
     p->out[1].pipe_fd = res.err_fd;
-    int started = wait_started(id, &res, argv[0]);
-    close(res.status_fd);
-    if (started != 0)
-        goto fail;
+    p->status_fd = res.status_fd;
+    p->starting = 1;
+    p->start_deadline = monotonic_ms() + START_WAIT_MS;
+    p->on_started = done;
+    p->started_ctx = ctx;
     p->started_ms = wall_ms();
     next_id++;
-    write_meta(p);
     return p;
 fail:
     remove_files(p);

@@ -10,6 +10,7 @@
 #define MICROAGENT_PROCS_H
 
 #include "json.h"
+#include "spawn.h"
 
 #include <stddef.h>
 #include <sys/types.h>
@@ -29,8 +30,19 @@ struct proc_output {
     int punch_failed;
 };
 
+struct proc;
+
+/* How a start ended: f is NULL when the command runs (the entry is visible from then on),
+ * else the child's report (the entry is freed right after the call). */
+typedef void (*proc_started_fn)(void *ctx, struct proc *p, const struct spawn_failure *f);
+
 struct proc {
     int used;
+    int starting;   /* forked, its exec not yet reported: invisible to procs_find */
+    int status_fd;  /* the child's start-up report while starting */
+    long long start_deadline;     /* monotonic ms */
+    proc_started_fn on_started;   /* NULL once told, or when nobody waits */
+    void *started_ctx;
     long long id;
     pid_t pid;      /* also the process group and session id */
     char **argv;    /* one allocation */
@@ -48,9 +60,15 @@ struct proc {
 struct proc *procs_find(long long id);
 
 /* Start argv as a background process (spawn.h's request, stdin a pipe). Returns the new
- * entry, or NULL after answering stream id with ERROR. */
+ * entry, still starting: done(ctx, ...) is called from the loop once the child's exec
+ * worked or failed (within START_WAIT_MS), never from here; the loop goes on meanwhile.
+ * NULL after answering stream id with ERROR. */
 struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const char *cwd,
-                         const char *user);
+                         const char *user, proc_started_fn done, void *ctx);
+
+/* Nobody waits for this start any more (its stream ended): the process starts all the
+ * same, and a failed start is forgotten. */
+void procs_forget_start(struct proc *p);
 
 /* Write the entry as a JSON object; argv_budget: at most that many bytes of argv (later
  * items are left out and "argv_truncated" is true). */
@@ -62,8 +80,10 @@ void procs_write_all(struct json_writer *w, size_t argv_budget);
 /* Close the process's stdin. */
 void procs_close_stdin(struct proc *p);
 
-/* Per loop iteration: register the output pipes (drained without bound: the files are). */
+/* Per loop iteration: register the output pipes (drained without bound: the files are)
+ * and the start-up reports; after the wait, end the starts whose report is overdue. */
 void procs_watch(void);
+void procs_tick(void);
 
 /* A child was reaped: returns 1 when it was a background process. */
 int procs_child_exited(pid_t pid, int status);

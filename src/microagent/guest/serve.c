@@ -152,6 +152,7 @@ void serve(const sigset_t *signals, int pid1, int channel_fd)
             acpi_events_watch();
         }
         poller_wait();
+        procs_tick();
         streams_tick();
         streams_sweep();
         if (have_channel)

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -27,10 +28,19 @@
 static struct rlimit original_nofile;
 static int have_original_nofile;
 static int keep_credentials;
+/* The host test mode's stand-in for a directory on a hung mount: a child whose directory
+ * is $MICROAGENT_TEST_SLOW_CWD waits $MICROAGENT_TEST_SLOW_CWD_MS before its chdir. */
+static const char *slow_cwd;
+static long slow_cwd_ms;
 
 void spawn_init(int keep_credentials_for_root)
 {
     keep_credentials = keep_credentials_for_root;
+    if (keep_credentials_for_root) {
+        slow_cwd = getenv("MICROAGENT_TEST_SLOW_CWD");
+        const char *ms = getenv("MICROAGENT_TEST_SLOW_CWD_MS");
+        slow_cwd_ms = ms != NULL ? strtol(ms, NULL, 10) : 0;
+    }
     if (getrlimit(RLIMIT_NOFILE, &original_nofile) != 0)
         return;
     have_original_nofile = 1;
@@ -211,6 +221,11 @@ __attribute__((noreturn)) static void child(const struct spawn_request *req, int
     char **env = with_home(req->env, creds.home);
 
     const char *cwd = req->cwd[0] != '\0' ? req->cwd : "/";
+    if (slow_cwd != NULL && slow_cwd_ms > 0 && strcmp(cwd, slow_cwd) == 0) {
+        struct timespec pause = {slow_cwd_ms / 1000, slow_cwd_ms % 1000 * 1000000};
+        while (nanosleep(&pause, &pause) != 0 && errno == EINTR) {
+        }
+    }
     if (chdir(cwd) != 0)
         fail(status_fd, errno, "ECWD", "cannot change to the directory %s: %s", cwd,
              strerror(errno));

@@ -127,10 +127,6 @@ void streams_open(uint32_t id, const uint8_t *payload, size_t len)
         resumed_run(id, &doc, 0);
         return;
     }
-    if (strcmp(op, "spawn") == 0) {
-        spawn_run(id, &doc, 0);
-        return;
-    }
     if (strcmp(op, "procs") == 0) {
         procs_run(id, &doc, 0);
         return;
@@ -145,6 +141,7 @@ void streams_open(uint32_t id, const uint8_t *payload, size_t len)
         : strcmp(op, "get") == 0    ? get_open
         : strcmp(op, "list") == 0   ? list_open
         : strcmp(op, "remove") == 0 ? remove_open
+        : strcmp(op, "spawn") == 0  ? spawn_open
         : strcmp(op, "proc_read") == 0 ? proc_read_open
         : strcmp(op, "proc_write") == 0 ? proc_write_open
                                     : NULL;
