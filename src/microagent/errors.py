@@ -86,6 +86,13 @@ class NotFoundError(MicroagentError):
     kind = "not-found"
 
 
+class CommandNotFoundError(NotFoundError):
+    """A command to start in the background is not in the guest (``ws.spawn``,
+    ``exec -d``): the CLI exits 127, as ``exec`` of it does."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
 class ConflictError(MicroagentError):
     """The thing exists already, or is in a state that refuses the verb."""
 
@@ -236,6 +243,13 @@ class AgentFileError(MicroagentError):
         self.code = code
 
 
+class CommandNotExecutableError(AgentFileError):
+    """A command to start in the background cannot be executed (``EACCES``, ``ENOEXEC``):
+    the CLI exits 126, as ``exec`` of it does."""
+
+    exit_code = EXIT_CANNOT_EXECUTE
+
+
 class ProtocolError(MicroagentError):
     """The peer sent something the protocol does not allow."""
 
@@ -263,3 +277,4 @@ class Terminated(KeyboardInterrupt):
 def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
     """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
     return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else 2)  # SIGINT
+

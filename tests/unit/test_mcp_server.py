@@ -198,6 +198,7 @@ def test_http_refuses_an_address_beyond_loopback(tmp_path: Path) -> None:
     ("start it first, or `microagent start --cold dev` (the memory is discarded)",
      'start it first, or start_workspace(name="dev", cold=true) (the memory is discarded)'),
     ("microagent kill dev ends it", 'kill_workspace(name="dev") ends it'),
+    ("microagent top dev", 'list_processes(name="dev")'),
     ("resume it: microagent resume a.b-c", 'resume it: resume_workspace(name="a.b-c")'),
     ("pip install 'microagent[mcp]'", "pip install 'microagent[mcp]'"),
     ("microagent image pull REF", "microagent image pull REF"),  # no tool: left as it is

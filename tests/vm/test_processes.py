@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from microagent import Microagent, Workspace
-from microagent.errors import ConflictError, NotFoundError, WaitTimeoutError
+from microagent.errors import (
+    AgentFileError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    ConflictError,
+    NotFoundError,
+    WaitTimeoutError,
+)
 from tests.support.fixtures import MICROAGENT, PushedImage
 from tests.vm.cli import events, ma, ok
 
@@ -110,6 +117,17 @@ def test_stdin_closed_and_exit_code(running: Workspace) -> None:
         process.write(b"more")
 
 
+def test_commands_that_cannot_start(running: Workspace) -> None:
+    with pytest.raises(CommandNotFoundError, match="no-such-command: command not found"):
+        running.spawn(["no-such-command"])
+    running.files.write("/root/not-executable", b"#!/bin/sh\n", mode=0o644)
+    with pytest.raises(CommandNotExecutableError):
+        running.spawn(["/root/not-executable"])
+    with pytest.raises(AgentFileError) as missing_dir:  # not a command's fault
+        running.spawn(["true"], cwd="/no/such/dir")
+    assert not isinstance(missing_dir.value, CommandNotExecutableError)
+
+
 def test_cli_detach_top_attach_signal(home: Path, running: Workspace) -> None:
     name = running.name
     started = ok(ma(home, "exec", "-d", name, "--", "sh", "-c",
@@ -120,6 +138,12 @@ def test_cli_detach_top_attach_signal(home: Path, running: Workspace) -> None:
     assert attached.stdout == "one\n" and attached.stderr == "two\n"
     assert ma(home, "exec", "--attach", str(first), "--since", "2", name).stdout == "e\n"
 
+    missing = ma(home, "exec", "-d", name, "--", "no-such-command")  # as exec: 127
+    assert missing.returncode == 127 and "command not found" in missing.stderr, missing
+    unknown = ma(home, "exec", "--attach", "999", name)
+    assert unknown.returncode == 125, unknown
+    assert f"workspace {name} has no background process 999" in unknown.stderr
+    assert f"hint: microagent top {name}" in unknown.stderr
     second = int(ok(ma(home, "exec", "-d", name, "--", "sleep", "600")).stdout)
     listing = ok(ma(home, "top", name)).stdout.splitlines()
     assert listing[0].split() == ["ID", "PID", "STATE", "EXIT", "STARTED", "COMMAND"]

@@ -299,8 +299,10 @@ class Workspace:
         supervisor relay, and ``ws.process(id)`` finds it again. A str runs through
         ``/bin/sh -c``; the image's Env, WorkingDir and User apply as for :meth:`exec`.
         Its stdin is a pipe until :meth:`Process.close_stdin`; its output is kept in the
-        guest (the first and last MiB of each stream). A command that cannot start raises
-        (NotFoundError when it is not found, AgentFileError otherwise)."""
+        guest (the first and last MiB of each stream). A command that cannot start raises:
+        CommandNotFoundError (a NotFoundError) when it is not found,
+        CommandNotExecutableError when it cannot be executed, AgentFileError otherwise
+        (a missing directory, an unknown user)."""
         from microagent.api.processes import Process
         from microagent.workspace.processes import spawn_process
 

@@ -43,6 +43,8 @@ from microagent.errors import (
     EXIT_EXEC_FAILED,
     EXIT_FAILURE,
     EXIT_OK,
+    CommandNotExecutableError,
+    CommandNotFoundError,
     MicroagentError,
     PausedError,
     Terminated,
@@ -134,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         report(out, e)
-        if _is_exec(raw) and not isinstance(e, UsageError | PausedError):
+        if _is_exec(raw) and not isinstance(e, UsageError | PausedError | CommandNotFoundError
+                                            | CommandNotExecutableError):
             return EXIT_EXEC_FAILED  # CLI.md: exec's own failures are 125
         return e.exit_code
     except KeyboardInterrupt as e:

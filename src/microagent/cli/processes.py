@@ -21,7 +21,8 @@ IDLE_WAIT_S = 1.0  # an attach with nothing new waits this long in the guest per
 
 def start_detached(args: argparse.Namespace, out: Output, argv: list[str],
                    env: Sequence[str]) -> int:
-    """``exec -d``: start ``argv`` in the background; print its id."""
+    """``exec -d``: start ``argv`` in the background; print its id. A command that could
+    not start exits as ``exec``'s would (127 not found, 126 not executable)."""
     process = client_of(args).handle(args.name).spawn(argv, env=env, cwd=args.workdir,
                                                       user=args.user)
     out.emit({"id": process.id, "name": args.name}, str(process.id))

@@ -104,7 +104,7 @@ VERB_TOOLS = {"start": "start_workspace", "halt": "halt_workspace", "stop": "sto
               "pause": "pause_workspace", "resume": "resume_workspace",
               "status": "workspace_status", "logs": "workspace_logs",
               "snapshot create": "snapshot_workspace", "suspend": "suspend_workspace",
-              "quarantine": "quarantine_workspace"}
+              "quarantine": "quarantine_workspace", "top": "list_processes"}
 _HINT_COMMAND = re.compile(r"`?microagent ((?:snapshot )?[a-z]+)((?: --[a-z-]+)*) "
                            r"([A-Za-z0-9][A-Za-z0-9_.-]*)`?")
 

@@ -25,7 +25,8 @@ from microagent.api.client import Microagent
 from microagent.api.results import WorkspaceStatus
 from microagent.api.workspace import Workspace
 from microagent.errors import (
-    AgentFileError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
     ConflictError,
     MicroagentError,
     NotFoundError,
@@ -431,16 +432,14 @@ class Tools:
 def _not_started(error: MicroagentError) -> CallToolResult | None:
     """A command the guest could not start (not found, not executable) as the result a
     shell gives (127, 126), with the reason on stderr; None for other errors."""
-    cause = error.__cause__
-    if not isinstance(cause, AgentFileError) or \
-            cause.code not in ("ENOENT", "EACCES", "ENOEXEC"):
+    if not isinstance(error, CommandNotFoundError | CommandNotExecutableError):
         return None
-    code = 127 if cause.code == "ENOENT" else 126
+    code = error.exit_code
     data = {"status": "exited", "exit_code": code, "signal": None, "process_id": None,
-            "stdout": "", "stderr": cause.message, "stdout_bytes": 0,
-            "stderr_bytes": len(cause.message.encode()), "truncated": False,
+            "stdout": "", "stderr": error.message, "stdout_bytes": 0,
+            "stderr_bytes": len(error.message.encode()), "truncated": False,
             "duration_ms": None, "next_since": 0, "next_since_stderr": 0}
-    return result(data, f"[exit {code}]\n[stderr]\n{cause.message}")
+    return result(data, f"[exit {code}]\n[stderr]\n{error.message}")
 
 
 def _mode_of(files: Any, path: str) -> int:

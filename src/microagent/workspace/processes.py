@@ -17,7 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from microagent.errors import AgentFileError, ConflictError, MicroagentError, ProtocolError
+from microagent.errors import (
+    AgentFileError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    ConflictError,
+    MicroagentError,
+    NotFoundError,
+    ProtocolError,
+)
 from microagent.layout import StateLayout
 from microagent.state.runtime import lock_held
 from microagent.vm import agentprocs
@@ -35,19 +43,25 @@ __all__ = ["ProcessInfo", "ProcessOutput", "list_processes", "process_info",
            "read_output", "signal_process", "spawn_process", "wait_process", "write_input"]
 
 
-def _api_error(error: AgentFileError) -> MicroagentError:
+def _api_error(error: AgentFileError, name: str, process_id: int | None) -> MicroagentError:
     if error.code in ("ESRCH", "EPIPE"):
         return ConflictError(error.message)
+    if error.code == "ENOENT" and process_id is not None:
+        return NotFoundError(f"workspace {name} has no background process {process_id}",
+                             hint=f"microagent top {name}")
     return as_api_error(error)
 
 
 @contextlib.contextmanager
-def _session(layout: StateLayout, name: str, doing: str) -> Iterator[AgentClient]:
+def _session(layout: StateLayout, name: str, doing: str, process_id: int | None = None
+             ) -> Iterator[AgentClient]:
+    """A hello'd agent client; what the guest refuses as the error tree's class (an
+    unknown ``process_id``: NotFoundError naming it)."""
     with agent_session(layout, name, doing) as client:
         try:
             yield client
         except AgentFileError as e:
-            raise _api_error(e) from e
+            raise _api_error(e, name, process_id) from e
 
 
 def spawn_process(layout: StateLayout, name: str, argv: tuple[str, ...], *,
@@ -55,10 +69,17 @@ def spawn_process(layout: StateLayout, name: str, argv: tuple[str, ...], *,
     """Start ``argv`` in the background in ``name``, with the image's defaults."""
     ws = running_record(layout, name, "spawn")
     config = ws.image_config
-    with _session(layout, name, "starting a background process") as client:
-        return agentprocs.spawn(client, argv, env=merge_env(config.env, ws.env, env),
-                                cwd=cwd or config.working_dir or "/",
-                                user=user or config.user)
+    with agent_session(layout, name, "starting a background process") as client:
+        try:
+            return agentprocs.spawn(client, argv, env=merge_env(config.env, ws.env, env),
+                                    cwd=cwd or config.working_dir or "/",
+                                    user=user or config.user)
+        except AgentFileError as e:
+            if e.code == "ENOENT":
+                raise CommandNotFoundError(e.message, e.hint) from e
+            if e.code in ("EACCES", "ENOEXEC"):
+                raise CommandNotExecutableError(e.code, e.message, e.hint) from e
+            raise _api_error(e, name, None) from e
 
 
 def _asked_again(layout: StateLayout, name: str, ask: Callable[[], T]) -> T:
@@ -90,7 +111,7 @@ def list_processes(layout: StateLayout, name: str) -> list[ProcessInfo]:
 def process_info(layout: StateLayout, name: str, process_id: int) -> ProcessInfo:
     """One background process of ``name``; NotFoundError for an unknown id."""
     def ask() -> ProcessInfo:
-        with _session(layout, name, "describing a process") as client:
+        with _session(layout, name, "describing a process", process_id) as client:
             return agentprocs.process_info(client, process_id)
     return _asked_again(layout, name, ask)
 
@@ -101,7 +122,7 @@ def read_output(layout: StateLayout, name: str, process_id: int, offset: int = 0
     """Output of a background process from ``offset``, waiting up to ``wait_s`` (asked
     again of a new supervisor if the one relaying it dies meanwhile)."""
     def ask() -> ProcessOutput:
-        with _session(layout, name, "reading a process's output") as client:
+        with _session(layout, name, "reading a process's output", process_id) as client:
             return agentprocs.read_output(client, process_id, offset, stream=stream,
                                           max_bytes=max_bytes, wait_s=wait_s)
     return _asked_again(layout, name, ask)
@@ -110,13 +131,13 @@ def read_output(layout: StateLayout, name: str, process_id: int, offset: int = 0
 def write_input(layout: StateLayout, name: str, process_id: int, data: bytes, *,
                 close: bool = False) -> int:
     """Write to a background process's stdin (and close it); the bytes written."""
-    with _session(layout, name, "writing to a process") as client:
+    with _session(layout, name, "writing to a process", process_id) as client:
         return agentprocs.write_input(client, process_id, data, close=close)
 
 
 def signal_process(layout: StateLayout, name: str, process_id: int, signum: int) -> None:
     """Send ``signum`` to a background process's group."""
-    with _session(layout, name, "signalling a process") as client:
+    with _session(layout, name, "signalling a process", process_id) as client:
         agentprocs.signal_process(client, process_id, signum)
 
 
@@ -124,6 +145,6 @@ def wait_process(layout: StateLayout, name: str, process_id: int,
                  timeout: float | None) -> ProcessInfo:
     """Wait for a background process to end; TimeoutError after ``timeout``."""
     def ask() -> ProcessInfo:
-        with _session(layout, name, "waiting for a process") as client:
+        with _session(layout, name, "waiting for a process", process_id) as client:
             return agentprocs.wait_process(client, process_id, timeout)
     return _asked_again(layout, name, ask)
