@@ -121,10 +121,13 @@ def read_output(layout: StateLayout, name: str, process_id: int, offset: int = 0
                 wait_s: float = 0.0) -> ProcessOutput:
     """Output of a background process from ``offset``, waiting up to ``wait_s`` (asked
     again of a new supervisor if the one relaying it dies meanwhile)."""
+    deadline = time.monotonic() + wait_s
+
     def ask() -> ProcessOutput:
+        left = max(deadline - time.monotonic(), 0.0)
         with _session(layout, name, "reading a process's output", process_id) as client:
             return agentprocs.read_output(client, process_id, offset, stream=stream,
-                                          max_bytes=max_bytes, wait_s=wait_s)
+                                          max_bytes=max_bytes, wait_s=left)
     return _asked_again(layout, name, ask)
 
 
@@ -143,8 +146,12 @@ def signal_process(layout: StateLayout, name: str, process_id: int, signum: int)
 
 def wait_process(layout: StateLayout, name: str, process_id: int,
                  timeout: float | None) -> ProcessInfo:
-    """Wait for a background process to end; TimeoutError after ``timeout``."""
+    """Wait for a background process to end; TimeoutError after ``timeout`` (counted
+    from this call, also when it is asked again of a new supervisor)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+
     def ask() -> ProcessInfo:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         with _session(layout, name, "waiting for a process", process_id) as client:
-            return agentprocs.wait_process(client, process_id, timeout)
+            return agentprocs.wait_process(client, process_id, left)
     return _asked_again(layout, name, ask)
