@@ -305,6 +305,39 @@ def test_a_start_whose_requester_left_still_runs(slow_agent: tuple[AgentProcess,
     assert read(second, proc["id"])[0] == b"started\n"
 
 
+def test_a_slow_start_holds_no_other_process_open(slow_agent: tuple[AgentProcess, Path]
+                                                  ) -> None:
+    """The child of a slow start holds none of the agent's fds while it waits: another
+    process's stdin, closed meanwhile, reaches EOF before the slow one has exec'd."""
+    agent, slow = slow_agent
+    session = Session(agent.sock)
+    session.hello()
+    cat = spawn(session, ["cat"])
+    starting = session.open({"op": "spawn", "argv": ["true"], "env": ENV, "cwd": str(slow)})
+    write(session, cat["id"], b"x", close=True)
+    assert wait_finished(session, cat["id"])["exit_code"] == 0
+    assert not starting.done, "cat saw EOF only once the slow start had exec'd"
+    session.wait(starting)
+    assert starting.error is None, starting.error
+
+
+def test_a_cancelled_start_is_killed(slow_agent: tuple[AgentProcess, Path]) -> None:
+    """CANCEL while a spawn waits for its child: ECANCELED, and the child never runs."""
+    agent, slow = slow_agent
+    session = Session(agent.sock)
+    session.hello()
+    marker = slow / "ran"
+    starting = session.open({"op": "spawn", "argv": ["touch", str(marker)], "env": ENV,
+                             "cwd": str(slow)})
+    session.send_json(FrameType.CANCEL, starting.id, {})
+    session.wait(starting)
+    assert starting.error is not None and starting.error["code"] == "ECANCELED"
+    time.sleep(6)  # past the injected 5 s delay: a child left alive would have run by now
+    assert not marker.exists(), "the cancelled start ran"
+    assert call(session, {"op": "procs"})["procs"] == []
+    assert spawn(session, ["true"])["id"] == 1
+
+
 def test_a_start_that_never_reports_is_ended(agent_binary: Path, tmp_path: Path) -> None:
     """A child that has not exec'd after 10 s is killed and the spawn refused (ESETUP);
     the id it had is the next process's."""

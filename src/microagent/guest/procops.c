@@ -87,11 +87,18 @@ static void spawn_frame(struct stream *s, uint8_t type, uint8_t flags, const uin
     stream_fail(s, "EPROTO", 0, "frame type 0x%02x is not valid on a spawn stream", type);
 }
 
-/* The process starts on without anyone waiting: it is a background process all the same. */
+/* CANCEL (the host gave up on the spawn): the starting process is killed. The connection
+ * reset or lost (quiet): it starts on without anyone waiting, a background process all
+ * the same, as one whose answer was lost. */
 static void spawn_cancel(struct stream *s, int quiet)
 {
-    if (s->state != NULL)
-        procs_forget_start(s->state);
+    if (s->state != NULL) {
+        if (quiet) {
+            procs_forget_start(s->state);
+        } else {
+            procs_cancel_start(s->state);
+        }
+    }
     s->state = NULL;
     if (!quiet)
         channel_send_error(s->id, "ECANCELED", ECANCELED, "spawn cancelled");

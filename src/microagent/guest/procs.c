@@ -347,9 +347,10 @@ static void end_start(struct proc *p, int overdue);
 static void on_status(void *ctx, int tag, int fd, short revents)
 {
     (void)tag;
-    (void)fd;
     (void)revents;
-    end_start(ctx, 0);
+    struct proc *p = ctx;
+    if (p->used && p->starting && p->status_fd == fd)
+        end_start(p, 0);
 }
 
 void procs_watch(void)
@@ -402,19 +403,26 @@ static int open_output(struct proc *p, int k)
     return p->out[k].file_fd < 0 ? -1 : 0;
 }
 
+/* The entry of a start that failed or was cancelled goes (its child is killed or dead). */
+static void drop_start(struct proc *p)
+{
+    if (p->id == next_id - 1)
+        next_id--; /* an id nobody saw: the next process takes it, unless one started since */
+    remove_files(p);
+    free_entry(p);
+}
+
 /* The child's report is readable, or overdue: EOF means the exec worked (the process is
  * visible from now on), a struct spawn_failure that it did not (the entry goes). */
 static void end_start(struct proc *p, int overdue)
 {
     struct spawn_failure f;
-    ssize_t n = -1;
-    if (!overdue) {
-        do
-            n = read(p->status_fd, &f, sizeof(f));
-        while (n < 0 && errno == EINTR);
-        if (n < 0 && errno == EAGAIN)
-            return;
-    }
+    ssize_t n;
+    do /* overdue too: a report that came but was not seen yet (a poll that overflowed) */
+        n = read(p->status_fd, &f, sizeof(f));
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN && !overdue)
+        return;
     close(p->status_fd);
     p->status_fd = -1;
     p->starting = 0;
@@ -441,15 +449,21 @@ static void end_start(struct proc *p, int overdue)
     }
     if (done != NULL)
         done(ctx, p, &f);
-    if (p->id == next_id - 1)
-        next_id--; /* an id nobody saw: the next process takes it */
-    remove_files(p);
-    free_entry(p);
+    drop_start(p);
 }
 
 void procs_forget_start(struct proc *p)
 {
     p->on_started = NULL;
+}
+
+void procs_cancel_start(struct proc *p)
+{
+    if (!p->reaped) {
+        kill(-p->pid, SIGKILL);
+        kill(p->pid, SIGKILL);
+    }
+    drop_start(p);
 }
 
 struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const char *cwd,

@@ -184,6 +184,20 @@ static void write_preamble(int status_fd, const char *preamble)
     }
 }
 
+/* Close every fd from 3 on but status_fd (close-on-exec only, where close_range cannot). */
+static void close_others(int status_fd)
+{
+    int r = 0;
+    if (status_fd > 3)
+        r = close_range(3, (unsigned)status_fd - 1, 0);
+    if (r == 0)
+        r = close_range((unsigned)status_fd + 1, ~0U, 0);
+    if (r != 0 && (errno == ENOSYS || errno == EINVAL))
+        r = close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
+    if (r != 0 && errno != ENOSYS && errno != EINVAL)
+        fail(status_fd, errno, "ESETUP", "close_range: %s", strerror(errno));
+}
+
 __attribute__((noreturn)) static void child(const struct spawn_request *req, int status_fd,
                                             int out_fd, int err_fd, int in_fd, int slave)
 {
@@ -215,6 +229,10 @@ __attribute__((noreturn)) static void child(const struct spawn_request *req, int
         }
     }
     spawn_restore_limits();
+    /* Every fd of the agent is close-on-exec, but the time to the exec can be long (a
+     * directory on a hung mount): meanwhile the agent serves on, and the copies here must
+     * not hold other processes' pipes open (a closed stdin would never reach EOF). */
+    close_others(status_fd);
 
     struct credentials creds;
     set_credentials(status_fd, req->user, &creds);
@@ -229,9 +247,6 @@ __attribute__((noreturn)) static void child(const struct spawn_request *req, int
     if (chdir(cwd) != 0)
         fail(status_fd, errno, "ECWD", "cannot change to the directory %s: %s", cwd,
              strerror(errno));
-    /* Every fd of the agent is close-on-exec already; this also catches inherited ones. */
-    if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) != 0 && errno != ENOSYS && errno != EINVAL)
-        fail(status_fd, errno, "ESETUP", "close_range: %s", strerror(errno));
     exec_command(status_fd, req->argv, env);
 }
 
