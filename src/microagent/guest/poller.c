@@ -3,13 +3,16 @@
 
 #include "clock.h"
 #include "log.h"
+#include "procs.h"
 #include "streams.h"
 
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
 
-#define MAX_WATCHES (MAX_STREAMS * 4 + 16)
+/* every stream's fds, each background process's two pipes and start-up report, and the
+ * loop's own */
+#define MAX_WATCHES (MAX_STREAMS * 4 + MAX_PROCS * 3 + 16)
 
 struct watch {
     poll_fn fn;

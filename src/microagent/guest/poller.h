@@ -10,7 +10,8 @@ typedef void (*poll_fn)(void *ctx, int tag, int fd, short revents);
 void poller_begin(void);
 
 /* Wait for events on fd in this iteration. Entries beyond the table's capacity are
- * dropped with a console message (the table holds every fd of MAX_STREAMS streams). */
+ * dropped with a console message (the table holds every fd of MAX_STREAMS streams and
+ * MAX_PROCS background processes). */
 void poller_add(int fd, short events, poll_fn fn, void *ctx, int tag);
 
 /* Wake up no later than when_ms (monotonic_ms() time; the earliest request wins). */
