@@ -202,13 +202,15 @@ def test_two_workspaces_at_once_and_kill_then_recover(home: Path,
 def test_supervisor_killed_leaves_the_vm_which_start_reattaches_and_kill_ends(
         home: Path, busybox_image: PushedImage) -> None:
     """QEMU outlives a SIGKILLed supervisor: status says so and keeps the state; `start`
-    re-attaches a supervisor (the guest's /tmp is still there: no reboot); after a second
+    re-attaches a supervisor (the guest's /tmp is still there: no reboot; the console log
+    goes on, saying what it could not keep); after a second
     SIGKILL, `kill` ends the VM and its RAM file."""
     ok(ma(home, "create", "orphan", "--image", busybox_image.ref, "--profile", "tiny"))
     ok(ma(home, "start", "orphan"))
     ok(ma(home, "exec", "orphan", "--", "sh", "-c", "echo kept > /tmp/mark"))
     status = json.loads(ok(ma(home, "--json", "status", "orphan")).stdout)
     vm = status["pid"]
+    console_before = ok(ma(home, "logs", "orphan")).stdout.strip().splitlines()
     os.kill(status["supervisor_pid"], signal.SIGKILL)
     time.sleep(1)
     assert Path(f"/proc/{vm}").exists(), "the VM died with its supervisor"
@@ -221,6 +223,10 @@ def test_supervisor_killed_leaves_the_vm_which_start_reattaches_and_kill_ends(
     assert again["pid"] == vm and again["supervisor_pid"] != status["supervisor_pid"]
     assert events(home, "orphan")[-1]["detail"].startswith("re-attached to its VM")
     assert ok(ma(home, "exec", "orphan", "--", "cat", "/tmp/mark")).stdout == "kept\n"
+    console = ok(ma(home, "logs", "orphan")).stdout  # the same boot's log, and the gap said
+    assert console_before and console_before[0] in console
+    assert f"until now was not kept: its supervisor (pid {status['supervisor_pid']}) was " \
+        "gone" in console, console[-500:]
 
     memory = Path(json.loads((home / "workspaces" / "orphan" / "run" / "status.json")
                              .read_text())["memory_file"])

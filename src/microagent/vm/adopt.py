@@ -154,7 +154,11 @@ async def watch_adopted(sup: Supervisor, found: Adopted) -> Outcome:
                       readiness={}, reattached=now_iso(), attaching=True,
                       restarts=int(previous.get("restarts") or 0))
     sup.out_socket = found.plan.out_socket
-    sup.console = ConsoleCapture(sup.layout.workspace_serial_log(sup.name), new_boot=False)
+    log_path = sup.layout.workspace_serial_log(sup.name)
+    last_kept = _last_write(log_path)
+    sup.console = ConsoleCapture(log_path, new_boot=False)
+    sup.console.note(f"console output from {last_kept} until now was not kept: its "
+                     f"supervisor (pid {previous.get('supervisor_pid', '?')}) was gone")
     sup.broker.capture = sup.console
     sup.console_shell = None
     sup.guest_fatal, sup.intent, sup.outcome, sup.booted = None, None, None, False
@@ -252,6 +256,15 @@ async def _greet(sup: Supervisor) -> None:
     hello = await sup.channel.handshake()
     sup.status["agent"] = hello.get("software", "")
     sup._ready("guestReady", True, f"agent said hello again ({hello.get('software', '?')})")
+
+
+def _last_write(path: Path) -> str:
+    """When the console log was last written (by the lost supervisor), UTC."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return "its last capture"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(mtime))
 
 
 def _kernel_of(sup: Supervisor, previous: dict[str, Any]) -> Any:

@@ -89,6 +89,10 @@ class ConsoleCapture:
                     self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
                                       | os.O_CLOEXEC, 0o600)
 
+    def note(self, text: str) -> None:
+        """A line of microagent's own in the log (between the guest's output)."""
+        self.write(f"\r\n[microagent: {text}]\r\n".encode())
+
     def send(self, data: bytes) -> None:
         """Type ``data`` into the console (dropped when the console is not connected)."""
         if self.writer is not None and not self.closed.is_set():
