@@ -277,4 +277,3 @@ class Terminated(KeyboardInterrupt):
 def interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
     """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
     return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else 2)  # SIGINT
-

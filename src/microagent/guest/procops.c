@@ -96,7 +96,7 @@ static void spawn_cancel(struct stream *s, int quiet)
         if (quiet) {
             procs_forget_start(s->state);
         } else {
-            procs_cancel_start(s->state);
+            procs_drop_start(s->state);
         }
     }
     s->state = NULL;

@@ -403,9 +403,12 @@ static int open_output(struct proc *p, int k)
     return p->out[k].file_fd < 0 ? -1 : 0;
 }
 
-/* The entry of a start that failed or was cancelled goes (its child is killed or dead). */
-static void drop_start(struct proc *p)
+void procs_drop_start(struct proc *p)
 {
+    if (!p->reaped) {
+        kill(-p->pid, SIGKILL);
+        kill(p->pid, SIGKILL);
+    }
     if (p->id == next_id - 1)
         next_id--; /* an id nobody saw: the next process takes it, unless one started since */
     remove_files(p);
@@ -435,10 +438,6 @@ static void end_start(struct proc *p, int overdue)
             done(ctx, p, NULL);
         return;
     }
-    if (!p->reaped) {
-        kill(-p->pid, SIGKILL);
-        kill(p->pid, SIGKILL);
-    }
     if (n == (ssize_t)sizeof(f)) {
         f.code[sizeof(f.code) - 1] = '\0';
         f.message[sizeof(f.message) - 1] = '\0';
@@ -449,21 +448,12 @@ static void end_start(struct proc *p, int overdue)
     }
     if (done != NULL)
         done(ctx, p, &f);
-    drop_start(p);
+    procs_drop_start(p);
 }
 
 void procs_forget_start(struct proc *p)
 {
     p->on_started = NULL;
-}
-
-void procs_cancel_start(struct proc *p)
-{
-    if (!p->reaped) {
-        kill(-p->pid, SIGKILL);
-        kill(p->pid, SIGKILL);
-    }
-    drop_start(p);
 }
 
 struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const char *cwd,

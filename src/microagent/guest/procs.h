@@ -70,8 +70,9 @@ struct proc *procs_spawn(uint32_t id, char *const *argv, char *const *env, const
  * same, and a failed start is forgotten. */
 void procs_forget_start(struct proc *p);
 
-/* The start was cancelled (CANCEL on its stream): kill the child, free the entry. */
-void procs_cancel_start(struct proc *p);
+/* A start that failed or was cancelled (CANCEL on its stream): kill the child (unless it
+ * was reaped already: one whose exec failed) and free the entry. */
+void procs_drop_start(struct proc *p);
 
 /* Write the entry as a JSON object; argv_budget: at most that many bytes of argv (later
  * items are left out and "argv_truncated" is true). */
