@@ -53,6 +53,12 @@ def test_empty_lists(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == "No images.\n"
 
 
+def test_a_table_of_no_rows_is_its_header() -> None:
+    from microagent.cli.output import table
+
+    assert table(["ID", "COMMAND"], []) == "ID   COMMAND"
+
+
 @pytest.mark.parametrize("name", ["../x", "a/b", "x" * 64, "*", ""])
 def test_bad_names_exit_2_and_write_nothing(name: str, state_dir: Path) -> None:
     result = run("create", name, "--image", "busybox")

@@ -237,6 +237,7 @@ def test_supervisor_killed_leaves_the_vm_which_start_reattaches_and_kill_ends(
     assert events(home, "orphan")[-1]["state"] == "stopped"
     assert not memory.exists(), "the RAM file outlived its VM"
     ok(ma(home, "start", "orphan"))
+    assert ok(ma(home, "top", "orphan")).stdout == "orphan has no background processes.\n"
     ok(ma(home, "halt", "orphan"))
 
 

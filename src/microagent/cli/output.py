@@ -123,7 +123,7 @@ def client_of(args: argparse.Namespace) -> Microagent:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns separated by three spaces, docker-style."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     lines = ["   ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
              for line in [headers, *rows]]
     return "\n".join(lines)

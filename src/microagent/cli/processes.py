@@ -103,7 +103,8 @@ def cmd_top(args: argparse.Namespace, out: Output) -> int:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.started_ms / 1000))
         rows.append((str(info.id), str(info.pid), info.state, _exit_column(info), started,
                      shlex.join(info.argv)))
-    text = table(("ID", "PID", "STATE", "EXIT", "STARTED", "COMMAND"), rows)
+    text = (table(("ID", "PID", "STATE", "EXIT", "STARTED", "COMMAND"), rows) if rows
+            else f"{args.name} has no background processes.")
     document: dict[str, Any] = {"processes": [i.to_json() for i in infos]}
     out.emit(document, text)
     return 0
